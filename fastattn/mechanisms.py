@@ -1,0 +1,3 @@
+"""Imports every family so that their mechanisms register. One line per family."""
+
+from . import exact  # noqa: F401

@@ -1,0 +1,56 @@
+"""Shared test fixtures: inputs, mechanism construction, comparison helpers."""
+
+from __future__ import annotations
+
+import torch
+
+import fastattn
+from fastattn.core.base import Mechanism
+from fastattn.registry import MethodSpec
+
+B, H, HKV, L, E, EV = 2, 4, 2, 61, 16, 12  # awkward sizes on purpose: GQA, odd length, Ev != E
+
+
+def sequence_specs() -> list[MethodSpec]:
+    return [s for s in fastattn.methods() if s.kind == "sequence"]
+
+
+def ids(specs: list[MethodSpec]) -> list[str]:
+    return [s.name for s in specs]
+
+
+def make_mech(spec: MethodSpec, h: int = H, hkv: int = HKV, e: int = E, seed: int = 0, **options) -> Mechanism:
+    opts = {**spec.cls.test_options, **options}
+    kwargs = {"generator": torch.Generator().manual_seed(seed)} if spec.randomized else {}
+    mech = spec.cls(spec.make_options(**opts), head_dim=e, num_heads=h, num_kv_heads=hkv, **kwargs)
+    return mech.eval()
+
+
+def qkv(b: int = B, h: int = H, hkv: int = HKV, lq: int = L, lk: int | None = None, e: int = E, ev: int = EV,
+        dtype=torch.float64, seed: int = 0, requires_grad: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    lk = lq if lk is None else lk
+    q = torch.randn(b, h, lq, e, generator=g, dtype=dtype)
+    k = torch.randn(b, hkv, lk, e, generator=g, dtype=dtype)
+    v = torch.randn(b, hkv, lk, ev, generator=g, dtype=dtype)
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+def padding_mask(b: int = B, lk: int = L, valid: tuple[int, ...] = (L, 40)) -> torch.Tensor:
+    m = torch.zeros(b, lk, dtype=torch.bool)
+    for i, n in enumerate(valid[:b]):
+        m[i, n:] = True
+    return m
+
+
+def grads(out: torch.Tensor, inputs, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    return torch.autograd.grad((out * w).sum(), inputs, allow_unused=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
