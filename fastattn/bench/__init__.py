@@ -1,0 +1,1 @@
+"""Benchmarks: measurement primitives (:mod:`.measure`), peer adapters (:mod:`.peers`)."""
