@@ -1,0 +1,3 @@
+"""Kernel / linear attention: ``phi(Q) (phi(K)^T V)`` on one chunked engine (:mod:`.engine`)."""
+
+from . import linear  # noqa: F401

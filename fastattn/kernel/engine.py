@@ -1,0 +1,190 @@
+"""The linear-attention engine shared by every kernel mechanism.
+
+Given feature maps ``Q' = phi(Q)`` ``(B, H, Lq, D)`` and ``K' = phi(K)`` ``(B, H, Lk, D)``, it computes
+
+* non-causal: ``out = Q' (K'^T V) / (Q' K'^T 1)`` -- two matrix products, O(n D Ev);
+* causal, with an optional per-head decay ``lambda`` in (0, 1]:
+  ``out_t = sum_{s<=t} lambda^(t-s) (q'_t . k'_s) v_s  /  sum_{s<=t} lambda^(t-s) q'_t . k'_s``
+  by a **chunked scan** (Lightning Attention-2's intra/inter-block split): inside a chunk of ``chunk``
+  tokens the masked (decayed) quadratic form; across chunks a running ``D x Ev`` state. Memory is
+  O(n chunk + (n / chunk) D Ev), never the O(n D Ev) of a cumulative sum over outer products, and there
+  is no Python loop over tokens;
+* recurrent decoding: the same scan started from a saved :class:`LinearState` -- ``step`` and the
+  parallel causal forward are one code path.
+
+``normalize=False`` drops the denominator (Lightning / TransNormer use a norm after instead). Padding
+keys are removed by zeroing their features and values. Half-precision inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.masks import Mask
+from ..core.online import compute_dtype
+
+__all__ = ["LinearState", "linear_attention", "dense_kernel_attention"]
+
+
+@dataclass
+class LinearState:
+    """Constant-size decoding state: ``S = sum lambda^(t-s) k'_s v_s^T`` ``(B, H, D, Ev)`` and the
+    normaliser ``z = sum lambda^(t-s) k'_s`` ``(B, H, D)``."""
+
+    kv: Tensor
+    z: Tensor
+
+
+def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` with 0 where ``den == 0`` (a query that sees no real key)."""
+    zero = den == 0
+    return num / torch.where(zero, torch.ones_like(den), den)
+
+
+def _finish(num: Tensor, den: Tensor | None, dtype: torch.dtype) -> Tensor:
+    out = num if den is None else _safe_divide(num, den.unsqueeze(-1))
+    return out.to(dtype)
+
+
+def linear_attention(
+    fq: Tensor,
+    fk: Tensor,
+    v: Tensor,
+    mask: Mask,
+    *,
+    decay: Tensor | None = None,
+    normalize: bool = True,
+    chunk: int = 64,
+    state: LinearState | None = None,
+    return_state: bool = False,
+) -> Tensor | tuple[Tensor, LinearState]:
+    """Linear attention over feature maps; see the module docstring.
+
+    Args:
+        fq, fk: query/key features ``(B, H, Lq, D)``, ``(B, H, Lk, D)``.
+        v: values ``(B, H, Lk, Ev)``.
+        mask: only ``key_padding`` and ``causal`` are honoured (``bias`` is an error).
+        decay: per-head ``lambda`` ``(H,)`` in (0, 1] (causal only).
+        normalize: divide by ``q' . sum k'`` (True) or not.
+        chunk: chunk length of the causal scan.
+        state: a previous :class:`LinearState` to continue from (causal only).
+        return_state: also return the state after the last key (causal only).
+    """
+    if mask.bias is not None:
+        raise ValueError("kernel attention cannot apply an arbitrary attn_mask")
+    dtype = v.dtype
+    dt = compute_dtype(dtype)
+    fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
+    keep = mask.key_keep(dt)
+    if keep is not None:
+        fk, v = fk * keep, v * keep
+    if not mask.causal:
+        if decay is not None or state is not None or return_state:
+            raise ValueError("decay and decoding state need the causal form")
+        kv = torch.matmul(fk.transpose(-1, -2), v)
+        num = torch.matmul(fq, kv)
+        den = torch.matmul(fq, fk.sum(dim=2).unsqueeze(-1)).squeeze(-1) if normalize else None
+        return _finish(num, den, dtype)
+
+    lq, lk = fq.shape[2], fk.shape[2]
+    if lq < lk:  # bottom-right alignment: the queries are the last lq positions
+        fq = F.pad(fq, (0, 0, lk - lq, 0))
+    out, new_state = _causal_scan(fq, fk, v, decay, normalize, chunk, state)
+    out = _finish(out[0], out[1], dtype)[:, :, lk - lq:]
+    return (out, new_state) if return_state else out
+
+
+def _causal_scan(
+    fq: Tensor, fk: Tensor, v: Tensor, decay: Tensor | None, normalize: bool, chunk: int,
+    state: LinearState | None,
+) -> tuple[tuple[Tensor, Tensor | None], LinearState]:
+    b, h, n, d = fq.shape
+    ev = v.shape[-1]
+    c = max(1, min(chunk, n))
+    m = math.ceil(n / c)
+    pad = m * c - n
+    if pad:
+        fq, fk, v = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v))
+    qc = fq.view(b, h, m, c, d)
+    kc = fk.view(b, h, m, c, d)
+    vc = v.view(b, h, m, c, ev)
+    idx = torch.arange(c, device=fq.device)
+    diff = (idx[:, None] - idx[None, :]).to(fq.dtype)  # i - j inside a chunk
+    causal = idx[:, None] >= idx[None, :]
+    if decay is None:
+        intra_w = causal.to(fq.dtype)  # (c, c)
+        q_in = k_out = None
+    else:
+        log_l = torch.log(decay.to(fq.dtype)).view(h, 1, 1)
+        intra_w = torch.where(causal, torch.exp(diff * log_l), torch.zeros((), dtype=fq.dtype, device=fq.device))
+        intra_w = intra_w[None, :, None]  # (1, h, 1, c, c)
+        pos = idx.to(fq.dtype)
+        q_in = torch.exp((pos + 1) * log_l).view(1, h, 1, c, 1)  # lambda^(i+1): decay from the last state
+        k_out = torch.exp((c - 1 - pos) * log_l).view(1, h, 1, c, 1)  # lambda^(c-1-j): to the chunk's end
+    # intra-chunk: masked quadratic form
+    a = torch.matmul(qc, kc.transpose(-1, -2)) * intra_w
+    num = torch.matmul(a, vc)
+    den = a.sum(dim=-1) if normalize else None
+    # inter-chunk: states at each chunk's start
+    kd = kc if k_out is None else kc * k_out
+    kv_c = torch.matmul(kd.transpose(-1, -2), vc)  # (b, h, m, d, ev)
+    z_c = kd.sum(dim=3)  # (b, h, m, d)
+    init_kv = state.kv.to(fq.dtype) if state is not None else torch.zeros(b, h, d, ev, dtype=fq.dtype, device=fq.device)
+    init_z = state.z.to(fq.dtype) if state is not None else torch.zeros(b, h, d, dtype=fq.dtype, device=fq.device)
+    if decay is None:
+        kv_start = torch.cumsum(kv_c, dim=2) - kv_c + init_kv[:, :, None]
+        z_start = torch.cumsum(z_c, dim=2) - z_c + init_z[:, :, None]
+    else:
+        lam_c = torch.exp(c * log_l).view(1, h, 1, 1)
+        starts_kv, starts_z = [], []
+        s_kv, s_z = init_kv, init_z
+        for j in range(m):  # a loop over chunks (n / chunk steps), not tokens
+            starts_kv.append(s_kv)
+            starts_z.append(s_z)
+            s_kv = s_kv * lam_c + kv_c[:, :, j]
+            s_z = s_z * lam_c.squeeze(-1) + z_c[:, :, j]
+        kv_start = torch.stack(starts_kv, dim=2)
+        z_start = torch.stack(starts_z, dim=2)
+    qi = qc if q_in is None else qc * q_in
+    num = num + torch.matmul(qi, kv_start)
+    if normalize:
+        den = den + torch.matmul(qi, z_start.unsqueeze(-1)).squeeze(-1)
+    num = num.reshape(b, h, m * c, ev)[:, :, :n]
+    den = den.reshape(b, h, m * c)[:, :, :n] if den is not None else None
+    # state after the last real token: lambda^n S_init + sum_s lambda^(n-1-s) k'_s v_s^T
+    fk_r, v_r = fk[:, :, :n], v[:, :, :n]
+    if decay is None:
+        new_kv = init_kv + torch.matmul(fk_r.transpose(-1, -2), v_r)
+        new_z = init_z + fk_r.sum(dim=2)
+    else:
+        w = torch.exp((n - 1 - torch.arange(n, device=fq.device, dtype=fq.dtype)) * log_l.view(h, 1)).view(1, h, n, 1)
+        lam_n = torch.exp(n * log_l).view(1, h, 1, 1)
+        new_kv = init_kv * lam_n + torch.matmul((fk_r * w).transpose(-1, -2), v_r)
+        new_z = init_z * lam_n.squeeze(-1) + (fk_r * w).sum(dim=2)
+    return (num, den), LinearState(new_kv, new_z)
+
+
+def dense_kernel_attention(
+    fq: Tensor, fk: Tensor, v: Tensor, mask: Mask, *, decay: Tensor | None = None, normalize: bool = True
+) -> Tensor:
+    """The reference: ``A = phi(Q) phi(K)^T`` (times ``lambda^(t-s)``), masked, row-normalised, ``A V``.
+    Dense O(n^2), written as the formula."""
+    a = torch.matmul(fq, fk.transpose(-1, -2))
+    lq, lk = fq.shape[2], fk.shape[2]
+    if decay is not None:
+        t = torch.arange(lq, device=fq.device)[:, None] + mask.offset
+        s = torch.arange(lk, device=fq.device)[None, :]
+        dist = (t - s).clamp_min(0).to(fq.dtype)
+        a = a * torch.exp(dist * torch.log(decay.to(fq.dtype)).view(-1, 1, 1))
+    allowed = mask.allowed(fq.device)
+    if allowed is not None:
+        a = a * allowed.to(a.dtype)
+    out = torch.matmul(a, v)
+    if normalize:
+        out = _safe_divide(out, a.sum(dim=-1, keepdim=True))
+    return out
