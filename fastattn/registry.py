@@ -8,7 +8,7 @@ capability flags, complexity and the typed options.
 >>> import fastattn
 >>> spec = fastattn.get_method("flash")
 >>> spec.causal, spec.exact, spec.options
-(True, True, {'block_q': 256, 'block_k': 512})
+(True, True, {'block_q': 1024, 'block_k': 1024})
 """
 
 from __future__ import annotations
