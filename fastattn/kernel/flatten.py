@@ -54,11 +54,12 @@ def focus(x: Tensor, p: float) -> Tensor:
     underflows to all-zero; a zero vector maps to zero."""
     m = x.detach().amax(dim=-1, keepdim=True)
     m = torch.where(m > 0, m, torch.ones_like(m))
-    up = (x / m).pow(p)
-    norm_x = x.pow(2).sum(dim=-1, keepdim=True)
+    u = x / m
+    up = u.pow(p)
+    norm_u = u.pow(2).sum(dim=-1, keepdim=True)  # ||x|| = m ||u||, formed without squaring x itself
     norm_up = up.pow(2).sum(dim=-1, keepdim=True)
     nonzero = norm_up > 0
-    ratio = torch.sqrt(torch.where(nonzero, norm_x, torch.ones_like(norm_x))) / torch.sqrt(
+    ratio = m * torch.sqrt(torch.where(nonzero, norm_u, torch.ones_like(norm_u))) / torch.sqrt(
         torch.where(nonzero, norm_up, torch.ones_like(norm_up))
     )
     return torch.where(nonzero, up * ratio, torch.zeros_like(up))
