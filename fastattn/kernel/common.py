@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..core.masks import Mask
+from ..core.masks import NEG_INF, Mask
 
-__all__ = ["real_key_count", "l2_normalize", "query_chunked"]
+__all__ = ["real_key_count", "padding_bias", "l2_normalize", "query_chunked"]
 
 
 def real_key_count(mask: Mask, batch: int, lk: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -29,6 +29,15 @@ def real_key_count(mask: Mask, batch: int, lk: int, dtype: torch.dtype, device: 
     if keep is None:
         return torch.full((1, 1, 1, 1), float(lk), dtype=dtype, device=device)
     return keep.sum(dim=2, keepdim=True)
+
+
+def padding_bias(mask: Mask, dtype: torch.dtype, device: torch.device, dim: int = -1) -> Tensor | None:
+    """Additive ``-inf`` on padding positions (``None`` without padding), laid along ``dim`` of a
+    4-D tensor: ``dim=-1`` gives ``(B, 1, 1, L)`` (keys as columns), ``dim=-2`` gives ``(B, 1, L, 1)``."""
+    if mask.key_padding is None:
+        return None
+    bias = torch.zeros(mask.key_padding.shape, dtype=dtype, device=device).masked_fill(mask.key_padding, NEG_INF)
+    return bias[:, None, None, :] if dim == -1 else bias[:, None, :, None]
 
 
 def l2_normalize(x: Tensor, dim: int = -1) -> Tensor:

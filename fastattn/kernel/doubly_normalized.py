@@ -31,26 +31,17 @@ import torch
 from torch import Tensor
 
 from ..core.base import Mechanism
-from ..core.masks import NEG_INF, Mask, masked_softmax
+from ..core.masks import Mask, masked_softmax
 from ..core.online import compute_dtype
 from ..registry import register
-from .common import query_chunked
+from .common import padding_bias, query_chunked
 
 
 def _query_bias(mask: Mask, exclude: bool, dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """``(B, 1, Lq, 1)`` with ``-inf`` on queries left out of the normalisation over queries."""
-    if not exclude or mask.key_padding is None or mask.lq != mask.lk:
+    if not exclude or mask.lq != mask.lk:
         return None
-    bias = torch.zeros(mask.key_padding.shape, dtype=dtype, device=device)
-    return bias.masked_fill(mask.key_padding, NEG_INF)[:, None, :, None]
-
-
-def _key_bias(mask: Mask, dtype: torch.dtype, device: torch.device) -> Tensor | None:
-    """``(B, 1, 1, Lk)`` with ``-inf`` on padding keys."""
-    if mask.key_padding is None:
-        return None
-    bias = torch.zeros(mask.key_padding.shape, dtype=dtype, device=device)
-    return bias.masked_fill(mask.key_padding, NEG_INF)[:, None, None, :]
+    return padding_bias(mask, dtype, device, dim=-2)
 
 
 @register(
@@ -98,7 +89,7 @@ class DoublyNormalizedAttention(Mechanism):
         dt = compute_dtype(dtype)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
         c = self._column_lse(q, k, mask, scale)
-        kbias = _key_bias(mask, dt, q.device)
+        kbias = padding_bias(mask, dt, q.device)
         bias = -c if kbias is None else kbias - c
 
         def block(q_blk: Tensor, k_: Tensor, v_: Tensor, bias_: Tensor, q0: int) -> Tensor:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core.masks import NEG_INF, Mask, masked_softmax
+from ..core.masks import Mask, masked_softmax
 from ..core.online import compute_dtype
 from ..registry import register
 from .base import KernelMechanism
-from .common import real_key_count
+from .common import padding_bias, real_key_count
 
 _NORMALIZATIONS = ("softmax", "scaling")
 
@@ -54,8 +54,5 @@ class EfficientAttention(KernelMechanism):
             return x / torch.sqrt(n.clamp_min(1.0))
         if is_query:
             return torch.softmax(x, dim=-1)
-        bias = None
-        if mask.key_padding is not None:  # padding keys take no share of the positional softmax
-            bias = torch.zeros(mask.key_padding.shape, dtype=x.dtype, device=x.device)
-            bias = bias.masked_fill(mask.key_padding, NEG_INF)[:, None, :, None]
+        bias = padding_bias(mask, x.dtype, x.device, dim=-2)  # padding keys take no share
         return masked_softmax(x, bias, dim=-2)

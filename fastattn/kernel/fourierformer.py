@@ -28,19 +28,12 @@ import torch
 from torch import Tensor
 
 from ..core.base import Mechanism
-from ..core.masks import NEG_INF, Mask, masked_softmax
+from ..core.masks import Mask, masked_softmax
 from ..core.online import compute_dtype
 from ..registry import register
-from .common import query_chunked
+from .common import padding_bias, query_chunked
 
 _BLOCK_ELEMENTS = 1 << 22  # automatic query block: about this many (query, key, dim) triples at once
-
-
-def _key_bias(mask: Mask, dtype: torch.dtype, device: torch.device) -> Tensor | None:
-    if mask.key_padding is None:
-        return None
-    bias = torch.zeros(mask.key_padding.shape, dtype=dtype, device=device)
-    return bias.masked_fill(mask.key_padding, NEG_INF)[:, None, None, :]
 
 
 @register("fourierformer", complexity="O(n^2 d)", causal=False, decoding=False, padding=True, weights=True)
@@ -75,7 +68,7 @@ class FourierFormerAttention(Mechanism):
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
         r, p = float(self.options.radius), self.options.power
         tiny = torch.finfo(dt).tiny
-        kbias = _key_bias(mask, dt, q.device)
+        kbias = padding_bias(mask, dt, q.device)
         log_r = q.shape[-1] * math.log(r)  # the R^D of the limit; cancels, kept for exact log-weights
 
         def block(q_blk: Tensor, k_: Tensor, v_: Tensor, q0: int) -> Tensor:
