@@ -2,7 +2,7 @@
 
 ``E(Q, K, V) = rho_q(Q) (rho_k(K)^T V)`` -- the two normalisations of dot-product attention are moved
 onto the factors so that the ``d x d`` context ``rho_k(K)^T V`` is formed first (O(n d^2), O(d^2) extra
-memory). The paper gives two choices of ``rho`` (Sec. 3.3):
+memory). The paper gives two choices of ``rho``:
 
 * ``normalization="softmax"`` (the default): ``rho_q`` = softmax over each query's *features*,
   ``rho_k`` = softmax over *positions* for each key feature (padding keys excluded from that softmax).

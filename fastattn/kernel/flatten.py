@@ -1,12 +1,12 @@
 """FLatten Transformer's focused linear attention (Han et al., 2023, arXiv:2308.00442).
 
-Linear attention ``phi(Q) (phi(K)^T V) / phi(Q) sum phi(K)`` with the *focused* feature map (eq. 5-6)
+Linear attention ``phi(Q) (phi(K)^T V) / phi(Q) sum phi(K)`` with the *focused* feature map
 
 ``phi_p(x) = f_p(ReLU(x))``,  ``f_p(x) = (||x|| / ||x^p||) x^p``  (``x^p`` element-wise),
 
 which keeps each vector's norm but pulls its direction towards its dominant axes as the focusing power
 ``p`` grows, so similar queries and keys become more similar and dissimilar ones less -- the sharp
-"focus" of softmax attention at linear cost. Plus the rank-restoration term (eq. 7)
+"focus" of softmax attention at linear cost. Plus the rank-restoration term
 
 ``O = phi_p(Q) (phi_p(K)^T V) / (phi_p(Q) sum phi_p(K)) + DWC(V)``,
 

@@ -6,7 +6,8 @@ dot-product (Gaussian) kernel replaced by the generalised Fourier integral kerne
 ``h_i = sum_j w_ij v_j / sum_j w_ij``,  ``w_ij = prod_{d=1..D} phi( sin(R (q_id - k_jd)) / (q_id - k_jd) )``,
 
 with radius ``R`` and ``phi(x) = x^power``. ``power=1`` is the plain Fourier integral theorem (weights
-can be negative); even powers (default 4) give non-negative weights. The kernel is not a dot product
+can be negative); even powers give non-negative weights. The default ``power=4`` follows public
+FourierFormer implementations (``sinc^4``); the generalised theorem allows other ``phi``. The kernel is not a dot product
 and does not factorise, so this is an honest O(n^2 d) mechanism; ``scale`` has no effect (``R`` is the
 bandwidth).
 
@@ -62,35 +63,49 @@ class FourierFormerAttention(Mechanism):
         per_query = q.shape[0] * q.shape[1] * k.shape[2] * q.shape[3]
         return max(1, _BLOCK_ELEMENTS // max(1, per_query))
 
+    def _normalized(self, q_blk: Tensor, k: Tensor, kbias: Tensor | None) -> Tensor:
+        """``w_ij / sum_j w_ij`` for one block of queries, from the log-weights (see module docstring)."""
+        r, p = float(self.options.radius), self.options.power
+        t = torch.sinc((q_blk.unsqueeze(3) - k.unsqueeze(2)) * (r / math.pi))  # (B, H, bq, Lk, D)
+        log_r = q_blk.shape[-1] * math.log(r)  # the R^D of the limit; cancels, kept for exact log-weights
+        logits = p * (torch.log(t.abs().clamp_min(torch.finfo(t.dtype).tiny)).sum(dim=-1) + log_r)
+        if p % 2 == 0:  # non-negative weights: exactly a softmax of the log-weights
+            return masked_softmax(logits, kbias)
+        negative = (t < 0).sum(dim=-1) % 2 == 1
+        if kbias is not None:
+            logits = logits + kbias
+        m = logits.detach().amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        w = torch.exp(logits - m)
+        w = torch.where(negative, -w, w)
+        den = w.sum(dim=-1, keepdim=True)
+        return w / torch.where(den == 0, torch.ones_like(den), den)
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         dtype = q.dtype
         dt = compute_dtype(dtype)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        r, p = float(self.options.radius), self.options.power
-        tiny = torch.finfo(dt).tiny
         kbias = padding_bias(mask, dt, q.device)
-        log_r = q.shape[-1] * math.log(r)  # the R^D of the limit; cancels, kept for exact log-weights
 
         def block(q_blk: Tensor, k_: Tensor, v_: Tensor, q0: int) -> Tensor:
-            t = torch.sinc((q_blk.unsqueeze(3) - k_.unsqueeze(2)) * (r / math.pi))  # (B, H, bq, Lk, D)
-            logits = p * (torch.log(t.abs().clamp_min(tiny)).sum(dim=-1) + log_r)
-            if p % 2 == 0:  # non-negative weights: exactly a softmax of the log-weights
-                return torch.matmul(masked_softmax(logits, kbias), v_)
-            negative = (t < 0).sum(dim=-1) % 2 == 1
-            if kbias is not None:
-                logits = logits + kbias
-            m = logits.detach().amax(dim=-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            w = torch.exp(logits - m)
-            w = torch.where(negative, -w, w)
-            den = w.sum(dim=-1, keepdim=True)
-            return torch.matmul(w, v_) / torch.where(den == 0, torch.ones_like(den), den)
+            return torch.matmul(self._normalized(q_blk, k_, kbias), v_)
 
         return query_chunked(block, q, k, v, chunk=self._chunk(q, k)).to(dtype)
 
     def weights(self, q: Tensor, k: Tensor, mask: Mask, scale: float) -> Tensor:
+        """The normalised weights ``(B, H, Lq, Lk)``, a block of queries at a time."""
+        dt = compute_dtype(q.dtype)
+        q, k = q.to(dt), k.to(dt)
+        kbias = padding_bias(mask, dt, q.device)
+
+        def block(q_blk: Tensor, k_: Tensor, q0: int) -> Tensor:
+            return self._normalized(q_blk, k_, kbias)
+
+        return query_chunked(block, q, k, chunk=self._chunk(q, k))
+
+    def _literal_weights(self, q: Tensor, k: Tensor, mask: Mask) -> Tensor:
         """``w_ij / sum_j w_ij`` written literally: the product over dimensions of ``phi(sin(R x)/x)``,
-        with the limit ``R`` at ``x = 0``. Dense ``(B, H, Lq, Lk, D)``: for reference and small inputs."""
+        with the limit ``R`` at ``x = 0``. Dense ``(B, H, Lq, Lk, D)``: for the reference only."""
         r = self.options.radius
         x = q.unsqueeze(3) - k.unsqueeze(2)
         at_zero = x == 0
@@ -104,4 +119,4 @@ class FourierFormerAttention(Mechanism):
         return w / torch.where(den == 0, torch.ones_like(den), den)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
-        return torch.matmul(self.weights(q, k, mask, scale), v)
+        return torch.matmul(self._literal_weights(q, k, mask), v)

@@ -2,7 +2,7 @@
 arXiv:2007.03815).
 
 The softmax of the non-local block is replaced by cosine similarity, after which the product can be
-re-ordered (Sec. III-A):
+re-ordered:
 
 ``y = (1/n) * Q~ (K~^T V)``, ``Q~ = Q / ||Q||_2``, ``K~ = K / ||K||_2`` (each position's vector
 l2-normalised over its channels), ``n`` = number of (real) key positions.
