@@ -192,9 +192,15 @@ def test_doubly_normalized_padded_queries_excluded_only_when_asked():
 
 def test_doubly_normalized_layer_returns_its_weights():
     layer = fastattn.MultiheadAttention(32, 4, "doubly_normalized", batch_first=True)
-    out, w = layer(torch.randn(2, 19, 32), need_weights=True)
-    assert out.shape == (2, 19, 32) and w.shape == (2, 19, 19)
+    out, w = layer(torch.randn(2, 19, 32) * 30, need_weights=True)  # large scores: exp would overflow
+    assert out.shape == (2, 19, 32) and w.shape == (2, 19, 19) and torch.isfinite(out).all()
     torch.testing.assert_close(w.sum(dim=-1), torch.ones(2, 19))
+    q, k, _ = qkv()
+    kpm = padding_mask()
+    mech = _mech("doubly_normalized")
+    ke = k.repeat_interleave(2, dim=1)
+    torch.testing.assert_close(mech.attention_weights(q, k, key_padding_mask=kpm),
+                               mech._literal_weights(q, ke, Mask(lq=61, lk=61, key_padding=kpm), 16 ** -0.5))
 
 
 # ---- fourierformer ------------------------------------------------------------------------------

@@ -84,13 +84,17 @@ class DoublyNormalizedAttention(Mechanism):
         total = (l * torch.exp(m - top)).sum(dim=2, keepdim=True)
         return top + torch.log(torch.where(total > 0, total, torch.ones_like(total)))
 
+    def _row_bias(self, q: Tensor, k: Tensor, mask: Mask, scale: float) -> Tensor:
+        """``-c_j`` plus ``-inf`` on padding keys, ``(B, H, 1, Lk)``: ``A`` is the row softmax of ``s + bias``."""
+        c = self._column_lse(q, k, mask, scale)
+        kbias = padding_bias(mask, q.dtype, q.device)
+        return -c if kbias is None else kbias - c
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         dtype = q.dtype
         dt = compute_dtype(dtype)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        c = self._column_lse(q, k, mask, scale)
-        kbias = padding_bias(mask, dt, q.device)
-        bias = -c if kbias is None else kbias - c
+        bias = self._row_bias(q, k, mask, scale)
 
         def block(q_blk: Tensor, k_: Tensor, v_: Tensor, bias_: Tensor, q0: int) -> Tensor:
             s = torch.matmul(q_blk, k_.transpose(-1, -2)) * scale
@@ -99,8 +103,16 @@ class DoublyNormalizedAttention(Mechanism):
         return query_chunked(block, q, k, v, bias, chunk=self.options.query_chunk).to(dtype)
 
     def weights(self, q: Tensor, k: Tensor, mask: Mask, scale: float) -> Tensor:
+        """The doubly-normalised matrix ``(B, H, Lq, Lk)``, computed stably (row softmax of ``s - c``)."""
+        dt = compute_dtype(q.dtype)
+        q, k = q.to(dt), k.to(dt)
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale
+        return masked_softmax(s, self._row_bias(q, k, mask, scale))
+
+    def _literal_weights(self, q: Tensor, k: Tensor, mask: Mask, scale: float) -> Tensor:
         """The doubly-normalised matrix, literally: ``exp(s_ij)`` divided by its sum over the counted
-        queries, then by its row sum over the real keys. (Dense, for reference and inspection.)"""
+        queries, then by its row sum over the real keys. (``exp`` can overflow on large scores: this
+        dense form is the reference only.)"""
         e = torch.exp(torch.matmul(q, k.transpose(-1, -2)) * scale)
         qbias = _query_bias(mask, self.options.exclude_padded_queries, e.dtype, e.device)
         counted = e if qbias is None else e * torch.exp(qbias)  # excluded queries contribute 0
@@ -113,4 +125,4 @@ class DoublyNormalizedAttention(Mechanism):
         return over_queries / torch.where(row > 0, row, torch.ones_like(row))
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
-        return torch.matmul(self.weights(q, k, mask, scale), v)
+        return torch.matmul(self._literal_weights(q, k, mask, scale), v)
