@@ -56,13 +56,10 @@ def focus(x: Tensor, p: float) -> Tensor:
     m = torch.where(m > 0, m, torch.ones_like(m))
     u = x / m
     up = u.pow(p)
-    norm_u = u.pow(2).sum(dim=-1, keepdim=True)  # ||x|| = m ||u||, formed without squaring x itself
-    norm_up = up.pow(2).sum(dim=-1, keepdim=True)
-    nonzero = norm_up > 0
-    ratio = m * torch.sqrt(torch.where(nonzero, norm_u, torch.ones_like(norm_u))) / torch.sqrt(
-        torch.where(nonzero, norm_up, torch.ones_like(norm_up))
-    )
-    return torch.where(nonzero, up * ratio, torch.zeros_like(up))
+    tiny = torch.finfo(x.dtype).tiny  # only a zero vector gets near it; it maps to 0 with finite grads
+    norm_u = u.mul(u).sum(dim=-1, keepdim=True).clamp_min(tiny)  # ||x|| = m ||u||, never squaring x
+    norm_up = up.mul(up).sum(dim=-1, keepdim=True).clamp_min(tiny)
+    return up * (m * torch.sqrt(norm_u / norm_up))
 
 
 @register("flatten", complexity="O(n d^2)", causal=False, decoding=False, padding=True, functional=False)
@@ -107,12 +104,11 @@ class FocusedLinearAttention(KernelMechanism):
         if self.dwc is None:
             return out
         vv = self._values(v.to(compute_dtype(v.dtype)), mask)
-        b, h, n, ev = vv.shape
-        ks = self.options.kernel_size
-        weight = self.dwc.to(vv.dtype).repeat_interleave(ev, dim=0).unsqueeze(1)  # (h * ev, 1, ks)
-        x = vv.permute(0, 1, 3, 2).reshape(b, h * ev, n)
-        conv = F.conv1d(x, weight, padding=ks // 2, groups=h * ev)
-        return (out.to(vv.dtype) + conv.view(b, h, ev, n).permute(0, 1, 3, 2)).to(v.dtype)
+        ks, n = self.options.kernel_size, vv.shape[2]
+        padded = F.pad(vv, (0, 0, ks // 2, ks // 2))  # zero "same" padding along the sequence
+        w = self.dwc.to(vv.dtype)
+        conv = sum(w[:, t].view(1, -1, 1, 1) * padded[:, :, t:t + n] for t in range(ks))  # k shifted FMAs
+        return (out.to(vv.dtype) + conv).to(v.dtype)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         out = super().reference(q, k, v, mask, scale)
