@@ -13,6 +13,7 @@ The norm replaces the softmax denominator: without it the output of a non-decayi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from ..core.online import compute_dtype
 from .base import KernelMechanism
 from .engine import LinearState
 
-__all__ = ["DecayedLinear", "tnl_decay", "srms_norm", "ACTIVATIONS"]
+__all__ = ["DecayedLinear", "DecayedOptions", "tnl_decay", "srms_norm", "ACTIVATIONS"]
 
 ACTIVATIONS = ("none", "silu", "elu1", "relu")
 
@@ -85,6 +86,19 @@ class DecayedLinear(KernelMechanism):
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, LinearState]:
         out, state = super().step(q, k, v, state, scale)
         return self._norm(out), state
+
+
+@dataclass(frozen=True)
+class DecayedOptions:
+    decay_base: float = 8.0  # lambda_h = exp(-(decay_base * h / H) * (1 - layer_ratio))
+    layer_ratio: float = 0.0  # l / L, the layer's depth in the model
+    activation: str = "none"  # feature map on q and k: none | silu | elu1 | relu
+    scale_qk: bool = False  # multiply q and k by scale ** 0.5 (the papers do not)
+    norm: str = "srms"  # output norm: srms | none
+    chunk: int = 128  # block length of the intra/inter-block scan
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def validate(o: Any) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..registry import register
-from .decayed import DecayedLinear, validate
+from .decayed import DecayedLinear, DecayedOptions
 
 
 @register("lightning", complexity="O(n d^2)", causal=True, decoding=True, padding=True)
@@ -23,13 +23,5 @@ class Lightning(DecayedLinear):
     test_options = {"chunk": 16}
 
     @dataclass(frozen=True)
-    class Options:
-        decay_base: float = 8.0  # lambda_h = exp(-(decay_base * h / H) * (1 - layer_ratio))
-        layer_ratio: float = 0.0  # l / L, the layer's depth in the model
+    class Options(DecayedOptions):
         activation: str = "none"  # feature map on q and k: none | silu | elu1 | relu
-        scale_qk: bool = False  # multiply q and k by scale ** 0.5 (the paper does not)
-        norm: str = "srms"  # output norm: srms | none
-        chunk: int = 128  # block length of the intra/inter-block scan
-
-        def __post_init__(self) -> None:
-            validate(self)
