@@ -167,3 +167,65 @@ def test_fastmax_forward_equals_paper_formula(order):
         torch.testing.assert_close(out, mech.run(q, k, v, is_causal=causal, reference=True))
     # normalised q, k: invariant to a shift and a scale of each token's features
     torch.testing.assert_close(mech.run(q * 3 + 1, k, v), mech.run(q, k, v))
+
+
+# ---------------------------------------------------------------- rfa
+def _rfa(seed=0, h=2, **opts):
+    return make_mech(fastattn.get_method("rfa"), h=h, hkv=h, e=8, seed=seed, **opts).double()
+
+
+def test_rfa_features_approximate_the_gaussian_kernel_and_error_falls():
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(7, 8, generator=g, dtype=torch.float64), dim=-1)
+    sigma = 0.8
+    exact = torch.exp(-torch.cdist(x, y) ** 2 / (2 * sigma**2))
+    err = {}
+    for d in (8, 512):
+        errs = []
+        for seed in range(20):
+            mech = _rfa(seed=seed, num_features=d, sigma=sigma)
+            errs.append(((mech.feature_map(x) @ mech.feature_map(y).T - exact) ** 2).mean())
+        err[d] = torch.stack(errs).mean().item()
+    assert err[512] < err[8] / 10 and err[512] < 1e-3
+
+
+def test_rfa_gaussian_unbiased_over_draws():
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(3, 8, generator=g, dtype=torch.float64), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=-1)
+    exact = torch.exp(-torch.cdist(x, y) ** 2 / 2)
+    mech = _rfa(num_features=4)
+    gen = torch.Generator().manual_seed(2)
+    est = []
+    for _ in range(3000):
+        mech.redraw(gen)
+        est.append(mech.feature_map(x) @ mech.feature_map(y).T)
+    est = torch.stack(est)
+    assert ((est.mean(0) - exact).abs() < 4 * est.std(0) / math.sqrt(3000) + 1e-3).all()
+
+
+def test_gated_rfa_decays_the_state():
+    mech = _rfa(gate=True, gate_init=0.5, num_features=8)
+    q, k, v = qkv(h=2, hkv=2, e=8, ev=3, b=1, lq=30)
+    out, state = mech.step(q, k, v, None, scale=1.0)
+    # literal recurrence S_t = g S_{t-1} + (1 - g) phi(k_t) v_t^T with g = 0.5 (zero gate weights)
+    mask = Mask(lq=30, lk=30, causal=True)
+    fk = mech.features(k, is_query=False, scale=1.0, mask=mask)
+    w = 0.5 ** torch.arange(29, -1, -1, dtype=torch.float64)[:, None] * 0.5
+    torch.testing.assert_close(state.kv, torch.einsum("bhld,bhle->bhde", fk * w, v))
+    # the influence of the first token on later outputs falls geometrically
+    v2 = v.clone()
+    v2[:, :, 0] += 10.0
+    delta = (mech.run(q, k, v2, is_causal=True) - mech.run(q, k, v, is_causal=True)).norm(dim=-1)
+    assert (delta[..., 20] < 1e-3 * delta[..., 1]).all()
+    ungated = _rfa(num_features=8)
+    d0 = (ungated.run(q, k, v2, is_causal=True) - ungated.run(q, k, v, is_causal=True)).norm(dim=-1)
+    assert (d0[..., 20] > 1e-2 * d0[..., 1]).all()
+    # learned: gradients reach the gate; and it needs the layer / the causal form
+    mech.run(q, k, v, is_causal=True).sum().backward()
+    assert mech.gate_weight.grad is not None and mech.gate_weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="learned parameters"):
+        fastattn.attention(q, k, v, method="rfa", is_causal=True, gate=True)
+    with pytest.raises(ValueError, match="causal"):
+        mech.run(q, k, v)
