@@ -11,9 +11,18 @@ import fastattn
 from fastattn.core.masks import Mask
 from fastattn.kernel.decayed import srms_norm, tnl_decay
 from fastattn.kernel.fastmax import fastmax_normalize, taylor_features
-from fastattn.kernel.performer import draw_gaussian_projection
+from fastattn.kernel.random_features import draw_gaussian_projection
 
 from helpers import grads, make_mech, qkv, rel_err
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run many tiny ops, which a second (shared, oversubscribed) thread only slows down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- performer
@@ -229,3 +238,38 @@ def test_gated_rfa_decays_the_state():
         fastattn.attention(q, k, v, method="rfa", is_causal=True, gate=True)
     with pytest.raises(ValueError, match="causal"):
         mech.run(q, k, v)
+
+
+# ---------------------------------------------------------------- hedgehog
+def test_hedgehog_mimicry_training_halves_the_kl():
+    torch.manual_seed(0)
+    spec = fastattn.get_method("hedgehog")
+    mech = make_mech(spec, h=2, hkv=2, e=8, distill=True).train()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 32, 8, generator=g) * 1.5
+    k = torch.randn(2, 2, 32, 8, generator=g) * 1.5
+    v = torch.randn(2, 2, 32, 8, generator=g)
+    opt = torch.optim.Adam(mech.parameters(), lr=2e-2)
+    mech.run(q, k, v, is_causal=True)
+    first = mech.aux_loss.item()
+    mask = Mask(32, 32, causal=True)
+    for _ in range(200):  # the loss alone (what forward stores as aux_loss), to keep the test fast
+        opt.zero_grad()
+        mech.mimicry_loss(q, k, mask, 8 ** -0.5).backward()
+        opt.step()
+    mech.run(q, k, v, is_causal=True)
+    assert mech.aux_loss.item() < first / 2
+
+
+def test_hedgehog_aux_loss_is_opt_in_and_zero_when_student_equals_teacher():
+    spec = fastattn.get_method("hedgehog")
+    mech = make_mech(spec, h=2, hkv=2, e=8)
+    q, k, v = qkv(h=2, hkv=2, e=8, dtype=torch.float32)
+    mech.run(q, k, v)
+    assert mech.aux_loss.item() == 0.0
+    mech = make_mech(spec, h=2, hkv=2, e=8, distill=True)
+    mech.run(q, k, v, is_causal=True)
+    assert mech.aux_loss.item() > 0
+    # KL is 0 only for identical weights: one key visible (the first query under a causal mask)
+    loss_first_row = mech.mimicry_loss(q[:, :, :1], k[:, :, :1], Mask(1, 1, causal=True), 1.0)
+    assert loss_first_row.abs().item() < 1e-6

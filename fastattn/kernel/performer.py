@@ -37,31 +37,15 @@ from torch import Tensor
 from ..core.masks import Mask
 from ..core.online import compute_dtype
 from ..registry import register
-from .base import KernelMechanism
+from .random_features import RandomFeatureMechanism, draw_gaussian_projection
 
 __all__ = ["Performer", "draw_gaussian_projection"]
 
 MARGIN = 30.0  # key features are bounded by exp(MARGIN)
 
 
-def draw_gaussian_projection(
-    m: int, d: int, *, orthogonal: bool, generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """``(m, d)`` rows ``w_i ~ N(0, I_d)``; with ``orthogonal`` the rows of each block of ``d`` are
-    exactly orthogonal (Haar-random orthogonal matrix with chi-distributed row norms)."""
-    if not orthogonal:
-        return torch.randn(m, d, generator=generator, dtype=torch.float64).to(dtype)
-    g = torch.randn(math.ceil(m / d), d, d, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(g)
-    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # sign fix: Haar-distributed
-    w = q.transpose(-1, -2).reshape(-1, d)[:m]
-    norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1, keepdim=True)
-    return (w * norms).to(dtype)
-
-
 @register("performer", complexity="O(n m d)", causal=True, decoding=True, padding=True, randomized=True)
-class Performer(KernelMechanism):
+class Performer(RandomFeatureMechanism):
     """FAVOR+ positive (orthogonal) random features for the softmax kernel."""
 
     test_options = {"num_features": 16, "chunk": 16}
@@ -80,22 +64,6 @@ class Performer(KernelMechanism):
                 raise ValueError(f"kernel must be 'softmax' or 'relu', got {self.kernel!r}")
             if self.chunk < 1:
                 raise ValueError(f"chunk must be >= 1, got {self.chunk}")
-
-    def __init__(self, options=None, *, head_dim: int, num_heads: int, num_kv_heads: int | None = None,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__(options, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
-        self._generator = generator
-        self.register_buffer("projection", torch.empty(self.options.num_features, head_dim))
-        self.redraw(generator)
-
-    @torch.no_grad()
-    def redraw(self, generator: torch.Generator | None = None) -> None:
-        """Draw a fresh random matrix into the ``projection`` buffer (from ``generator``, else the one
-        given at construction, else torch's global generator)."""
-        g = generator if generator is not None else self._generator
-        w = draw_gaussian_projection(self.options.num_features, self.head_dim,
-                                     orthogonal=self.options.orthogonal, generator=g)
-        self.projection.copy_(w.to(self.projection))
 
     def _exponents(self, x: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """``x`` pre-scaled by ``scale ** 0.5`` and the exponents ``w . x - |x|^2 / 2`` (unshifted)."""

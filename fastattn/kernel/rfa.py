@@ -32,15 +32,14 @@ from ..core.base import repeat_kv
 from ..core.masks import Mask
 from ..core.online import compute_dtype
 from ..registry import register
-from .base import KernelMechanism
 from .engine import LinearState, dense_kernel_attention, linear_attention
-from .performer import draw_gaussian_projection
+from .random_features import RandomFeatureMechanism
 
 __all__ = ["RFA"]
 
 
 @register("rfa", complexity="O(n D d)", causal=True, decoding=True, padding=True, randomized=True)
-class RFA(KernelMechanism):
+class RFA(RandomFeatureMechanism):
     """Random Fourier (or arc-cosine) features on unit-norm q, k; optional learned gate."""
 
     test_options = {"num_features": 16, "chunk": 16}
@@ -68,21 +67,12 @@ class RFA(KernelMechanism):
 
     def __init__(self, options=None, *, head_dim: int, num_heads: int, num_kv_heads: int | None = None,
                  generator: torch.Generator | None = None) -> None:
-        super().__init__(options, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
-        self._generator = generator
-        self.register_buffer("projection", torch.empty(self.options.num_features, head_dim))
-        self.redraw(generator)
+        super().__init__(options, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         generator=generator)
         if self.options.gate:
             self.gate_weight = nn.Parameter(torch.zeros(num_heads, head_dim))
             p = self.options.gate_init
             self.gate_bias = nn.Parameter(torch.full((num_heads,), math.log(p / (1 - p))))
-
-    @torch.no_grad()
-    def redraw(self, generator: torch.Generator | None = None) -> None:
-        """Draw fresh ``w_i ~ N(0, I)`` into the ``projection`` buffer."""
-        g = generator if generator is not None else self._generator
-        w = draw_gaussian_projection(self.options.num_features, self.head_dim, orthogonal=False, generator=g)
-        self.projection.copy_(w.to(self.projection))
 
     def feature_map(self, x: Tensor) -> Tensor:
         """``phi(x)`` of already-normalised ``x``: its dot products estimate the kernel."""
