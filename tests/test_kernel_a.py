@@ -11,6 +11,7 @@ import fastattn
 from fastattn.core.masks import Mask
 from fastattn.kernel.decayed import srms_norm, tnl_decay
 from fastattn.kernel.fastmax import fastmax_normalize, taylor_features
+from fastattn.kernel.performer import MARGIN
 from fastattn.kernel.random_features import draw_gaussian_projection
 
 from helpers import grads, make_mech, qkv, rel_err
@@ -117,6 +118,11 @@ def test_performer_no_overflow_at_65536_and_no_future_dependence():
     q, k, v = (torch.randn(1, 1, n, 16, generator=g) * 3 for _ in range(3))
     out = mech.run(q, k, v, is_causal=True)
     assert torch.isfinite(out).all()
+    # key features are bounded by exp(MARGIN) whatever the key, even the worst one (x = w / sqrt(scale))
+    worst = mech.projection[None, None] / math.sqrt(0.25)
+    fk = mech.features(torch.cat([worst, k[:, :, :100]], dim=2), is_query=False, scale=0.25, mask=Mask(1, 1))
+    bound = math.exp(min(0.5 * mech.projection.pow(2).sum(-1).max().item(), MARGIN))  # reached at x = w_i
+    assert fk.max() <= math.exp(MARGIN) and abs(fk.max().item() / bound - 1) < 1e-3
     # a huge future key changes nothing in the past (no global max over keys), even numerically
     k2 = k.clone()
     k2[:, :, -1] = 40.0

@@ -80,15 +80,19 @@ class Performer(RandomFeatureMechanism):
         return torch.matmul(a.exp(), b.exp().transpose(-1, -2)) / self.options.num_features
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        m = self.options.num_features
+        # Factors common to all features of a query, or to all keys, cancel in the normalised attention,
+        # so phi is computed up to them: no 1/sqrt(m), no exp(-|q|^2/2) for queries. The remaining
+        # per-token terms ride in one matmul with augmented vectors: [x, |x|^2, 1] . [w, -1/2, -c].
+        dt = compute_dtype(x.dtype)
+        x = x.to(dt)
+        w = self.projection.to(dt) * math.sqrt(scale)
         if self.options.kernel == "relu":
-            dt = compute_dtype(x.dtype)
-            return F.relu(torch.matmul(x.to(dt) * math.sqrt(scale), self.projection.to(dt).t())) * m ** -0.5
-        _, a = self._exponents(x, scale)
-        c = (0.5 * (self.projection.to(a.dtype) ** 2).sum(dim=-1) - MARGIN).clamp_min(0.0)
+            return F.relu(torch.matmul(x, w.t()))
+        c = (0.5 * self.projection.to(dt).pow(2).sum(dim=-1) - MARGIN).clamp_min(0.0)  # (m,), module docstring
         if is_query:
-            a = a + c
-            a = a - a.amax(dim=-1, keepdim=True).detach()
-        else:
-            a = a - c
-        return torch.exp(a) * m ** -0.5
+            a = torch.addmm(c, x.reshape(-1, x.shape[-1]), w.t()).view(*x.shape[:-1], -1)
+            return torch.exp(a - a.amax(dim=-1, keepdim=True).detach())
+        sq = (x * x).sum(dim=-1, keepdim=True) * (-0.5 * scale)
+        x_aug = torch.cat([x, sq, torch.ones_like(sq)], dim=-1)
+        w_aug = torch.cat([w, torch.ones_like(c)[:, None], -c[:, None]], dim=-1)
+        return torch.exp(torch.matmul(x_aug, w_aug.t()))
