@@ -68,6 +68,11 @@ def attention(
     mech = spec.cls(  # type: ignore[misc]
         opts, head_dim=query.shape[-1], num_heads=query.shape[1], num_kv_heads=key.shape[1], **kwargs
     ).to(query.device)
+    if any(True for _ in mech.parameters()):  # an option that adds learned parts (e.g. rfa's gate)
+        raise ValueError(
+            f"method {method!r} with options {options} has learned parameters; "
+            f"use fastattn.MultiheadAttention(..., method={method!r})"
+        )
     return mech.run(
         query, key, value, key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale,
         attn_mask=attn_mask, dropout_p=dropout_p,

@@ -75,3 +75,45 @@ def test_no_overflow_long_sequence_fp16():
     for causal in (False, True):
         out = linear_attention(fq, fk, v, Mask(n, n, causal=causal), chunk=256)
         assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def _gates(h=3, n=61, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(2, h, n, generator=g, dtype=torch.float64) * 0.5 + 0.5
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 200])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_per_token_gates_equal_dense_and_recurrence(chunk, normalize):
+    fq, fk, v = _inputs()
+    gates = _gates()
+    pad = torch.zeros(2, 61, dtype=torch.bool)
+    pad[1, 50:] = True
+    for lq in (61, 9):
+        mask = Mask(lq=lq, lk=61, causal=True, key_padding=pad)
+        out = linear_attention(fq[:, :, -lq:], fk, v, mask, decay=gates, normalize=normalize, chunk=chunk)
+        ref = dense_kernel_attention(fq[:, :, -lq:], fk, v, mask, decay=gates, normalize=normalize)
+        torch.testing.assert_close(out, ref)
+    # the literal recurrence S_t = g_t S_{t-1} + k_t v_t^T (no padding)
+    s = torch.zeros(2, 3, 8, 5, dtype=torch.float64)
+    z = torch.zeros(2, 3, 8, dtype=torch.float64)
+    outs = []
+    for t in range(61):
+        s = gates[:, :, t, None, None] * s + fk[:, :, t, :, None] * v[:, :, t, None, :]
+        z = gates[:, :, t, None] * z + fk[:, :, t]
+        num = torch.einsum("bhd,bhde->bhe", fq[:, :, t], s)
+        outs.append(num / torch.einsum("bhd,bhd->bh", fq[:, :, t], z)[..., None] if normalize else num)
+    out = linear_attention(fq, fk, v, Mask(61, 61, causal=True), decay=gates, normalize=normalize, chunk=chunk)
+    torch.testing.assert_close(out, torch.stack(outs, dim=2))
+
+
+def test_per_token_gates_state_continuation():
+    fq, fk, v = _inputs()
+    gates = _gates()
+    full = linear_attention(fq, fk, v, Mask(61, 61, causal=True), decay=gates, chunk=8)
+    state, outs = None, []
+    for a, b in ((0, 20), (20, 21), (21, 61)):
+        o, state = linear_attention(fq[:, :, a:b], fk[:, :, a:b], v[:, :, a:b], Mask(b - a, b - a, causal=True),
+                                    decay=gates[:, :, a:b], chunk=8, state=state, return_state=True)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, dim=2), full)

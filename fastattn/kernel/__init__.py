@@ -2,3 +2,4 @@
 
 from . import linear  # noqa: F401
 from . import doubly_normalized, efficient, flatten, fourierformer, primal, realtime_fast  # noqa: F401
+from . import performer, lightning, transnormer, fastmax, rfa, hedgehog  # noqa: F401

@@ -4,7 +4,10 @@ Given feature maps ``Q' = phi(Q)`` ``(B, H, Lq, D)`` and ``K' = phi(K)`` ``(B, H
 
 * non-causal: ``out = Q' (K'^T V) / (Q' K'^T 1)`` -- two matrix products, O(n D Ev);
 * causal, with an optional per-head decay ``lambda`` in (0, 1]:
-  ``out_t = sum_{s<=t} lambda^(t-s) (q'_t . k'_s) v_s  /  sum_{s<=t} lambda^(t-s) q'_t . k'_s``
+  ``out_t = sum_{s<=t} lambda^(t-s) (q'_t . k'_s) v_s  /  sum_{s<=t} lambda^(t-s) q'_t . k'_s``,
+  or per-token gates ``g_s`` in (0, 1] (``decay`` of shape ``(B, H, Lk)``; RFA's gated form): the weight
+  of key ``s`` for query ``t`` is ``prod_{s<r<=t} g_r``, i.e. the state recursion ``S_t = g_t S_{t-1} +
+  k'_t v_t^T``; a per-head ``lambda`` is the constant gate. A padded key's per-token gate counts as 1.
   by a **chunked scan** (Lightning Attention-2's intra/inter-block split): inside a chunk of ``chunk``
   tokens the masked (decayed) quadratic form; across chunks a running ``D x Ev`` state. Memory is
   O(n chunk + (n / chunk) D Ev), never the O(n D Ev) of a cumulative sum over outer products, and there
@@ -69,7 +72,7 @@ def linear_attention(
         fq, fk: query/key features ``(B, H, Lq, D)``, ``(B, H, Lk, D)``.
         v: values ``(B, H, Lk, Ev)``.
         mask: only ``key_padding`` and ``causal`` are honoured (``bias`` is an error).
-        decay: per-head ``lambda`` ``(H,)`` in (0, 1] (causal only).
+        decay: per-head ``lambda`` ``(H,)`` or per-token gates ``(B, H, Lk)``, in (0, 1] (causal only).
         normalize: divide by ``q' . sum k'`` (True) or not.
         chunk: chunk length of the causal scan.
         state: a previous :class:`LinearState` to continue from (causal only).
@@ -94,13 +97,31 @@ def linear_attention(
     lq, lk = fq.shape[2], fk.shape[2]
     if lq < lk:  # bottom-right alignment: the queries are the last lq positions
         fq = F.pad(fq, (0, 0, lk - lq, 0))
-    out, new_state = _causal_scan(fq, fk, v, decay, normalize, chunk, state)
+    log_g = _log_gates(decay, fk, keep)
+    out, new_state = _causal_scan(fq, fk, v, log_g, normalize, chunk, state)
     out = _finish(out[0], out[1], dtype)[:, :, lk - lq:]
     return (out, new_state) if return_state else out
 
 
+def _log_gates(decay: Tensor | None, fk: Tensor, keep: Tensor | None) -> Tensor | None:
+    """``log g`` ``(B|1, H, Lk)`` from a per-head ``(H,)`` or per-token ``(B, H, Lk)`` decay; padded keys'
+    per-token gates become 1 (they never act on the state). A per-head decay is positional: it counts
+    every position, padded or not."""
+    if decay is None:
+        return None
+    b, h, n, _ = fk.shape
+    if decay.dim() == 1:
+        if decay.shape[0] != h:
+            raise ValueError(f"per-head decay must have shape ({h},), got {tuple(decay.shape)}")
+        return torch.log(decay.to(fk.dtype)).view(1, h, 1).expand(1, h, n)
+    if tuple(decay.shape) != (b, h, n):
+        raise ValueError(f"per-token decay must have shape (B, H, Lk) = ({b}, {h}, {n}), got {tuple(decay.shape)}")
+    log_g = torch.log(decay.to(fk.dtype))
+    return log_g if keep is None else log_g * keep[..., 0]
+
+
 def _causal_scan(
-    fq: Tensor, fk: Tensor, v: Tensor, decay: Tensor | None, normalize: bool, chunk: int,
+    fq: Tensor, fk: Tensor, v: Tensor, log_g: Tensor | None, normalize: bool, chunk: int,
     state: LinearState | None,
 ) -> tuple[tuple[Tensor, Tensor | None], LinearState]:
     b, h, n, d = fq.shape
@@ -114,18 +135,19 @@ def _causal_scan(
     kc = fk.view(b, h, m, c, d)
     vc = v.view(b, h, m, c, ev)
     idx = torch.arange(c, device=fq.device)
-    diff = (idx[:, None] - idx[None, :]).to(fq.dtype)  # i - j inside a chunk
     causal = idx[:, None] >= idx[None, :]
-    if decay is None:
+    if log_g is None:
         intra_w = causal.to(fq.dtype)  # (c, c)
         q_in = k_out = None
     else:
-        log_l = torch.log(decay.to(fq.dtype)).view(h, 1, 1)
-        intra_w = torch.where(causal, torch.exp(diff * log_l), torch.zeros((), dtype=fq.dtype, device=fq.device))
-        intra_w = intra_w[None, :, None]  # (1, h, 1, c, c)
-        pos = idx.to(fq.dtype)
-        q_in = torch.exp((pos + 1) * log_l).view(1, h, 1, c, 1)  # lambda^(i+1): decay from the last state
-        k_out = torch.exp((c - 1 - pos) * log_l).view(1, h, 1, c, 1)  # lambda^(c-1-j): to the chunk's end
+        if pad:
+            log_g = F.pad(log_g, (0, pad))
+        cum = torch.cumsum(log_g.reshape(log_g.shape[0], h, m, c), dim=-1)  # G_i: gates 0..i of the chunk
+        diff = cum[..., :, None] - cum[..., None, :]  # G_i - G_j = log prod_{j<r<=i} g_r
+        intra_w = torch.exp(diff.masked_fill(~causal, float("-inf")))  # (B|1, h, m, c, c)
+        q_in = torch.exp(cum).unsqueeze(-1)  # decay of the chunk-start state up to query i
+        k_out = torch.exp(cum[..., -1:] - cum).unsqueeze(-1)  # key j to the chunk's end
+        lam_c = torch.exp(cum[..., -1])  # (B|1, h, m): the whole chunk
     # intra-chunk: masked quadratic form
     a = torch.matmul(qc, kc.transpose(-1, -2)) * intra_w
     num = torch.matmul(a, vc)
@@ -136,18 +158,17 @@ def _causal_scan(
     z_c = kd.sum(dim=3)  # (b, h, m, d)
     init_kv = state.kv.to(fq.dtype) if state is not None else torch.zeros(b, h, d, ev, dtype=fq.dtype, device=fq.device)
     init_z = state.z.to(fq.dtype) if state is not None else torch.zeros(b, h, d, dtype=fq.dtype, device=fq.device)
-    if decay is None:
+    if log_g is None:
         kv_start = torch.cumsum(kv_c, dim=2) - kv_c + init_kv[:, :, None]
         z_start = torch.cumsum(z_c, dim=2) - z_c + init_z[:, :, None]
     else:
-        lam_c = torch.exp(c * log_l).view(1, h, 1, 1)
         starts_kv, starts_z = [], []
         s_kv, s_z = init_kv, init_z
         for j in range(m):  # a loop over chunks (n / chunk steps), not tokens
             starts_kv.append(s_kv)
             starts_z.append(s_z)
-            s_kv = s_kv * lam_c + kv_c[:, :, j]
-            s_z = s_z * lam_c.squeeze(-1) + z_c[:, :, j]
+            s_kv = s_kv * lam_c[:, :, j, None, None] + kv_c[:, :, j]
+            s_z = s_z * lam_c[:, :, j, None] + z_c[:, :, j]
         kv_start = torch.stack(starts_kv, dim=2)
         z_start = torch.stack(starts_z, dim=2)
     qi = qc if q_in is None else qc * q_in
@@ -158,12 +179,13 @@ def _causal_scan(
     den = den.reshape(b, h, m * c)[:, :, :n] if den is not None else None
     # state after the last real token: lambda^n S_init + sum_s lambda^(n-1-s) k'_s v_s^T
     fk_r, v_r = fk[:, :, :n], v[:, :, :n]
-    if decay is None:
+    if log_g is None:
         new_kv = init_kv + torch.matmul(fk_r.transpose(-1, -2), v_r)
         new_z = init_z + fk_r.sum(dim=2)
     else:
-        w = torch.exp((n - 1 - torch.arange(n, device=fq.device, dtype=fq.dtype)) * log_l.view(h, 1)).view(1, h, n, 1)
-        lam_n = torch.exp(n * log_l).view(1, h, 1, 1)
+        cum_n = torch.cumsum(log_g[..., :n], dim=-1)
+        w = torch.exp(cum_n[..., -1:] - cum_n).unsqueeze(-1)  # prod_{s<r<n} g_r
+        lam_n = torch.exp(cum_n[..., -1]).view(cum_n.shape[0], h, 1, 1)
         new_kv = init_kv * lam_n + torch.matmul((fk_r * w).transpose(-1, -2), v_r)
         new_z = init_z * lam_n.squeeze(-1) + (fk_r * w).sum(dim=2)
     return (num, den), LinearState(new_kv, new_z)
@@ -177,10 +199,12 @@ def dense_kernel_attention(
     a = torch.matmul(fq, fk.transpose(-1, -2))
     lq, lk = fq.shape[2], fk.shape[2]
     if decay is not None:
-        t = torch.arange(lq, device=fq.device)[:, None] + mask.offset
-        s = torch.arange(lk, device=fq.device)[None, :]
-        dist = (t - s).clamp_min(0).to(fq.dtype)
-        a = a * torch.exp(dist * torch.log(decay.to(fq.dtype)).view(-1, 1, 1))
+        keep = mask.key_keep(fq.dtype)
+        cum = torch.cumsum(_log_gates(decay, fk, keep), dim=-1)  # (B|1, H, Lk): G_s = sum_{r<=s} log g_r
+        t = torch.arange(lq, device=fq.device) + mask.offset
+        g_t = cum[..., t]  # G at each query's position
+        diff = (g_t[..., :, None] - cum[..., None, :]).clamp_max(0)  # log prod_{s<r<=t} g_r (s <= t)
+        a = a * torch.exp(diff)
     allowed = mask.allowed(fq.device)
     if allowed is not None:
         a = a * allowed.to(a.dtype)
