@@ -19,7 +19,7 @@ def test_same_outputs_as_torch_multihead_attention(batch_first, method):
     kpm = torch.zeros(3, 19, dtype=torch.bool)
     kpm[1, 12:] = True
     causal = torch.nn.Transformer.generate_square_subsequent_mask(19, dtype=torch.float64)
-    a, wa = ref(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=True)
+    a, wa = ref(x, x, x, key_padding_mask=kpm, attn_mask=torch.isneginf(causal), need_weights=True)
     b, wb = ours(x, x, x, key_padding_mask=kpm, is_causal=True, need_weights=True)
     torch.testing.assert_close(a, b)
     if method == "softmax":
@@ -69,10 +69,11 @@ def test_dropout_is_applied_in_training_only():
 
 def test_memory_efficient_dropout_matches_softmax_statistics():
     # Same dropout rate, same expectation: the mean over many draws approaches the no-dropout output.
-    q = k = v = torch.randn(1, 1, 24, 8)
-    exact = fastattn.attention(q, k, v)
-    draws = torch.stack([fastattn.attention(q, k, v, "memory_efficient", dropout_p=0.3, key_chunk=5) for _ in range(3000)])
-    assert (draws.mean(0) - exact).abs().max() < 0.08
+    # The draws are a batch of identical inputs (dropout masks are independent across the batch).
+    q = torch.randn(1, 1, 24, 8).expand(3000, 1, 24, 8)
+    exact = fastattn.attention(q[:1], q[:1], q[:1])
+    draws = fastattn.attention(q, q, q, "memory_efficient", dropout_p=0.3, key_chunk=5)
+    assert (draws.mean(0, keepdim=True) - exact).abs().max() < 0.08
     assert (draws.std(0) > 0).all()
 
 
