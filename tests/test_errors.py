@@ -110,3 +110,13 @@ def test_layer_shape_errors():
         fastattn.MultiheadAttention(32, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match="3-D attn_mask must be"):
         layer(torch.randn(2, 5, 32), attn_mask=torch.zeros(3, 5, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("method", ["softmax", "memory_efficient", "flash"])
+def test_broadcast_float_attn_mask_per_key(method):
+    # a (Lk,)-shaped bias broadcast over queries must survive the block slicing of chunked kernels
+    q, k, v = qkv()
+    bias = torch.randn(1, 1, 1, L, dtype=torch.float64)
+    ref = fastattn.attention(q, k, v, "softmax", attn_mask=bias.expand(2, 4, L, L).clone())
+    opts = {"block_q": 16, "block_k": 7} if method == "flash" else ({"query_chunk": 16, "key_chunk": 7} if method == "memory_efficient" else {})
+    torch.testing.assert_close(fastattn.attention(q, k, v, method, attn_mask=bias, **opts), ref)

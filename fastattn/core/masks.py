@@ -81,7 +81,9 @@ class Mask:
         if allowed is not None:
             out = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, NEG_INF)
         if self.bias is not None:
-            b = self.bias[..., q0:q1, k0:k1].to(dtype)
+            b = self.bias  # broadcast dimensions (size 1) are kept whole, the others sliced
+            b = b if b.dim() < 2 or b.shape[-2] == 1 else b[..., q0:q1, :]
+            b = (b if b.shape[-1] == 1 else b[..., k0:k1]).to(dtype)
             out = b if out is None else out + b
         return out
 
