@@ -2,3 +2,5 @@
 block-sparse engine (:mod:`fastattn.sparse.engine`, patterns in :mod:`fastattn.sparse.patterns`)."""
 
 from . import local  # noqa: F401
+from . import sparse_transformer, longformer, bigbird  # noqa: F401,E401
+from . import axial  # noqa: F401

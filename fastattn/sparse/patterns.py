@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Part", "Window", "DilatedWindow", "SameBlock", "PrevBlock", "RandomBlocks", "Strided", "Pattern",
+    "Part", "Window", "DilatedWindow", "BlockWindow", "SameBlock", "PrevBlock", "RandomBlocks", "Strided", "Pattern",
 ]
 
 
@@ -113,6 +113,25 @@ class SameBlock(Part):
 
     def needed(self, kpos, next_pos):
         return torch.div(kpos, self.size, rounding_mode="floor") == next_pos // self.size
+
+
+@dataclass(frozen=True)
+class BlockWindow(Part):
+    """Whole blocks ``|i // b - j // b| <= radius`` (causal: ``0 <= i // b - j // b <= radius``), where
+    ``b`` is the pattern's block: BigBird's block window."""
+
+    radius: int
+    full = True
+
+    def cover(self, qblk, nkb, block, causal):
+        return _offsets_cover(qblk, -self.radius, 0 if causal else self.radius)
+
+    def allow(self, qpos, kpos):
+        return None
+
+    def dense(self, qpos, kpos, block):
+        fl = lambda x: torch.div(x, block, rounding_mode="floor")  # noqa: E731
+        return (fl(qpos) - fl(kpos)).abs() <= self.radius
 
 
 @dataclass(frozen=True)
