@@ -175,3 +175,53 @@ def test_patterns_compose_as_union():
     i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
     union = ((i - j).abs() <= 2) | (((i - j).abs() <= 10) & ((i - j) % 5 == 0)) | ((i - j) % 8 == 0)
     assert torch.equal(pat.dense(i, j), union | (j == 3) | (i == 50))
+
+
+# ---- etc, diet, jukebox, handcrafted -------------------------------------------------------------
+def test_etc_global_input_and_long_radius():
+    m = make_mech(_spec("etc"), num_global=3, radius=4, block=8).dense_mask(L, L)
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    assert torch.equal(m, (i < 3) | (j < 3) | ((i - j).abs() <= 4))
+
+
+def test_diet_modes_are_dilated_and_cascaded_windows():
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    d = make_mech(_spec("diet"), mode="dilated", window=3, dilation=4, block=8).dense_mask(L, L)
+    assert torch.equal(d, ((i - j).abs() <= 12) & ((i - j) % 4 == 0))
+    c = make_mech(_spec("diet"), mode="cascade", window=3, layer=2, block=8).dense_mask(L, L)
+    assert torch.equal(c, (i - j).abs() <= 12)
+    _check_fast_equals_reference(make_mech(_spec("diet"), mode="dilated", window=2, dilation=5, block=4))
+
+
+def test_jukebox_patterns_and_head_groups():
+    w = 8
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    row = make_mech(_spec("jukebox"), width=w, kinds=("row",)).dense_mask(L, L)
+    col = make_mech(_spec("jukebox"), width=w, kinds=("column",)).dense_mask(L, L)
+    prev = make_mech(_spec("jukebox"), width=w, kinds=("previous_row",)).dense_mask(L, L)
+    assert torch.equal(row, i // w == j // w)
+    assert torch.equal(col, i % w == j % w)
+    assert torch.equal(prev, i // w - j // w == 1)
+    # three kinds over 4 heads: groups of 1, 2, 1 heads, each its own pattern
+    mech = make_mech(_spec("jukebox"), h=4, hkv=4, width=w, kinds=("row", "column", "previous_row"))
+    q, k, v = qkv(hkv=4)
+    out = mech.run(q, k, v, is_causal=True)
+    col_only = make_mech(_spec("jukebox"), h=2, hkv=2, width=w, kinds=("column",))
+    torch.testing.assert_close(out[:, 1:3], col_only.run(q[:, 1:3], k[:, 1:3], v[:, 1:3], is_causal=True))
+    _check_fast_equals_reference(make_mech(_spec("jukebox"), width=w, kinds=("row", "column", "previous_row")))
+
+
+@pytest.mark.parametrize("kind", ["block", "global"])
+def test_handcrafted_weights_are_uniform_and_input_independent(kind):
+    q, k, v = qkv()
+    kpm = padding_mask()
+    mech = make_mech(_spec("handcrafted"), kind=kind, block=8).double()
+    for causal in (False, True):
+        out = mech.run(q, k, v, is_causal=causal, key_padding_mask=kpm)
+        i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+        allowed = (i // 8 == j // 8) if kind == "block" else torch.ones(L, L, dtype=torch.bool)
+        allowed = (allowed & (j <= i) if causal else allowed)[None] & ~kpm[:, None, :]
+        w = allowed.double() / allowed.sum(-1, keepdim=True).clamp(min=1)
+        torch.testing.assert_close(out, w[:, None] @ v.repeat_interleave(2, 1))
+        torch.testing.assert_close(out, mech.run(q * 3 + 1, -k, v, is_causal=causal, key_padding_mask=kpm))
+    _check_fast_equals_reference(mech)

@@ -4,3 +4,6 @@ block-sparse engine (:mod:`fastattn.sparse.engine`, patterns in :mod:`fastattn.s
 from . import local  # noqa: F401
 from . import sparse_transformer, longformer, bigbird  # noqa: F401,E401
 from . import axial  # noqa: F401
+from . import etc, diet  # noqa: F401,E401
+from . import jukebox  # noqa: F401
+from . import handcrafted  # noqa: F401
