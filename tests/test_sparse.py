@@ -225,3 +225,23 @@ def test_handcrafted_weights_are_uniform_and_input_independent(kind):
         torch.testing.assert_close(out, w[:, None] @ v.repeat_interleave(2, 1))
         torch.testing.assert_close(out, mech.run(q * 3 + 1, -k, v, is_causal=causal, key_padding_mask=kpm))
     _check_fast_equals_reference(mech)
+
+
+# ---- gmat, star --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gmat", "star"])
+def test_memory_nodes_are_learned_and_read_the_whole_sequence(name):
+    layer = fastattn.MultiheadAttention(32, 4, name, batch_first=True, **_spec(name).cls.test_options)
+    params = dict(layer.attn.named_parameters())
+    assert params and all(p.requires_grad for p in params.values())
+    x = torch.randn(2, L, 32, requires_grad=True)
+    out, _ = layer(x)
+    out[:, 0].sum().backward()
+    assert x.grad[:, L // 2].abs().sum() > 0  # token 0 hears the far middle only through the memory/relay
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+
+
+def test_star_ring_wraps_around():
+    m = make_mech(_spec("star"), radius=1, block=8).dense_mask(L, L)
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    d = (i - j).abs()
+    assert torch.equal(m, torch.minimum(d, L - d) <= 1) and m[0, L - 1] and m[L - 1, 0]

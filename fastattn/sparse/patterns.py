@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Part", "Window", "DilatedWindow", "BlockWindow", "SameBlock", "PrevBlock", "RandomBlocks", "Strided", "Pattern",
+    "Part", "Window", "DilatedWindow", "RingWindow", "BlockWindow", "SameBlock", "PrevBlock", "RandomBlocks", "Strided", "Pattern",
 ]
 
 
@@ -113,6 +113,24 @@ class SameBlock(Part):
 
     def needed(self, kpos, next_pos):
         return torch.div(kpos, self.size, rounding_mode="floor") == next_pos // self.size
+
+
+@dataclass(frozen=True)
+class RingWindow(Part):
+    """Cyclic neighbours on a ring of ``length`` positions: ``min(|i - j|, length - |i - j|) <= radius``
+    (Star-Transformer's satellite ring). Covers the window blocks plus the blocks at both ends."""
+
+    radius: int
+    length: int
+
+    def cover(self, qblk, nkb, block, causal):
+        r = -(-self.radius // block)
+        ends = torch.cat([torch.arange(0, r + 1), torch.arange(nkb - 1 - r, nkb)]).to(qblk.device)
+        return torch.cat([_offsets_cover(qblk, -r, r), ends[None, :].expand(len(qblk), -1)], 1)
+
+    def allow(self, qpos, kpos):
+        d = (qpos - kpos).abs()
+        return torch.minimum(d, self.length - d) <= self.radius
 
 
 @dataclass(frozen=True)
