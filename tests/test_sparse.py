@@ -245,3 +245,16 @@ def test_star_ring_wraps_around():
     i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
     d = (i - j).abs()
     assert torch.equal(m, torch.minimum(d, L - d) <= 1) and m[0, L - 1] and m[L - 1, 0]
+
+
+# ---- interlaced --------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+def test_interlaced_is_long_range_then_short_range(causal):
+    rows, p = 6, 8
+    q, k, v = qkv(h=4, hkv=4, lq=rows * p)
+    out = fastattn.attention(q, k, v, "interlaced", group=p, is_causal=causal)
+    grid = lambda x: x.reshape(*x.shape[:2], rows, p, x.shape[-1])  # noqa: E731
+    col = lambda x: grid(x).transpose(2, 3)  # noqa: E731
+    v_long = F.scaled_dot_product_attention(col(k), col(k), col(v), is_causal=causal).transpose(2, 3)
+    short = F.scaled_dot_product_attention(grid(q), grid(k), v_long, is_causal=causal)
+    torch.testing.assert_close(out, short.reshape(out.shape), rtol=1e-10, atol=1e-10)
