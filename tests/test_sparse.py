@@ -258,3 +258,27 @@ def test_interlaced_is_long_range_then_short_range(causal):
     v_long = F.scaled_dot_product_attention(col(k), col(k), col(v), is_causal=causal).transpose(2, 3)
     short = F.scaled_dot_product_attention(grid(q), grid(k), v_long, is_causal=causal)
     torch.testing.assert_close(out, short.reshape(out.shape), rtol=1e-10, atol=1e-10)
+
+
+# ---- multiscale --------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+def test_multiscale_counts_every_position_once_at_one_scale(causal):
+    o = {"block": 4, "radius": 1, "factor": 2, "levels": 2}
+    mech = make_mech(_spec("multiscale"), **o)
+    n = 64
+    k = torch.zeros(1, 1, n, 2)
+    nodes = mech.nodes(k, k, k, Mask(n, n, causal=causal))
+    i = torch.arange(n)
+    fine = mech.dense_mask(n, n, causal=causal).long()
+    node_allowed = nodes.mask(i[:, None])[0, 0].long()  # (n, m)
+    sizes = [4] * 16 + [8] * 8
+    starts = [u * 4 for u in range(16)] + [u * 8 for u in range(8)]
+    member = torch.zeros(len(sizes), n, dtype=torch.long)
+    for m, (a, s) in enumerate(zip(starts, sizes)):
+        member[m, a:a + s] = 1
+    coverage = fine + node_allowed @ member
+    expected = torch.ones(n, n, dtype=torch.long)
+    if causal:
+        expected = expected.tril()
+    assert torch.equal(coverage, expected)
+    assert node_allowed.sum(1).max() < 16  # far away only coarse summaries

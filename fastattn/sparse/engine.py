@@ -35,18 +35,23 @@ __all__ = ["Nodes", "block_sparse_attention", "dense_pattern_attention", "patter
 
 @dataclass
 class Nodes:
-    """Extra keys/values ``(B, H, m, E)`` / ``(B, H, m, Ev)`` every query may see; ``allow(qpos)``
-    (``qpos`` with a trailing singleton axis) gives a bool mask broadcasting to ``(..., m)`` or None."""
+    """Extra keys/values ``(B, H, m, E)`` / ``(B, H, m, Ev)`` the queries may see; ``allow(qpos)``
+    (``qpos`` with a trailing singleton axis) gives the bool mask (see :meth:`mask`); None = all."""
 
     k: Tensor
     v: Tensor
     allow: Callable[[Tensor], Tensor] | None = None
 
     def mask(self, qpos: Tensor) -> Tensor:
+        """Bool ``(B|1, 1, *qpos.shape[:-1], m)``; ``allow`` may return it with or without the two
+        leading (batch, head) axes."""
         m = self.k.shape[2]
         if self.allow is None:
-            return torch.ones(*qpos.shape[:-1], m, dtype=torch.bool, device=qpos.device)
-        return self.allow(qpos).expand(*qpos.shape[:-1], m)
+            return torch.ones(1, 1, *qpos.shape[:-1], m, dtype=torch.bool, device=qpos.device)
+        out = self.allow(qpos)
+        if out.dim() == qpos.dim():
+            out = out[None, None]
+        return out.expand(*out.shape[:2], *qpos.shape[:-1], m)
 
 
 def _fl(x: Tensor, d: int) -> Tensor:
@@ -219,7 +224,7 @@ def block_sparse_attention(
         qpos = (plan.qblk[:, None] * bs + torch.arange(bs, device=dev))[:, :, None]
         nk, nv = nodes.k.to(dt)[:, :, None], nodes.v.to(dt)[:, :, None]
         scores.append(torch.matmul(qb, nk.transpose(-1, -2)))
-        allows.append(nodes.mask(qpos)[None, None])
+        allows.append(nodes.mask(qpos))
         apply.append(lambda p, nv=nv: torch.matmul(p, nv))
     if not scores:
         raise ValueError("the pattern lets no query see any key")
@@ -266,7 +271,7 @@ def dense_pattern_attention(
     if key_padding is not None:
         allowed = allowed & ~key_padding[:, None, None, :]
     if nodes is not None:
-        na = nodes.mask(qpos[:, None])[None, None]
+        na = nodes.mask(qpos[:, None])
         shape = torch.broadcast_shapes(allowed.shape[:-1], na.shape[:-1])
         allowed = torch.cat([allowed.expand(*shape, -1), na.expand(*shape, -1)], dim=-1)
         k = torch.cat([k, nodes.k.to(k.dtype)], dim=2)
