@@ -228,7 +228,7 @@ def test_handcrafted_weights_are_uniform_and_input_independent(kind):
 
 
 # ---- gmat, star --------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["gmat", "star"])
+@pytest.mark.parametrize("name", ["gmat", "star", "hat"])
 def test_memory_nodes_are_learned_and_read_the_whole_sequence(name):
     layer = fastattn.MultiheadAttention(32, 4, name, batch_first=True, **_spec(name).cls.test_options)
     params = dict(layer.attn.named_parameters())
@@ -282,3 +282,18 @@ def test_multiscale_counts_every_position_once_at_one_scale(causal):
         expected = expected.tril()
     assert torch.equal(coverage, expected)
     assert node_allowed.sum(1).max() < 16  # far away only coarse summaries
+
+
+def test_hat_tokens_see_their_segment_and_the_representatives_only():
+    mech = make_mech(_spec("hat"), segment=8).double()
+    q, k, v = qkv()
+    out = mech.run(q, k, v)
+    nodes = mech.nodes(q, k, v, Mask(L, L))
+    assert nodes.k.shape[2] == -(-L // 8)
+    # with the representatives fixed, moving a token of another segment changes nothing else
+    k2 = k.clone()
+    k2[:, :, 40] += 5.0
+    mech.nodes = lambda *a: nodes  # type: ignore[method-assign]
+    out2 = mech.run(q, k2, v)
+    torch.testing.assert_close(out[:, :, :40], out2[:, :, :40])
+    assert not torch.allclose(out[:, :, 40:48], out2[:, :, 40:48])

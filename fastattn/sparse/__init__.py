@@ -10,3 +10,4 @@ from . import handcrafted  # noqa: F401
 from . import gmat, star  # noqa: F401,E401
 from . import interlaced  # noqa: F401
 from . import multiscale  # noqa: F401
+from . import hat  # noqa: F401
