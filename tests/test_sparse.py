@@ -285,8 +285,8 @@ def test_multiscale_counts_every_position_once_at_one_scale(causal):
 
 
 def test_hat_tokens_see_their_segment_and_the_representatives_only():
-    mech = make_mech(_spec("hat"), segment=8).double()
-    q, k, v = qkv()
+    mech = make_mech(_spec("hat"), hkv=4, segment=8).double()
+    q, k, v = qkv(hkv=4)
     out = mech.run(q, k, v)
     nodes = mech.nodes(q, k, v, Mask(L, L))
     assert nodes.k.shape[2] == -(-L // 8)
