@@ -297,3 +297,15 @@ def test_hat_tokens_see_their_segment_and_the_representatives_only():
     out2 = mech.run(q, k2, v)
     torch.testing.assert_close(out[:, :, :40], out2[:, :, :40])
     assert not torch.allclose(out[:, :, 40:48], out2[:, :, 40:48])
+
+
+def test_bp_transformer_span_nodes_grow_with_distance():
+    mech = make_mech(_spec("bp_transformer"), leaf=2, k=2)
+    n = 256
+    k = torch.zeros(1, 1, n, 2)
+    nodes = mech.nodes(k, k, k, Mask(n, n))
+    seen = nodes.mask(torch.arange(n)[:, None])[0, 0].sum(1)
+    levels = mech.levels(n)
+    assert levels == 7 and seen.max() <= 2 * 2 * levels  # k spans per side per level
+    fine = mech.dense_mask(n, n).sum(1)
+    assert fine.max() <= (2 * 2 + 1) * 2

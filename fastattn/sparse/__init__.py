@@ -11,3 +11,4 @@ from . import gmat, star  # noqa: F401,E401
 from . import interlaced  # noqa: F401
 from . import multiscale  # noqa: F401
 from . import hat  # noqa: F401
+from . import bp_transformer  # noqa: F401

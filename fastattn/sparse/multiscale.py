@@ -42,6 +42,39 @@ def span_means(x: Tensor, keep: Tensor, p: int) -> tuple[Tensor, Tensor]:
     return xs / cnt.clamp(min=1), cnt[:, 0, :, 0] > 0
 
 
+def retina_nodes(k: Tensor, v: Tensor, mask: Mask, block: int, radius: int, factor: int, levels: int) -> Nodes:
+    """The coarse spans of the retina: level ``l`` (``1 .. levels``) means over ``block * factor ** (l - 1)``
+    positions, each visible to the queries for which it is the finest scale reaching it (see the module
+    docstring); the fine part is ``BlockWindow(radius)`` on blocks of ``block``."""
+    dt = compute_dtype(k.dtype)
+    keep = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    if mask.key_padding is not None:
+        keep = ~mask.key_padding
+    ks, vs, alive, lvl, span = [], [], [], [], []
+    for level in range(1, levels + 1):
+        p = block * factor ** (level - 1)
+        km, ok = span_means(k.to(dt), keep, p)
+        vm, _ = span_means(v.to(dt), keep, p)
+        ks.append(km), vs.append(vm), alive.append(ok)
+        lvl.append(torch.full((km.shape[2],), level, device=k.device))
+        span.append(torch.arange(km.shape[2], device=k.device))
+    lvl_t, span_t, alive_t = torch.cat(lvl), torch.cat(span), torch.cat(alive, 1)  # (m,), (m,), (B, m)
+    size = block * factor ** (lvl_t - 1)
+    causal = mask.causal
+
+    def allow(qpos: Tensor) -> Tensor:
+        qs = torch.div(qpos, size, rounding_mode="floor")  # i's span at each node's level
+        ok = (span_t - qs).abs() > radius
+        parent = torch.div(qpos, size * factor, rounding_mode="floor")
+        ok &= (lvl_t == levels) | ((torch.div(span_t, factor, rounding_mode="floor") - parent).abs() <= radius)
+        if causal:
+            ok &= (span_t + 1) * size - 1 <= qpos
+        lead = alive_t.shape[:1] + (1,) + (1,) * (qpos.dim() - 1)
+        return ok[None, None] & alive_t.view(*lead, -1)
+
+    return Nodes(torch.cat(ks, 2), torch.cat(vs, 2), allow)
+
+
 @register("multiscale", complexity="O(n (r s + n / s) d)", causal=True, decoding=True, padding=True)
 class MultiscaleAttention(PatternMechanism):
     """Fine tokens nearby, mean-pooled spans farther away, coarser with distance."""
@@ -63,30 +96,4 @@ class MultiscaleAttention(PatternMechanism):
 
     def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Nodes | None:
         o = self.options
-        dt = compute_dtype(k.dtype)
-        keep = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-        if mask.key_padding is not None:
-            keep = ~mask.key_padding
-        ks, vs, alive, lvl, span = [], [], [], [], []
-        for level in range(1, o.levels + 1):
-            p = o.block * o.factor ** (level - 1)
-            km, ok = span_means(k.to(dt), keep, p)
-            vm, _ = span_means(v.to(dt), keep, p)
-            ks.append(km), vs.append(vm), alive.append(ok)
-            lvl.append(torch.full((km.shape[2],), level, device=k.device))
-            span.append(torch.arange(km.shape[2], device=k.device))
-        lvl_t, span_t, alive_t = torch.cat(lvl), torch.cat(span), torch.cat(alive, 1)  # (m,), (m,), (B, m)
-        size = o.block * o.factor ** (lvl_t - 1)
-        r, f, top, causal = o.radius, o.factor, o.levels, mask.causal
-
-        def allow(qpos: Tensor) -> Tensor:
-            qs = torch.div(qpos, size, rounding_mode="floor")  # i's span at each node's level
-            ok = (span_t - qs).abs() > r
-            parent = torch.div(qpos, size * f, rounding_mode="floor")
-            ok &= (lvl_t == top) | ((torch.div(span_t, f, rounding_mode="floor") - parent).abs() <= r)
-            if causal:
-                ok &= (span_t + 1) * size - 1 <= qpos
-            lead = alive_t.shape[:1] + (1,) + (1,) * (qpos.dim() - 1)
-            return ok[None, None] & alive_t.view(*lead, -1)
-
-        return Nodes(torch.cat(ks, 2), torch.cat(vs, 2), allow)
+        return retina_nodes(k, v, mask, o.block, o.radius, o.factor, o.levels)
