@@ -2,3 +2,4 @@
 
 from . import exact  # noqa: F401
 from . import kernel  # noqa: F401
+from . import sparse  # noqa: F401

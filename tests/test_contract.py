@@ -123,11 +123,13 @@ def test_causal_does_not_leak_the_future(spec):
             x[:, :, t + 1:] = torch.randn_like(x[:, :, t + 1:]) * 5
         out2 = mech.run(q2, k2, v2, is_causal=True)
         torch.testing.assert_close(out[:, :, : t + 1], out2[:, :, : t + 1], rtol=1e-9, atol=1e-10)
-    # and the mask is not a no-op: changing the past does change the present
-    k3 = k.clone()
-    # a random change: some mechanisms (fastmax) are invariant to adding a constant to every feature
-    k3[:, :, :5] += 3.0 * torch.randn(k3[:, :, :5].shape, generator=torch.Generator().manual_seed(5), dtype=k3.dtype)
-    assert not torch.allclose(mech.run(q, k3, v, is_causal=True)[:, :, 10:], out[:, :, 10:])
+    # and the mask is not a no-op: changing the past (keys by a random amount -- some feature maps are
+    # invariant to a constant shift -- and values -- input-independent weights ignore keys) changes the present
+    k3, v3 = k.clone(), v.clone()
+    g = torch.Generator().manual_seed(5)
+    k3[:, :, :5] += 3.0 * torch.randn(k3[:, :, :5].shape, generator=g, dtype=k3.dtype)
+    v3[:, :, :5] += 3.0
+    assert not torch.allclose(mech.run(q, k3, v3, is_causal=True)[:, :, 10:], out[:, :, 10:])
 
 
 @pytest.mark.parametrize("spec", NONCAUSAL, ids=ids(NONCAUSAL))
