@@ -98,7 +98,7 @@ def linear_attention(
     if lq < lk:  # bottom-right alignment: the queries are the last lq positions
         fq = F.pad(fq, (0, 0, lk - lq, 0))
     log_g = _log_gates(decay, fk, keep)
-    out, new_state = _causal_scan(fq, fk, v, log_g, normalize, chunk, state)
+    out, new_state = _causal_scan(fq, fk, v, log_g, normalize, chunk, state, want_state=return_state)
     out = _finish(out[0], out[1], dtype)[:, :, lk - lq:]
     return (out, new_state) if return_state else out
 
@@ -122,8 +122,8 @@ def _log_gates(decay: Tensor | None, fk: Tensor, keep: Tensor | None) -> Tensor 
 
 def _causal_scan(
     fq: Tensor, fk: Tensor, v: Tensor, log_g: Tensor | None, normalize: bool, chunk: int,
-    state: LinearState | None,
-) -> tuple[tuple[Tensor, Tensor | None], LinearState]:
+    state: LinearState | None, want_state: bool = True,
+) -> tuple[tuple[Tensor, Tensor | None], LinearState | None]:
     b, h, n, d = fq.shape
     ev = v.shape[-1]
     c = max(1, min(chunk, n))
@@ -177,6 +177,8 @@ def _causal_scan(
         den = den + torch.matmul(qi, z_start.unsqueeze(-1)).squeeze(-1)
     num = num.reshape(b, h, m * c, ev)[:, :, :n]
     den = den.reshape(b, h, m * c)[:, :, :n] if den is not None else None
+    if not want_state:
+        return (num, den), None
     # state after the last real token: lambda^n S_init + sum_s lambda^(n-1-s) k'_s v_s^T
     fk_r, v_r = fk[:, :, :n], v[:, :, :n]
     if log_g is None:
