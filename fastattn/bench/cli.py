@@ -68,7 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--causal", action="store_true", help="time the causal forms (mechanisms without one are skipped)")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every core this process may use)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (median reported)")
     p.add_argument("--task-methods", default=None,
                    help="mechanisms trained on the tasks (same syntax as --methods; default: all selected, "

@@ -7,6 +7,7 @@ config is stored verbatim in ``results.json`` so every figure can be traced to h
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,7 +44,7 @@ class Config:
     methods: list[str] = field(default_factory=list)
     device: str = "cpu"
     dtype: str = "float32"
-    threads: int = 2
+    threads: int = field(default_factory=lambda: _cores())  # torch CPU threads: every core this process may use
     seed: int = 0
     # speed and memory
     lengths: list[int] = field(default_factory=lambda: [256, 1024, 4096])
@@ -135,6 +136,13 @@ def preset(name: str, device: str = "cpu") -> Config:
             section_budget_s={k: float("inf") for k in ("speed", "memory", "error", "tasks", "peers")},
         )
     raise ValueError(f"unknown preset {name!r}; use quick, default or full")
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _memory_budget_mb(device: str) -> float:

@@ -324,6 +324,7 @@ def write_plots(res: dict, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     paths: list[Path] = []
     order = _impls(res)
@@ -355,6 +356,10 @@ def write_plots(res: dict, out: Path) -> list[Path]:
         for ax, (title, series, names) in zip(axes[0], specs):
             _lines(ax, series, names)
             ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+            xs = sorted({p[0] for pts in series.values() for p in pts})
+            if xs:  # the measured lengths as plain tick labels
+                ax.set_xticks(xs, [f"{x:g}" for x in xs])
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(True, which="both", alpha=0.3)
         legend(fig, axes[0])
         fig.tight_layout(rect=(0, 0.03, 0.78, 1))

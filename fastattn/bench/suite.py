@@ -245,13 +245,15 @@ def gaussian_inputs(b: int, h: int, n: int, e: int, g: torch.Generator) -> tuple
     return tuple(torch.randn(b, h, n, e, generator=g) for _ in range(3))
 
 
-def peaked_inputs(b: int, h: int, n: int, e: int, g: torch.Generator, gain: float = 2.0) -> tuple[torch.Tensor, ...]:
+def peaked_inputs(b: int, h: int, n: int, e: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Inputs whose softmax attention is peaked (low entropy), as in trained models: each query is a
-    scaled copy of one random key plus noise, so its row concentrates on that key."""
+    scaled copy of one random key plus noise. The gain puts that key's score about ``log(n) + 2``
+    above the others (scale ``e ** -0.5``), so most of each row's mass sits on it at every length."""
     k = torch.randn(b, h, n, e, generator=g)
     v = torch.randn(b, h, n, e, generator=g)
     target = torch.randint(0, n, (b, h, n), generator=g)
-    q = gain * torch.gather(k, 2, target[..., None].expand(b, h, n, e)) + 0.5 * torch.randn(b, h, n, e, generator=g)
+    gain = (math.log(n) + 2.0) / math.sqrt(e)
+    q = gain * torch.gather(k, 2, target[..., None].expand(b, h, n, e)) + 0.3 * torch.randn(b, h, n, e, generator=g)
     return q, k, v
 
 
