@@ -26,6 +26,7 @@ def quick_run(tmp_path_factory) -> Path:
     rc = main([
         "bench", "--quick", "--methods", "softmax,flash,not_a_method", "--lengths", "24,48",
         "--error-lengths", "32,64", "--tasks", "--task-steps", "3", "--repeats", "1", "--device", "cpu",
+        "--threads", "1",
         "--time-scale", "1000", "--case-budget", "100", "--out", str(out), "-q",
     ])
     assert rc == 0
@@ -191,6 +192,7 @@ def test_over_budget_cases_are_skipped_and_failures_recorded(fake_peers) -> None
 
     cfg = preset("quick")
     cfg.lengths, cfg.modes, cfg.repeats, cfg.heads, cfg.head_dim = [16, 32, 64], ["fwd"], 1, 2, 8
+    cfg.threads = 1
     cfg.case_budget_s = 1e-9  # every extrapolated case is over budget
     specs = [fastattn.get_method("softmax")]
     found, notes = available_peers(specs)
@@ -214,3 +216,72 @@ def test_memory_prediction_skips_quadratic_cases() -> None:
     cfg.memory_budget_mb = 100.0
     rows = run_speed(cfg, [], [], lambda s: None)
     assert rows[0]["status"] == "skipped" and "memory budget" in rows[0]["reason"]
+
+
+# ---- the paths that approximate mechanisms take (none is registered on this branch: a stand-in) ----------
+@pytest.fixture
+def approx_spec(monkeypatch):
+    """A non-causal, non-decoding stand-in with a feature-count option and attention weights: exact
+    softmax with its scores perturbed by a fixed random matrix of size 1 / sqrt(num_features)."""
+    from dataclasses import dataclass
+
+    from fastattn import registry
+    from fastattn.core.base import Mechanism
+    from fastattn.core.dense import dense_weights
+
+    fastattn.methods()  # every family imported first
+    free = [n for n, row in registry.catalogue().items() if row["kind"] == "sequence" and n not in registry._REGISTRY]
+    if not free:
+        pytest.skip("every catalogue id is registered")
+
+    class Approx(Mechanism):
+        @dataclass(frozen=True)
+        class Options:
+            num_features: int = 64
+
+        def weights(self, q, k, mask, scale):
+            g = torch.Generator().manual_seed(0)
+            noise = torch.randn(q.shape[-2], k.shape[-2], generator=g).to(q.dtype)
+            return dense_weights(q, k, mask, scale, extra_bias=noise / self.options.num_features ** 0.5)
+
+        def forward(self, q, k, v, mask, scale, dropout_p=0.0):
+            return self.weights(q, k, mask, scale) @ v
+
+    spec = fastattn.MethodSpec(
+        name=free[0], title="stand-in", arxiv="0", year=2020, family="test", kind="sequence", summary="",
+        complexity="O(n^2 d)", functional=True, causal=False, decoding=False, padding=False, weights=True,
+        exact=False, options={"num_features": 64}, cls=Approx,
+    )
+    Approx.spec = spec
+    monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
+    return spec
+
+
+def test_approximate_mechanism_paths(approx_spec, tmp_path: Path) -> None:
+    from fastattn.bench.report import write_plots, write_report
+    from fastattn.bench.runner import run_bench
+
+    assert feature_option(approx_spec) == "num_features"
+    cfg = preset("quick")
+    cfg.lengths, cfg.modes, cfg.repeats, cfg.heads, cfg.head_dim = [16], ["fwd", "decode"], 1, 2, 16
+    cfg.memory, cfg.task_methods, cfg.threads = False, [approx_spec.name], 1
+    cfg.error_lengths, cfg.error_feature_length, cfg.error_features = [32], 32, [4, 64, 1024]
+    cfg.tasks, cfg.mqar.steps, cfg.listops.steps = True, 2, 2
+    cfg.section_budget_s = {k: 1e6 for k in cfg.section_budget_s}
+    cfg.case_budget_s = 100.0
+    res = run_bench(cfg, [fastattn.get_method("softmax"), approx_spec], tmp_path, quiet=True)
+    name = approx_spec.name
+    dec = [r for r in res["speed"] if r["impl"] == name and r["mode"] == "decode"]
+    assert dec and all(r["status"] == "skipped" and "decoding" in r["reason"] for r in dec)
+    sweep = {(r["inputs"], r["value"]): r for r in res["error"] if r["method"] == name and r["option"]}
+    assert {v for _, v in sweep} == {4, 64, 1024}
+    for kind in ("gaussian", "peaked"):
+        errs = [sweep[(kind, v)]["rel_err"] for v in (4, 64, 1024)]
+        assert errs[0] > errs[1] > errs[2] > 0  # more features, smaller error: the sweep is wired right
+        assert sweep[(kind, 4)]["kl"] > sweep[(kind, 1024)]["kl"] > 0
+    mqar = next(r for r in res["tasks"] if r["task"] == "mqar" and r["method"] == name)
+    assert mqar["status"] == "ok" and not mqar["causal"] and "non-causal" in mqar["note"]
+    listops = next(r for r in res["tasks"] if r["task"] == "listops" and r["method"] == name)
+    assert "padding attended" in listops["note"]
+    assert (tmp_path / "error_vs_features.png").exists()
+    assert f"`{name}` (num_features)" in (tmp_path / "report.md").read_text()
