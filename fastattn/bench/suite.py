@@ -177,6 +177,8 @@ def run_speed(cfg: Config, specs: list[MethodSpec], peer_impls: list[str], progr
                     first = time.perf_counter() - t0
                     r = time_case(case, warmup=max(cfg.warmup - 1, 0), repeats=cfg.repeats,
                                   budget_s=max(cfg.case_budget_s * 2, first * 2), fn=fn)
+                    if cfg.device.startswith("cuda"):  # read again after warm-up (library workspaces)
+                        peak = _inproc_peak(fn, cfg.device)
                     del fn
                 except Exception as exc:
                     row.update(status="error", error=_err(exc))
