@@ -83,6 +83,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="run nothing: rewrite report.md and plots from DIR/results.json")
     p.add_argument("--readme", default=None, metavar="PATH",
                    help="also write the headline plot and table into PATH between the bench markers")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a remark stored with the results and shown in the report and README (e.g. the "
+                        "machine's load); with --from it is added to the stored run")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=main)
     return p
@@ -94,6 +97,11 @@ def main(args: argparse.Namespace) -> int:
     if args.from_dir:
         out = Path(args.from_dir)
         res = load(out)
+        if args.note:
+            import json
+
+            res["meta"].setdefault("notes", []).extend(args.note)
+            (out / "results.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
         write_report(res, out)
         write_plots(res, out)
         if args.readme:
@@ -149,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
         print("no mechanism selected; see `fastattn list`", file=sys.stderr)
         return 2
     out = Path(args.out)
-    res = run_bench(cfg, specs, out, command=command_line(), notes=notes, quiet=args.quiet)
+    res = run_bench(cfg, specs, out, command=command_line(), notes=notes + args.note, quiet=args.quiet)
     if args.readme:
         update_readme(res, out, Path(args.readme))
         print(f"updated the benchmark section of {args.readme}")

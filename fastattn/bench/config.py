@@ -70,7 +70,7 @@ class Config:
     error_heads: int = 4
     # tasks and peers
     tasks: bool = True
-    mqar: TaskConfig = field(default_factory=lambda: TaskConfig(length=64, steps=500, pairs=4, vocab=32))
+    mqar: TaskConfig = field(default_factory=lambda: TaskConfig(length=32, steps=500, pairs=4, vocab=32))
     listops: TaskConfig = field(default_factory=lambda: TaskConfig(length=96, steps=500))
     # mechanisms trained on the tasks when no --methods was given (one or two per family; ids not
     # registered are left out); None = every selected mechanism

@@ -65,6 +65,18 @@ def _cell(res: dict, impl: str, mode: str, n: int | None) -> dict | None:
     return None
 
 
+def _headline_cell(res: dict, impl: str, mode: str, n: int | None) -> str:
+    """The cell at ``n``; where that case was not measured, the largest length that was (marked)."""
+    r = _cell(res, impl, mode, n)
+    if r is not None and r.get("status") == "ok":
+        return _speed_text(r)
+    ok = [x for x in _ok(res["speed"]) if x["impl"] == impl and x["mode"] == mode]
+    if not ok:
+        return _speed_text(r)
+    best = max(ok, key=lambda x: x["n"])
+    return f"{_speed_text(best)} @n={best['n']}"
+
+
 def _speed_text(r: dict | None, key: str = "speedup_vs_sdpa") -> str:
     if r is None:
         return "-"
@@ -112,17 +124,14 @@ def headline_table(res: dict) -> str:
             continue
         fwd = _cell(res, impl, "fwd", n)
         mem = fwd.get("peak_mb") if fwd else None
+        times = " | ".join(_headline_cell(res, impl, mode, n) for mode in ("fwd", "fwdbwd", "decode"))
         if impl == "sdpa":
-            lines.append(
-                f"| SDPA (baseline) | torch | {_speed_text(fwd)} | {_speed_text(_cell(res, impl, 'fwdbwd', n))} | "
-                f"{_speed_text(_cell(res, impl, 'decode', n))} | {_fmt(mem)} | - | - | - | - |"
-            )
+            lines.append(f"| SDPA (baseline) | torch | {times} | {_fmt(mem)} | - | - | - | - |")
             continue
         eg, _ = _error_at(res, impl, "gaussian")
         ep, _ = _error_at(res, impl, "peaked")
         lines.append(
-            f"| `{impl}` | {fam[impl]} | {_speed_text(fwd)} | {_speed_text(_cell(res, impl, 'fwdbwd', n))} | "
-            f"{_speed_text(_cell(res, impl, 'decode', n))} | {_fmt(mem)} | {eg} | {ep} | "
+            f"| `{impl}` | {fam[impl]} | {times} | {_fmt(mem)} | {eg} | {ep} | "
             f"{_task_acc(res, impl, 'mqar')} | {_task_acc(res, impl, 'listops')} |"
         )
     return "\n".join(lines)
@@ -133,7 +142,7 @@ def _machine_line(res: dict) -> str:
     mach = m["machine"]
     dev = mach.get("gpu") or f"{mach.get('cpu_count')}-core CPU ({mach.get('processor') or mach.get('machine')})"
     return (
-        f"{dev}, {mach.get('torch_threads')} torch threads; torch {m['torch']}, Python {m['python']}; "
+        f"{dev}, torch threads: {mach.get('torch_threads')}; torch {m['torch']}, Python {m['python']}; "
         f"preset `{m['config']['preset']}`, device `{m['config']['device']}`, {m['config']['dtype']}; "
         f"{m['date']}"
     )
@@ -149,8 +158,9 @@ def _notes(res: dict) -> list[str]:
         "Rel. error = ||out - exact|| / ||exact|| against float64 softmax attention on the same q, k, v; "
         "peaked = queries copy one key each (low-entropy rows, like trained models).",
         "Accuracy `*`: see the task table's note (non-causal MQAR, padding attended, or cut by the time cap).",
-        "`skip`: predicted over the time/memory budget, capability missing, or section budget used up "
-        "(the full report lists each reason).",
+        "`@n=1024`: not measured at the headline length (skipped: see the report), figure at the largest "
+        "length that was; `skip`: predicted over the time/memory budget, capability missing, or section "
+        "budget used up (the full report lists each reason).",
     ]
 
 
@@ -421,6 +431,7 @@ def readme_section(res: dict, out: Path, readme: Path) -> str:
     return "\n".join([
         BEGIN,
         f"Run on {_machine_line(res)}, with `{res['meta']['command']}`.",
+        *[f"\nNote: {x}" for x in res["meta"].get("notes", [])],
         "",
         f"![time vs length]({rel}/{HEADLINE_PLOT})",
         "",
