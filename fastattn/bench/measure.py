@@ -8,9 +8,15 @@ reading. ``impl`` names what runs:
 * ``"naive"`` -- the textbook formula that materialises the n x n matrix;
 * ``"peer:<name>"`` -- an adapter from :mod:`fastattn.bench.peers` (an optional peer package).
 
-Peak memory on CPU is the process's peak resident set (``ru_maxrss``) minus its resident set just
-before the measured call, read in a fresh ``python -m fastattn.bench.measure`` subprocess per case;
-on CUDA it is the allocator's peak counter.
+``mode`` is ``"fwd"`` (forward), ``"fwdbwd"`` (forward and backward) or ``"decode"`` (one new token
+given the decoding state of a prefix of ``n - 1`` tokens: ``Mechanism.step`` for registry ids, a KV
+cache and SDPA over it for the baselines).
+
+Peak memory on CPU is the process's peak resident set (``VmHWM``, reset before the call) minus its
+resident set just before the measured call, read in a fresh ``python -m fastattn.bench.measure``
+subprocess: one per case (:func:`peak_memory_mb`) or one per batch of cases (:func:`peak_memory_batch`,
+with glibc told to return freed blocks at once so that earlier cases do not hide later ones).
+On CUDA it is the allocator's peak counter, reset before each case.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Case", "build", "time_case", "peak_memory_mb", "rss_mb"]
+__all__ = ["Case", "build", "make_mechanism", "time_case", "peak_memory_mb", "peak_memory_batch", "rss_mb"]
 
 
 @dataclass
@@ -39,7 +45,7 @@ class Case:
     h: int = 8
     e: int = 64
     causal: bool = False
-    mode: str = "fwd"  # "fwd" | "fwdbwd"
+    mode: str = "fwd"  # "fwd" | "fwdbwd" | "decode"
     dtype: str = "float32"
     device: str = "cpu"
     threads: int = 2
@@ -65,9 +71,59 @@ def _naive(q, k, v, causal: bool, scale: float):
     return torch.softmax(s, dim=-1) @ v
 
 
+def make_mechanism(case: Case):
+    """The fastattn mechanism module of a registry-id case: its options, default initialisation and, for
+    randomised mechanisms, a generator seeded with ``case.seed`` (peer adapters that must share random
+    features or projections build the same module and copy them)."""
+    from ..registry import get_method
+
+    spec = get_method(case.impl)
+    kwargs = {"generator": torch.Generator().manual_seed(case.seed)} if spec.randomized else {}
+    mech = spec.cls(spec.make_options(**case.options), head_dim=case.e, num_heads=case.h, **kwargs)
+    return mech.to(case.device, getattr(torch, case.dtype)).eval()
+
+
+def _build_decode(case: Case) -> tuple[Callable[[], Any], tuple[torch.Tensor, ...]]:
+    if case.n < 2:
+        raise ValueError("decode cases need n >= 2 (a prefix of n - 1 tokens and one new token)")
+    dtype = getattr(torch, case.dtype)
+    g = torch.Generator(device="cpu").manual_seed(case.seed)
+    q, k, v = (torch.randn(case.b, case.h, case.n, case.e, generator=g).to(case.device, dtype) for _ in range(3))
+    scale = case.e ** -0.5
+    qp, kp, vp = q[:, :, :-1], k[:, :, :-1], v[:, :, :-1]
+    q1, k1, v1 = q[:, :, -1:], k[:, :, -1:], v[:, :, -1:]
+    if case.impl in ("sdpa", "naive"):
+        def step():
+            kk, vv = torch.cat([kp, k1], dim=2), torch.cat([vp, v1], dim=2)
+            if case.impl == "naive":
+                return _naive(q1, kk, vv, False, scale)
+            return torch.nn.functional.scaled_dot_product_attention(q1, kk, vv)
+    elif case.impl.startswith("peer:"):
+        raise ValueError("peer adapters are timed on forward passes only")
+    else:
+        mech = make_mechanism(case)
+        if not mech.spec.decoding:
+            raise ValueError(f"method {case.impl!r} does not support incremental decoding")
+        with torch.no_grad():
+            _, state = mech.step(qp, kp, vp, None, scale)
+
+        def step():
+            return mech.step(q1, k1, v1, state, scale)[0]
+
+    def run():
+        with torch.no_grad():
+            return step()
+
+    return run, (q, k, v)
+
+
 def build(case: Case) -> tuple[Callable[[], Any], tuple[torch.Tensor, ...]]:
     """Inputs and a zero-argument function running the case once (forward, or forward+backward)."""
     torch.set_num_threads(case.threads)
+    if case.mode == "decode":
+        return _build_decode(case)
+    if case.mode not in ("fwd", "fwdbwd"):
+        raise ValueError(f"unknown mode {case.mode!r}; use fwd, fwdbwd or decode")
     dtype = getattr(torch, case.dtype)
     g = torch.Generator(device="cpu").manual_seed(case.seed)
     grad = case.mode == "fwdbwd"
@@ -86,12 +142,7 @@ def build(case: Case) -> tuple[Callable[[], Any], tuple[torch.Tensor, ...]]:
 
         fwd = get_peer(case.impl[5:]).build(q, k, v, case)
     else:
-        from ..registry import get_method
-
-        spec = get_method(case.impl)
-        kwargs = {"generator": torch.Generator().manual_seed(case.seed)} if spec.randomized else {}
-        mech = spec.cls(spec.make_options(**case.options), head_dim=case.e, num_heads=case.h, **kwargs)
-        mech = mech.to(case.device)
+        mech = make_mechanism(case)
 
         def fwd():
             return mech.run(q, k, v, is_causal=case.causal)
@@ -117,12 +168,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_case(case: Case, *, warmup: int = 1, repeats: int = 5, budget_s: float = 60.0) -> dict[str, Any]:
-    """Median wall time of ``repeats`` runs after ``warmup`` (fewer repeats if over ``budget_s``)."""
-    fn, _ = build(case)
+def time_case(
+    case: Case, *, warmup: int = 1, repeats: int = 5, budget_s: float = 60.0, fn: Callable[[], Any] | None = None
+) -> dict[str, Any]:
+    """Median wall time of ``repeats`` runs after ``warmup`` (fewer repeats if over ``budget_s``; at
+    least one timed run always happens). ``fn``: the case already built by :func:`build`."""
+    if fn is None:
+        fn, _ = build(case)
     start = time.perf_counter()
     for _ in range(warmup):
         fn()
+        if time.perf_counter() - start > budget_s:
+            break
     _sync(case.device)
     times: list[float] = []
     for _ in range(repeats):
@@ -135,15 +192,20 @@ def time_case(case: Case, *, warmup: int = 1, repeats: int = 5, budget_s: float 
     return {"median_s": statistics.median(times), "times_s": times}
 
 
+def cuda_peak_mb(fn: Callable[[], Any]) -> float:
+    """Peak CUDA memory (MiB) allocated by one call of ``fn`` above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def _measure_here(case: Case) -> float:
     fn, _ = build(case)
     if case.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return cuda_peak_mb(fn)
     # Warm up on a small copy of the case first: the first call of a kernel loads libraries and
     # thread pools whose memory is not the mechanism's.
     small, _ = build(Case(**{**asdict(case), "n": min(case.n, 256)}))
@@ -175,6 +237,43 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def measure_in_process(case: Case) -> float:
+    """Peak extra memory (MiB) of one run of ``case`` in this process: exact on CUDA (the allocator's
+    peak counter); on CPU only meaningful in a fresh process (see :func:`peak_memory_batch`)."""
+    return _measure_here(case)
+
+
+def peak_memory_batch(cases: list[Case], timeout_s: float = 600.0) -> list[float | str]:
+    """Peak extra memory (MiB) of each case, all measured in ONE fresh subprocess, in order.
+
+    glibc is told (``MALLOC_MMAP_THRESHOLD_``) to serve large blocks with ``mmap`` so that they go back
+    to the system when freed and an earlier case's memory cannot be reused silently by a later one.
+    An entry is a string (the error) where that case failed; a timeout fails the cases not yet done.
+    """
+    if not cases:
+        return []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    payload = json.dumps([asdict(c) for c in cases])
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastattn.bench.measure", "--batch"], input=payload,
+            capture_output=True, text=True, timeout=timeout_s, env=env,
+        )
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err, rc = f"timed out after {timeout_s:.0f} s", -1
+    results: list[float | str] = []
+    for line in out.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            results.append(row["peak_mb"] if "peak_mb" in row else row["error"])
+    reason = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"
+    while len(results) < len(cases):
+        results.append(f"measurement process failed: {reason}")
+    return results
+
+
 def peak_memory_mb(case: Case, timeout_s: float = 600.0) -> float:
     """Peak extra memory (MiB) of one run of ``case``, measured in a fresh subprocess."""
     proc = subprocess.run(
@@ -186,6 +285,19 @@ def peak_memory_mb(case: Case, timeout_s: float = 600.0) -> float:
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
-if __name__ == "__main__":
+def _main() -> None:
+    if sys.argv[1:] == ["--batch"]:
+        for row in json.loads(sys.stdin.read()):
+            try:
+                line = {"peak_mb": _measure_here(Case(**row))}
+            except Exception as exc:  # recorded, the next case still runs
+                line = {"error": f"{type(exc).__name__}: {exc}"}
+            print(json.dumps(line), flush=True)
+            gc.collect()
+        return
     c = Case(**json.loads(sys.argv[1]))
     print(json.dumps({"peak_mb": _measure_here(c)}))
+
+
+if __name__ == "__main__":
+    _main()

@@ -4,6 +4,20 @@ Each module in this folder registers adapters with :func:`peer`; an adapter turn
 ``q, k, v`` ``(B, H, N, E)`` and a :class:`~fastattn.bench.measure.Case` into a zero-argument function
 computing the peer's output in the same layout, so that speed and numerical agreement are measured on
 identical inputs. A peer that is not installed is reported as unavailable, never an error.
+
+``fastattn bench --peers`` times every installed peer whose ``matches`` mechanism is selected beside
+that mechanism (speed rows ``peer:<name>``, forward only, in the peer's ``causal`` mode) and reports
+``rel_diff``, the relative difference of the two outputs on the same ``q, k, v``. For a randomised or
+learned mechanism the adapter must give the peer the same random features or projections as fastattn's
+module: build it with :func:`fastattn.bench.measure.make_mechanism` ``(case)`` (same options, seed and
+default initialisation as the benchmark's) and copy its buffers/parameters into the peer.
+
+An adapter module looks like::
+
+    @peer("some_package.thing", package="some_package", matches="linear", causal=False)
+    def thing(q, k, v, case):
+        layer = some_package.Thing(dim=case.e)          # built once, outside the timed function
+        return lambda: layer(q, k, v)                   # (B, H, N, Ev), same layout as fastattn
 """
 
 from __future__ import annotations

@@ -1,0 +1,386 @@
+"""The benchmark sections: speed, isolated peak memory, approximation error, peers.
+
+Every section returns plain rows (dicts) for ``results.json``. A row has ``status`` ``"ok"``,
+``"skipped"`` (with the ``reason``: a prediction over the time or memory budget, a capability the
+mechanism lacks, the section's wall-clock budget) or ``"error"`` (with the ``error`` the case raised):
+no case can stop the run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import traceback
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+
+from ..core.base import build_mask
+from ..core.dense import dense_attention, dense_weights
+from ..registry import MethodSpec, get_method
+from .config import Config, feature_option
+from .measure import Case, build, make_mechanism, peak_memory_batch, peak_memory_mb, time_case
+
+__all__ = ["Budget", "run_speed", "run_memory", "run_error", "run_peers", "peaked_inputs", "gaussian_inputs"]
+
+Progress = Callable[[str], None]
+
+
+class Budget:
+    """A section's wall-clock allowance."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.start = seconds, time.perf_counter()
+
+    @property
+    def spent(self) -> float:
+        return time.perf_counter() - self.start
+
+    def exhausted(self) -> str | None:
+        if self.spent > self.seconds:
+            return f"section time budget ({self.seconds:.0f} s) used up"
+        return None
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip()[:500]
+
+
+# ---- predictions ------------------------------------------------------------------------------------
+def _exponents(impl: str, mode: str) -> tuple[float, float]:
+    """Growth exponents in n of (time, memory) from the registry's complexity text."""
+    if impl in ("sdpa", "naive"):
+        t, m = 2.0, (1.0 if impl == "sdpa" else 2.0)
+    elif impl.startswith("peer:"):
+        return 2.0, 2.0
+    else:
+        c = get_method(impl).complexity.replace(" ", "")
+        quad = "n^2" in c or "n²" in c
+        t = 2.0 if quad else 1.5 if re.search(r"n(\^?1\.5|sqrt|\\sqrt|log)", c) else 1.0
+        m = 1.0 if "O(n)memory" in c else t
+    if mode == "decode":  # one token: exact attention reads the whole cache, constant-state ones do not
+        t, m = max(t - 1.0, 0.0), max(m - 1.0, 0.0)
+    return t, m
+
+
+def _first_memory_mb(case: Case) -> float:
+    """A coarse a-priori memory estimate (scores matrices of quadratic-memory cases)."""
+    elt = torch.finfo(getattr(torch, case.dtype)).bits // 8
+    _, m = _exponents(case.impl, case.mode)
+    per = case.b * case.h * elt / 2**20
+    if m >= 2:
+        return per * case.n * case.n * (4 if case.mode == "fwdbwd" else 2)
+    return per * case.n * case.e * 12
+
+
+def _extrapolate(points: list[tuple[int, float]], n: int, exponent: float) -> float:
+    """Value at ``n`` from measured ``(n, value)`` points: the last two give the slope on a log-log
+    scale (clamped to [exponent - 0.5, exponent + 1], small sizes are dominated by overheads);
+    with one point the complexity exponent is used."""
+    pts = sorted(p for p in points if p[1] > 0)
+    if not pts:
+        return float("nan")
+    (n1, v1) = pts[-1]
+    slope = exponent
+    if len(pts) >= 2:
+        (n0, v0) = pts[-2]
+        if n1 > n0:
+            slope = min(max(math.log(v1 / v0) / math.log(n1 / n0), exponent - 0.5), exponent + 1.0)
+    return v1 * (n / n1) ** slope
+
+
+# ---- speed --------------------------------------------------------------------------------------------
+def _impls(cfg: Config, specs: list[MethodSpec], peer_impls: list[str]) -> list[str]:
+    return list(cfg.baselines) + [s.name for s in specs] + peer_impls
+
+
+def _inproc_peak(fn: Callable[[], Any], device: str) -> float | None:
+    """Rough peak extra memory of one call in this process (for predictions only)."""
+    from .measure import _peak_rss_mb, _reset_peak_rss, cuda_peak_mb, rss_mb
+
+    if device.startswith("cuda"):
+        return cuda_peak_mb(fn)
+
+    if not _reset_peak_rss():
+        fn()
+        return None
+    base = rss_mb()
+    fn()
+    return max(_peak_rss_mb() - base, 0.0)
+
+
+def _case(cfg: Config, impl: str, n: int, mode: str, causal: bool | None = None, options=None) -> Case:
+    return Case(
+        impl=impl, n=n, b=cfg.batch, h=cfg.heads, e=cfg.head_dim, causal=cfg.causal if causal is None else causal,
+        mode=mode, dtype=cfg.dtype, device=cfg.device, threads=cfg.threads, options=dict(options or {}),
+        seed=cfg.seed,
+    )
+
+
+def _capability_skip(impl: str, mode: str, causal: bool) -> str | None:
+    if impl in ("sdpa", "naive"):
+        return None
+    if impl.startswith("peer:"):
+        from .peers import get_peer
+
+        p = get_peer(impl[5:])
+        if mode == "decode":
+            return "peers are timed on forward passes only"
+        if p.causal != causal:
+            return f"the peer implements the {'causal' if p.causal else 'non-causal'} form only"
+        return None
+    spec = get_method(impl)
+    if mode == "decode" and not spec.decoding:
+        return "no incremental decoding (decoding=False)"
+    if causal and mode != "decode" and not spec.causal:
+        return "no causal form"
+    return None
+
+
+def run_speed(cfg: Config, specs: list[MethodSpec], peer_impls: list[str], progress: Progress) -> list[dict]:
+    """Time every (impl, mode, length): warm-up, ``repeats`` runs, median. Lengths ascend so each case
+    can be predicted from the smaller ones and skipped when over the time or memory budget."""
+    budget = Budget(cfg.section_budget_s.get("speed", float("inf")))
+    rows: list[dict] = []
+    times: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    mems: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    dead: dict[tuple[str, str], str] = {}  # an impl/mode that failed or was skipped stays skipped above
+    impls = _impls(cfg, specs, peer_impls)
+    for n in sorted(cfg.lengths):
+        for mode in cfg.modes:
+            for impl in impls:
+                case = _case(cfg, impl, n, mode)
+                row: dict[str, Any] = {"impl": impl, "mode": mode, "n": n, "case": case.__dict__.copy()}
+                rows.append(row)
+                key = (impl, mode)
+                reason = _capability_skip(impl, mode, case.causal) or budget.exhausted() or dead.get(key)
+                if reason is None:
+                    t_exp, m_exp = _exponents(impl, mode)
+                    t_pred = _extrapolate(times.get(key, []), n, t_exp)
+                    m_pred = _extrapolate(mems.get(key, []), n, m_exp) if mems.get(key) else _first_memory_mb(case)
+                    if t_pred == t_pred and t_pred > cfg.case_budget_s:
+                        reason = f"predicted {t_pred:.1f} s per run > case budget {cfg.case_budget_s:g} s"
+                    elif m_pred == m_pred and m_pred > cfg.memory_budget_mb:
+                        reason = f"predicted {m_pred:.0f} MiB > memory budget {cfg.memory_budget_mb:.0f} MiB"
+                if reason is not None:
+                    row.update(status="skipped", reason=reason)
+                    if reason.startswith("predicted"):
+                        dead.setdefault(key, f"{reason} (at n={n})")
+                    continue
+                progress(f"speed {impl} {mode} n={n}")
+                try:
+                    fn, _ = build(case)
+                    t0 = time.perf_counter()
+                    peak = _inproc_peak(fn, cfg.device)  # the warm-up run, also a rough memory reading
+                    first = time.perf_counter() - t0
+                    r = time_case(case, warmup=max(cfg.warmup - 1, 0), repeats=cfg.repeats,
+                                  budget_s=max(cfg.case_budget_s * 2, first * 2), fn=fn)
+                    if cfg.device.startswith("cuda"):  # read again after warm-up (library workspaces)
+                        peak = _inproc_peak(fn, cfg.device)
+                    del fn
+                except Exception as exc:
+                    row.update(status="error", error=_err(exc))
+                    dead[key] = f"failed at n={n}"
+                    continue
+                med = r["median_s"]
+                row.update(status="ok", median_ms=med * 1e3, times_ms=[t * 1e3 for t in r["times_s"]],
+                           repeats=len(r["times_s"]))
+                if cfg.device.startswith("cuda") and peak is not None:
+                    row["peak_mb"] = peak
+                    row["memory_method"] = "cuda allocator peak"
+                times.setdefault(key, []).append((n, med))
+                if peak is not None:
+                    mems.setdefault(key, []).append((n, max(peak, 1e-3)))
+    # ratios to SDPA measured in the same run
+    base = {(r["mode"], r["n"]): r["median_ms"] for r in rows if r["impl"] == "sdpa" and r.get("status") == "ok"}
+    for r in rows:
+        b = base.get((r["mode"], r["n"]))
+        if r.get("status") == "ok" and b:
+            r["speedup_vs_sdpa"] = b / r["median_ms"]
+    return rows
+
+
+def run_memory(cfg: Config, speed_rows: list[dict], progress: Progress) -> None:
+    """Isolated peak memory of every case that was timed, in fresh subprocesses (CPU); filled into the
+    speed rows as ``peak_mb``. On CUDA the speed section already read the allocator's peak.
+
+    ``memory_isolation="case"``: one subprocess per case. ``"batch"``: one subprocess for all cases,
+    smallest lengths first (see :func:`peak_memory_batch`); cases not reached within the section's
+    budget are marked so."""
+    if cfg.device.startswith("cuda") or not cfg.memory:
+        return
+    budget = Budget(cfg.section_budget_s.get("memory", float("inf")))
+    rows = [r for r in speed_rows if r.get("status") == "ok" and r["mode"] in cfg.memory_modes]
+    rows.sort(key=lambda r: (r["n"], cfg.modes.index(r["mode"])))
+    if not rows:
+        return
+    cases = [Case(**r["case"]) for r in rows]
+    if cfg.memory_isolation == "case":
+        values: list[float | str] = []
+        for r, c in zip(rows, cases):
+            reason = budget.exhausted()
+            if reason:
+                values.append(reason)
+                continue
+            progress(f"memory {r['impl']} {r['mode']} n={r['n']}")
+            try:
+                values.append(peak_memory_mb(c, timeout_s=min(max(budget.seconds - budget.spent, 10.0), 3600)))
+            except Exception as exc:
+                values.append(_err(exc))
+        method = "fresh subprocess per case: peak RSS (VmHWM) minus RSS before the call"
+    else:
+        progress(f"memory: {len(cases)} cases in one fresh subprocess")
+        values = peak_memory_batch(cases, timeout_s=min(max(budget.seconds, 10.0), 24 * 3600))
+        method = "one fresh subprocess: peak RSS (VmHWM, reset per case) minus RSS before the call"
+    for r, v in zip(rows, values):
+        if isinstance(v, str):
+            r["memory_error" if not v.startswith(("section", "measurement process failed: timed")) else "memory_skipped"] = v
+        else:
+            r["peak_mb"] = v
+            r["memory_method"] = method
+
+
+# ---- approximation error -----------------------------------------------------------------------------
+def gaussian_inputs(b: int, h: int, n: int, e: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(b, h, n, e, generator=g) for _ in range(3))
+
+
+def peaked_inputs(b: int, h: int, n: int, e: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Inputs whose softmax attention is peaked (low entropy), as in trained models: each query is a
+    scaled copy of one random key plus noise. The gain puts that key's score about ``log(n) + 2``
+    above the others (scale ``e ** -0.5``), so most of each row's mass sits on it at every length."""
+    k = torch.randn(b, h, n, e, generator=g)
+    v = torch.randn(b, h, n, e, generator=g)
+    target = torch.randint(0, n, (b, h, n), generator=g)
+    gain = (math.log(n) + 2.0) / math.sqrt(e)
+    q = gain * torch.gather(k, 2, target[..., None].expand(b, h, n, e)) + 0.3 * torch.randn(b, h, n, e, generator=g)
+    return q, k, v
+
+
+def _row_entropy(p: torch.Tensor) -> float:
+    return float(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean())
+
+
+def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean over rows of KL(p || q), exact weights p, approximate q clamped at 1e-12 (a sparse q that
+    drops keys with mass gives a large, finite value)."""
+    p, q = p.double(), q.double().clamp_min(1e-12)
+    return float((p * (torch.log(p.clamp_min(1e-300)) - torch.log(q))).sum(-1).mean())
+
+
+def run_error(cfg: Config, specs: list[MethodSpec], progress: Progress) -> tuple[list[dict], list[dict]]:
+    """Relative output error (and KL of attention rows where the mechanism exposes weights) against
+    exact softmax attention in float64, on Gaussian and peaked inputs, across lengths and, for
+    mechanisms with a feature-count option, across feature counts. Returns (rows, input stats)."""
+    budget = Budget(cfg.section_budget_s.get("error", float("inf")))
+    rows: list[dict] = []
+    stats: list[dict] = []
+    e, h = cfg.head_dim, cfg.error_heads
+    plan: list[tuple[int, str | None, int | None]] = [(n, None, None) for n in cfg.error_lengths]
+    feat = {s.name: feature_option(s) for s in specs}
+    if any(feat.values()):
+        plan += [(cfg.error_feature_length, "features", f) for f in cfg.error_features]
+    for n, sweep, fval in plan:
+        for kind in ("gaussian", "peaked"):
+            inputs = []
+            for seed in range(cfg.error_seeds):
+                g = torch.Generator().manual_seed(cfg.seed * 1000 + seed + n)
+                q, k, v = (gaussian_inputs if kind == "gaussian" else peaked_inputs)(1, h, n, e, g)
+                mask = build_mask(q, k, None, None, False)
+                qd, kd, vd = q.double(), k.double(), v.double()
+                exact_w = dense_weights(qd, kd, mask, e ** -0.5) if n <= 4096 else None
+                exact = dense_attention(qd, kd, vd, mask, e ** -0.5)
+                inputs.append((q, k, v, exact, exact_w))
+                if sweep is None and seed == 0 and exact_w is not None:
+                    stats.append({"inputs": kind, "n": n, "mean_row_entropy_nats": _row_entropy(exact_w),
+                                  "uniform_entropy_nats": math.log(n)})
+            for spec in specs:
+                opt = feat[spec.name]
+                if sweep is not None and opt is None:
+                    continue
+                row: dict[str, Any] = {"method": spec.name, "inputs": kind, "n": n,
+                                       "option": opt if sweep else None, "value": fval if sweep else None}
+                rows.append(row)
+                reason = budget.exhausted()
+                if not spec.functional:
+                    reason = "learned parameters: the error of an untrained module is not meaningful"
+                if reason:
+                    row.update(status="skipped", reason=reason)
+                    continue
+                progress(f"error {spec.name} {kind} n={n}" + (f" {opt}={fval}" if sweep else ""))
+                options = {opt: fval} if sweep else {}
+                try:
+                    errs, kls = [], []
+                    for seed, (q, k, v, exact, exact_w) in enumerate(inputs):
+                        c = Case(spec.name, n, h=h, e=e, options=options, seed=cfg.seed + seed)
+                        mech = make_mechanism(c)
+                        with torch.no_grad():
+                            out = mech.run(q, k, v)
+                        errs.append(float((out.double() - exact).norm() / exact.norm()))
+                        if spec.weights and exact_w is not None:
+                            w = mech.attention_weights(q, k)
+                            if w is not None:
+                                kls.append(_kl_rows(exact_w, w))
+                    row.update(status="ok", rel_err=sum(errs) / len(errs), seeds=len(errs))
+                    if kls:
+                        row["kl"] = sum(kls) / len(kls)
+                    if not all(math.isfinite(x) for x in errs):
+                        row.update(status="error", error="non-finite output")
+                except Exception as exc:
+                    row.update(status="error", error=_err(exc))
+    return rows, stats
+
+
+# ---- peers ---------------------------------------------------------------------------------------------
+def available_peers(specs: list[MethodSpec]) -> tuple[list[Any], list[dict]]:
+    """Installed peers whose matching mechanism is selected, and notes on the others."""
+    from .peers import peers
+
+    names = {s.name for s in specs}
+    found, notes = [], []
+    for p in peers():
+        if p.matches not in names:
+            notes.append({"peer": p.name, "matches": p.matches, "status": "skipped",
+                          "reason": f"{p.matches!r} not selected or not registered"})
+        elif not p.available():
+            notes.append({"peer": p.name, "matches": p.matches, "status": "skipped",
+                          "reason": f"package {p.package!r} not installed (pip install fastattn[peers])"})
+        else:
+            found.append(p)
+    return found, notes
+
+
+def run_peers(cfg: Config, found: list[Any], speed_rows: list[dict], progress: Progress) -> list[dict]:
+    """Numerical agreement of each installed peer with its fastattn mechanism on identical inputs (the
+    timings are in the speed rows, impl ``peer:<name>``, beside the mechanism's)."""
+    budget = Budget(cfg.section_budget_s.get("peers", float("inf")))
+    timed = {(r["impl"], r["mode"], r["n"]): r for r in speed_rows if r.get("status") == "ok"}
+    rows = []
+    for p in found:
+        for n in sorted(cfg.lengths):
+            row: dict[str, Any] = {"peer": p.name, "matches": p.matches, "n": n, "causal": p.causal,
+                                   "note": p.note}
+            rows.append(row)
+            reason = budget.exhausted()
+            if reason is None and (f"peer:{p.name}", "fwd", n) not in timed and cfg.causal == p.causal:
+                reason = "not timed at this length (see the speed rows)"
+            if reason:
+                row.update(status="skipped", reason=reason)
+                continue
+            progress(f"peer {p.name} n={n}")
+            try:
+                case = replace(_case(cfg, p.matches, n, "fwd", causal=p.causal), impl=p.matches)
+                ours, (q, k, v) = build(case)
+                theirs = p.build(q, k, v, case)
+                with torch.no_grad():
+                    a, b = ours(), theirs()
+                row.update(status="ok", rel_diff=float((a.double() - b.double()).norm() / a.double().norm()))
+                for impl, key in ((p.matches, "fastattn_ms"), (f"peer:{p.name}", "peer_ms")):
+                    t = timed.get((impl, "fwd", n))
+                    if t:
+                        row[key] = t["median_ms"]
+            except Exception as exc:
+                row.update(status="error", error=_err(exc), trace=traceback.format_exc(limit=3)[-800:])
+    return rows
