@@ -81,7 +81,7 @@ class Config:
     peers: bool = True
     # wall-clock budget per section (seconds); cases beyond it are skipped with that reason
     section_budget_s: dict[str, float] = field(
-        default_factory=lambda: {"speed": 240, "memory": 100, "error": 90, "tasks": 270, "peers": 45}
+        default_factory=lambda: {"speed": 220, "memory": 80, "error": 80, "tasks": 300, "peers": 45}
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,10 +89,9 @@ class Config:
 
 
 # A spread over the families for the default preset's task section (the full preset trains every one).
-DEFAULT_TASK_METHODS = (
-    "softmax", "linear", "performer", "transnormer", "linformer", "luna", "local", "longformer", "bigbird",
-    "reformer", "sinkhorn", "clustered",
-)
+# Kept to four so that each model gets enough of the default preset's task budget to learn the task
+# (with seven, even softmax was cut at MQAR accuracy 0.21); --task-methods or --full trains more.
+DEFAULT_TASK_METHODS = ("softmax", "linear", "performer", "local")
 
 
 def resolve_device(device: str) -> str:
