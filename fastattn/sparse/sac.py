@@ -38,18 +38,19 @@ import torch
 from torch import Tensor, nn
 
 from ..core.base import Mechanism
+from ..core.dense import dense_attention
 from ..core.masks import Mask
+from ..core.online import compute_dtype
 from ..registry import register
 from .base import check_positive
 from .engine import index_attention, index_mask
-from ..core.dense import dense_attention
-from ..core.online import compute_dtype
 
 
 @dataclass
 class Edges:
-    """The chosen graph of one call: key indices ``idx`` and ``valid`` ``(B, H, Lq, K)`` and the
-    predictor's score of each edge ``score`` (differentiable in the predictor and the keys)."""
+    """The chosen graph of one call: key indices ``idx`` and ``valid`` ``(B, H, Lq, K)`` and ``score``,
+    each edge's log-weight ``log w(t, s)`` added to its attention logit (differentiable in the
+    predictor's parameters and the keys)."""
 
     idx: Tensor
     valid: Tensor
@@ -70,7 +71,7 @@ class SACAttention(Mechanism):
         edges: int = 16  # predicted edges per node (the paper's alpha), besides the self loop
         self_loop: bool = True  # every node also attends to itself
         hidden: int = 32  # edge predictor width r (LSTM hidden size and pointer dimension)
-        chunk: int = 1024  # query rows the predictor scores at once (memory only)
+        chunk: int = 256  # query rows the predictor scores at once (memory only)
 
         def __post_init__(self) -> None:
             check_positive(edges=self.edges, hidden=self.hidden, chunk=self.chunk)
@@ -88,12 +89,15 @@ class SACAttention(Mechanism):
     # ---- the edge predictor (shared by forward and reference) -----------------------------------
     def node_states(self, k: Tensor, key_padding: Tensor | None) -> Tensor:
         """The LSTM over the key sequence, ``(B, H, Lk, r)``; padded keys are fed as zeros."""
+        groups = k.shape[1] // self.num_kv_heads if k.shape[1] % self.num_kv_heads == 0 else 1
+        if groups > 1:  # grouped-query heads share their keys: run the predictor once per key head
+            k = k[:, ::groups]
         b, h, n, e = k.shape
         x = k.to(self.w_query.weight.dtype)
         if key_padding is not None:
             x = x.masked_fill(key_padding[:, None, :, None], 0.0)
         out, _ = self.lstm(x.reshape(b * h, n, e))
-        return out.view(b, h, n, -1)
+        return out.view(b, h, n, -1).repeat_interleave(groups, dim=1)
 
     def select(self, k: Tensor, mask: Mask) -> Edges:
         """Choose every query's edges: deterministic top-k in eval mode, Gumbel-top-k sampling (with
@@ -107,27 +111,32 @@ class SACAttention(Mechanism):
         u = self.w_query(states[:, :, mask.offset:])  # (B, H, Lq, r)
         c = self.w_key(states)  # (B, H, Lk, r)
         sc = o.hidden ** -0.5
-        kpos = torch.arange(lk, device=k.device)
         n_edges = min(o.edges, lk)
         n_take = min(o.edges + 1, lk)  # the chosen edges and the best candidate left out (the threshold)
         idx, valid = [], []
         with torch.no_grad():
             for q0 in range(0, mask.lq, o.chunk):
                 q1 = min(q0 + o.chunk, mask.lq)
-                qpos = torch.arange(q0, q1, device=k.device)[:, None] + mask.offset
-                e = torch.matmul(u[:, :, q0:q1], c.transpose(-1, -2)) * sc  # (B, H, c, Lk)
-                cand = kpos[None, :] != qpos
-                if mask.causal:
-                    cand = cand & (kpos[None, :] < qpos)
-                cand = cand[None, None]
-                if mask.key_padding is not None:
-                    cand = cand & ~mask.key_padding[:, None, None, :]
+                p0, p1 = q0 + mask.offset, q1 + mask.offset  # absolute positions of the chunk's nodes
+                kend = p1 if mask.causal else lk  # causal: later keys are never scored at all
+                e = torch.matmul(u[:, :, q0:q1], c[:, :, :kend].transpose(-1, -2)) * sc  # (B, H, c, kend)
                 if self.training:
                     g = self.generator
                     noise = torch.rand(e.shape, generator=g, dtype=e.dtype, device=g.device if g else e.device)
-                    e = e - torch.log(-torch.log(noise.to(e.device).clamp_min(1e-20)))
-                e = e.masked_fill(~cand, float("-inf"))
-                top, i = e.topk(n_take, dim=-1)
+                    e -= torch.log(-torch.log(noise.to(e.device).clamp_min(1e-20)))
+                if mask.key_padding is not None:
+                    e.masked_fill_(mask.key_padding[:, None, None, :kend], float("-inf"))
+                rows = torch.arange(q1 - q0, device=k.device)
+                if mask.causal:  # no self (handled apart) and no later key: s < t
+                    tri = rows[None, :] >= rows[:, None]
+                    e[..., p0:p1].masked_fill_(tri, float("-inf"))
+                else:
+                    e[..., rows, p0 + rows] = float("-inf")
+                take = min(n_take, kend)
+                top, i = e.topk(take, dim=-1)
+                if take < n_take:
+                    top = torch.nn.functional.pad(top, (0, n_take - take), value=float("-inf"))
+                    i = torch.nn.functional.pad(i, (0, n_take - take))
                 idx.append(i)
                 valid.append(torch.isfinite(top))
         idx, valid = torch.cat(idx, 2), torch.cat(valid, 2)
