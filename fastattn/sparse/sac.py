@@ -119,7 +119,7 @@ class SACAttention(Mechanism):
                 q1 = min(q0 + o.chunk, mask.lq)
                 p0, p1 = q0 + mask.offset, q1 + mask.offset  # absolute positions of the chunk's nodes
                 kend = p1 if mask.causal else lk  # causal: later keys are never scored at all
-                e = torch.matmul(u[:, :, q0:q1], c[:, :, :kend].transpose(-1, -2)) * sc  # (B, H, c, kend)
+                e = torch.matmul(u[:, :, q0:q1] * sc, c[:, :, :kend].transpose(-1, -2))  # (B, H, c, kend)
                 if self.training:
                     g = self.generator
                     noise = torch.rand(e.shape, generator=g, dtype=e.dtype, device=g.device if g else e.device)
