@@ -6,9 +6,10 @@ Side by side on identical inputs (CPU, B=1, H=8, E=64, fp32, 2 threads by defaul
   (``peer:local_attention``, same window, same output) -- time, peak memory and the memory growth
   ``memory(65536) / memory(16384)`` (linear would be 4);
 * ``longformer`` and ``bigbird`` forward+backward at n = 16384 against SDPA given the same pattern as a
-  dense boolean mask (``peer:masked_sdpa``).
+  dense boolean mask (``peer:masked_sdpa``);
+* ``sac`` (16 learned edges per node) at n = 4096 and 16384 beside dense SDPA (its growth in memory).
 
-Usage: ``python benchmarks/sparse.py [--quick] [--json out.json] [--mode fwdbwd|fwd]``.
+Usage: ``python benchmarks/sparse.py [--quick] [--json out.json] [--mode fwdbwd|fwd] [--only TITLE]``.
 Prints a markdown table to stdout and writes the rows as JSON.
 """
 
@@ -47,6 +48,11 @@ def cases(quick: bool, mode: str) -> list[tuple[str, list[Case]]]:
         Case("bigbird", mid, mode=mode, options=BIGBIRD),
         Case("peer:masked_sdpa", mid, mode=mode, options={"method": "bigbird", **BIGBIRD}),
     ]))
+    for n in (mid // 4, mid):
+        groups.append((f"sac K=16 n={n}", [
+            Case("sac", n, mode=mode, options={"edges": 16}),
+            Case("sdpa", n, mode=mode),
+        ]))
     return groups
 
 
@@ -56,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", default="fwdbwd", choices=["fwd", "fwdbwd"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default="sparse_bench.json")
+    ap.add_argument("--only", default="", help="run only the comparisons whose title contains this")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     rows = []
     for title, group in cases(args.quick, args.mode):
+        if args.only not in title:
+            continue
         for c in group:
             if c.impl.startswith("peer:") and not get_peer(c.impl[5:]).available():
                 rows.append({"group": title, "impl": c.impl, "n": c.n, "error": "not installed"})

@@ -309,3 +309,93 @@ def test_bp_transformer_span_nodes_grow_with_distance():
     assert levels == 7 and seen.max() <= 2 * 2 * levels  # k spans per side per level
     fine = mech.dense_mask(n, n).sum(1)
     assert fine.max() <= (2 * 2 + 1) * 2
+
+
+# ---- sac ---------------------------------------------------------------------------------------
+def _sac(**o):
+    return make_mech(_spec("sac"), hkv=4, **o).double()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sac_each_query_attends_exactly_its_chosen_edges_and_itself(causal):
+    edges = 5
+    mech = _sac(edges=edges)
+    q, k, v = qkv(hkv=4)
+    kpm = padding_mask()
+    m = mech.dense_mask(k, key_padding_mask=kpm, is_causal=causal)  # (B, H, L, L)
+    t = torch.arange(L)
+    real = ~kpm[:, None, None, :]
+    n_real = real.sum(-1)  # (B, 1, 1)
+    # candidates of query t: the real keys other than t (and before t when causal)
+    cand = (real & (t[None, :] != t[:, None]) & ((t[None, :] < t[:, None]) if causal else True)).sum(-1)
+    self_ok = ~kpm[:, None, :]  # (B, 1, L)
+    assert torch.equal(m.sum(-1), cand.clamp(max=edges) + self_ok.long().expand(-1, 4, -1))
+    assert not (m & ~real).any()  # padded keys never chosen
+    assert torch.equal(m.diagonal(dim1=-2, dim2=-1), self_ok.expand(-1, 4, -1))
+    if causal:
+        assert not m.triu(1).any()
+    assert n_real.min() > edges
+    # the output depends on exactly the chosen values (the predictor reads keys, not values)
+    out = mech.run(q, k, v, is_causal=causal, key_padding_mask=kpm)
+    b, h, i = 0, 1, 30
+    others = (~m[b, h, i]).nonzero().flatten()
+    chosen = m[b, h, i].nonzero().flatten()
+    v2 = v.clone()
+    v2[b, h, others] += 10.0
+    out2 = mech.run(q, k, v2, is_causal=causal, key_padding_mask=kpm)
+    torch.testing.assert_close(out[b, h, i], out2[b, h, i])
+    v2[b, h, chosen[-1]] += 10.0
+    assert not torch.allclose(out[b, h, i], mech.run(q, k, v2, is_causal=causal, key_padding_mask=kpm)[b, h, i])
+
+
+def test_sac_causal_edges_do_not_depend_on_the_future():
+    mech = _sac(edges=4)
+    q, k, v = qkv(hkv=4, lq=20, lk=L)  # bottom-right: query i sits at L - 20 + i
+    m = mech.dense_mask(k, is_causal=True, lq=20)
+    qpos = torch.arange(L - 20, L)[:, None]
+    assert not (m & (torch.arange(L)[None, :] > qpos)).any()
+    k2 = k.clone()
+    k2[:, :, 50:] = torch.randn_like(k2[:, :, 50:]) * 5
+    m2 = mech.dense_mask(k2, is_causal=True, lq=20)
+    assert torch.equal(m[:, :, :9], m2[:, :, :9])  # queries at positions <= 49 keep their edges
+    assert not torch.equal(m[:, :, 9:], m2[:, :, 9:])
+
+
+def test_sac_predictor_gets_gradients_and_changing_it_changes_the_edges():
+    layer = fastattn.MultiheadAttention(32, 4, "sac", batch_first=True, **_spec("sac").cls.test_options)
+    params = dict(layer.attn.named_parameters())
+    assert {"lstm.weight_ih_l0", "w_query.weight", "w_key.weight"} <= set(params)
+    x = torch.randn(2, L, 32)
+    out, _ = layer(x, is_causal=True)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    assert layer.aux_loss == 0
+    mech = _sac(edges=4)
+    _, k, _ = qkv(hkv=4)
+    before = mech.dense_mask(k)
+    with torch.no_grad():
+        mech.w_query.weight.add_(torch.randn_like(mech.w_query.weight))
+    after = mech.dense_mask(k)
+    assert (before != after).any(-1).float().mean() > 0.5  # most rows choose other edges
+
+
+def test_sac_eval_is_top_k_training_samples_with_the_generator():
+    q, k, v = qkv(hkv=4)
+    a = _sac(edges=4)
+    assert torch.equal(a.dense_mask(k), a.dense_mask(k))
+    # eval: the chosen edges are the top-scoring candidates
+    states = a.node_states(k, None)
+    e = a.w_query(states) @ a.w_key(states).transpose(-1, -2)
+    e = e.masked_fill(torch.eye(L, dtype=torch.bool), float("-inf"))
+    eye = torch.eye(L, dtype=torch.bool)
+    top = torch.zeros_like(e, dtype=torch.bool).scatter_(-1, e.topk(4, -1).indices, True) | eye
+    assert torch.equal(a.dense_mask(k), top)
+    a.train()
+    s1, s2 = a.dense_mask(k), a.dense_mask(k)
+    assert not torch.equal(s1, s2) and torch.equal(s1.sum(-1), s2.sum(-1))
+    b = make_mech(_spec("sac"), hkv=4, edges=4).double()
+    b.load_state_dict(a.state_dict())
+    b.generator = torch.Generator().manual_seed(7)
+    a.generator = torch.Generator().manual_seed(7)
+    b.train()
+    torch.testing.assert_close(a.run(q, k, v), b.run(q, k, v))

@@ -12,3 +12,4 @@ from . import interlaced  # noqa: F401
 from . import multiscale  # noqa: F401
 from . import hat  # noqa: F401
 from . import bp_transformer  # noqa: F401
+from . import sac  # noqa: F401
