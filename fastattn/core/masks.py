@@ -99,9 +99,9 @@ class Mask:
         return (~self.key_padding)[:, None, :, None].to(dtype)
 
 
-def safe_rowmax(scores: Tensor) -> Tensor:
-    """Row max over the last dim with all-masked (``-inf``) rows replaced by 0, detached."""
-    m = scores.detach().amax(dim=-1, keepdim=True)
+def safe_rowmax(scores: Tensor, dim: int = -1) -> Tensor:
+    """Max over ``dim`` (kept) with all-masked (``-inf``) rows replaced by 0, detached."""
+    m = scores.detach().amax(dim=dim, keepdim=True)
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 

@@ -12,17 +12,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from ..core.base import Mechanism
+from ..core.chunked import checkpointed, query_chunked
 from ..core.dense import dense_attention
 from ..core.masks import Mask
 from ..core.online import online_softmax
 from ..registry import register
-
-
-def _checkpointed(fn, *args):
-    return checkpoint(fn, *args, use_reentrant=False)
 
 
 @register(
@@ -45,17 +41,14 @@ class MemoryEfficientAttention(Mechanism):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        wrap = _checkpointed if grad else None
-        qc, kc = self.options.query_chunk, self.options.key_chunk
+        kc = self.options.key_chunk
 
         def query_chunk(q_blk: Tensor, k_: Tensor, v_: Tensor, q0: int) -> Tensor:
+            # key chunks inside a query chunk are checkpointed too (nested), as in the paper
+            wrap = checkpointed if grad else None
             return online_softmax(q_blk, k_, v_, mask, scale, q0, kc, dropout_p, wrap=wrap)[0]
 
-        outs = []
-        for q0 in range(0, q.shape[2], qc):
-            q_blk = q[:, :, q0:q0 + qc]
-            outs.append(_checkpointed(query_chunk, q_blk, k, v, q0) if grad else query_chunk(q_blk, k, v, q0))
-        return torch.cat(outs, dim=2).to(q.dtype)
+        return query_chunked(query_chunk, q, k, v, chunk=self.options.query_chunk).to(q.dtype)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         return dense_attention(q, k, v, mask, scale)

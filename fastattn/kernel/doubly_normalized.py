@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..core.base import Mechanism
-from ..core.masks import Mask, masked_softmax
+from ..core.masks import Mask, masked_softmax, safe_rowmax
 from ..core.online import compute_dtype
 from ..registry import register
 from .common import padding_bias, query_chunked
@@ -73,8 +73,7 @@ class DoublyNormalizedAttention(Mechanism):
             s = torch.matmul(q_blk, k_.transpose(-1, -2)) * scale
             if qbias is not None:
                 s = s + qbias[:, :, q0:q0 + q_blk.shape[2]]
-            m = s.detach().amax(dim=2, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            m = safe_rowmax(s, dim=2)
             l = torch.exp(s - m).sum(dim=2, keepdim=True)
             return torch.cat([m, l], dim=2)  # (B, H, 2, Lk)
 

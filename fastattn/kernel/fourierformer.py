@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..core.base import Mechanism
-from ..core.masks import Mask, masked_softmax
+from ..core.masks import Mask, masked_softmax, safe_rowmax
 from ..core.online import compute_dtype
 from ..registry import register
 from .common import padding_bias, query_chunked
@@ -74,8 +74,7 @@ class FourierFormerAttention(Mechanism):
         negative = (t < 0).sum(dim=-1) % 2 == 1
         if kbias is not None:
             logits = logits + kbias
-        m = logits.detach().amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        m = safe_rowmax(logits)
         w = torch.exp(logits - m)
         w = torch.where(negative, -w, w)
         den = w.sum(dim=-1, keepdim=True)
