@@ -117,3 +117,93 @@ def test_per_token_gates_state_continuation():
                                     decay=gates[:, :, a:b], chunk=8, state=state, return_state=True)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=2), full)
+
+
+# --- the tiled kernels (fastattn.kernel.tiled): many tiles, a fused feature map, hand-written backward ---
+
+def _phi_exp(x: torch.Tensor, is_query: bool) -> torch.Tensor:
+    """A token-wise feature map with a different query/key form and a width != the input's."""
+    w = torch.linspace(-1, 1, 11 * x.shape[-1], dtype=x.dtype).view(11, x.shape[-1])
+    a = x @ w.t()
+    return torch.exp(a - a.amax(-1, keepdim=True)) if is_query else torch.exp(a.clamp(max=5))
+
+
+@pytest.fixture(params=[200, 1000, 5000])
+def small_tiles(request, monkeypatch):
+    """Tiles of one to a dozen chunks, so every call runs many tiles with carried states."""
+    from fastattn.kernel import tiled
+
+    monkeypatch.setattr(tiled, "_TILE_FLOATS", request.param)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("phi", [None, "elu", "exp"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("layout", ["BHLE", "BLHE"])
+def test_tiled_equals_dense_values_and_grads(small_tiles, causal, phi, normalize, layout):
+    from fastattn.kernel.common import elu_plus_one
+
+    fmap = {None: None, "elu": lambda x, is_query: elu_plus_one(x), "exp": _phi_exp}[phi]
+    calls = []
+
+    def recorded(x, is_query):
+        calls.append(x.shape[:-1].numel())  # rows x tokens
+        return fmap(x, is_query)
+
+    g = torch.Generator().manual_seed(1)
+    lq = 61 if causal else 23
+    q = torch.randn(2, lq, 3, 6, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 61, 3, 6, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 61, 3, 5, generator=g, dtype=torch.float64)
+    if phi is None:  # positive features given directly
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, L, E) views of a projection's layout
+    if layout == "BHLE":
+        q, k, v = (x.contiguous() for x in (q, k, v))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    mask = Mask(lq=lq, lk=61, causal=causal)
+    out = linear_attention(q, k, v, mask, phi=None if fmap is None else recorded, normalize=normalize, chunk=4)
+    fq, fk = (q, k) if fmap is None else (fmap(q, True), fmap(k, False))
+    ref = dense_kernel_attention(fq, fk, v, mask, normalize=normalize)
+    torch.testing.assert_close(out, ref)
+    go = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go))
+    if fmap is not None:  # the feature map only ever saw one tile at a time
+        from fastattn.kernel import tiled
+
+        width = max(fq.shape[-1], 5, 4)
+        assert calls and max(calls) * width <= max(tiled._TILE_FLOATS, 4 * width)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_tiled_zero_denominator_rows(small_tiles, causal):
+    """Queries whose features are orthogonal to every visible key have den = 0: output (the numerator)
+    and gradients match the reference and are finite."""
+    fq, fk, v = (x.requires_grad_() for x in _inputs())
+    with torch.no_grad():
+        fq[:, :, :10, :4] = 0
+        fk[:, :, :, 4:] = 0
+        fk[:, :, :12, :4] = 0  # causal: queries 0..9 see keys 0..9 only: den = 0
+        if not causal:
+            fq[:, :, :10] = 0
+    mask = Mask(lq=61, lk=61, causal=causal)
+    out = linear_attention(fq, fk, v, mask, chunk=4)
+    ref = dense_kernel_attention(fq, fk, v, mask)
+    assert (out[:, :, :10] == 0).all()
+    torch.testing.assert_close(out, ref)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (fq, fk, v), go)
+    torch.testing.assert_close(grads, torch.autograd.grad(ref, (fq, fk, v), go))
+    assert all(torch.isfinite(g_).all() for g_ in grads)
+
+
+def test_elu_plus_one_equals_elu():
+    from fastattn.kernel.common import elu_plus_one
+
+    x = torch.cat([torch.linspace(-80, 80, 1001, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    x.requires_grad_()
+    y, ref = elu_plus_one(x), torch.nn.functional.elu(x) + 1
+    torch.testing.assert_close(y, ref)
+    assert (y > 0).all()
+    go = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, go)[0], torch.autograd.grad(ref, x, go)[0])

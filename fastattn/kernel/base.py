@@ -21,6 +21,10 @@ __all__ = ["KernelMechanism"]
 
 class KernelMechanism(Mechanism):
     normalize: ClassVar[bool] = True  # divide by phi(q) . sum phi(k)
+    # True when ``features`` maps each token on its own and holds no trainable parameters (buffers are
+    # fine): the engine may then apply it tile by tile and recompute it in backward, so the full
+    # feature tensors are never stored (see :mod:`fastattn.kernel.tiled`).
+    tokenwise: ClassVar[bool] = False
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
         """``phi(x)`` ``(B, H, L, D)``. ``mask`` lets key features ignore padded keys where a feature
@@ -37,9 +41,14 @@ class KernelMechanism(Mechanism):
         return int(getattr(self.options, "chunk", 64))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
+        decay = self.decay() if mask.causal else None
+        if self.tokenwise:
+            def phi(x: Tensor, is_query: bool) -> Tensor:
+                return self.features(x, is_query=is_query, scale=scale, mask=mask)
+
+            return linear_attention(q, k, v, mask, phi=phi, decay=decay, normalize=self.normalize, chunk=self.chunk)
         fq = self.features(q, is_query=True, scale=scale, mask=mask)
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
-        decay = self.decay() if mask.causal else None
         return linear_attention(fq, fk, v, mask, decay=decay, normalize=self.normalize, chunk=self.chunk)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:

@@ -4,12 +4,12 @@
   formula divides by the sequence length (efficient attention's scaling normalisation, real-time fast
   attention, Primal-Attention's regulariser);
 * :func:`l2_normalize` -- ``x / ||x||`` that stays finite (and differentiable) at ``x = 0``;
+* :func:`elu_plus_one` -- ``elu(x) + 1`` in one pass, with a one-pass backward;
 * :func:`query_chunked` -- re-exported from :mod:`fastattn.core.chunked` (checkpointed query blocks),
   used by the honest O(n^2) kernels (``fourierformer``, ``doubly_normalized``).
 """
 
 from __future__ import annotations
-
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from torch import Tensor
 from ..core.chunked import query_chunked  # re-exported: used by the quadratic kernels
 from ..core.masks import NEG_INF, Mask
 
-__all__ = ["real_key_count", "padding_bias", "l2_normalize", "query_chunked"]
+__all__ = ["real_key_count", "padding_bias", "l2_normalize", "elu_plus_one", "query_chunked"]
 
 
 def real_key_count(mask: Mask, batch: int, lk: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -43,3 +43,24 @@ def l2_normalize(x: Tensor, dim: int = -1) -> Tensor:
     zero = sq == 0
     norm = torch.sqrt(torch.where(zero, torch.ones_like(sq), sq))
     return torch.where(zero, torch.zeros_like(x), x / norm)
+
+
+class _EluPlusOne(torch.autograd.Function):
+    # elu(x) + 1 = max(x + 1, exp(min(x, 0))) (exp(x) >= 1 + x); its derivative is min(phi(x), 1).
+    # torch's elu kernel is ~2.5x slower than exp on CPU and the "+ 1" is another pass and tensor.
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        y = torch.maximum(x + 1, x.clamp(max=0).exp_())
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        (y,) = ctx.saved_tensors
+        return grad * y.clamp(max=1)
+
+
+def elu_plus_one(x: Tensor) -> Tensor:
+    """``elu(x) + 1`` (linear attention's feature map), positive, computed and differentiated in one
+    fused pass each."""
+    return _EluPlusOne.apply(x)

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..core.masks import Mask
 from ..core.online import compute_dtype
 from .base import KernelMechanism
+from .common import elu_plus_one
 from .engine import LinearState
 
 __all__ = ["DecayedLinear", "DecayedOptions", "tnl_decay", "srms_norm", "ACTIVATIONS"]
@@ -51,7 +52,7 @@ def activate(x: Tensor, name: str) -> Tensor:
     if name == "silu":
         return F.silu(x)
     if name == "elu1":
-        return F.elu(x) + 1
+        return elu_plus_one(x)
     return F.relu(x)
 
 

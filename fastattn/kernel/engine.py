@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..core.masks import Mask
 from ..core.online import compute_dtype
+from .tiled import FeatureMap, causal_linear_attention, noncausal_linear_attention
 
 __all__ = ["LinearState", "linear_attention", "dense_kernel_attention"]
 
@@ -60,6 +61,7 @@ def linear_attention(
     v: Tensor,
     mask: Mask,
     *,
+    phi: FeatureMap | None = None,
     decay: Tensor | None = None,
     normalize: bool = True,
     chunk: int = 64,
@@ -69,9 +71,13 @@ def linear_attention(
     """Linear attention over feature maps; see the module docstring.
 
     Args:
-        fq, fk: query/key features ``(B, H, Lq, D)``, ``(B, H, Lk, D)``.
+        fq, fk: query/key features ``(B, H, Lq, D)``, ``(B, H, Lk, D)`` -- or, with ``phi``, the raw
+            queries and keys.
         v: values ``(B, H, Lk, Ev)``.
         mask: only ``key_padding`` and ``causal`` are honoured (``bias`` is an error).
+        phi: a token-wise, parameter-free feature map ``phi(x, is_query)``; where it can, the engine
+            applies it tile by tile inside :mod:`fastattn.kernel.tiled` (full feature tensors never
+            exist), else it computes the features first.
         decay: per-head ``lambda`` ``(H,)`` or per-token gates ``(B, H, Lk)``, in (0, 1] (causal only).
         normalize: divide by ``q' . sum k'`` (True) or not.
         chunk: chunk length of the causal scan.
@@ -80,21 +86,23 @@ def linear_attention(
     """
     if mask.bias is not None:
         raise ValueError("kernel attention cannot apply an arbitrary attn_mask")
+    if not mask.causal and (decay is not None or state is not None or return_state):
+        raise ValueError("decay and decoding state need the causal form")
     dtype = v.dtype
     dt = compute_dtype(dtype)
     fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
     keep = mask.key_keep(dt)
+    lq, lk = fq.shape[2], fk.shape[2]
+    tiled = decay is None and state is None and not return_state and (not mask.causal or lq == lk)
+    if phi is not None and not (tiled and keep is None):
+        fq, fk, phi = phi(fq, True), phi(fk, False), None
     if keep is not None:
         fk, v = fk * keep, v * keep
-    if not mask.causal:
-        if decay is not None or state is not None or return_state:
-            raise ValueError("decay and decoding state need the causal form")
-        kv = torch.matmul(fk.transpose(-1, -2), v)
-        num = torch.matmul(fq, kv)
-        den = torch.matmul(fq, fk.sum(dim=2).unsqueeze(-1)).squeeze(-1) if normalize else None
-        return _finish(num, den, dtype)
+    if tiled:
+        if mask.causal:
+            return causal_linear_attention(fq, fk, v, phi=phi, normalize=normalize, chunk=chunk).to(dtype)
+        return noncausal_linear_attention(fq, fk, v, phi=phi, normalize=normalize).to(dtype)
 
-    lq, lk = fq.shape[2], fk.shape[2]
     if lq < lk:  # bottom-right alignment: the queries are the last lq positions
         fq = F.pad(fq, (0, 0, lk - lq, 0))
     log_g = _log_gates(decay, fk, keep)

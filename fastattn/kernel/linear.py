@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.masks import Mask
 from ..registry import register
 from .base import KernelMechanism
+from .common import elu_plus_one
 
 
 @register("linear", complexity="O(n d^2)", causal=True, decoding=True, padding=True)
@@ -22,14 +22,15 @@ class LinearAttention(KernelMechanism):
     """``phi(x) = elu(x) + 1`` linear attention."""
 
     test_options = {"chunk": 16}
+    tokenwise = True
 
     @dataclass(frozen=True)
     class Options:
-        chunk: int = 128  # chunk length of the causal scan
+        chunk: int = 64  # chunk length of the causal scan
 
         def __post_init__(self) -> None:
             if self.chunk < 1:
                 raise ValueError(f"chunk must be >= 1, got {self.chunk}")
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        return F.elu(x) + 1
+        return elu_plus_one(x)

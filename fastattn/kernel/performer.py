@@ -49,6 +49,7 @@ class Performer(RandomFeatureMechanism):
     """FAVOR+ positive (orthogonal) random features for the softmax kernel."""
 
     test_options = {"num_features": 16, "chunk": 16}
+    tokenwise = True
 
     @dataclass(frozen=True)
     class Options:
