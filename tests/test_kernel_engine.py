@@ -207,3 +207,27 @@ def test_elu_plus_one_equals_elu():
     assert (y > 0).all()
     go = torch.randn_like(y)
     torch.testing.assert_close(torch.autograd.grad(y, x, go)[0], torch.autograd.grad(ref, x, go)[0])
+
+
+def _tokenwise_specs():
+    import fastattn
+    from fastattn.kernel.base import KernelMechanism
+
+    return [s for s in fastattn.methods() if issubclass(s.cls, KernelMechanism) and s.cls.tokenwise]
+
+
+@pytest.mark.parametrize("spec", _tokenwise_specs(), ids=lambda s: s.name)
+def test_tokenwise_feature_maps_are_tokenwise(spec):
+    """A mechanism declaring ``tokenwise`` has its features computed per tile of (rows, tokens): the
+    map of a slice must equal the slice of the map, and it may hold no trainable parameter."""
+    from helpers import make_mech
+
+    mech = make_mech(spec, h=3, hkv=3, e=8).double()
+    x = torch.randn(2, 3, 13, 8, dtype=torch.float64)
+    mask = Mask(lq=13, lk=13, causal=True)
+    for is_query in (True, False):
+        full = mech.features(x, is_query=is_query, scale=8 ** -0.5, mask=mask)
+        part = mech.features(x.flatten(0, 1)[1:4, 5:11], is_query=is_query, scale=8 ** -0.5, mask=mask)
+        torch.testing.assert_close(full.flatten(0, 1)[1:4, 5:11], part)
+    for is_query in (True, False):  # x needs no grad: a grad here would come from a trainable parameter
+        assert not mech.features(x, is_query=is_query, scale=1.0, mask=mask).requires_grad

@@ -52,6 +52,7 @@ class Fastmax(KernelMechanism):
     """Normalised q, k and a factorised Taylor polynomial of exp (order 1 or 2)."""
 
     test_options = {"chunk": 16}
+    tokenwise = True
 
     @dataclass(frozen=True)
     class Options:

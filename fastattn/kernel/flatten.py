@@ -67,6 +67,7 @@ class FocusedLinearAttention(KernelMechanism):
     """Focused linear attention + depthwise-convolution rank restoration (see module docstring)."""
 
     test_options = {"kernel_size": 5}
+    tokenwise = True
 
     @dataclass(frozen=True)
     class Options:

@@ -43,6 +43,7 @@ class RFA(RandomFeatureMechanism):
     """Random Fourier (or arc-cosine) features on unit-norm q, k; optional learned gate."""
 
     test_options = {"num_features": 16, "chunk": 16}
+    tokenwise = True
 
     @dataclass(frozen=True)
     class Options:

@@ -5,7 +5,7 @@ Over features ``q' = phi(q)``, ``k' = phi(k)`` and values ``v``::
     num_t = sum_s (q'_t . k'_s) v_s        den_t = sum_s q'_t . k'_s        out_t = num_t / den_t
 
 with ``s <= t`` in the causal form. Work is cut into *tiles*: a group of (batch, head) rows times a
-span of tokens, sized so that each temporary is about 2 MiB. Tiles are processed one after another;
+span of tokens, sized so that each temporary is about 1 MiB. Tiles are processed one after another;
 the causal form carries its ``D x Ev`` running state from one token span to the next, and inside a
 span it works in *chunks* of ``c`` tokens (the exact masked quadratic form inside a chunk, the state
 across chunks, as in :mod:`fastattn.kernel.engine`). Nothing n-sized is allocated except the output
@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["FeatureMap", "causal_linear_attention", "noncausal_linear_attention", "tile_length"]
 
-_TILE_FLOATS = 1 << 19  # about 2 MiB of float32 per tile-sized temporary
+_TILE_FLOATS = 1 << 18  # about 1 MiB of float32 per tile-sized temporary
 
 FeatureMap = Callable[[Tensor, bool], Tensor]  # phi(x, is_query) for x (..., L, E), token by token
 
@@ -59,14 +59,15 @@ def _to_chunks(x: Tensor, c: int) -> Tensor:
     return x.reshape(-1, c, x.shape[-1])
 
 
-def _exclusive_prefix(per_chunk: Tensor, carry: Tensor) -> Tensor:
-    """``carry + sum of the earlier chunks`` for each chunk; ``per_chunk`` ``(G, m, ...)``."""
-    return per_chunk.cumsum(1).sub_(per_chunk).add_(carry.unsqueeze(1))
-
-
-def _exclusive_suffix(per_chunk: Tensor, carry: Tensor) -> Tensor:
-    """``carry + sum of the later chunks`` for each chunk."""
-    return _exclusive_prefix(per_chunk.flip(1), carry).flip(1)
+def _exclusive_prefix(per_chunk: Tensor, carry: Tensor, reverse: bool = False) -> Tensor:
+    """``carry + sum of the earlier chunks`` (``reverse``: of the later chunks) for each chunk;
+    ``per_chunk`` ``(G, m, ...)``, ``carry`` ``(G, ...)``. One batched matmul with a strictly triangular
+    ones matrix: torch's ``cumsum`` along a non-last axis is a strided scalar loop, several times slower."""
+    g, m = per_chunk.shape[:2]
+    ones = torch.ones(m, m, dtype=per_chunk.dtype, device=per_chunk.device)
+    tri = ones.triu(1) if reverse else ones.tril(-1)
+    out = torch.baddbmm(carry.reshape(g, 1, -1), tri.expand(g, m, m), per_chunk.reshape(g, m, -1))
+    return out.view(per_chunk.shape)
 
 
 def _divide(num: Tensor, den: Tensor) -> Tensor:
@@ -184,12 +185,14 @@ class _CausalLinear(torch.autograd.Function):
                 a = torch.bmm(fq, fk.transpose(1, 2)).tril_()
                 num = torch.bmm(a, val)
                 kv = torch.bmm(fk.transpose(1, 2), val).view(rows, -1, d, ev)
-                num.baddbmm_(fq, _exclusive_prefix(kv, state).view(-1, d, ev))
-                state = state + kv.sum(1)
+                pre = _exclusive_prefix(kv, state)
+                num.baddbmm_(fq, pre.view(-1, d, ev))
+                state = pre[:, -1] + kv[:, -1]
                 if normalize:
                     kz = fk.view(rows, -1, c, d).sum(2)  # (rows, chunks, d)
-                    den = a.sum(-1).unsqueeze(-1).baddbmm_(fq, _exclusive_prefix(kz, zsum).view(-1, d, 1))
-                    zsum = zsum + kz.sum(1)
+                    pre = _exclusive_prefix(kz, zsum)
+                    den = a.sum(-1).unsqueeze(-1).baddbmm_(fq, pre.view(-1, d, 1))
+                    zsum = pre[:, -1] + kz[:, -1]
                     _divide(num, den)
                     t.put(dens, grp, t0, t1, den)
                 t.put(outs, grp, t0, t1, num)
@@ -226,13 +229,15 @@ class _CausalLinear(torch.autograd.Function):
                 val = t.chunks(t.v, grp, t0, t1)
                 g, g_den = t.grads(douts, outs, dens, grp, t0, t1)
                 qg = torch.bmm(fq.transpose(1, 2), g).view(rows, -1, d, ev)
-                later = _exclusive_suffix(qg, rstate).view(-1, d, ev)
-                rstate = rstate + qg.sum(1)
+                later = _exclusive_prefix(qg, rstate, reverse=True)
+                rstate = later[:, 0] + qg[:, 0]
+                later = later.view(-1, d, ev)
                 dfk = torch.bmm(d_scores(g, g_den, val).transpose(1, 2), fq).baddbmm_(val, later.transpose(1, 2))
                 if g_den is not None:
                     qz = torch.bmm(g_den.transpose(1, 2), fq).view(rows, -1, d)
-                    dfk += _exclusive_suffix(qz, rsum).view(-1, 1, d)
-                    rsum = rsum + qz.sum(1)
+                    later_z = _exclusive_prefix(qz, rsum, reverse=True)
+                    dfk += later_z.view(-1, 1, d)
+                    rsum = later_z[:, 0] + qz[:, 0]
                 a = torch.bmm(fq, fk.transpose(1, 2)).tril_()
                 t.put(dvs, grp, t0, t1, torch.bmm(a.transpose(1, 2), g).baddbmm_(fk, later))
                 t.put(dks, grp, t0, t1, t.pull(fk_, leaf, dfk, t0, t1))
@@ -244,13 +249,14 @@ class _CausalLinear(torch.autograd.Function):
                 val = t.chunks(t.v, grp, t0, t1)
                 g, g_den = t.grads(douts, outs, dens, grp, t0, t1)
                 kv = torch.bmm(fk.transpose(1, 2), val).view(rows, -1, d, ev)
-                dfq = torch.bmm(d_scores(g, g_den, val), fk).baddbmm_(
-                    g, _exclusive_prefix(kv, state).view(-1, d, ev).transpose(1, 2))
-                state = state + kv.sum(1)
+                pre = _exclusive_prefix(kv, state)
+                dfq = torch.bmm(d_scores(g, g_den, val), fk).baddbmm_(g, pre.view(-1, d, ev).transpose(1, 2))
+                state = pre[:, -1] + kv[:, -1]
                 if g_den is not None:
                     kz = fk.view(rows, -1, c, d).sum(2)
-                    dfq.addcmul_(g_den, _exclusive_prefix(kz, zsum).view(-1, 1, d))
-                    zsum = zsum + kz.sum(1)
+                    pre = _exclusive_prefix(kz, zsum)
+                    dfq.addcmul_(g_den, pre.view(-1, 1, d))
+                    zsum = pre[:, -1] + kz[:, -1]
                 t.put(dqs, grp, t0, t1, t.pull(fq_, leaf, dfq, t0, t1))
         return dq, dk, dv, None, None, None
 
