@@ -96,7 +96,11 @@ class SACAttention(Mechanism):
         x = k.to(self.w_query.weight.dtype)
         if key_padding is not None:
             x = x.masked_fill(key_padding[:, None, :, None], 0.0)
-        out, _ = self.lstm(x.reshape(b * h, n, e))
+        # cuDNN's RNN backward refuses eval mode; a module in eval mode may still be differentiated
+        # (attribution, gradients w.r.t. inputs), so cuDNN is used only where its backward works
+        cudnn_ok = self.training or not torch.is_grad_enabled()
+        with torch.backends.cudnn.flags(enabled=cudnn_ok and torch.backends.cudnn.enabled):
+            out, _ = self.lstm(x.reshape(b * h, n, e))
         return out.view(b, h, n, -1).repeat_interleave(groups, dim=1)
 
     def select(self, k: Tensor, mask: Mask) -> Edges:
