@@ -39,16 +39,22 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["FeatureMap", "causal_linear_attention", "noncausal_linear_attention", "tile_length"]
 
-_TILE_FLOATS = 1 << 18  # about 1 MiB of float32 per tile-sized temporary
+_TILE_FLOATS = 1 << 18  # CPU: about 1 MiB of float32 per tile-sized temporary (stays in cache)
+_TILE_FLOATS_ACCEL = 1 << 24  # GPU: 64 MiB; small tiles would be kernel-launch bound there
 
 FeatureMap = Callable[[Tensor, bool], Tensor]  # phi(x, is_query) for x (..., L, E), token by token
 
 
-def tile_length(rows: int, chunk: int, width: int) -> int:
+def _budget(device: torch.device) -> int:
+    return _TILE_FLOATS if device.type == "cpu" else _TILE_FLOATS_ACCEL
+
+
+def tile_length(rows: int, chunk: int, width: int, budget: int | None = None) -> int:
     """Tokens per span for a group of ``rows``: a multiple of ``chunk`` whose largest temporary
-    ``(rows, T, width)`` is about :data:`_TILE_FLOATS` elements, never less than one chunk."""
+    ``(rows, T, width)`` is about ``budget`` (default :data:`_TILE_FLOATS`) elements, never less than
+    one chunk."""
     per_token = max(1, rows * max(width, chunk))
-    return max(chunk, (_TILE_FLOATS // per_token) // chunk * chunk)
+    return max(chunk, ((budget or _TILE_FLOATS) // per_token) // chunk * chunk)
 
 
 def _to_chunks(x: Tensor, c: int) -> Tensor:
@@ -94,11 +100,12 @@ class _Tiles:
         width = max(self.d, self.ev, self.c or 1)
         rows = self.b * self.h if self.flat else self.h
         n = max(q.shape[2], k.shape[2])
-        per_group = max(1, _TILE_FLOATS // (n * width))  # rows whose whole sequence fits a tile
-        if per_group > 1 or n * width <= _TILE_FLOATS:
+        budget = _budget(q.device)
+        per_group = max(1, budget // (n * width))  # rows whose whole sequence fits a tile
+        if per_group > 1 or n * width <= budget:
             size, span = min(rows, per_group), n
         else:
-            size, span = 1, tile_length(1, self.c or 1, width)
+            size, span = 1, tile_length(1, self.c or 1, width, budget)
         self.groups = [(p, r0, min(rows, r0 + size)) for p in range(1 if self.flat else self.b)
                        for r0 in range(0, rows, size)]
         self.q_spans = [(t0, min(q.shape[2], t0 + span)) for t0 in range(0, q.shape[2], span)]
