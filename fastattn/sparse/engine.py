@@ -30,7 +30,7 @@ the references and by decoding over a (bounded) cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from ..core.dense import dense_attention
 from ..core.masks import Mask, masked_softmax
-from ..core.online import compute_dtype
+from ..core.online import compute_dtype, merge_tiles, tile_stats
 from .patterns import Pattern
 
 __all__ = [
@@ -185,11 +185,17 @@ def _probs(q: Tensor, sources: list[Source], allowed: Tensor | None) -> tuple[Te
     dead = None
     if allowed is not None:
         dead = ~allowed.any(-1, keepdim=True)
-        # an additive bias without the head axis: much cheaper than masked_fill_ on the scores
-        bias = torch.zeros(allowed.shape, dtype=s.dtype, device=s.device)
-        bias.masked_fill_(~(allowed | dead), float("-inf"))
-        s = s.add_(bias)
+        s = _mask_(s, allowed | dead)
     return torch.softmax(s, dim=-1), dead, sizes
+
+
+def _mask_(s: Tensor, allowed: Tensor | None) -> Tensor:
+    """``s`` with ``-inf`` where not ``allowed``, in place; an additive bias without the head axis is
+    much cheaper than ``masked_fill_`` on the scores."""
+    if allowed is None:
+        return s
+    bias = torch.zeros(allowed.shape, dtype=s.dtype, device=s.device)
+    return s.add_(bias.masked_fill_(~allowed, float("-inf")))
 
 
 def _split(x: Tensor, sizes: list[int]) -> list[Tensor] | tuple[Tensor, ...]:
@@ -404,7 +410,10 @@ class _Call:
             raise ValueError("the pattern lets no query see any key")
         row_bytes = self.B * self.H * torch.finfo(dt).bits // 8
         self.group = max(1, group_bytes // (row_bytes * bs * width))
-        self.row_group = max(1, group_bytes // (row_bytes * (self.Lk + self.m)))
+        # rows of global queries: tiles of (up to) all of them x enough keys to fill a group
+        self.row_group = max(1, group_bytes // (row_bytes * 512))
+        ngq = 0 if plan.gq is None else plan.gq.numel()
+        self.row_keys = max(1, group_bytes // (row_bytes * min(ngq or 1, self.row_group)))
         self.skip = None  # query positions (padded, in blocks) whose rows the global-query rows replace
         if plan.gq is not None:
             self.skip = torch.zeros(plan.nqb * bs, dtype=torch.bool, device=dev)
@@ -547,41 +556,44 @@ class _Call:
     def row_queries(self, q: Tensor, rows: Tensor) -> Tensor:
         return (q.index_select(2, rows) * self.scale)[:, :, None]  # (B, H, 1, c, E)
 
-    def row_sources(self, ops: _Operands, grads: _Grads | None) -> list[Source]:
-        """Global queries see every key (and every allowed extra node)."""
-        lk = self.Lk
-        out: list[Source] = [_Shared(ops.k, ops.v, grads and grads.dk[:, :, :lk], grads and grads.dv[:, :, :lk])]
-        if ops.nk is not None and ops.nv is not None:
-            out.append(_Shared(ops.nk, ops.nv, grads and grads.dnk, grads and grads.dnv))
-        return out
-
-    def row_allowed(self, rows: Tensor) -> Tensor | None:
+    def row_tiles(self, ops: _Operands, grads: _Grads | None, rows: Tensor) -> Iterator[tuple[_Shared, Tensor | None]]:
+        """Global queries see every key (and every allowed extra node): tiles of ``row_keys`` keys with
+        their bool masks (causally empty tiles skipped), then the extra nodes."""
         qpos = rows + (self.Lk - self.Lq)
-        a = None
-        if self.causal:
-            a = (torch.arange(self.Lk, device=rows.device) <= qpos[:, None])[None, None, None]
-        if self.kp is not None:
-            a = ~self.kp[:, None, None, None, :] if a is None else a & ~self.kp[:, None, None, None, :]
-        if self.nodes is None:
-            return a
-        if a is None:
-            a = torch.ones(1, 1, 1, 1, self.Lk, dtype=torch.bool, device=rows.device)
-        na = self.nodes.mask(qpos[None, :, None])  # (B|1, 1, 1, c, m)
-        lead = torch.broadcast_shapes(a.shape[:-1], na.shape[:-1])
-        return torch.cat([a.expand(*lead, -1), na.expand(*lead, -1)], dim=-1)
+        end = min(self.Lk, int(qpos.max()) + 1) if self.causal else self.Lk
+        for k0 in range(0, end, self.row_keys):
+            k1 = min(k0 + self.row_keys, self.Lk)
+            a = None
+            if self.causal:
+                a = (torch.arange(k0, k1, device=rows.device) <= qpos[:, None])[None, None, None]
+            if self.kp is not None:
+                pad = ~self.kp[:, None, None, None, k0:k1]
+                a = pad if a is None else a & pad
+            acc = (None, None) if grads is None else (grads.dk[:, :, k0:k1], grads.dv[:, :, k0:k1])
+            yield _Shared(ops.k[:, :, k0:k1], ops.v[:, :, k0:k1], *acc), a
+        if ops.nk is not None and ops.nv is not None:
+            assert self.nodes is not None
+            acc = (None, None) if grads is None else (grads.dnk, grads.dnv)
+            yield _Shared(ops.nk, ops.nv, *acc), self.nodes.mask(qpos[None, :, None])
 
     # ---- forward and backward -------------------------------------------------------------------
-    def forward(self, q: Tensor, ops: _Operands) -> Tensor:
+    def forward(self, q: Tensor, ops: _Operands) -> tuple[Tensor, Tensor | None]:
+        """The output and the log-sum-exp of the global-query rows (None: there are none)."""
         out = q.new_empty(self.B, self.H, self.Lq, self.Ev)
         for j0, j1 in self.groups():
             o = _group_forward(self.queries(q, j0, j1), self.sources(ops, None, j0, j1), self.allowed(j0, j1))
             _put_rows(out, j0 * self.bs - self.plan.lpad, o.flatten(2, 3))
+        lses = []
         for rows in self.row_chunks():
-            o = _group_forward(self.row_queries(q, rows), self.row_sources(ops, None), self.row_allowed(rows))
+            qr = self.row_queries(q, rows)
+            o, lse = merge_tiles(tile_stats(_mask_(src.scores(qr), a), src.apply) for src, a in self.row_tiles(ops, None, rows))
             out.index_copy_(2, rows, o[:, :, 0])
-        return out
+            lses.append(lse)
+        return out, torch.cat(lses, dim=3) if lses else None
 
-    def backward(self, q: Tensor, ops: _Operands, out: Tensor, do: Tensor, grads: _Grads) -> Tensor:
+    def backward(
+        self, q: Tensor, ops: _Operands, out: Tensor, row_lse: Tensor | None, do: Tensor, grads: _Grads,
+    ) -> Tensor:
         """dq; the keys'/values' gradients accumulate into ``grads``."""
         dq = q.new_empty(q.shape)
         for j0, j1 in self.groups():
@@ -591,12 +603,18 @@ class _Call:
                 self._rows_of(out, j0, j1), self._rows_of(do, j0, j1), skip,
             )
             _put_rows(dq, j0 * self.bs - self.plan.lpad, (g * self.scale).flatten(2, 3))
-        for rows in self.row_chunks():
-            g = _group_backward(
-                self.row_queries(q, rows), self.row_sources(ops, grads), self.row_allowed(rows),
-                out.index_select(2, rows)[:, :, None], do.index_select(2, rows)[:, :, None], None,
-            )
-            dq.index_copy_(2, rows, g[:, :, 0] * self.scale)
+        c0 = 0
+        for rows in self.row_chunks():  # flash-style: p = exp(s - lse) tile by tile
+            assert row_lse is not None
+            qr, lse = self.row_queries(q, rows), row_lse[:, :, :, c0:c0 + len(rows)]
+            c0 += len(rows)
+            d_o = do.index_select(2, rows)[:, :, None]
+            delta = (d_o * out.index_select(2, rows)[:, :, None]).sum(-1, keepdim=True)
+            dqr = torch.zeros_like(qr)
+            for src, a in self.row_tiles(ops, grads, rows):
+                p = _mask_(src.scores(qr), a).sub_(lse).exp_()
+                dqr += src.backward(src.dp(d_o).sub_(delta).mul_(p), p, qr, d_o)
+            dq.index_copy_(2, rows, dqr[:, :, 0] * self.scale)
         if self.ncol:
             assert grads.dkt is not None and grads.dvt is not None
             grads.dk.unflatten(2, (self.plan.nkb, self.bs)).add_(grads.dkt.transpose(2, 3))
@@ -610,19 +628,19 @@ class _BlockSparse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, call: _Call, q: Tensor, k: Tensor, v: Tensor, nk: Tensor | None, nv: Tensor | None) -> Tensor:
-        out = call.forward(q, call.operands(k, v, nk, nv))
+        out, row_lse = call.forward(q, call.operands(k, v, nk, nv))
         ctx.call = call
-        ctx.save_for_backward(q, k, v, nk, nv, out)
+        ctx.save_for_backward(q, k, v, nk, nv, out, row_lse)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, do: Tensor) -> tuple[Tensor | None, ...]:
         call: _Call = ctx.call
-        q, k, v, nk, nv, out = ctx.saved_tensors
+        q, k, v, nk, nv, out, row_lse = ctx.saved_tensors
         nodes_grad = bool(ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
         grads = call.grads(k, v, nk, nodes_grad)
-        dq = call.backward(q, call.operands(k, v, nk, nv), out, do, grads)
+        dq = call.backward(q, call.operands(k, v, nk, nv), out, row_lse, do, grads)
         lk = call.Lk
         dk, dv = grads.dk[:, :, :lk], grads.dv[:, :, :lk]
         if dk.shape[2] != grads.dk.shape[2]:
@@ -652,7 +670,7 @@ def block_sparse_attention(
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         out = _BlockSparse.apply(call, q_, k_, v_, nk, nv)
     else:  # inference: one pass, nothing saved
-        out = call.forward(q_, call.operands(k_, v_, nk, nv))
+        out = call.forward(q_, call.operands(k_, v_, nk, nv))[0]
     return out.to(q.dtype)
 
 
