@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import fastattn
 from fastattn.core.masks import Mask
-from fastattn.sparse.engine import block_sparse_attention, pattern_reference
-from fastattn.sparse.patterns import DilatedWindow, Pattern, Strided, Window
-from helpers import E, L, grads, make_mech, padding_mask, qkv
+from fastattn.sparse import engine
+from fastattn.sparse.engine import Nodes, block_sparse_attention, pattern_reference
+from fastattn.sparse.patterns import DilatedWindow, Pattern, RandomBlocks, RingWindow, Strided, Window
+from helpers import EV, B, E, L, grads, make_mech, padding_mask, qkv
 
 
 def _spec(name):
@@ -175,6 +178,109 @@ def test_patterns_compose_as_union():
     i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
     union = ((i - j).abs() <= 2) | (((i - j).abs() <= 10) & ((i - j) % 5 == 0)) | ((i - j) % 8 == 0)
     assert torch.equal(pat.dense(i, j), union | (j == 3) | (i == 50))
+
+
+# ---- engine: query groups (the memory-saving path) ------------------------------------------------
+ENGINE_SPECS = [s for s in fastattn.methods() if s.cls.__module__.startswith("fastattn.sparse") and s.name != "sac"]
+
+
+def _composite_pattern(nkb: int, with_column: bool) -> Pattern:
+    """Every kind of block part at once: a band of consecutive offsets (window), constant offsets
+    outside it (dilated window), blocks by index (random, ring ends), and global keys and queries."""
+    table = torch.randint(0, nkb, (nkb, 2), generator=torch.Generator().manual_seed(3))
+    parts = (Window(3), DilatedWindow(2, 5), RandomBlocks(table), RingWindow(1, nkb * 8))
+    return Pattern(
+        8, parts, column=Strided(8) if with_column else None,
+        global_keys=torch.tensor([3, 40, 500]), global_queries=torch.tensor([5, 50, 57]),
+    )
+
+
+def _nodes(b: int, h: int, m: int = 3) -> Nodes:
+    g = torch.Generator().manual_seed(4)
+    nk = torch.randn(b, h, m, E, generator=g, dtype=torch.float64, requires_grad=True)
+    nv = torch.randn(b, h, m, EV, generator=g, dtype=torch.float64, requires_grad=True)
+    return Nodes(nk, nv, lambda qpos: (qpos + torch.arange(m)) % 3 != 0)  # each node hidden from some queries
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "lq,column,with_nodes", [(61, True, False), (37, True, True), (61, False, True), (23, False, False)]
+)
+def test_engine_query_groups_equal_one_group_and_reference(causal, lq, column, with_nodes):
+    """Groups of one query block (and one global-query row) at a time give the values and gradients of
+    one group of everything and of the dense reference: odd lengths (Lq < Lk, not multiples of the
+    block), padding (one batch entry with no real key at all), every kind of key source."""
+    q, k, v = qkv(h=2, hkv=2, lq=lq, lk=L, requires_grad=True)
+    nodes = _nodes(B, 2) if with_nodes else None
+    inputs = (q, k, v) + ((nodes.k, nodes.v) if nodes is not None else ())
+    pat = _composite_pattern(-(-L // 8), column)
+    for kpm in (padding_mask(), padding_mask(valid=(L, 0))):
+        mask = Mask(lq, L, key_padding=kpm, causal=causal)
+        ref = pattern_reference(q, k, v, mask, 0.25, pat, nodes)
+        ref_grads = grads(ref, inputs)
+        for group_bytes in (1, 1 << 40):  # one block (one row) per group / a single group
+            out = block_sparse_attention(q, k, v, mask, 0.25, pat, nodes, group_bytes=group_bytes)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+            for a, b in zip(grads(out, inputs), ref_grads):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", ENGINE_SPECS, ids=[s.name for s in ENGINE_SPECS])
+def test_sparse_mechanisms_in_one_block_groups_equal_reference(spec, monkeypatch):
+    """Every engine mechanism (GQA, padding, causal, nodes, random blocks, column parts) with the
+    smallest query groups equals its reference on values and gradients."""
+    monkeypatch.setattr(engine, "GROUP_BYTES", {"cpu": 1, "cuda": 1})
+    flags = (False, True) if spec.causal else (False,)
+    _check_fast_equals_reference(make_mech(spec), causal_flags=flags)
+    if spec.causal:
+        _check_fast_equals_reference(make_mech(spec), causal_flags=(True,), lq=29)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation returns (forward and backward) and which ops ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes, self.ops = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(func.__name__)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
+def test_engine_working_set_is_one_group_and_nothing_but_inputs_is_saved():
+    """Backward keeps only q, k, v and the output (no scores or probabilities), and no operation of the
+    forward or backward returns a tensor larger than the inputs or one group's scores."""
+    mech = make_mech(_spec("local"), h=2, hkv=2, window=256, block=64)
+    n = 4096
+    q, k, v = qkv(b=1, h=2, hkv=2, lq=n, dtype=torch.float32, requires_grad=True)
+    mech.run(q, k, v)  # the plan (cached per length) is built outside the measurement
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with _LargestTensor() as fwd:
+            out = mech.run(q, k, v)
+    with _LargestTensor() as bwd:
+        out.backward(torch.ones_like(out))
+    assert "bmm" in {op.split(".")[0] for op in bwd.ops}  # the backward's operations were seen
+    all_scores = 2 * n * 9 * 64 * 4  # every query's 9 blocks of keys, float32: what a plain autograd path keeps
+    group = engine.GROUP_BYTES["cpu"]
+    assert all_scores > 2 * group  # (so the check below can fail)
+    assert max(fwd.bytes, bwd.bytes) <= max(group, q.numel() * 4), (fwd.bytes, bwd.bytes)
+    assert sum(saved) <= 4 * q.numel()  # q, k, v, out
+
+
+def test_engine_inference_saves_nothing():
+    q, k, v = qkv(h=2, hkv=2, lq=L, requires_grad=True)
+    pat = _composite_pattern(-(-L // 8), True)
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, Mask(L, L), 0.25, pat)
+    assert out.grad_fn is None
+    out2 = block_sparse_attention(q, k, v, Mask(L, L), 0.25, pat)
+    torch.testing.assert_close(out, out2.detach(), rtol=0, atol=0)
 
 
 # ---- etc, diet, jukebox, handcrafted -------------------------------------------------------------

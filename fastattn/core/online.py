@@ -9,14 +9,14 @@ whose keys are all masked, whose output is 0).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
 from .masks import Mask, safe_rowmax
 
-__all__ = ["block_scores", "key_block_stats", "online_softmax"]
+__all__ = ["block_scores", "key_block_stats", "merge_tiles", "online_softmax", "tile_stats"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -41,12 +41,41 @@ def key_block_stats(
     """``(a, l, m)`` of one tile: ``m`` row max (detached), ``l`` row sum of ``exp(s - m)``,
     ``a = dropout(exp(s - m)) V``."""
     s = block_scores(q_blk, k_blk, mask, scale, q0, k0)
+    return tile_stats(s, lambda e: torch.matmul(e, v_blk.to(e.dtype)), dropout_p)
+
+
+def tile_stats(
+    s: Tensor, apply: Callable[[Tensor], Tensor], dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(a, l, m)`` of a tile of masked scores ``s``: ``m`` row max (detached, 0 where all masked),
+    ``l`` row sum of ``e = exp(s - m)``, ``a = apply(dropout(e))`` (``e V`` for the tile's values)."""
     m = safe_rowmax(s)
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
     if dropout_p > 0:
         e = torch.nn.functional.dropout(e, dropout_p)
-    return torch.matmul(e, v_blk.to(e.dtype)), l, m
+    return apply(e), l, m
+
+
+def merge_tiles(tiles: Iterable[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The online softmax over the ``(a, l, m)`` of successive key tiles of the same queries (at least
+    one): each is rescaled to the running maximum and summed. Returns ``out = a / l`` and
+    ``lse = m + log l`` (both 0 for rows whose keys are all masked)."""
+    acc = l = m = None
+    for a_j, l_j, m_j in tiles:
+        if acc is None:
+            acc, l, m = a_j, l_j, m_j
+            continue
+        m_new = torch.maximum(m, m_j)
+        c_old, c_new = torch.exp(m - m_new), torch.exp(m_j - m_new)
+        acc = acc * c_old + a_j * c_new
+        l = l * c_old + l_j * c_new
+        m = m_new
+    assert acc is not None and l is not None and m is not None
+    alive = l > 0
+    out = acc / torch.where(alive, l, torch.ones_like(l))
+    lse = torch.where(alive, m + torch.log(torch.where(alive, l, torch.ones_like(l))), torch.zeros_like(l))
+    return out, lse
 
 
 def online_softmax(
@@ -59,26 +88,16 @@ def online_softmax(
     Returns ``out (B, H, bq, Ev)`` in the compute dtype and ``lse (B, H, bq, 1)``.
     """
     q1 = q0 + q_blk.shape[2]
-    acc = l = m = None
-    for k0 in range(0, k.shape[2], block_k):
-        if mask.block_is_empty(q0, q1, k0):
-            break
-        k_blk, v_blk = k[:, :, k0:k0 + block_k], v[:, :, k0:k0 + block_k]
 
-        def tile(qb: Tensor, kb: Tensor, vb: Tensor, _k0: int = k0) -> tuple[Tensor, Tensor, Tensor]:
-            return key_block_stats(qb, kb, vb, mask, scale, q0, _k0, dropout_p)
+    def tiles() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for k0 in range(0, k.shape[2], block_k):
+            if mask.block_is_empty(q0, q1, k0):
+                break  # block 0 is never causally empty
+            k_blk, v_blk = k[:, :, k0:k0 + block_k], v[:, :, k0:k0 + block_k]
 
-        a_j, l_j, m_j = tile(q_blk, k_blk, v_blk) if wrap is None else wrap(tile, q_blk, k_blk, v_blk)
-        if acc is None:
-            acc, l, m = a_j, l_j, m_j
-            continue
-        m_new = torch.maximum(m, m_j)
-        c_old, c_new = torch.exp(m - m_new), torch.exp(m_j - m_new)
-        acc = acc * c_old + a_j * c_new
-        l = l * c_old + l_j * c_new
-        m = m_new
-    assert acc is not None and l is not None and m is not None  # block 0 is never causally empty
-    alive = l > 0
-    out = acc / torch.where(alive, l, torch.ones_like(l))
-    lse = torch.where(alive, m + torch.log(torch.where(alive, l, torch.ones_like(l))), torch.zeros_like(l))
-    return out, lse
+            def tile(qb: Tensor, kb: Tensor, vb: Tensor, _k0: int = k0) -> tuple[Tensor, Tensor, Tensor]:
+                return key_block_stats(qb, kb, vb, mask, scale, q0, _k0, dropout_p)
+
+            yield tile(q_blk, k_blk, v_blk) if wrap is None else wrap(tile, q_blk, k_blk, v_blk)
+
+    return merge_tiles(tiles())

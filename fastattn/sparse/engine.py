@@ -4,30 +4,42 @@ For a :class:`~fastattn.sparse.patterns.Pattern` with block size ``b``, queries 
 multiples of ``b`` and viewed as ``(B, H, blocks, b, E)``. Each query block then sees up to four key
 *sources*, whose scores are concatenated and normalised by one softmax (a key is never counted twice):
 
-1. **gathered blocks**: the key blocks named by the pattern's layout (constant offsets such as a sliding
-   window are taken as shifted slices, other blocks by ``index_select``), one batched matmul;
+1. **gathered blocks**: the key blocks named by the pattern's layout (a band of consecutive offsets such
+   as a sliding window by one ``unfold``, other constant offsets as shifted slices, other blocks by
+   ``index_select``), one batched matmul;
 2. **the column part**: keys at the same offset of every block, a matmul in the transposed layout;
 3. **global keys**: a few positions every query sees;
 4. **extra nodes**: keys/values that are not sequence positions (memory, relay, summary tokens).
 
+Global keys and extra nodes are appended to each query block's gathered keys (one matmul for 1, 3, 4).
+
 Rows of global queries (which see every key) are computed densely and written over their rows.
-Time and memory are O(n * (keys per query)) -- no ``n x n`` tensor exists. Rows with every key masked
-return zeros. :func:`dense_pattern_attention` is the literal dense form used by the references and by
-decoding over a (bounded) cache.
+Time is O(n * (keys per query)) -- no ``n x n`` tensor exists. Rows with every key masked return zeros.
+
+**Memory.** Query blocks are processed in *groups* whose scores take about :data:`GROUP_BYTES` (a few
+MiB on CPU: the group size depends on ``B * H * keys per query``, never on ``n``); the rows of global
+queries likewise in chunks of rows. Under autograd a custom ``autograd.Function`` saves only q, k, v
+(and extra nodes) and the output; backward recomputes each group's probabilities (flash-style) and
+accumulates the key/value gradients in place (the adjoint of the gather: slice adds and
+``index_add_``), so the working set of forward+backward is one group's temporaries plus O(n d) for the
+inputs, output and gradients. Without grad (inference) the same loop runs once and saves nothing.
+Double backward is not supported. :func:`dense_pattern_attention` is the literal dense form used by
+the references and by decoding over a (bounded) cache.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..core.dense import dense_attention
 from ..core.masks import Mask, masked_softmax
-from ..core.online import compute_dtype
+from ..core.online import compute_dtype, merge_tiles, tile_stats
 from .patterns import Pattern
 
 __all__ = [
@@ -57,42 +69,171 @@ class Nodes:
         return out.expand(*out.shape[:2], *qpos.shape[:-1], m)
 
 
-def _fl(x: Tensor, d: int) -> Tensor:
-    return torch.div(x, d, rounding_mode="floor")
+# ---- rows and blocks of (B, H, L, D) tensors ------------------------------------------------------
+def _rows(x: Tensor, a: int, b: int) -> Tensor:
+    """Rows ``a:b`` of ``x (B, H, L, D)`` (axis 2), zeros for the rows outside ``[0, L)``."""
+    lo, hi = max(a, 0), min(b, x.shape[2])
+    if lo >= hi:
+        return x.new_zeros(*x.shape[:2], b - a, x.shape[3])
+    part = x[:, :, lo:hi]
+    return part if (lo, hi) == (a, b) else F.pad(part, (0, 0, lo - a, b - hi))
 
 
-def _pad_len(x: Tensor, before: int, after: int) -> Tensor:
-    return x if before == after == 0 else F.pad(x, (0, 0, before, after))
+def _put_rows(dst: Tensor, a: int, src: Tensor) -> None:
+    """``dst[:, :, a:a + len(src)] = src``, dropping the rows of ``src`` that fall outside ``dst``."""
+    lo, hi = max(a, 0), min(a + src.shape[2], dst.shape[2])
+    if lo < hi:
+        dst[:, :, lo:hi] = src[:, :, lo - a:hi - a]
 
 
-def _gather_blocks(kb: Tensor, idx: Tensor, valid: Tensor, qblk: Tensor) -> list[Tensor]:
-    """Per layout column, the gathered key blocks ``(B, H, nqb, b, E)``: a shifted slice where the
-    column is ``qblk + d`` for a constant ``d``, else ``index_select``."""
-    nkb = kb.shape[2]
-    diffs = idx - qblk[:, None]
-    const = [bool((diffs[valid[:, s], s] == diffs[valid[:, s], s][:1]).all()) if valid[:, s].any() else True
-             for s in range(idx.shape[1])]
-    shifts = [int(diffs[valid[:, s], s][0]) if valid[:, s].any() else 0 for s in range(idx.shape[1])]
-    t0, nqb = int(qblk[0]), len(qblk)
-    lo = min([0] + [t0 + d for d, c in zip(shifts, const) if c])
-    hi = max([nkb] + [t0 + d + nqb for d, c in zip(shifts, const) if c])
-    padded = F.pad(kb, (0, 0, 0, 0, -lo, hi - nkb)) if (lo < 0 or hi > nkb) else kb
-    S = idx.shape[1]
-    if all(const) and shifts == list(range(shifts[0], shifts[0] + S)):
-        # a band of consecutive blocks: one unfold (a single kernel forward and backward)
-        a = t0 + shifts[0] - lo
-        win = padded[:, :, a:a + nqb + S - 1].unfold(2, S, 1)  # (B, H, nqb, b, E, S)
-        return [win.permute(0, 1, 2, 5, 3, 4).reshape(*kb.shape[:2], nqb, S * kb.shape[3], kb.shape[4])]
-    out = []
-    for s in range(idx.shape[1]):
-        if const[s]:
-            a = t0 + shifts[s] - lo
-            out.append(padded[:, :, a:a + nqb])
-        else:
-            out.append(kb.index_select(2, idx[:, s]))
-    return out
+def _add_blocks(acc: Tensor, c: int, src: Tensor) -> None:
+    """``acc[:, :, c:c + len(src)] += src`` (blocks on axis 2), dropping the blocks outside ``acc``."""
+    lo, hi = max(c, 0), min(c + src.shape[2], acc.shape[2])
+    if lo < hi:
+        acc[:, :, lo:hi] += src[:, :, lo - c:hi - c]
 
 
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` in place, batched over the leading axes (no temporary the size of ``acc``)."""
+    m, n = acc.shape[-2:]
+    acc.view(-1, m, n).baddbmm_(a.reshape(-1, m, a.shape[-1]), b.reshape(-1, b.shape[-2], n))
+
+
+# ---- key sources of a query group ------------------------------------------------------------------
+# Each takes the group's scaled queries ``q (B, H, g, b, E)`` and gives its scores ``(B, H, g, b, K)``,
+# its output for probabilities ``p`` and the backward of both: ``dp(do) = do V^T`` and
+# ``backward(ds, p, q, do)``, which returns the queries' gradient and accumulates the keys'/values'.
+class _Gathered:
+    """Keys/values gathered per query block, ``(B, H, g, K, .)``; ``scatter(dk, dv)`` adds their
+    gradients where they were gathered from (None: no gradient wanted)."""
+
+    def __init__(self, k: Tensor, v: Tensor, scatter: Callable[[Tensor, Tensor], None] | None) -> None:
+        self.k, self.v, self.scatter = k, v, scatter
+
+    def scores(self, q: Tensor) -> Tensor:
+        return torch.matmul(q, self.k.transpose(-1, -2))
+
+    def apply(self, p: Tensor) -> Tensor:
+        return torch.matmul(p, self.v)
+
+    def dp(self, do: Tensor) -> Tensor:
+        return torch.matmul(do, self.v.transpose(-1, -2))
+
+    def backward(self, ds: Tensor, p: Tensor, q: Tensor, do: Tensor) -> Tensor:
+        if self.scatter is not None:
+            self.scatter(torch.matmul(ds.transpose(-1, -2), q), torch.matmul(p.transpose(-1, -2), do))
+        return torch.matmul(ds, self.k)
+
+
+class _Shared:
+    """Keys/values ``(B, H, K, .)`` seen by every query of the group (all keys for the rows of global
+    queries, the extra nodes there); gradients accumulate in place into ``dk, dv`` (None: not wanted)."""
+
+    def __init__(self, k: Tensor, v: Tensor, dk: Tensor | None, dv: Tensor | None) -> None:
+        self.k, self.v, self.dk, self.dv = k, v, dk, dv
+
+    def scores(self, q: Tensor) -> Tensor:
+        return torch.matmul(q.flatten(2, 3), self.k.transpose(-1, -2)).unflatten(2, q.shape[2:4])
+
+    def apply(self, p: Tensor) -> Tensor:
+        return torch.matmul(p.flatten(2, 3), self.v).unflatten(2, p.shape[2:4])
+
+    def dp(self, do: Tensor) -> Tensor:
+        return torch.matmul(do.flatten(2, 3), self.v.transpose(-1, -2)).unflatten(2, do.shape[2:4])
+
+    def backward(self, ds: Tensor, p: Tensor, q: Tensor, do: Tensor) -> Tensor:
+        if self.dk is not None and self.dv is not None:
+            _accumulate(self.dk, ds.flatten(2, 3).transpose(-1, -2), q.flatten(2, 3))
+            _accumulate(self.dv, p.flatten(2, 3).transpose(-1, -2), do.flatten(2, 3))
+        return torch.matmul(ds.flatten(2, 3), self.k).unflatten(2, ds.shape[2:4])
+
+
+class _Column:
+    """The column part: query ``(t, r)`` sees key ``(u, r)`` of every block ``u``, computed in the
+    transposed layout ``k, v (B, H, b, nkb, .)``; gradients accumulate into ``dk, dv`` (same layout)."""
+
+    def __init__(self, k: Tensor, v: Tensor, dk: Tensor | None, dv: Tensor | None) -> None:
+        self.k, self.v, self.dk, self.dv = k, v, dk, dv
+
+    def scores(self, q: Tensor) -> Tensor:
+        return torch.matmul(q.transpose(2, 3), self.k.transpose(-1, -2)).transpose(2, 3)
+
+    def apply(self, p: Tensor) -> Tensor:
+        return torch.matmul(p.transpose(2, 3), self.v).transpose(2, 3)
+
+    def dp(self, do: Tensor) -> Tensor:
+        return torch.matmul(do.transpose(2, 3), self.v.transpose(-1, -2)).transpose(2, 3)
+
+    def backward(self, ds: Tensor, p: Tensor, q: Tensor, do: Tensor) -> Tensor:
+        dst = ds.transpose(2, 3)
+        if self.dk is not None and self.dv is not None:
+            _accumulate(self.dk, dst.transpose(-1, -2), q.transpose(2, 3))
+            _accumulate(self.dv, p.transpose(2, 3).transpose(-1, -2), do.transpose(2, 3))
+        return torch.matmul(dst, self.k).transpose(2, 3)
+
+
+Source = _Gathered | _Shared | _Column
+
+
+def _probs(q: Tensor, sources: list[Source], allowed: Tensor | None) -> tuple[Tensor, Tensor | None, list[int]]:
+    """One softmax over the concatenated scores of ``sources``, ``-inf`` where not ``allowed``; also the
+    rows with no allowed key (``dead``: their scores are left unmasked, their output is zeroed) and the
+    width of each source."""
+    scores = [src.scores(q) for src in sources]
+    sizes = [s.shape[-1] for s in scores]
+    s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
+    dead = None
+    if allowed is not None:
+        dead = ~allowed.any(-1, keepdim=True)
+        s = _mask_(s, allowed | dead)
+    return torch.softmax(s, dim=-1), dead, sizes
+
+
+def _mask_(s: Tensor, allowed: Tensor | None) -> Tensor:
+    """``s`` with ``-inf`` where not ``allowed``, in place; an additive bias without the head axis is
+    much cheaper than ``masked_fill_`` on the scores."""
+    if allowed is None:
+        return s
+    bias = torch.zeros(allowed.shape, dtype=s.dtype, device=s.device)
+    return s.add_(bias.masked_fill_(~allowed, float("-inf")))
+
+
+def _split(x: Tensor, sizes: list[int]) -> list[Tensor] | tuple[Tensor, ...]:
+    return [x] if len(sizes) == 1 else torch.split(x, sizes, dim=-1)
+
+
+def _group_forward(q: Tensor, sources: list[Source], allowed: Tensor | None) -> Tensor:
+    """Attention output ``(B, H, g, b, Ev)`` of one query group (the compute dtype)."""
+    p, dead, sizes = _probs(q, sources, allowed)
+    parts = _split(p, sizes)
+    out = sources[0].apply(parts[0])
+    for src, pp in zip(sources[1:], parts[1:]):
+        out = out + src.apply(pp)
+    return out if dead is None else out.masked_fill_(dead, 0.0)
+
+
+def _group_backward(
+    q: Tensor, sources: list[Source], allowed: Tensor | None, out: Tensor, do: Tensor, skip: Tensor | None,
+) -> Tensor:
+    """Gradient of one query group's (scaled) queries given its output ``out`` and output gradient ``do``
+    (rows in ``skip`` get none); the sources accumulate their keys'/values' gradients. The
+    probabilities are recomputed (nothing was saved): ``ds = p * (do V^T - rowsum(do * out))``."""
+    p, dead, sizes = _probs(q, sources, allowed)
+    zero = dead if skip is None else skip if dead is None else dead | skip
+    if zero is not None:
+        do = do.masked_fill(zero, 0.0)
+    delta = (do * out).sum(-1, keepdim=True)
+    dps = [src.dp(do) for src in sources]
+    ds = (dps[0] if len(dps) == 1 else torch.cat(dps, dim=-1)).sub_(delta).mul_(p)
+    dq = None
+    for src, dss, pp in zip(sources, _split(ds, sizes), _split(p, sizes)):
+        g = src.backward(dss, pp, q, do)
+        dq = g if dq is None else dq + g
+    assert dq is not None
+    return dq
+
+
+# ---- the plan: everything that does not depend on the tensors' values ------------------------------
 @dataclass
 class Plan:
     """Everything about one call that does not depend on the tensors' values: the query/key block
@@ -106,6 +247,8 @@ class Plan:
     qblk: Tensor
     idx: Tensor
     valid: Tensor
+    shifts: tuple[int | None, ...] = ()  # per layout column: constant ``idx - qblk`` (a shifted slice) or None
+    band: int = 0  # leading columns with consecutive shifts (gathered by one unfold)
     block_kpos: Tensor | None = None  # (nqb, 1, S*b)
     block_allowed: Tensor | None = None  # (nqb, b, S*b)
     column_kpos: Tensor | None = None  # (1, b, nkb)
@@ -113,6 +256,30 @@ class Plan:
     gk: Tensor | None = None  # (g,)
     global_allowed: Tensor | None = None  # (nqb, b, g)
     gq: Tensor | None = None  # global queries inside the call, relative to query 0
+
+
+def _shifts(idx: Tensor, valid: Tensor, qblk: Tensor) -> tuple[tuple[int | None, ...], int]:
+    """Per layout column, the offset ``idx - qblk`` where it is the same for every query block that uses
+    the column (else None), and the number of leading columns whose offsets are consecutive."""
+    diffs = idx - qblk[:, None]
+    shifts: list[int | None] = []
+    for s in range(idx.shape[1]):
+        d = diffs[valid[:, s], s]
+        shifts.append(0 if d.numel() == 0 else int(d[0]) if bool((d == d[0]).all()) else None)
+    band = 0
+    while band < len(shifts) and shifts[band] is not None and shifts[band] == shifts[0] + band:  # type: ignore[operator]
+        band += 1
+    return tuple(shifts), band
+
+
+def _by_rows(fn: Callable[[slice], Tensor], nqb: int, bs: int, width: int, device: torch.device) -> Tensor:
+    """The bool ``(nqb, bs, width)`` mask ``fn(slice of query blocks)``, built a few query blocks at a time
+    so that the (int64) temporaries of the predicates stay small."""
+    out = torch.empty(nqb, bs, width, dtype=torch.bool, device=device)
+    step = max(1, (1 << 20) // max(1, bs * width))
+    for a in range(0, nqb, step):
+        out[a:a + step] = fn(slice(a, a + step))
+    return out
 
 
 def make_plan(pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.device) -> Plan:
@@ -135,7 +302,7 @@ def make_plan(pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.de
         else:
             gk = None
 
-    def restrict(allowed: Tensor, kpos: Tensor) -> Tensor:
+    def restrict(allowed: Tensor, qpos: Tensor, kpos: Tensor) -> Tensor:
         allowed = allowed & (kpos < lk)
         if causal:
             allowed = allowed & (kpos <= qpos)
@@ -144,23 +311,32 @@ def make_plan(pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.de
         return allowed
 
     idx, valid, full = pattern.layout(qblk, nkb, causal)
-    plan = Plan(t0, lpad, nqb, nkb, qblk, idx, valid)
+    plan = Plan(t0, lpad, nqb, nkb, qblk, idx, valid, *_shifts(idx, valid, qblk))
     if idx.shape[1]:
         S = idx.shape[1]
         kpos = (idx[:, :, None] * bs + ar).reshape(nqb, 1, S * bs)
-        tok = pattern.allow(qpos, kpos)
-        allowed = full.repeat_interleave(bs, 1)[:, None, :]
-        allowed = allowed if tok is None else allowed | tok
+        full_k = full.repeat_interleave(bs, 1)[:, None, :]
+        valid_k = valid.repeat_interleave(bs, 1)[:, None, :]
+
+        def block_part(r: slice) -> Tensor:
+            tok = pattern.allow(qpos[r], kpos[r])
+            allowed = full_k[r] if tok is None else full_k[r] | tok
+            return restrict(allowed & valid_k[r], qpos[r], kpos[r])
+
         plan.block_kpos = kpos
-        plan.block_allowed = restrict(allowed & valid.repeat_interleave(bs, 1)[:, None, :], kpos)
+        plan.block_allowed = _by_rows(block_part, nqb, bs, S * bs, device)
     if pattern.column is not None:
+        column = pattern.column
         kpos = torch.arange(nkb, device=device)[None, None, :] * bs + ar[None, :, None]
         covered = torch.zeros(nqb, nkb, dtype=torch.bool, device=device)
         if idx.shape[1]:
             rows = torch.arange(nqb, device=device)[:, None].expand_as(idx)
             covered[rows[valid], idx[valid]] = True
         plan.column_kpos = kpos
-        plan.column_allowed = restrict(pattern.column.allow(qpos, kpos) & ~covered[:, None, :], kpos)
+        plan.column_allowed = _by_rows(
+            lambda r: restrict(column.allow(qpos[r], kpos) & ~covered[r, None, :], qpos[r], kpos), nqb, bs, nkb,
+            device,
+        )
     if gk is not None:
         kpos = gk[None, None, :]
         allowed = (kpos <= qpos) if causal else torch.ones(1, 1, 1, dtype=torch.bool, device=device)
@@ -173,91 +349,328 @@ def make_plan(pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.de
     return plan
 
 
+# ---- one call: query groups, gathers and scatters ---------------------------------------------------
+GROUP_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
+"""Default scores size of one query group, in bytes, per device type (others: the CUDA value). A
+group's other temporaries (gathered keys and values, probabilities, their gradients) are of the same
+order, so this bounds the working set; larger groups mean fewer, larger matmuls."""
+
+
+@dataclass
+class _Operands:
+    """The call's tensors in the compute dtype: keys/values ``(B, H, Lk, .)``, the global keys' rows,
+    the extra nodes and, for a column part, all keys/values in the transposed block layout."""
+
+    k: Tensor
+    v: Tensor
+    kg: Tensor | None
+    vg: Tensor | None
+    nk: Tensor | None
+    nv: Tensor | None
+    kt: Tensor | None
+    vt: Tensor | None
+
+
+@dataclass
+class _Grads:
+    """Gradient accumulators: keys/values ``(B, H, nkb * b, .)`` (padded to whole blocks), the extra
+    nodes (None: not wanted) and the column part's, in its transposed layout."""
+
+    dk: Tensor
+    dv: Tensor
+    dnk: Tensor | None
+    dnv: Tensor | None
+    dkt: Tensor | None
+    dvt: Tensor | None
+
+
+class _Call:
+    """The geometry of one call: query groups of ``group`` blocks, the key sources of a group (its
+    gathered keys, the column part) with their bool mask, and the dense rows of global queries."""
+
+    def __init__(
+        self, plan: Plan, pattern: Pattern, mask: Mask, scale: float, nodes: Nodes | None, q: Tensor, k: Tensor,
+        v: Tensor, dt: torch.dtype, group_bytes: int,
+    ) -> None:
+        self.plan, self.bs, self.scale, self.nodes, self.causal = plan, pattern.block, scale, nodes, mask.causal
+        self.B, self.H, self.Lq, self.E = q.shape
+        self.Lk, self.Ev = k.shape[2], v.shape[3]
+        bs, dev = self.bs, q.device
+        self.ar = torch.arange(bs, device=dev)
+        self.qpos = (plan.qblk[:, None] * bs + self.ar)[:, :, None]  # (nqb, b, 1)
+        self.kp = mask.key_padding
+        self.kp_pad = None if self.kp is None else F.pad(self.kp, (0, plan.nkb * bs - self.Lk), value=True)
+        self.S = plan.idx.shape[1] if plan.block_allowed is not None else 0
+        self.G = 0 if plan.gk is None else plan.gk.numel()
+        self.m = 0 if nodes is None else nodes.k.shape[2]
+        self.kmain = self.S * bs + self.G + self.m  # gathered keys per query block
+        self.ncol = plan.nkb if plan.column_allowed is not None else 0
+        width = self.kmain + self.ncol
+        if width == 0:
+            raise ValueError("the pattern lets no query see any key")
+        row_bytes = self.B * self.H * torch.finfo(dt).bits // 8
+        self.group = max(1, group_bytes // (row_bytes * bs * width))
+        # rows of global queries: tiles of (up to) all of them x enough keys to fill a group
+        self.row_group = max(1, group_bytes // (row_bytes * 512))
+        ngq = 0 if plan.gq is None else plan.gq.numel()
+        self.row_keys = max(1, group_bytes // (row_bytes * min(ngq or 1, self.row_group)))
+        self.skip = None  # query positions (padded, in blocks) whose rows the global-query rows replace
+        if plan.gq is not None:
+            self.skip = torch.zeros(plan.nqb * bs, dtype=torch.bool, device=dev)
+            self.skip[plan.gq + plan.lpad] = True
+            self.skip = self.skip.view(plan.nqb, bs, 1)
+
+    # ---- tensors -------------------------------------------------------------------------------
+    def operands(self, k: Tensor, v: Tensor, nk: Tensor | None, nv: Tensor | None) -> _Operands:
+        kg = vg = kt = vt = None
+        if self.G:
+            kg, vg = k[:, :, self.plan.gk], v[:, :, self.plan.gk]
+        if self.ncol:
+            kt, vt = (self._blocks(x, 0, self.plan.nkb).transpose(2, 3).contiguous() for x in (k, v))
+        return _Operands(k, v, kg, vg, nk, nv, kt, vt)
+
+    def grads(self, k: Tensor, v: Tensor, nk: Tensor | None, nodes_grad: bool) -> _Grads:
+        n, bs = self.plan.nkb, self.bs
+        zeros = lambda *shape: torch.zeros(*shape, dtype=k.dtype, device=k.device)  # noqa: E731
+        dnk = dnv = dkt = dvt = None
+        if nk is not None and nodes_grad:
+            dnk, dnv = zeros(*nk.shape), zeros(*nk.shape[:3], self.Ev)
+        if self.ncol:
+            dkt, dvt = zeros(self.B, self.H, bs, n, self.E), zeros(self.B, self.H, bs, n, self.Ev)
+        return _Grads(zeros(self.B, self.H, n * bs, self.E), zeros(self.B, self.H, n * bs, self.Ev), dnk, dnv, dkt, dvt)
+
+    def _blocks(self, x: Tensor, c0: int, c1: int) -> Tensor:
+        """Key blocks ``c0:c1`` of ``x (B, H, Lk, D)`` as ``(B, H, c1 - c0, b, D)``, zeros outside."""
+        return _rows(x, c0 * self.bs, c1 * self.bs).unflatten(2, (c1 - c0, self.bs))
+
+    def _rows_of(self, x: Tensor, j0: int, j1: int) -> Tensor:
+        """Rows of query blocks ``j0:j1`` of ``x (B, H, Lq, D)`` as ``(B, H, g, b, D)``."""
+        a = j0 * self.bs - self.plan.lpad
+        return _rows(x, a, a + (j1 - j0) * self.bs).unflatten(2, (j1 - j0, self.bs))
+
+    def gather(self, x: Tensor, xg: Tensor | None, xn: Tensor | None, j0: int, j1: int) -> Tensor:
+        """The keys (or values) query blocks ``j0:j1`` see, ``(B, H, g, kmain, D)``: the layout's blocks
+        (a band of consecutive offsets by one unfold, other constant offsets as slices, the rest by
+        ``index_select``), then the global keys and the extra nodes."""
+        plan, bs, g = self.plan, self.bs, j1 - j0
+        buf = x.new_empty(*x.shape[:2], g, self.kmain, x.shape[3])
+        a, nb = plan.t0 + j0, plan.band
+        if nb:
+            c = a + plan.shifts[0]  # type: ignore[operator]
+            win = self._blocks(x, c, c + g + nb - 1).unfold(2, nb, 1)  # (B, H, g, b, D, nb)
+            buf[:, :, :, :nb * bs].unflatten(3, (nb, bs)).copy_(win.permute(0, 1, 2, 5, 3, 4))
+        for s in range(nb, self.S):
+            dst, d = buf[:, :, :, s * bs:(s + 1) * bs], plan.shifts[s]
+            if d is not None:
+                dst.copy_(self._blocks(x, a + d, a + d + g))
+            else:
+                tok = (plan.idx[j0:j1, s, None] * bs + self.ar).clamp_(max=x.shape[2] - 1).flatten()
+                dst.copy_(x.index_select(2, tok).unflatten(2, (g, bs)))
+        o = self.S * bs
+        if xg is not None:
+            buf[:, :, :, o:o + self.G] = xg[:, :, None]
+            o += self.G
+        if xn is not None:
+            buf[:, :, :, o:] = xn[:, :, None]
+        return buf
+
+    def scatter(self, acc: Tensor, nacc: Tensor | None, grad: Tensor, j0: int, j1: int) -> None:
+        """The adjoint of :meth:`gather`: adds ``grad (B, H, g, kmain, D)`` into ``acc (B, H, nkb * b, D)``
+        and the extra nodes' part into ``nacc``."""
+        plan, bs = self.plan, self.bs
+        blocks = acc.unflatten(2, (plan.nkb, bs))
+        a, nb = plan.t0 + j0, plan.band
+        if nb:
+            c = a + plan.shifts[0]  # type: ignore[operator]
+            band = grad[:, :, :, :nb * bs].unflatten(3, (nb, bs))
+            for s in range(nb):
+                _add_blocks(blocks, c + s, band[:, :, :, s])
+        for s in range(nb, self.S):
+            src, d = grad[:, :, :, s * bs:(s + 1) * bs], plan.shifts[s]
+            if d is not None:
+                _add_blocks(blocks, a + d, src)
+            else:
+                blocks.index_add_(2, plan.idx[j0:j1, s], src)
+        o = self.S * bs
+        if self.G:
+            acc.index_add_(2, plan.gk, grad[:, :, :, o:o + self.G].sum(2))  # type: ignore[arg-type]
+            o += self.G
+        if nacc is not None:
+            nacc += grad[:, :, :, o:].sum(2)
+
+    # ---- query groups --------------------------------------------------------------------------
+    def groups(self) -> list[tuple[int, int]]:
+        n = self.plan.nqb
+        return [(j, min(j + self.group, n)) for j in range(0, n, self.group)]
+
+    def queries(self, q: Tensor, j0: int, j1: int) -> Tensor:
+        return self._rows_of(q, j0, j1) * self.scale
+
+    def sources(self, ops: _Operands, grads: _Grads | None, j0: int, j1: int) -> list[Source]:
+        out: list[Source] = []
+        if self.kmain:
+            kk = self.gather(ops.k, ops.kg, ops.nk, j0, j1)
+            vv = self.gather(ops.v, ops.vg, ops.nv, j0, j1)
+            scatter = None
+            if grads is not None:
+                def scatter(dk: Tensor, dv: Tensor, g: _Grads = grads) -> None:
+                    self.scatter(g.dk, g.dnk, dk, j0, j1)
+                    self.scatter(g.dv, g.dnv, dv, j0, j1)
+            out.append(_Gathered(kk, vv, scatter))
+        if self.ncol:
+            assert ops.kt is not None and ops.vt is not None
+            out.append(_Column(ops.kt, ops.vt, grads and grads.dkt, grads and grads.dvt))
+        return out
+
+    def allowed(self, j0: int, j1: int) -> Tensor:
+        """Bool ``(B|1, 1, g, b, kmain + ncol)``: which of a group's keys each of its queries may see."""
+        plan, kp, kp_pad = self.plan, self.kp, self.kp_pad
+        parts = []
+        if self.S:
+            a = plan.block_allowed[j0:j1][None, None]  # type: ignore[index]
+            if kp_pad is not None:
+                a = a & ~kp_pad[:, plan.block_kpos[j0:j1]][:, None]  # type: ignore[index]
+            parts.append(a)
+        if self.G:
+            a = plan.global_allowed[j0:j1][None, None]  # type: ignore[index]
+            if kp is not None:
+                a = a & ~kp[:, plan.gk][:, None, None, None, :]
+            parts.append(a)
+        if self.nodes is not None:
+            parts.append(self.nodes.mask(self.qpos[j0:j1]))
+        if self.ncol:
+            a = plan.column_allowed[j0:j1][None, None]  # type: ignore[index]
+            if kp_pad is not None:
+                a = a & ~kp_pad[:, plan.column_kpos][:, None]
+            parts.append(a)
+        if len(parts) == 1:
+            return parts[0]
+        lead = torch.broadcast_shapes(*[a.shape[:-1] for a in parts])
+        return torch.cat([a.expand(*lead, a.shape[-1]) for a in parts], dim=-1)
+
+    # ---- dense rows of global queries -----------------------------------------------------------
+    def row_chunks(self) -> list[Tensor]:
+        gq = self.plan.gq
+        return [] if gq is None else list(gq.split(self.row_group))
+
+    def row_queries(self, q: Tensor, rows: Tensor) -> Tensor:
+        return (q.index_select(2, rows) * self.scale)[:, :, None]  # (B, H, 1, c, E)
+
+    def row_tiles(self, ops: _Operands, grads: _Grads | None, rows: Tensor) -> Iterator[tuple[_Shared, Tensor | None]]:
+        """Global queries see every key (and every allowed extra node): tiles of ``row_keys`` keys with
+        their bool masks (causally empty tiles skipped), then the extra nodes."""
+        qpos = rows + (self.Lk - self.Lq)
+        end = min(self.Lk, int(qpos.max()) + 1) if self.causal else self.Lk
+        for k0 in range(0, end, self.row_keys):
+            k1 = min(k0 + self.row_keys, self.Lk)
+            a = None
+            if self.causal:
+                a = (torch.arange(k0, k1, device=rows.device) <= qpos[:, None])[None, None, None]
+            if self.kp is not None:
+                pad = ~self.kp[:, None, None, None, k0:k1]
+                a = pad if a is None else a & pad
+            acc = (None, None) if grads is None else (grads.dk[:, :, k0:k1], grads.dv[:, :, k0:k1])
+            yield _Shared(ops.k[:, :, k0:k1], ops.v[:, :, k0:k1], *acc), a
+        if ops.nk is not None and ops.nv is not None:
+            assert self.nodes is not None
+            acc = (None, None) if grads is None else (grads.dnk, grads.dnv)
+            yield _Shared(ops.nk, ops.nv, *acc), self.nodes.mask(qpos[None, :, None])
+
+    # ---- forward and backward -------------------------------------------------------------------
+    def forward(self, q: Tensor, ops: _Operands) -> tuple[Tensor, Tensor | None]:
+        """The output and the log-sum-exp of the global-query rows (None: there are none)."""
+        out = q.new_empty(self.B, self.H, self.Lq, self.Ev)
+        for j0, j1 in self.groups():
+            o = _group_forward(self.queries(q, j0, j1), self.sources(ops, None, j0, j1), self.allowed(j0, j1))
+            _put_rows(out, j0 * self.bs - self.plan.lpad, o.flatten(2, 3))
+        lses = []
+        for rows in self.row_chunks():
+            qr = self.row_queries(q, rows)
+            o, lse = merge_tiles(tile_stats(_mask_(src.scores(qr), a), src.apply) for src, a in self.row_tiles(ops, None, rows))
+            out.index_copy_(2, rows, o[:, :, 0])
+            lses.append(lse)
+        return out, torch.cat(lses, dim=3) if lses else None
+
+    def backward(
+        self, q: Tensor, ops: _Operands, out: Tensor, row_lse: Tensor | None, do: Tensor, grads: _Grads,
+    ) -> Tensor:
+        """dq; the keys'/values' gradients accumulate into ``grads``."""
+        dq = q.new_empty(q.shape)
+        for j0, j1 in self.groups():
+            skip = None if self.skip is None else self.skip[j0:j1]
+            g = _group_backward(
+                self.queries(q, j0, j1), self.sources(ops, grads, j0, j1), self.allowed(j0, j1),
+                self._rows_of(out, j0, j1), self._rows_of(do, j0, j1), skip,
+            )
+            _put_rows(dq, j0 * self.bs - self.plan.lpad, (g * self.scale).flatten(2, 3))
+        c0 = 0
+        for rows in self.row_chunks():  # flash-style: p = exp(s - lse) tile by tile
+            assert row_lse is not None
+            qr, lse = self.row_queries(q, rows), row_lse[:, :, :, c0:c0 + len(rows)]
+            c0 += len(rows)
+            d_o = do.index_select(2, rows)[:, :, None]
+            delta = (d_o * out.index_select(2, rows)[:, :, None]).sum(-1, keepdim=True)
+            dqr = torch.zeros_like(qr)
+            for src, a in self.row_tiles(ops, grads, rows):
+                p = _mask_(src.scores(qr), a).sub_(lse).exp_()
+                dqr += src.backward(src.dp(d_o).sub_(delta).mul_(p), p, qr, d_o)
+            dq.index_copy_(2, rows, dqr[:, :, 0] * self.scale)
+        if self.ncol:
+            assert grads.dkt is not None and grads.dvt is not None
+            grads.dk.unflatten(2, (self.plan.nkb, self.bs)).add_(grads.dkt.transpose(2, 3))
+            grads.dv.unflatten(2, (self.plan.nkb, self.bs)).add_(grads.dvt.transpose(2, 3))
+        return dq
+
+
+class _BlockSparse(torch.autograd.Function):
+    """Forward group by group, saving only the inputs and the output; backward recomputes each group's
+    probabilities (flash-style), so no tensor of all scores ever exists."""
+
+    @staticmethod
+    def forward(ctx: Any, call: _Call, q: Tensor, k: Tensor, v: Tensor, nk: Tensor | None, nv: Tensor | None) -> Tensor:
+        out, row_lse = call.forward(q, call.operands(k, v, nk, nv))
+        ctx.call = call
+        ctx.save_for_backward(q, k, v, nk, nv, out, row_lse)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, do: Tensor) -> tuple[Tensor | None, ...]:
+        call: _Call = ctx.call
+        q, k, v, nk, nv, out, row_lse = ctx.saved_tensors
+        nodes_grad = bool(ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
+        grads = call.grads(k, v, nk, nodes_grad)
+        dq = call.backward(q, call.operands(k, v, nk, nv), out, row_lse, do, grads)
+        lk = call.Lk
+        dk, dv = grads.dk[:, :, :lk], grads.dv[:, :, :lk]
+        if dk.shape[2] != grads.dk.shape[2]:
+            dk, dv = dk.contiguous(), dv.contiguous()
+        return None, dq, dk, dv, grads.dnk, grads.dnv
+
+
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, pattern: Pattern, nodes: Nodes | None = None,
-    plan: Plan | None = None,
+    plan: Plan | None = None, group_bytes: int | None = None,
 ) -> Tensor:
     """Sparse attention of ``q (B, H, Lq, E)`` over ``k, v (B, H, Lk, .)`` under ``pattern`` (and the
     causal / key-padding ``mask``), optionally with extra ``nodes``. ``plan`` (from :func:`make_plan`
-    with the same pattern, lengths and causality) skips rebuilding the masks. Returns ``(B, H, Lq, Ev)``."""
-    B, H, Lq, E = q.shape
-    Lk, Ev = k.shape[2], v.shape[3]
-    bs, dev = pattern.block, q.device
+    with the same pattern, lengths and causality) skips rebuilding the masks. ``group_bytes``: the size of
+    one query group's scores (default :data:`GROUP_BYTES` of the device). Returns ``(B, H, Lq, Ev)``."""
     if plan is None:
-        plan = make_plan(pattern, Lq, Lk, mask.causal, dev)
-    nqb, nkb, lpad = plan.nqb, plan.nkb, plan.lpad
+        plan = make_plan(pattern, q.shape[2], k.shape[2], mask.causal, q.device)
+    if group_bytes is None:
+        group_bytes = GROUP_BYTES.get(q.device.type, GROUP_BYTES["cuda"])
     dt = compute_dtype(q.dtype)
     q_, k_, v_ = q.to(dt), k.to(dt), v.to(dt)
-    qb = _pad_len(q_ * scale, lpad, nqb * bs - lpad - Lq).view(B, H, nqb, bs, E)
-    kb = _pad_len(k_, 0, nkb * bs - Lk).view(B, H, nkb, bs, E)
-    vb = _pad_len(v_, 0, nkb * bs - Lk).view(B, H, nkb, bs, Ev)
-    kp = mask.key_padding
-    kp_pad = None if kp is None else F.pad(kp, (0, nkb * bs - Lk), value=True)
-
-    def with_padding(allowed: Tensor, kpos: Tensor) -> Tensor:
-        allowed = allowed[None, None]
-        if kp_pad is not None:
-            allowed = allowed & ~kp_pad[:, kpos][:, None]
-        return allowed
-
-    scores, allows, apply = [], [], []
-    # 1. gathered blocks
-    if plan.block_allowed is not None:
-        kg = torch.cat(_gather_blocks(kb, plan.idx, plan.valid, plan.qblk), dim=3)  # (B, H, nqb, S*bs, E)
-        vg = torch.cat(_gather_blocks(vb, plan.idx, plan.valid, plan.qblk), dim=3)
-        scores.append(torch.matmul(qb, kg.transpose(-1, -2)))
-        allows.append(with_padding(plan.block_allowed, plan.block_kpos))
-        apply.append(lambda p, vg=vg: torch.matmul(p, vg))
-    # 2. column part: query (t, r) and key (u, r), transposed layout
-    if plan.column_allowed is not None:
-        s = torch.matmul(qb.transpose(2, 3), kb.transpose(2, 3).transpose(-1, -2))  # (B, H, bs, nqb, nkb)
-        scores.append(s.transpose(2, 3))
-        allows.append(with_padding(plan.column_allowed, plan.column_kpos.clamp(max=nkb * bs - 1)))
-        vt = vb.transpose(2, 3)
-        apply.append(lambda p, vt=vt: torch.matmul(p.transpose(2, 3), vt).transpose(2, 3))
-    # 3. global keys
-    if plan.gk is not None:
-        gk = plan.gk
-        kG, vG = k_[:, :, gk][:, :, None], v_[:, :, gk][:, :, None]
-        scores.append(torch.matmul(qb, kG.transpose(-1, -2)))
-        allows.append(with_padding(plan.global_allowed, gk[None, None, :]))
-        apply.append(lambda p, vG=vG: torch.matmul(p, vG))
-    # 4. extra nodes
+    nk = nv = None
     if nodes is not None:
-        qpos = (plan.qblk[:, None] * bs + torch.arange(bs, device=dev))[:, :, None]
-        nk, nv = nodes.k.to(dt)[:, :, None], nodes.v.to(dt)[:, :, None]
-        scores.append(torch.matmul(qb, nk.transpose(-1, -2)))
-        allows.append(nodes.mask(qpos))
-        apply.append(lambda p, nv=nv: torch.matmul(p, nv))
-    if not scores:
-        raise ValueError("the pattern lets no query see any key")
-
-    sizes = [s.shape[-1] for s in scores]
-    s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
-    if len(allows) == 1:
-        allowed = allows[0]
-    else:
-        lead = torch.broadcast_shapes(*[a.shape[:-1] for a in allows])
-        allowed = torch.cat([a.expand(*lead, a.shape[-1]) for a in allows], dim=-1)
-    dead = ~allowed.any(-1, keepdim=True)
-    bias = torch.zeros(allowed.shape, dtype=dt, device=dev).masked_fill_(~(allowed | dead), float("-inf"))
-    s = s.add_(bias)  # in place (no matmul saves its output); the backward of an add is free
-    p = torch.softmax(s, dim=-1)
-    parts = [p] if len(sizes) == 1 else torch.split(p, sizes, dim=-1)
-    out = apply[0](parts[0])
-    for f, pp in zip(apply[1:], parts[1:]):
-        out = out + f(pp)
-    if bool(dead.any()):
-        out = out.masked_fill(dead, 0.0)
-    out = out.reshape(B, H, nqb * bs, Ev)[:, :, lpad:lpad + Lq]
-    # global queries: dense rows over all keys
-    if plan.gq is not None:
-        off = Lk - Lq
-        rows = dense_pattern_attention(
-            q_[:, :, plan.gq], k_, v_, plan.gq + off, torch.arange(Lk, device=dev), scale, pattern,
-            causal=mask.causal, key_padding=kp, nodes=nodes,
-        )
-        out = out.index_copy(2, plan.gq, rows)
+        nk, nv = nodes.k.to(dt), nodes.v.to(dt)
+    call = _Call(plan, pattern, mask, scale, nodes, q_, k_, v_, dt, group_bytes)
+    tensors = [t for t in (q_, k_, v_, nk, nv) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        out = _BlockSparse.apply(call, q_, k_, v_, nk, nv)
+    else:  # inference: one pass, nothing saved
+        out = call.forward(q_, call.operands(k_, v_, nk, nv))[0]
     return out.to(q.dtype)
 
 
