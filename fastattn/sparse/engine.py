@@ -426,7 +426,8 @@ class _Call:
             dnk, dnv = zeros(*nk.shape), zeros(*nk.shape[:3], self.Ev)
         if self.ncol:
             dkt, dvt = zeros(self.B, self.H, bs, n, self.E), zeros(self.B, self.H, bs, n, self.Ev)
-        return _Grads(zeros(self.B, self.H, n * bs, self.E), zeros(self.B, self.H, n * bs, self.Ev), dnk, dnv, dkt, dvt)
+        dk, dv = zeros(self.B, self.H, n * bs, self.E), zeros(self.B, self.H, n * bs, self.Ev)
+        return _Grads(dk, dv, dnk, dnv, dkt, dvt)
 
     def _rows_of(self, x: Tensor, j0: int, j1: int) -> Tensor:
         """Rows of query blocks ``j0:j1`` of ``x (B, H, Lq, D)`` as ``(B, H, g, b, D)``."""
@@ -515,7 +516,9 @@ class _Call:
     def row_queries(self, q: Tensor, rows: Tensor) -> Tensor:
         return (q.index_select(2, rows) * self.scale)[:, :, None]  # (B, H, 1, c, E)
 
-    def row_tiles(self, ops: _Operands, grads: _Grads | None, rows: Tensor) -> Iterator[tuple[_Shared, Tensor | None]]:
+    def row_tiles(
+        self, ops: _Operands, grads: _Grads | None, rows: Tensor,
+    ) -> Iterator[tuple[_Shared, Tensor | None]]:
         """Global queries see every key (and every allowed extra node): tiles of ``row_keys`` keys with
         their bool masks (causally empty tiles skipped), then the extra nodes."""
         qpos = rows + (self.Lk - self.Lq)
@@ -547,7 +550,8 @@ class _Call:
         lses = []
         for rows in self.row_chunks():
             qr = self.row_queries(q, rows)
-            o, lse = merge_tiles(tile_stats(_mask_(src.scores(qr), a), src.apply) for src, a in self.row_tiles(ops, None, rows))
+            tiles = self.row_tiles(ops, None, rows)
+            o, lse = merge_tiles(tile_stats(_mask_(src.scores(qr), a), src.apply) for src, a in tiles)
             out.index_copy_(2, rows, o[:, :, 0])
             lses.append(lse)
         return out, torch.cat(lses, dim=3) if lses else None
