@@ -236,6 +236,25 @@ def test_sparse_mechanisms_in_one_block_groups_equal_reference(spec, monkeypatch
         _check_fast_equals_reference(make_mech(spec), causal_flags=(True,), lq=29)
 
 
+def test_engine_global_rows_in_key_tiles_survive_masked_tiles_and_extreme_scores():
+    """The rows of global queries are an online softmax over key tiles; a tile whose keys are all masked
+    (padding) must not move the running maximum (scores near -2000 would underflow to a zero row)."""
+    g = torch.Generator().manual_seed(6)
+    u = torch.randn(E, generator=g, dtype=torch.float64)
+    k = u.expand(B, 2, L, E).clone().requires_grad_(True)
+    q = torch.randn(B, 2, L, E, generator=g, dtype=torch.float64)
+    q[:, :, 5] = -2000.0 / (0.25 * u.dot(u)) * u  # every score of the global query 5 is -2000
+    q.requires_grad_(True)
+    v = torch.randn(B, 2, L, EV, generator=g, dtype=torch.float64, requires_grad=True)
+    pat = Pattern(8, (Window(2),), global_queries=torch.tensor([5]))
+    mask = Mask(L, L, key_padding=padding_mask())
+    ref = pattern_reference(q, k, v, mask, 0.25, pat)
+    out = block_sparse_attention(q, k, v, mask, 0.25, pat, group_bytes=1)  # one key per tile
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor any operation returns (forward and backward) and which ops ran."""
 

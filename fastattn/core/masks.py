@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Mask", "masked_softmax", "safe_rowmax", "softmax_stats", "NEG_INF"]
+__all__ = ["Mask", "finite_or_zero", "masked_softmax", "safe_rowmax", "softmax_stats", "NEG_INF"]
 
 NEG_INF = float("-inf")
 
@@ -101,8 +101,12 @@ class Mask:
 
 def safe_rowmax(scores: Tensor, dim: int = -1) -> Tensor:
     """Max over ``dim`` (kept) with all-masked (``-inf``) rows replaced by 0, detached."""
-    m = scores.detach().amax(dim=dim, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return finite_or_zero(scores.detach().amax(dim=dim, keepdim=True))
+
+
+def finite_or_zero(x: Tensor) -> Tensor:
+    """``x`` with its infinite entries replaced by 0."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
 def softmax_stats(scores: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from .masks import Mask, safe_rowmax
+from .masks import Mask, finite_or_zero
 
 __all__ = ["block_scores", "key_block_stats", "merge_tiles", "online_softmax", "tile_stats"]
 
@@ -47,10 +47,11 @@ def key_block_stats(
 def tile_stats(
     s: Tensor, apply: Callable[[Tensor], Tensor], dropout_p: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(a, l, m)`` of a tile of masked scores ``s``: ``m`` row max (detached, 0 where all masked),
-    ``l`` row sum of ``e = exp(s - m)``, ``a = apply(dropout(e))`` (``e V`` for the tile's values)."""
-    m = safe_rowmax(s)
-    e = torch.exp(s - m)
+    """``(a, l, m)`` of a tile of masked scores ``s``: ``m`` row max (detached; ``-inf`` where the tile
+    has no allowed key, so that such a tile cannot move the running maximum), ``l`` row sum of
+    ``e = exp(s - m)``, ``a = apply(dropout(e))`` (``e V`` for the tile's values)."""
+    m = s.detach().amax(dim=-1, keepdim=True)
+    e = torch.exp(s - finite_or_zero(m))
     l = e.sum(dim=-1, keepdim=True)
     if dropout_p > 0:
         e = torch.nn.functional.dropout(e, dropout_p)
@@ -67,7 +68,8 @@ def merge_tiles(tiles: Iterable[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor,
             acc, l, m = a_j, l_j, m_j
             continue
         m_new = torch.maximum(m, m_j)
-        c_old, c_new = torch.exp(m - m_new), torch.exp(m_j - m_new)
+        ref = finite_or_zero(m_new)  # -inf only while every key so far is masked
+        c_old, c_new = torch.exp(m - ref), torch.exp(m_j - ref)
         acc = acc * c_old + a_j * c_new
         l = l * c_old + l_j * c_new
         m = m_new

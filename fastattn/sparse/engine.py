@@ -4,9 +4,8 @@ For a :class:`~fastattn.sparse.patterns.Pattern` with block size ``b``, queries 
 multiples of ``b`` and viewed as ``(B, H, blocks, b, E)``. Each query block then sees up to four key
 *sources*, whose scores are concatenated and normalised by one softmax (a key is never counted twice):
 
-1. **gathered blocks**: the key blocks named by the pattern's layout (a band of consecutive offsets such
-   as a sliding window by one ``unfold``, other constant offsets as shifted slices, other blocks by
-   ``index_select``), one batched matmul;
+1. **gathered blocks**: the key blocks named by the pattern's layout (one ``index_select`` of blocks),
+   one batched matmul;
 2. **the column part**: keys at the same offset of every block, a matmul in the transposed layout;
 3. **global keys**: a few positions every query sees;
 4. **extra nodes**: keys/values that are not sequence positions (memory, relay, summary tokens).
@@ -79,18 +78,11 @@ def _rows(x: Tensor, a: int, b: int) -> Tensor:
     return part if (lo, hi) == (a, b) else F.pad(part, (0, 0, lo - a, b - hi))
 
 
-def _put_rows(dst: Tensor, a: int, src: Tensor) -> None:
-    """``dst[:, :, a:a + len(src)] = src``, dropping the rows of ``src`` that fall outside ``dst``."""
+def _put_rows(dst: Tensor, a: int, src: Tensor, scale: float = 1.0) -> None:
+    """``dst[:, :, a:a + len(src)] = src * scale``, dropping the rows of ``src`` that fall outside ``dst``."""
     lo, hi = max(a, 0), min(a + src.shape[2], dst.shape[2])
     if lo < hi:
-        dst[:, :, lo:hi] = src[:, :, lo - a:hi - a]
-
-
-def _add_blocks(acc: Tensor, c: int, src: Tensor) -> None:
-    """``acc[:, :, c:c + len(src)] += src`` (blocks on axis 2), dropping the blocks outside ``acc``."""
-    lo, hi = max(c, 0), min(c + src.shape[2], acc.shape[2])
-    if lo < hi:
-        acc[:, :, lo:hi] += src[:, :, lo - c:hi - c]
+        torch.mul(src[:, :, lo - a:hi - a], scale, out=dst[:, :, lo:hi])
 
 
 def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -175,18 +167,20 @@ class _Column:
 Source = _Gathered | _Shared | _Column
 
 
-def _probs(q: Tensor, sources: list[Source], allowed: Tensor | None) -> tuple[Tensor, Tensor | None, list[int]]:
+def _probs(
+    q: Tensor, sources: list[Source], allowed: Tensor, maybe_dead: bool,
+) -> tuple[Tensor, Tensor | None, list[int]]:
     """One softmax over the concatenated scores of ``sources``, ``-inf`` where not ``allowed``; also the
-    rows with no allowed key (``dead``: their scores are left unmasked, their output is zeroed) and the
-    width of each source."""
+    rows with no allowed key (``dead``, looked for only if ``maybe_dead``: their scores are left
+    unmasked, their output is zeroed) and the width of each source."""
     scores = [src.scores(q) for src in sources]
     sizes = [s.shape[-1] for s in scores]
     s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
     dead = None
-    if allowed is not None:
+    if maybe_dead:
         dead = ~allowed.any(-1, keepdim=True)
-        s = _mask_(s, allowed | dead)
-    return torch.softmax(s, dim=-1), dead, sizes
+        allowed = allowed | dead
+    return torch.softmax(_mask_(s, allowed), dim=-1), dead, sizes
 
 
 def _mask_(s: Tensor, allowed: Tensor | None) -> Tensor:
@@ -194,17 +188,16 @@ def _mask_(s: Tensor, allowed: Tensor | None) -> Tensor:
     much cheaper than ``masked_fill_`` on the scores."""
     if allowed is None:
         return s
-    bias = torch.zeros(allowed.shape, dtype=s.dtype, device=s.device)
-    return s.add_(bias.masked_fill_(~allowed, float("-inf")))
+    return s.add_(torch.where(allowed, 0.0, float("-inf")))
 
 
 def _split(x: Tensor, sizes: list[int]) -> list[Tensor] | tuple[Tensor, ...]:
     return [x] if len(sizes) == 1 else torch.split(x, sizes, dim=-1)
 
 
-def _group_forward(q: Tensor, sources: list[Source], allowed: Tensor | None) -> Tensor:
+def _group_forward(q: Tensor, sources: list[Source], allowed: Tensor, maybe_dead: bool) -> Tensor:
     """Attention output ``(B, H, g, b, Ev)`` of one query group (the compute dtype)."""
-    p, dead, sizes = _probs(q, sources, allowed)
+    p, dead, sizes = _probs(q, sources, allowed, maybe_dead)
     parts = _split(p, sizes)
     out = sources[0].apply(parts[0])
     for src, pp in zip(sources[1:], parts[1:]):
@@ -213,18 +206,17 @@ def _group_forward(q: Tensor, sources: list[Source], allowed: Tensor | None) -> 
 
 
 def _group_backward(
-    q: Tensor, sources: list[Source], allowed: Tensor | None, out: Tensor, do: Tensor, skip: Tensor | None,
+    q: Tensor, sources: list[Source], allowed: Tensor, maybe_dead: bool, do: Tensor, skip: Tensor | None,
 ) -> Tensor:
-    """Gradient of one query group's (scaled) queries given its output ``out`` and output gradient ``do``
-    (rows in ``skip`` get none); the sources accumulate their keys'/values' gradients. The
-    probabilities are recomputed (nothing was saved): ``ds = p * (do V^T - rowsum(do * out))``."""
-    p, dead, sizes = _probs(q, sources, allowed)
+    """Gradient of one query group's (scaled) queries given its output gradient ``do`` (rows in ``skip``
+    get none); the sources accumulate their keys'/values' gradients. The probabilities are recomputed
+    (nothing was saved), ``ds`` is softmax's backward of ``dp = do V^T``."""
+    p, dead, sizes = _probs(q, sources, allowed, maybe_dead)
     zero = dead if skip is None else skip if dead is None else dead | skip
     if zero is not None:
         do = do.masked_fill(zero, 0.0)
-    delta = (do * out).sum(-1, keepdim=True)
     dps = [src.dp(do) for src in sources]
-    ds = (dps[0] if len(dps) == 1 else torch.cat(dps, dim=-1)).sub_(delta).mul_(p)
+    ds = torch._softmax_backward_data(dps[0] if len(dps) == 1 else torch.cat(dps, dim=-1), p, -1, p.dtype)
     dq = None
     for src, dss, pp in zip(sources, _split(ds, sizes), _split(p, sizes)):
         g = src.backward(dss, pp, q, do)
@@ -247,8 +239,6 @@ class Plan:
     qblk: Tensor
     idx: Tensor
     valid: Tensor
-    shifts: tuple[int | None, ...] = ()  # per layout column: constant ``idx - qblk`` (a shifted slice) or None
-    band: int = 0  # leading columns with consecutive shifts (gathered by one unfold)
     block_kpos: Tensor | None = None  # (nqb, 1, S*b)
     block_allowed: Tensor | None = None  # (nqb, b, S*b)
     column_kpos: Tensor | None = None  # (1, b, nkb)
@@ -256,20 +246,7 @@ class Plan:
     gk: Tensor | None = None  # (g,)
     global_allowed: Tensor | None = None  # (nqb, b, g)
     gq: Tensor | None = None  # global queries inside the call, relative to query 0
-
-
-def _shifts(idx: Tensor, valid: Tensor, qblk: Tensor) -> tuple[tuple[int | None, ...], int]:
-    """Per layout column, the offset ``idx - qblk`` where it is the same for every query block that uses
-    the column (else None), and the number of leading columns whose offsets are consecutive."""
-    diffs = idx - qblk[:, None]
-    shifts: list[int | None] = []
-    for s in range(idx.shape[1]):
-        d = diffs[valid[:, s], s]
-        shifts.append(0 if d.numel() == 0 else int(d[0]) if bool((d == d[0]).all()) else None)
-    band = 0
-    while band < len(shifts) and shifts[band] is not None and shifts[band] == shifts[0] + band:  # type: ignore[operator]
-        band += 1
-    return tuple(shifts), band
+    dead_rows: bool = True  # may some (possibly padded) query row see no key at all?
 
 
 def _by_rows(fn: Callable[[slice], Tensor], nqb: int, bs: int, width: int, device: torch.device) -> Tensor:
@@ -311,7 +288,7 @@ def make_plan(pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.de
         return allowed
 
     idx, valid, full = pattern.layout(qblk, nkb, causal)
-    plan = Plan(t0, lpad, nqb, nkb, qblk, idx, valid, *_shifts(idx, valid, qblk))
+    plan = Plan(t0, lpad, nqb, nkb, qblk, idx, valid)
     if idx.shape[1]:
         S = idx.shape[1]
         kpos = (idx[:, :, None] * bs + ar).reshape(nqb, 1, S * bs)
@@ -346,11 +323,16 @@ def make_plan(pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.de
         gq = gq.to(device)
         gq = gq[(gq >= off) & (gq < off + lq)] - off
         plan.gq = gq if gq.numel() else None
+    seen = torch.zeros(nqb, bs, dtype=torch.bool, device=device)
+    for a in (plan.block_allowed, plan.column_allowed, plan.global_allowed):
+        if a is not None:
+            seen |= a.any(-1)
+    plan.dead_rows = not bool(seen.all())
     return plan
 
 
 # ---- one call: query groups, gathers and scatters ---------------------------------------------------
-GROUP_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
+GROUP_BYTES = {"cpu": 4 << 20, "cuda": 256 << 20}
 """Default scores size of one query group, in bytes, per device type (others: the CUDA value). A
 group's other temporaries (gathered keys and values, probabilities, their gradients) are of the same
 order, so this bounds the working set; larger groups mean fewer, larger matmuls."""
@@ -358,11 +340,14 @@ order, so this bounds the working set; larger groups mean fewer, larger matmuls.
 
 @dataclass
 class _Operands:
-    """The call's tensors in the compute dtype: keys/values ``(B, H, Lk, .)``, the global keys' rows,
-    the extra nodes and, for a column part, all keys/values in the transposed block layout."""
+    """The call's tensors in the compute dtype: keys/values ``(B, H, Lk, .)`` and as blocks ``(B, H, nkb,
+    b, .)`` (zero-padded), the global keys' rows, the extra nodes and, for a column part, all keys/values
+    in the transposed block layout ``(B, H, b, nkb, .)``."""
 
     k: Tensor
     v: Tensor
+    kb: Tensor
+    vb: Tensor
     kg: Tensor | None
     vg: Tensor | None
     nk: Tensor | None
@@ -414,6 +399,8 @@ class _Call:
         self.row_group = max(1, group_bytes // (row_bytes * 512))
         ngq = 0 if plan.gq is None else plan.gq.numel()
         self.row_keys = max(1, group_bytes // (row_bytes * min(ngq or 1, self.row_group)))
+        # rows with no allowed key (zeroed) can only come from padding, extra nodes or the plan
+        self.maybe_dead = self.kp is not None or nodes is not None or plan.dead_rows
         self.skip = None  # query positions (padded, in blocks) whose rows the global-query rows replace
         if plan.gq is not None:
             self.skip = torch.zeros(plan.nqb * bs, dtype=torch.bool, device=dev)
@@ -423,11 +410,13 @@ class _Call:
     # ---- tensors -------------------------------------------------------------------------------
     def operands(self, k: Tensor, v: Tensor, nk: Tensor | None, nv: Tensor | None) -> _Operands:
         kg = vg = kt = vt = None
+        n = self.plan.nkb
+        kb, vb = (_rows(x, 0, n * self.bs).unflatten(2, (n, self.bs)) for x in (k, v))  # a copy only if padded
         if self.G:
             kg, vg = k[:, :, self.plan.gk], v[:, :, self.plan.gk]
         if self.ncol:
-            kt, vt = (self._blocks(x, 0, self.plan.nkb).transpose(2, 3).contiguous() for x in (k, v))
-        return _Operands(k, v, kg, vg, nk, nv, kt, vt)
+            kt, vt = kb.transpose(2, 3).contiguous(), vb.transpose(2, 3).contiguous()
+        return _Operands(k, v, kb, vb, kg, vg, nk, nv, kt, vt)
 
     def grads(self, k: Tensor, v: Tensor, nk: Tensor | None, nodes_grad: bool) -> _Grads:
         n, bs = self.plan.nkb, self.bs
@@ -437,61 +426,32 @@ class _Call:
             dnk, dnv = zeros(*nk.shape), zeros(*nk.shape[:3], self.Ev)
         if self.ncol:
             dkt, dvt = zeros(self.B, self.H, bs, n, self.E), zeros(self.B, self.H, bs, n, self.Ev)
-        return _Grads(zeros(self.B, self.H, n * bs, self.E), zeros(self.B, self.H, n * bs, self.Ev), dnk, dnv, dkt, dvt)
-
-    def _blocks(self, x: Tensor, c0: int, c1: int) -> Tensor:
-        """Key blocks ``c0:c1`` of ``x (B, H, Lk, D)`` as ``(B, H, c1 - c0, b, D)``, zeros outside."""
-        return _rows(x, c0 * self.bs, c1 * self.bs).unflatten(2, (c1 - c0, self.bs))
+        dk, dv = zeros(self.B, self.H, n * bs, self.E), zeros(self.B, self.H, n * bs, self.Ev)
+        return _Grads(dk, dv, dnk, dnv, dkt, dvt)
 
     def _rows_of(self, x: Tensor, j0: int, j1: int) -> Tensor:
         """Rows of query blocks ``j0:j1`` of ``x (B, H, Lq, D)`` as ``(B, H, g, b, D)``."""
         a = j0 * self.bs - self.plan.lpad
         return _rows(x, a, a + (j1 - j0) * self.bs).unflatten(2, (j1 - j0, self.bs))
 
-    def gather(self, x: Tensor, xg: Tensor | None, xn: Tensor | None, j0: int, j1: int) -> Tensor:
+    def gather(self, xb: Tensor, xg: Tensor | None, xn: Tensor | None, j0: int, j1: int) -> Tensor:
         """The keys (or values) query blocks ``j0:j1`` see, ``(B, H, g, kmain, D)``: the layout's blocks
-        (a band of consecutive offsets by one unfold, other constant offsets as slices, the rest by
-        ``index_select``), then the global keys and the extra nodes."""
-        plan, bs, g = self.plan, self.bs, j1 - j0
-        buf = x.new_empty(*x.shape[:2], g, self.kmain, x.shape[3])
-        a, nb = plan.t0 + j0, plan.band
-        if nb:
-            c = a + plan.shifts[0]  # type: ignore[operator]
-            win = self._blocks(x, c, c + g + nb - 1).unfold(2, nb, 1)  # (B, H, g, b, D, nb)
-            buf[:, :, :, :nb * bs].unflatten(3, (nb, bs)).copy_(win.permute(0, 1, 2, 5, 3, 4))
-        for s in range(nb, self.S):
-            dst, d = buf[:, :, :, s * bs:(s + 1) * bs], plan.shifts[s]
-            if d is not None:
-                dst.copy_(self._blocks(x, a + d, a + d + g))
-            else:
-                tok = (plan.idx[j0:j1, s, None] * bs + self.ar).clamp_(max=x.shape[2] - 1).flatten()
-                dst.copy_(x.index_select(2, tok).unflatten(2, (g, bs)))
-        o = self.S * bs
-        if xg is not None:
-            buf[:, :, :, o:o + self.G] = xg[:, :, None]
-            o += self.G
-        if xn is not None:
-            buf[:, :, :, o:] = xn[:, :, None]
-        return buf
+        of ``xb (B, H, nkb, b, D)`` (one ``index_select``), then the global keys and the extra nodes."""
+        B, H, _, bs, D = xb.shape
+        g = j1 - j0
+        out = xb.index_select(2, self.plan.idx[j0:j1].flatten()).view(B, H, g, self.S * bs, D)
+        extra = [x[:, :, None].expand(B, H, g, *x.shape[2:]) for x in (xg, xn) if x is not None]
+        return torch.cat([out, *extra], dim=3) if extra else out
 
     def scatter(self, acc: Tensor, nacc: Tensor | None, grad: Tensor, j0: int, j1: int) -> None:
         """The adjoint of :meth:`gather`: adds ``grad (B, H, g, kmain, D)`` into ``acc (B, H, nkb * b, D)``
-        and the extra nodes' part into ``nacc``."""
+        and the extra nodes' part into ``nacc``. (Slots of the layout that are not valid got exactly
+        zero gradient, so adding them to the block they were clamped to changes nothing.)"""
         plan, bs = self.plan, self.bs
-        blocks = acc.unflatten(2, (plan.nkb, bs))
-        a, nb = plan.t0 + j0, plan.band
-        if nb:
-            c = a + plan.shifts[0]  # type: ignore[operator]
-            band = grad[:, :, :, :nb * bs].unflatten(3, (nb, bs))
-            for s in range(nb):
-                _add_blocks(blocks, c + s, band[:, :, :, s])
-        for s in range(nb, self.S):
-            src, d = grad[:, :, :, s * bs:(s + 1) * bs], plan.shifts[s]
-            if d is not None:
-                _add_blocks(blocks, a + d, src)
-            else:
-                blocks.index_add_(2, plan.idx[j0:j1, s], src)
+        B, H, g, _, D = grad.shape
         o = self.S * bs
+        blocks = grad[:, :, :, :o].reshape(B, H, g * self.S, bs, D)
+        acc.unflatten(2, (plan.nkb, bs)).index_add_(2, plan.idx[j0:j1].flatten(), blocks)
         if self.G:
             acc.index_add_(2, plan.gk, grad[:, :, :, o:o + self.G].sum(2))  # type: ignore[arg-type]
             o += self.G
@@ -509,8 +469,8 @@ class _Call:
     def sources(self, ops: _Operands, grads: _Grads | None, j0: int, j1: int) -> list[Source]:
         out: list[Source] = []
         if self.kmain:
-            kk = self.gather(ops.k, ops.kg, ops.nk, j0, j1)
-            vv = self.gather(ops.v, ops.vg, ops.nv, j0, j1)
+            kk = self.gather(ops.kb, ops.kg, ops.nk, j0, j1)
+            vv = self.gather(ops.vb, ops.vg, ops.nv, j0, j1)
             scatter = None
             if grads is not None:
                 def scatter(dk: Tensor, dv: Tensor, g: _Grads = grads) -> None:
@@ -556,7 +516,9 @@ class _Call:
     def row_queries(self, q: Tensor, rows: Tensor) -> Tensor:
         return (q.index_select(2, rows) * self.scale)[:, :, None]  # (B, H, 1, c, E)
 
-    def row_tiles(self, ops: _Operands, grads: _Grads | None, rows: Tensor) -> Iterator[tuple[_Shared, Tensor | None]]:
+    def row_tiles(
+        self, ops: _Operands, grads: _Grads | None, rows: Tensor,
+    ) -> Iterator[tuple[_Shared, Tensor | None]]:
         """Global queries see every key (and every allowed extra node): tiles of ``row_keys`` keys with
         their bool masks (causally empty tiles skipped), then the extra nodes."""
         qpos = rows + (self.Lk - self.Lq)
@@ -581,12 +543,15 @@ class _Call:
         """The output and the log-sum-exp of the global-query rows (None: there are none)."""
         out = q.new_empty(self.B, self.H, self.Lq, self.Ev)
         for j0, j1 in self.groups():
-            o = _group_forward(self.queries(q, j0, j1), self.sources(ops, None, j0, j1), self.allowed(j0, j1))
+            o = _group_forward(
+                self.queries(q, j0, j1), self.sources(ops, None, j0, j1), self.allowed(j0, j1), self.maybe_dead
+            )
             _put_rows(out, j0 * self.bs - self.plan.lpad, o.flatten(2, 3))
         lses = []
         for rows in self.row_chunks():
             qr = self.row_queries(q, rows)
-            o, lse = merge_tiles(tile_stats(_mask_(src.scores(qr), a), src.apply) for src, a in self.row_tiles(ops, None, rows))
+            tiles = self.row_tiles(ops, None, rows)
+            o, lse = merge_tiles(tile_stats(_mask_(src.scores(qr), a), src.apply) for src, a in tiles)
             out.index_copy_(2, rows, o[:, :, 0])
             lses.append(lse)
         return out, torch.cat(lses, dim=3) if lses else None
@@ -599,10 +564,10 @@ class _Call:
         for j0, j1 in self.groups():
             skip = None if self.skip is None else self.skip[j0:j1]
             g = _group_backward(
-                self.queries(q, j0, j1), self.sources(ops, grads, j0, j1), self.allowed(j0, j1),
-                self._rows_of(out, j0, j1), self._rows_of(do, j0, j1), skip,
+                self.queries(q, j0, j1), self.sources(ops, grads, j0, j1), self.allowed(j0, j1), self.maybe_dead,
+                self._rows_of(do, j0, j1), skip,
             )
-            _put_rows(dq, j0 * self.bs - self.plan.lpad, (g * self.scale).flatten(2, 3))
+            _put_rows(dq, j0 * self.bs - self.plan.lpad, g.flatten(2, 3), self.scale)
         c0 = 0
         for rows in self.row_chunks():  # flash-style: p = exp(s - lse) tile by tile
             assert row_lse is not None
