@@ -17,6 +17,8 @@ import csv
 import dataclasses
 import difflib
 import functools
+import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable
@@ -158,9 +160,29 @@ def register(
     return wrap
 
 
+def _module(name: str) -> str:
+    """Where the mechanism ``name`` lives: ``fastattn.mechanisms.<family>.<id>``."""
+    return f"{__package__}.mechanisms.{catalogue()[name]['family']}.{name}"
+
+
+def _load(name: str) -> MethodSpec | None:
+    """The spec of ``name``, importing its module the first time; ``None`` when not implemented."""
+    if name not in _REGISTRY and name in catalogue():
+        module = _module(name)
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the family package does not exist yet
+            found = False
+        if found:
+            importlib.import_module(module)
+            if name not in _REGISTRY:
+                raise RuntimeError(f"{module} does not register {name!r}")
+    return _REGISTRY.get(name)
+
+
 def _load_all() -> None:
-    # Importing the family packages runs their @register decorators.
-    from . import mechanisms  # noqa: F401
+    for name in catalogue():
+        _load(name)
 
 
 def methods(family: str | None = None) -> list[MethodSpec]:
@@ -173,16 +195,15 @@ def methods(family: str | None = None) -> list[MethodSpec]:
 
 def get_method(name: str) -> MethodSpec:
     """The spec of one mechanism; an unknown name is a ``ValueError`` that lists close names."""
-    _load_all()
     if not isinstance(name, str):
         raise TypeError(f"method must be a string id, got {type(name).__name__}")
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
-        pending = " (it is in the catalogue but not implemented yet)" if name in catalogue() else ""
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(
-            f"unknown attention method {name!r}{pending}{hint} "
-            f"(fastattn.methods() lists all {len(_REGISTRY)})"
-        ) from None
+    spec = _load(name)
+    if spec is not None:
+        return spec
+    _load_all()
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
+    pending = " (it is in the catalogue but not implemented yet)" if name in catalogue() else ""
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(
+        f"unknown attention method {name!r}{pending}{hint} (fastattn.methods() lists all {len(_REGISTRY)})"
+    )

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.base import build_mask
-from ..core.dense import dense_attention, dense_weights
+from fastattn.ops.softmax.dense import dense_attention, dense_weights
 from ..registry import MethodSpec, get_method
 from .config import Config, feature_option
 from .measure import Case, build, make_mechanism, peak_memory_batch, peak_memory_mb, time_case

@@ -1,1 +1,1 @@
-"""Building blocks shared by all mechanisms: the base class, masks, dense reference, online softmax."""
+"""The contract every mechanism is written against: the base class, the input checks, masks, decoding states."""

@@ -1,0 +1,1 @@
+"""Exact attention: softmax (the reference), memory-efficient (Rabe & Staats) and flash (Dao et al.)."""

@@ -1,0 +1,55 @@
+"""Scaled dot-product attention (Vaswani et al., 2017, arXiv:1706.03762).
+
+``Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V`` -- O(n^2 d) time, O(n^2) memory for the weights.
+The exact reference every approximation in fastattn is measured against. The fast path is
+``torch.nn.functional.scaled_dot_product_attention``; decoding keeps a KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastattn.core.base import Mechanism
+from fastattn.ops.softmax.dense import dense_attention, dense_weights
+from fastattn.core.masks import Mask
+from fastattn.registry import register
+
+
+@register(
+    "softmax", complexity="O(n^2 d)", causal=True, decoding=True, padding=True, exact=True,
+    attn_mask=True, dropout=True, weights=True,
+)
+class SoftmaxAttention(Mechanism):
+    """Exact multi-head softmax attention (SDPA fast path, dense reference, KV-cache decoding)."""
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
+        if mask.bias is None and mask.key_padding is None and (not mask.causal or mask.lq == mask.lk):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale, dropout_p=dropout_p)
+        allowed = mask.allowed(q.device)
+        if mask.bias is None and allowed is None:  # e.g. causal decoding: the new tokens see every key
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
+        if mask.bias is None:
+            assert allowed is not None
+            dead = ~allowed.any(dim=-1, keepdim=True)
+            sdpa_mask: Tensor = allowed | dead  # dead rows attend anywhere, then are zeroed: no NaN
+        else:
+            bias = mask.additive(q.dtype, q.device)
+            assert bias is not None
+            dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
+            sdpa_mask = bias.masked_fill(dead, 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, scale=scale, dropout_p=dropout_p)
+        return out.masked_fill(dead, 0.0)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
+        return dense_attention(q, k, v, mask, scale)
+
+    def weights(self, q: Tensor, k: Tensor, mask: Mask, scale: float) -> Tensor:
+        return dense_weights(q, k, mask, scale)

@@ -1,0 +1,1 @@
+"""Kernel / linear attention: ``phi(Q) (phi(K)^T V)`` on one chunked engine (:mod:`fastattn.ops.linear`)."""

@@ -1,0 +1,83 @@
+"""Hedgehog (Zhang et al., 2024, arXiv:2402.04347): "The Hedgehog & the Porcupine: Expressive Linear
+Attentions with Softmax Mimicry".
+
+A learnable feature map per head (separate ones for queries and keys)::
+
+    phi(x) = softmax([W x + b, -(W x + b)])      (2d features; W initialised to the identity)
+
+-- the exponential of +/- a linear projection, normalised per token (the softmax is the exact
+max-subtraction trick: it only rescales each token's features; for queries the factor cancels, for a
+key it depends on that key alone, so the causal form leaks nothing). Linear attention over ``phi``:
+O(n d^2). The maps are trained to mimic softmax attention: with ``distill=True`` every forward sets
+``self.aux_loss`` to the mean KL divergence ``KL(softmax(q k^T * scale) || A_phi)`` over query rows,
+where ``A_phi`` is the row-normalised ``phi(q) phi(k)^T`` (same masks). The loss sees detached ``q, k``
+(it trains the feature maps only, as in the paper's distillation stage) and costs O(n^2) -- it is
+opt-in. The learned maps make this mechanism layer-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastattn.core.masks import Mask, masked_softmax
+from fastattn.ops.softmax.online import compute_dtype
+from fastattn.registry import register
+from .base import KernelMechanism
+
+__all__ = ["Hedgehog"]
+
+
+@register("hedgehog", complexity="O(n d^2)", causal=True, decoding=True, padding=True, functional=False)
+class Hedgehog(KernelMechanism):
+    """Learned softmax-mimicking feature maps ``softmax([Wx + b, -(Wx + b)])``."""
+
+    test_options = {"chunk": 16}
+
+    @dataclass(frozen=True)
+    class Options:
+        distill: bool = False  # compute the mimicry loss (KL to softmax weights) as aux_loss
+        chunk: int = 128  # chunk length of the causal scan
+
+        def __post_init__(self) -> None:
+            if self.chunk < 1:
+                raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+
+    def __init__(self, options=None, **kw) -> None:
+        super().__init__(options, **kw)
+        h, d = self.num_heads, self.head_dim
+        eye = torch.eye(d).expand(h, d, d)
+        self.q_weight = nn.Parameter(eye.clone())
+        self.q_bias = nn.Parameter(torch.zeros(h, d))
+        self.k_weight = nn.Parameter(eye.clone())
+        self.k_bias = nn.Parameter(torch.zeros(h, d))
+
+    def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
+        dt = compute_dtype(x.dtype)
+        w, b = (self.q_weight, self.q_bias) if is_query else (self.k_weight, self.k_bias)
+        z = torch.einsum("bhld,hed->bhle", x.to(dt), w.to(dt)) + b.to(dt)[:, None]
+        return torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)
+
+    def mimicry_loss(self, q: Tensor, k: Tensor, mask: Mask, scale: float) -> Tensor:
+        """Mean over (unmasked) query rows of ``KL(softmax weights || Hedgehog weights)``."""
+        dt = compute_dtype(q.dtype)
+        q, k = q.detach().to(dt), k.detach().to(dt)
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale
+        teacher = masked_softmax(s, mask.additive(dt, q.device))
+        a = torch.matmul(self.features(q, is_query=True, scale=scale, mask=mask),
+                         self.features(k, is_query=False, scale=scale, mask=mask).transpose(-1, -2))
+        allowed = mask.allowed(q.device)
+        if allowed is not None:
+            a = a * allowed.to(a.dtype)
+        student = a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
+        tiny = torch.finfo(dt).tiny
+        kl = (teacher * (torch.log(teacher.clamp_min(tiny)) - torch.log(student.clamp_min(tiny)))).sum(-1)
+        rows = teacher.sum(-1) > 0  # rows with at least one visible key
+        return (kl * rows).sum() / rows.sum().clamp_min(1)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
+        if self.options.distill:
+            self.aux_loss = self.mimicry_loss(q, k, mask, scale)
+        return super().forward(q, k, v, mask, scale, dropout_p)

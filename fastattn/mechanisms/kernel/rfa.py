@@ -1,0 +1,122 @@
+"""Random Feature Attention (Peng et al., 2021, arXiv:2103.02143).
+
+Queries and keys are scaled to unit norm, so ``exp(q . k / sigma^2)`` is proportional to the Gaussian
+kernel ``exp(-|q - k|^2 / (2 sigma^2))``, which random Fourier features estimate without bias (eq. 3)::
+
+    phi(x) = D^(-1/2) [sin(w_i . x / sigma), cos(w_i . x / sigma)]_{i=1..D},   w_i ~ N(0, I_d),
+    E[phi(x) . phi(y)] = exp(-|x - y|^2 / (2 sigma^2));
+
+``kernel="arccos"`` uses ``phi(x) = D^(-1/2) relu(W x)`` (the arc-cosine kernel, section 3.1).
+``RFA(q_t) = phi(q_t) S_t / phi(q_t) z_t`` with ``S = sum phi(k) v^T``, ``z = sum phi(k)`` (eq. 4-5).
+
+Gated RFA (eq. 7), ``gate=True``: a learned per-token gate ``g_t = sigmoid(w_h . k_t + b_h)`` decays the
+recurrent state, ``S_t = g_t S_{t-1} + (1 - g_t) phi(k_t) v_t^T`` (same for ``z``) -- a recency bias
+for the causal form. The paper computes ``g_t`` from the token's input ``x_t``; an attention operator
+over given ``q, k, v`` computes it from the key head ``k_t`` instead. The gate is learned (parameters
+``gate_weight``, ``gate_bias``), so the gated form exists only as a layer, and only causally.
+
+O(n D d) time; the random matrix is a buffer drawn from ``generator``, redrawn by :meth:`RFA.redraw`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastattn.core.base import repeat_kv
+from fastattn.core.masks import Mask
+from fastattn.ops.softmax.online import compute_dtype
+from fastattn.registry import register
+from fastattn.ops.linear.engine import LinearState, dense_kernel_attention, linear_attention
+from .random_features import RandomFeatureMechanism
+
+__all__ = ["RFA"]
+
+
+@register("rfa", complexity="O(n D d)", causal=True, decoding=True, padding=True, randomized=True)
+class RFA(RandomFeatureMechanism):
+    """Random Fourier (or arc-cosine) features on unit-norm q, k; optional learned gate."""
+
+    test_options = {"num_features": 16, "chunk": 16}
+    tokenwise = True
+
+    @dataclass(frozen=True)
+    class Options:
+        num_features: int = 128  # D random vectors (2D features for the Gaussian kernel)
+        kernel: str = "gaussian"  # "gaussian" (random Fourier features) or "arccos"
+        sigma: float = 1.0  # Gaussian kernel width (the paper learns it; here a fixed option)
+        gate: bool = False  # gated RFA: learned per-token gates decay the causal state (layer only)
+        gate_init: float = 0.9  # initial value of the gate (its bias), in (0, 1)
+        chunk: int = 128  # chunk length of the causal scan
+
+        def __post_init__(self) -> None:
+            if self.num_features < 1:
+                raise ValueError(f"num_features must be >= 1, got {self.num_features}")
+            if self.kernel not in ("gaussian", "arccos"):
+                raise ValueError(f"kernel must be 'gaussian' or 'arccos', got {self.kernel!r}")
+            if not self.sigma > 0:
+                raise ValueError(f"sigma must be > 0, got {self.sigma}")
+            if not 0.0 < self.gate_init < 1.0:
+                raise ValueError(f"gate_init must be in (0, 1), got {self.gate_init}")
+            if self.chunk < 1:
+                raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+
+    def __init__(self, options=None, *, head_dim: int, num_heads: int, num_kv_heads: int | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(options, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         generator=generator)
+        if self.options.gate:
+            self.gate_weight = nn.Parameter(torch.zeros(num_heads, head_dim))
+            p = self.options.gate_init
+            self.gate_bias = nn.Parameter(torch.full((num_heads,), math.log(p / (1 - p))))
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """``phi(x)`` of already-normalised ``x``: its dot products estimate the kernel."""
+        wx = torch.matmul(x, self.projection.to(x.dtype).t())
+        d = self.options.num_features
+        if self.options.kernel == "arccos":
+            return F.relu(wx) * d ** -0.5
+        wx = wx / self.options.sigma
+        return torch.cat([torch.sin(wx), torch.cos(wx)], dim=-1) * d ** -0.5
+
+    def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
+        x = x.to(compute_dtype(x.dtype))
+        return self.feature_map(x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+    def gates(self, k: Tensor) -> Tensor | None:
+        """Per-token gates ``(B, H, Lk)`` from the keys, or ``None`` without gating."""
+        if not self.options.gate:
+            return None
+        dt = compute_dtype(k.dtype)
+        logits = torch.einsum("bhld,hd->bhl", k.to(dt), self.gate_weight.to(dt)) + self.gate_bias.to(dt)[:, None]
+        return torch.sigmoid(logits)
+
+    def _parts(self, q: Tensor, k: Tensor, mask: Mask) -> tuple[Tensor, Tensor, Tensor | None]:
+        fq = self.features(q, is_query=True, scale=1.0, mask=mask)
+        fk = self.features(k, is_query=False, scale=1.0, mask=mask)
+        g = self.gates(k)
+        if g is not None:
+            if not mask.causal:
+                raise ValueError("gated rfa is a causal (recurrent) form; use is_causal=True or gate=False")
+            fk = fk * (1 - g).unsqueeze(-1)
+        return fq, fk, g
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
+        fq, fk, g = self._parts(q, k, mask)
+        return linear_attention(fq, fk, v, mask, decay=g, chunk=self.chunk)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
+        fq, fk, g = self._parts(q, k, mask)
+        return dense_kernel_attention(fq, fk, v, mask, decay=g).to(v.dtype)
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, LinearState]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        mask = Mask(lq=q.shape[2], lk=k.shape[2], causal=True)
+        fq, fk, g = self._parts(q, k, mask)
+        return linear_attention(fq, fk, v, mask, decay=g, chunk=self.chunk, state=state, return_state=True)

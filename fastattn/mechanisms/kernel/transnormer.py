@@ -1,0 +1,28 @@
+"""TransNormerLLM's NormAttention (Qin et al., 2023, arXiv:2307.14995).
+
+``O = SRMSNorm([(phi(Q) phi(K)^T) * M] V)`` with ``phi = swish`` (SiLU), no softmax denominator, the
+per-head exponential decay ``M_ts = lambda_h^(t-s)`` of LRPE-d, and SRMSNorm on the output
+(section 3.1-3.3), computed by the Lightning Attention block scan of :mod:`fastattn.ops.linear.engine`.
+O(n d^2) time.
+
+Not here (layer-level parts of the paper's block, outside an attention operator over given q, k, v):
+the output gate ``O * swish(X W_u)``, and LRPE's rotation ``exp(i theta (t - s))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastattn.registry import register
+from .decayed import DecayedLinear, DecayedOptions
+
+
+@register("transnormer", complexity="O(n d^2)", causal=True, decoding=True, padding=True)
+class TransNormer(DecayedLinear):
+    """NormAttention: SiLU features, decayed unnormalised linear attention, SRMSNorm."""
+
+    test_options = {"chunk": 16}
+
+    @dataclass(frozen=True)
+    class Options(DecayedOptions):
+        activation: str = "silu"  # feature map on q and k: none | silu | elu1 | relu

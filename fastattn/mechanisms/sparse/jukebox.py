@@ -1,0 +1,82 @@
+"""Jukebox's factorised attention (Dhariwal et al., 2020, arXiv:2005.00341).
+
+The sequence is viewed as rows of ``width`` positions; Jukebox's transformer cycles through three
+sparse attentions, each a pattern on that view:
+
+* ``row``: the positions of the same row (causal: the earlier ones);
+* ``column``: the positions of the same column (causal: the rows above);
+* ``previous_row``: every position of the previous row.
+
+``kinds`` chooses the patterns; with several, the heads are split into consecutive groups, one
+per pattern, as even as the head count allows (the layers of the paper's cycle become head groups of one layer). O(n (w + n / w) d).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastattn.core.masks import Mask
+from fastattn.registry import register
+from .base import PatternMechanism, check_positive
+from fastattn.ops.sparse.engine import block_sparse_attention, pattern_reference
+from fastattn.ops.sparse.patterns import Pattern, PrevBlock, SameBlock, Strided
+
+_KINDS = ("row", "column", "previous_row")
+
+
+@register("jukebox", complexity="O(n (w + n / w) d)", causal=True, decoding=True, padding=True)
+class JukeboxAttention(PatternMechanism):
+    """Row, column and previous-row attention on a 2-D view, one pattern per head group."""
+
+    test_options = {"width": 8, "kinds": ("row", "column")}
+
+    @dataclass(frozen=True)
+    class Options:
+        width: int = 128  # row length of the 2-D view
+        kinds: tuple[str, ...] = ("row", "column", "previous_row")
+
+        def __post_init__(self) -> None:
+            check_positive(width=self.width)
+            kinds = tuple(self.kinds)
+            if not kinds or any(k not in _KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+                raise ValueError(f"kinds must be distinct names among {_KINDS}, got {self.kinds!r}")
+            object.__setattr__(self, "kinds", kinds)
+
+    def __init__(self, options=None, **kw) -> None:
+        super().__init__(options, **kw)
+        if self.num_heads < len(self.options.kinds):
+            raise ValueError(
+                f"jukebox: num_heads ({self.num_heads}) must be >= len(kinds) = {len(self.options.kinds)}"
+            )
+
+    def kind_pattern(self, kind: str) -> Pattern:
+        w = self.options.width
+        if kind == "row":
+            return Pattern(w, (SameBlock(w),))
+        if kind == "column":
+            return Pattern(w, column=Strided(w))
+        return Pattern(w, (PrevBlock(w),))
+
+    def _per_group(self, fn, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
+        kinds, h = self.options.kinds, q.shape[1]
+        cut = [round(i * h / len(kinds)) for i in range(len(kinds) + 1)]
+        outs = [fn(q[:, a:b], k[:, a:b], v[:, a:b], mask, scale, self.kind_pattern(kind))
+                for a, b, kind in zip(cut, cut[1:], kinds)]
+        return torch.cat(outs, dim=1)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
+        return self._per_group(block_sparse_attention, q, k, v, mask, scale)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
+        return self._per_group(pattern_reference, q, k, v, mask, scale)
+
+    def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
+        """The union over head groups (the keys the layer reaches)."""
+        pats = [self.kind_pattern(k) for k in self.options.kinds]
+        out = pats[0]
+        for p in pats[1:]:
+            out = out + p
+        return out

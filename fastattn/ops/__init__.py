@@ -1,0 +1,14 @@
+"""The ops layer: mechanism-agnostic attention computations that mechanisms are built from.
+
+Nothing here imports a mechanism or a family; a mechanism module is a thin composition of these ops.
+
+* :mod:`.softmax` -- dense softmax attention (the reference of everything exact), online softmax over
+  key tiles (``(out, lse)`` partial results and their merge), flash blocks;
+* :mod:`.chunked` -- the checkpointed query-chunk loop (O(chunk * n) memory for quadratic mechanisms);
+* :mod:`.linear` -- linear attention ``phi(Q) (phi(K)^T V)``: the dense reference, the chunked scan and
+  the tiled kernels (causal and not, with decay / gates and carried state);
+* :mod:`.sparse` -- block-sparse attention: patterns, plans, the grouped engine, the dense reference,
+  memory nodes;
+* :mod:`.gather` -- attention over an explicit per-query list of key indices;
+* :mod:`.features` -- named feature maps and the padding helpers kernel mechanisms share.
+"""

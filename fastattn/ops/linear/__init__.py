@@ -1,0 +1,1 @@
+"""Linear-attention ops: the dense reference, the chunked scan, the tiled kernels."""

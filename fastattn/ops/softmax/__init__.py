@@ -1,0 +1,1 @@
+"""Softmax attention ops: dense (the reference), online over key tiles, flash blocks."""

@@ -1,0 +1,287 @@
+"""The benchmark harness: a tiny end-to-end run, the task generators, selection, skipping, peers."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.bench import peers as peer_registry
+from fastattn.bench.config import TaskConfig, feature_option, preset, select_methods
+from fastattn.bench.report import BEGIN, END, update_readme
+from fastattn.bench.suite import run_speed
+from fastattn.bench.tasks import ListOpsVocab as V
+from fastattn.bench.tasks import listops_batch, listops_evaluate, listops_sample, mqar_batch
+from fastattn.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    rc = main([
+        "bench", "--quick", "--methods", "softmax,flash,not_a_method", "--lengths", "24,48",
+        "--error-lengths", "32,64", "--tasks", "--task-steps", "3", "--repeats", "1", "--device", "cpu",
+        "--threads", "1",
+        "--time-scale", "1000", "--case-budget", "100", "--out", str(out), "-q",
+    ])
+    assert rc == 0
+    return out
+
+
+def test_quick_run_writes_every_output(quick_run: Path) -> None:
+    for name in ("results.json", "report.md", "time_vs_length.png", "memory_vs_length.png",
+                 "error_vs_length.png", "task_accuracy.png"):
+        assert (quick_run / name).stat().st_size > 0, name
+    report = (quick_run / "report.md").read_text()
+    assert "## Summary" in report and "`flash`" in report
+
+
+def test_quick_run_values_are_sane(quick_run: Path) -> None:
+    res = json.loads((quick_run / "results.json").read_text())
+    meta = res["meta"]
+    assert meta["torch"] == torch.__version__ and meta["date"] and meta["machine"]["cpu_count"]
+    assert [m["name"] for m in res["methods"]] == ["softmax", "flash"]
+    assert any("not_a_method" in n for n in meta["notes"])
+    ok = [r for r in res["speed"] if r["status"] == "ok"]
+    impls = {r["impl"] for r in ok}
+    assert {"sdpa", "softmax", "flash"} <= impls
+    assert {r["mode"] for r in ok} == {"fwd", "fwdbwd", "decode"}
+    for r in ok:
+        assert r["median_ms"] > 0 and all(t > 0 for t in r["times_ms"])
+        assert r["speedup_vs_sdpa"] > 0
+    sdpa = [r for r in ok if r["impl"] == "sdpa"]
+    assert all(r["speedup_vs_sdpa"] == pytest.approx(1.0) for r in sdpa)
+    mem = [r["peak_mb"] for r in res["speed"] if "peak_mb" in r]
+    assert mem and all(m >= 0 and math.isfinite(m) for m in mem)
+    for r in res["speed"]:
+        assert r["status"] in ("ok", "skipped", "error")
+        if r["status"] == "skipped":
+            assert r["reason"]
+    errs = [r for r in res["error"] if r["status"] == "ok"]
+    assert {r["inputs"] for r in errs} == {"gaussian", "peaked"}
+    for r in errs:
+        assert math.isfinite(r["rel_err"]) and r["rel_err"] >= 0
+        if r["method"] in ("softmax", "flash"):  # exact mechanisms: float32 round-off only
+            assert r["rel_err"] < 1e-5
+    assert any(r["method"] == "softmax" and "kl" in r and abs(r["kl"]) < 1e-6 for r in errs)
+    ent = {s["inputs"]: s["mean_row_entropy_nats"] for s in res["error_inputs"]}
+    assert ent["peaked"] < ent["gaussian"]  # the peaked inputs really are peaked
+    tasks = [r for r in res["tasks"] if r["status"] == "ok"]
+    assert {(r["task"], r["method"]) for r in tasks} == {(t, m) for t in ("mqar", "listops") for m in ("softmax", "flash")}
+    for r in tasks:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["steps"] >= 1 and math.isfinite(r["final_loss"])
+
+
+def test_report_and_readme_regenerate_from_results(quick_run: Path, tmp_path: Path) -> None:
+    (quick_run / "report.md").unlink()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{BEGIN}\nold\n{END}\n\ntail\n")
+    assert main(["bench", "--from", str(quick_run), "--readme", str(readme)]) == 0
+    assert (quick_run / "report.md").exists()
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("tail\n") and "time_vs_length.png" in text and "| `flash` |" in text
+    # without markers a section is appended
+    other = tmp_path / "OTHER.md"
+    other.write_text("# y\n")
+    update_readme(json.loads((quick_run / "results.json").read_text()), quick_run, other)
+    assert "## Benchmark" in other.read_text() and BEGIN in other.read_text()
+
+
+# ---- task generators ------------------------------------------------------------------------------------
+def test_mqar_answers_are_the_values_paired_with_the_queried_keys() -> None:
+    g = torch.Generator().manual_seed(0)
+    pairs, vocab, length = 6, 40, 48
+    x, y = mqar_batch(16, length, pairs, vocab, g)
+    assert x.shape == y.shape == (16, length)
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        keys, values = row_x[0:2 * pairs:2], row_x[1:2 * pairs:2]
+        assert len(set(keys)) == pairs and all(1 <= k < vocab // 2 for k in keys)
+        assert all(vocab // 2 <= v < vocab for v in values)
+        table = dict(zip(keys, values))
+        queried = [i for i, t in enumerate(row_y) if t != -100]
+        assert len(queried) == pairs and min(queried) >= 2 * pairs
+        assert sorted(row_x[i] for i in queried) == sorted(keys)  # each key queried once
+        for i in queried:
+            assert row_y[i] == table[row_x[i]]
+        rest = [row_x[i] for i in range(2 * pairs, length) if i not in queried]
+        assert set(rest) <= {0}  # nothing else in the query region, the answers never appear there
+        assert all(row_x[i] not in values for i in range(2 * pairs, length))
+
+
+def test_mqar_rejects_impossible_sizes() -> None:
+    with pytest.raises(ValueError, match="pairs"):
+        mqar_batch(2, 64, 20, 32, torch.Generator())
+    with pytest.raises(ValueError, match="too short"):
+        mqar_batch(2, 20, 8, 64, torch.Generator())
+
+
+def test_listops_labels_match_a_direct_evaluator() -> None:
+    rng = random.Random(0)
+    cfg = TaskConfig(length=64, steps=1, max_depth=4, max_args=5, min_length=10)
+    for _ in range(200):
+        tokens, label = listops_sample(rng, cfg)
+        assert cfg.min_length <= len(tokens) <= cfg.length
+        assert listops_evaluate(tokens) == label and 0 <= label <= 9
+    x, y, pad = listops_batch(rng, cfg, 8)
+    assert x.shape == (8, 64) and pad.dtype == torch.bool
+    for row, label in zip(x.tolist(), y.tolist()):
+        assert listops_evaluate(row) == label
+
+
+def test_listops_evaluator_on_hand_written_lists() -> None:
+    def d(*ds):
+        return [V.DIGIT0 + i for i in ds]
+
+    # [MAX 2 9 [MIN 4 7 ] 0 ] = 9 ; [MED 1 2 3 4 ] = int(2.5) = 2 ; [SM 5 6 [MED 9 1 3 ] ] = (11 + 3) % 10
+    assert listops_evaluate([V.MAX, *d(2, 9), V.MIN, *d(4, 7), V.END, *d(0), V.END]) == 9
+    assert listops_evaluate([V.MED, *d(1, 2, 3, 4), V.END]) == 2
+    assert listops_evaluate([V.SM, *d(5, 6), V.MED, *d(9, 1, 3), V.END, V.END]) == 4
+    assert listops_evaluate([V.MIN, *d(8, 3), V.END, 0, 0]) == 3  # padding ends the sequence
+    with pytest.raises(ValueError):
+        listops_evaluate([V.MIN, *d(8, 3)])
+
+
+# ---- selection, skipping, peers -------------------------------------------------------------------------
+def test_method_selection_tolerates_missing_ids() -> None:
+    specs, notes = select_methods("family:exact")
+    assert [s.name for s in specs] == [s.name for s in fastattn.methods("exact")]
+    specs, notes = select_methods("flash,softmax,nonexistent,family:nofamily")
+    assert [s.name for s in specs] == ["softmax", "flash"]  # catalogue order, no duplicates
+    assert len(notes) == 2
+    assert select_methods("all")[0] == [s for s in fastattn.methods() if s.kind == "sequence"]
+
+
+def test_feature_option_detection() -> None:
+    class Fake:
+        def __init__(self, options):
+            self.options = options
+
+    assert feature_option(Fake({"num_features": 64, "eps": 1e-6})) == "num_features"
+    assert feature_option(Fake({"rank": 32})) == "rank"
+    assert feature_option(Fake({"nb_features": 8})) == "nb_features"
+    assert feature_option(Fake({"block_q": 256, "window": 64, "redraw": True})) is None
+    assert feature_option(fastattn.get_method("flash")) is None
+
+
+@pytest.fixture
+def fake_peers():
+    @peer_registry.peer("test.same_as_sdpa", package="torch", matches="softmax", causal=False)
+    def _good(q, k, v, case):
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    @peer_registry.peer("test.broken", package="torch", matches="softmax", causal=False)
+    def _broken(q, k, v, case):
+        raise RuntimeError("this peer is broken")
+
+    @peer_registry.peer("test.missing", package="no_such_package_xyz", matches="softmax", causal=False)
+    def _missing(q, k, v, case):
+        raise AssertionError("never built")
+
+    yield
+    for name in ("test.same_as_sdpa", "test.broken", "test.missing"):
+        peer_registry._PEERS.pop(name, None)
+
+
+def test_over_budget_cases_are_skipped_and_failures_recorded(fake_peers) -> None:
+    from fastattn.bench.suite import available_peers, run_peers
+
+    cfg = preset("quick")
+    cfg.lengths, cfg.modes, cfg.repeats, cfg.heads, cfg.head_dim = [16, 32, 64], ["fwd"], 1, 2, 8
+    cfg.threads = 1
+    cfg.case_budget_s = 1e-9  # every extrapolated case is over budget
+    specs = [fastattn.get_method("softmax")]
+    found, notes = available_peers(specs)
+    assert {p.name for p in found} == {"test.same_as_sdpa", "test.broken"}
+    assert any(n["peer"] == "test.missing" and "not installed" in n["reason"] for n in notes)
+    rows = run_speed(cfg, specs, [f"peer:{p.name}" for p in found], lambda s: None)
+    by = {(r["impl"], r["n"]): r for r in rows}
+    assert by[("softmax", 16)]["status"] == "ok"
+    assert by[("softmax", 32)]["status"] == "skipped" and "predicted" in by[("softmax", 32)]["reason"]
+    assert by[("peer:test.broken", 16)]["status"] == "error" and "broken" in by[("peer:test.broken", 16)]["error"]
+    assert by[("peer:test.broken", 32)]["status"] == "skipped"  # a failed impl is not retried larger
+    cfg.case_budget_s = 100.0
+    rows = run_speed(cfg, specs, ["peer:test.same_as_sdpa"], lambda s: None)
+    agree = run_peers(cfg, [p for p in found if p.name == "test.same_as_sdpa"], rows, lambda s: None)
+    assert all(r["status"] == "ok" and r["rel_diff"] < 1e-5 and r["peer_ms"] > 0 for r in agree)
+
+
+def test_memory_prediction_skips_quadratic_cases() -> None:
+    cfg = preset("quick")
+    cfg.lengths, cfg.modes, cfg.baselines = [100_000], ["fwd"], ["naive"]
+    cfg.memory_budget_mb = 100.0
+    rows = run_speed(cfg, [], [], lambda s: None)
+    assert rows[0]["status"] == "skipped" and "memory budget" in rows[0]["reason"]
+
+
+# ---- the paths that approximate mechanisms take (none is registered on this branch: a stand-in) ----------
+@pytest.fixture
+def approx_spec(monkeypatch):
+    """A non-causal, non-decoding stand-in with a feature-count option and attention weights: exact
+    softmax with its scores perturbed by a fixed random matrix of size 1 / sqrt(num_features)."""
+    from dataclasses import dataclass
+
+    from fastattn import registry
+    from fastattn.core.base import Mechanism
+    from fastattn.ops.softmax.dense import dense_weights
+
+    fastattn.methods()  # every family imported first
+    free = [n for n, row in registry.catalogue().items() if row["kind"] == "sequence" and n not in registry._REGISTRY]
+    if not free:
+        pytest.skip("every catalogue id is registered")
+
+    class Approx(Mechanism):
+        @dataclass(frozen=True)
+        class Options:
+            num_features: int = 64
+
+        def weights(self, q, k, mask, scale):
+            g = torch.Generator().manual_seed(0)
+            noise = torch.randn(q.shape[-2], k.shape[-2], generator=g).to(q.dtype)
+            return dense_weights(q, k, mask, scale, extra_bias=noise / self.options.num_features ** 0.5)
+
+        def forward(self, q, k, v, mask, scale, dropout_p=0.0):
+            return self.weights(q, k, mask, scale) @ v
+
+    spec = fastattn.MethodSpec(
+        name=free[0], title="stand-in", arxiv="0", year=2020, family="test", kind="sequence", summary="",
+        complexity="O(n^2 d)", functional=True, causal=False, decoding=False, padding=False, weights=True,
+        exact=False, options={"num_features": 64}, cls=Approx,
+    )
+    Approx.spec = spec
+    monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
+    return spec
+
+
+def test_approximate_mechanism_paths(approx_spec, tmp_path: Path) -> None:
+    from fastattn.bench.report import write_plots, write_report
+    from fastattn.bench.runner import run_bench
+
+    assert feature_option(approx_spec) == "num_features"
+    cfg = preset("quick")
+    cfg.lengths, cfg.modes, cfg.repeats, cfg.heads, cfg.head_dim = [16], ["fwd", "decode"], 1, 2, 16
+    cfg.memory, cfg.task_methods, cfg.threads = False, [approx_spec.name], 1
+    cfg.error_lengths, cfg.error_feature_length, cfg.error_features = [32], 32, [4, 64, 1024]
+    cfg.tasks, cfg.mqar.steps, cfg.listops.steps = True, 2, 2
+    cfg.section_budget_s = {k: 1e6 for k in cfg.section_budget_s}
+    cfg.case_budget_s = 100.0
+    res = run_bench(cfg, [fastattn.get_method("softmax"), approx_spec], tmp_path, quiet=True)
+    name = approx_spec.name
+    dec = [r for r in res["speed"] if r["impl"] == name and r["mode"] == "decode"]
+    assert dec and all(r["status"] == "skipped" and "decoding" in r["reason"] for r in dec)
+    sweep = {(r["inputs"], r["value"]): r for r in res["error"] if r["method"] == name and r["option"]}
+    assert {v for _, v in sweep} == {4, 64, 1024}
+    for kind in ("gaussian", "peaked"):
+        errs = [sweep[(kind, v)]["rel_err"] for v in (4, 64, 1024)]
+        assert errs[0] > errs[1] > errs[2] > 0  # more features, smaller error: the sweep is wired right
+        assert sweep[(kind, 4)]["kl"] > sweep[(kind, 1024)]["kl"] > 0
+    mqar = next(r for r in res["tasks"] if r["task"] == "mqar" and r["method"] == name)
+    assert mqar["status"] == "ok" and not mqar["causal"] and "non-causal" in mqar["note"]
+    listops = next(r for r in res["tasks"] if r["task"] == "listops" and r["method"] == name)
+    assert "padding attended" in listops["note"]
+    assert (tmp_path / "error_vs_features.png").exists()
+    assert f"`{name}` (num_features)" in (tmp_path / "report.md").read_text()
