@@ -39,3 +39,46 @@ def test_jukebox_decoding_starts_and_equals_the_forward():
 
 def test_jukebox_test_options_cover_previous_row():
     assert "previous_row" in _spec("jukebox").cls.test_options["kinds"]
+
+
+# ---- item 3: gated rfa where a gate underflows to 0 -----------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rfa_gate_underflow_stays_finite(dtype):
+    """A gate of (numerically) 0 forgets everything before the current token: out_t = v_t exactly."""
+    mech = make_mech(_spec("rfa"), gate=True).to(dtype)
+    with torch.no_grad():
+        mech.gate_bias.fill_(-1000.0)
+    q, k, v = qkv(dtype=dtype)
+    for reference in (False, True):
+        out = mech.run(q, k, v, is_causal=True, reference=reference)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, fastattn.core.base.repeat_kv(v, 2), rtol=1e-4, atol=1e-4)
+    out, state = mech.step(q[:, :, :5], k[:, :, :5], v[:, :, :5], None, 0.25)
+    out2, _ = mech.step(q[:, :, 5:6], k[:, :, 5:6], v[:, :, 5:6], state, 0.25)
+    assert torch.isfinite(out).all() and torch.isfinite(out2).all()
+
+
+def test_rfa_gated_forward_equals_reference_with_strong_gates():
+    mech = make_mech(_spec("rfa"), gate=True).double()
+    with torch.no_grad():
+        mech.gate_bias.copy_(torch.tensor([-40.0, 0.0, 3.0, -800.0]))
+    q, k, v = qkv(requires_grad=True)
+    fast = mech.run(q, k, v, is_causal=True)
+    ref = mech.run(q, k, v, is_causal=True, reference=True)
+    torch.testing.assert_close(fast, ref, rtol=1e-7, atol=1e-9)
+    g1 = torch.autograd.grad(fast.sum(), (q, k, v))
+    g2 = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+# ---- item 11: causal calls with fewer queries than keys return contiguous outputs -----------------
+_CAUSAL = [s for s in fastattn.methods() if s.kind == "sequence" and s.causal]
+
+
+@pytest.mark.parametrize("spec", _CAUSAL, ids=[s.name for s in _CAUSAL])
+def test_causal_short_query_output_is_contiguous(spec):
+    mech = make_mech(spec).double()
+    q, k, v = qkv(lq=5, lk=61)
+    assert mech.run(q, k, v, is_causal=True).is_contiguous()
