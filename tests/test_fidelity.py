@@ -82,3 +82,25 @@ def test_causal_short_query_output_is_contiguous(spec):
     mech = make_mech(spec).double()
     q, k, v = qkv(lq=5, lk=61)
     assert mech.run(q, k, v, is_causal=True).is_contiguous()
+
+
+# ---- item 10: gmat, star, hat honour a user-given scale when reading their nodes ------------------
+@pytest.mark.parametrize("name,params", [
+    ("gmat", ("memory.query", "memory.key")), ("star", ("relay.query", "relay.key")), ("hat", ("segment_query",)),
+])
+def test_node_reads_honour_scale(name, params):
+    """Every score of these layers is ``scale * (query . key)`` with the learned node vectors on one side,
+    so scaling q, k and the learned vectors by ``a`` and ``scale`` by ``1 / a^2`` changes nothing --
+    unless some score ignores ``scale``."""
+    a, scale = 3.0, 0.1
+    mech = make_mech(_spec(name)).double()
+    other = make_mech(_spec(name)).double()
+    other.load_state_dict(mech.state_dict())
+    with torch.no_grad():
+        for p in params:
+            other.get_parameter(p).mul_(a)
+    q, k, v = qkv()
+    for reference in (False, True):
+        want = mech.run(q, k, v, scale=scale, reference=reference)
+        got = other.run(q * a, k * a, v, scale=scale / a ** 2, reference=reference)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
