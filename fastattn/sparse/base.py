@@ -48,7 +48,9 @@ class PatternMechanism(Mechanism):
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         raise NotImplementedError
 
-    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Nodes | None:
+    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
+        """Extra key/value nodes; ``scale`` is the call's score scale (None: ``E ** -0.5``), which any
+        attention the nodes themselves compute must use."""
         return None
 
     def plan(self, pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.device) -> Plan:

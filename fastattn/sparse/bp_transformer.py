@@ -46,6 +46,6 @@ class BPTransformerAttention(PatternMechanism):
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         return Pattern(self.options.leaf, (BlockWindow(self.options.k),))
 
-    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Nodes | None:
+    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
         o = self.options
         return retina_nodes(k, v, mask, o.leaf, o.k, 2, self.levels(k.shape[2]))

@@ -44,5 +44,5 @@ class StarAttention(PatternMechanism):
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         return Pattern(self.options.block, (RingWindow(self.options.radius, lk),))
 
-    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Nodes | None:
-        return self.relay.read(k, v, mask, scale)
+    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
+        return self.relay.read(k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
