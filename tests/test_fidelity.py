@@ -104,3 +104,35 @@ def test_node_reads_honour_scale(name, params):
         want = mech.run(q, k, v, scale=scale, reference=reference)
         got = other.run(q * a, k * a, v, scale=scale / a ** 2, reference=reference)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+# ---- items 8, 9: padding equals truncation for star (its ring) and sac (its LSTM) ----------------
+@pytest.mark.parametrize("name", ["star", "sac"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_equals_truncation(name, side):
+    mech = make_mech(_spec(name)).double()
+    q, k, v = qkv()
+    n, lk = 40, k.shape[2]
+    kpm = torch.zeros(2, lk, dtype=torch.bool)
+    real = slice(0, n) if side == "right" else slice(lk - n, lk)
+    kpm[1] = True
+    kpm[1, real] = False
+    for causal in [False, True] if _spec(name).causal else [False]:
+        for reference in (False, True):
+            padded = mech.run(q, k, v, key_padding_mask=kpm, is_causal=causal, reference=reference)[1:, :, real]
+            alone = mech.run(q[1:, :, real], k[1:, :, real], v[1:, :, real], is_causal=causal, reference=reference)
+            torch.testing.assert_close(padded, alone, rtol=1e-10, atol=1e-12)
+
+
+def test_star_short_sequences_forward_equals_reference():
+    mech = make_mech(_spec("star"), radius=2, block=4).double()
+    for n in range(1, 12):
+        q, k, v = qkv(lq=n, requires_grad=True)
+        kpm = torch.zeros(2, n, dtype=torch.bool)
+        kpm[1, max(1, n - 3):] = True
+        for m in (None, kpm):
+            fast = mech.run(q, k, v, key_padding_mask=m)
+            ref = mech.run(q, k, v, key_padding_mask=m, reference=True)
+            torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-11)
+            for a, b in zip(torch.autograd.grad(fast.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
