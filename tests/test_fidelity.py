@@ -136,3 +136,49 @@ def test_star_short_sequences_forward_equals_reference():
             torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-11)
             for a, b in zip(torch.autograd.grad(fast.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+# ---- item 7: bigbird's random graph survives dtype casts; Lq > Lk is refused; authors' layout ------
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_bigbird_graph_survives_dtype_casts(cast):
+    mech = make_mech(_spec("bigbird"), block=4, max_blocks=64)
+    before = mech.dense_mask(256, 256)
+    getattr(mech, cast)()
+    assert torch.equal(mech.dense_mask(256, 256), before)
+    assert not mech.random_table.is_floating_point()
+
+
+def test_bigbird_more_queries_than_keys_is_a_clear_error():
+    mech = make_mech(_spec("bigbird")).double()
+    q, _, _ = qkv(lq=61)
+    _, k, v = qkv(lq=40)
+    with pytest.raises(ValueError, match="query length <= key length"):
+        mech.run(q, k, v)
+
+
+def test_bigbird_default_layout_follows_the_authors():
+    """Global blocks are the first and the last; random blocks differ between heads; forward equals
+    the reference per head (float64, values and gradients)."""
+    mech = make_mech(_spec("bigbird"), block=4, global_blocks=2, random_blocks=2, max_blocks=64)
+    assert mech.options.global_at == "ends" and mech.options.per_head
+    m = mech.dense_mask(64, 64)  # (H, L, L)
+    assert m.shape == (4, 64, 64)
+    assert m[:, :4].all() and m[:, -4:].all() and m[:, :, :4].all() and m[:, :, -4:].all()
+    assert not all(torch.equal(m[0], m[h]) for h in range(1, 4))
+    mech = mech.double()
+    q, k, v = qkv(lq=64, requires_grad=True)
+    fast, ref = mech.run(q, k, v), mech.run(q, k, v, reference=True)
+    torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-11)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, fastattn.core.base.repeat_kv(k, 2), fastattn.core.base.repeat_kv(v, 2), attn_mask=m)
+    torch.testing.assert_close(fast, dense, rtol=1e-9, atol=1e-11)
+
+
+def test_bigbird_loads_an_old_float_table():
+    mech = make_mech(_spec("bigbird"), per_head=False, global_at="start")
+    state = mech.state_dict()
+    u = torch.rand(state["random_table"].shape[1:], generator=torch.Generator().manual_seed(0))
+    state["random_table"] = u
+    mech.load_state_dict(state)
+    want = (u.double() * 2 ** 31).long()
+    assert torch.equal(mech.random_table[0], want)

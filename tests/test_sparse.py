@@ -135,17 +135,24 @@ def test_bigbird_random_blocks_reproducible_and_saved(tmp_path):
 
 
 def test_bigbird_pattern_has_window_global_and_distinct_random_blocks():
-    mech = make_mech(_spec("bigbird"), block=4, window_blocks=3, global_blocks=1, random_blocks=2)
-    n, b = 64, 4
-    m = mech.dense_mask(n, n)
-    blocks = m.view(n // b, b, n // b, b).any(3).any(1)  # block-level graph
-    assert torch.equal(m, blocks.repeat_interleave(b, 0).repeat_interleave(b, 1))  # whole blocks
-    t = torch.arange(n // b)
-    window = (t[:, None] - t[None, :]).abs() <= 1
-    assert blocks[window].all() and blocks[0].all() and blocks[:, 0].all()
-    extra = blocks & ~window
-    extra[:, 0] = False
-    assert (extra[1:].sum(1) == 2).all()  # exactly r random blocks per non-global row
+    for global_at, per_head in (("start", False), ("ends", True)):
+        mech = make_mech(_spec("bigbird"), block=4, window_blocks=3, global_blocks=2, random_blocks=2,
+                         global_at=global_at, per_head=per_head)
+        n, b = 64, 4
+        masks = mech.dense_mask(n, n)
+        masks = masks if per_head else masks[None]
+        glob = [0, 1] if global_at == "start" else [0, n // b - 1]
+        for m in masks:
+            blocks = m.view(n // b, b, n // b, b).any(3).any(1)  # block-level graph
+            assert torch.equal(m, blocks.repeat_interleave(b, 0).repeat_interleave(b, 1))  # whole blocks
+            t = torch.arange(n // b)
+            window = (t[:, None] - t[None, :]).abs() <= 1
+            assert blocks[window].all() and blocks[glob].all() and blocks[:, glob].all()
+            extra = blocks & ~window
+            extra[:, glob] = False
+            rows = torch.ones(n // b, dtype=torch.bool)
+            rows[glob] = False
+            assert (extra[rows].sum(1) == 2).all()  # exactly r random blocks per non-global row
 
 
 # ---- axial -------------------------------------------------------------------------------------
