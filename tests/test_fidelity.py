@@ -182,3 +182,51 @@ def test_bigbird_loads_an_old_float_table():
     mech.load_state_dict(state)
     want = (u.double() * 2 ** 31).long()
     assert torch.equal(mech.random_table[0], want)
+
+
+# ---- item 4: lightning / transnormer decay rates and output norm follow the authors' code ----------
+def test_alibi_slopes_of_the_authors():
+    from fastattn.kernel.decayed import alibi_slopes
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(h + 1) for h in range(8)], dtype=torch.float64))
+    six = [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]  # ALiBi's interleaving
+    torch.testing.assert_close(alibi_slopes(6), torch.tensor(six, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["lightning", "transnormer"])
+@pytest.mark.parametrize("layer_ratio", [0.0, 0.5])
+def test_decayed_default_is_the_authors_form(name, layer_ratio):
+    """lambda_h = exp(-2^(-8(h+1)/H) (1 - l/(L-1) + 1e-5)); SRMSNorm over the concatenated heads."""
+    spec = _spec(name)
+    mech = make_mech(spec, hkv=4, layer_ratio=layer_ratio).double()
+    assert mech.options.decay == "slopes" and mech.options.norm == "srms_concat"
+    lam = torch.exp(-torch.tensor([2.0 ** -(2 * (h + 1)) for h in range(4)], dtype=torch.float64)
+                    * (1 - layer_ratio + 1e-5))
+    torch.testing.assert_close(mech.lambdas.double(), lam, rtol=1e-6, atol=0)
+    q, k, v = qkv(hkv=4, requires_grad=True)
+    act = (lambda x: x) if name == "lightning" else torch.nn.functional.silu
+    t = torch.arange(q.shape[2])
+    dist = (t[:, None] - t[None, :]).double()
+    m = torch.where(dist >= 0, lam.view(-1, 1, 1) ** dist.clamp_min(0), torch.zeros((), dtype=torch.float64))
+    raw = (act(q) @ act(k).transpose(-1, -2) * m) @ v  # (B, H, L, Ev)
+    want = raw / raw.pow(2).mean(dim=(1, 3), keepdim=True).add(1e-6).sqrt()
+    out = mech.run(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, want, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["lightning", "transnormer"])
+def test_decay_that_underflows_to_zero_is_exact(name):
+    """decay_base in the hundreds: lambda underflows (float32 and float64); each token then sees only
+    itself, with no NaN."""
+    mech = make_mech(_spec(name), hkv=4, decay="paper", decay_base=5000.0, norm="none")
+    act = (lambda x: x) if name == "lightning" else torch.nn.functional.silu
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = qkv(hkv=4, dtype=dtype)
+        own = (act(q) * act(k)).sum(-1, keepdim=True) * v
+        for reference in (False, True):
+            out = mech.to(dtype).run(q, k, v, is_causal=True, reference=reference)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out[:, 1:], own[:, 1:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="decay_base"):
+        make_mech(_spec(name), decay="paper", decay_base=float("inf"))
+    with pytest.raises(ValueError, match="decay must be"):
+        make_mech(_spec(name), decay="alibi")
