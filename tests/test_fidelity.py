@@ -230,3 +230,28 @@ def test_decay_that_underflows_to_zero_is_exact(name):
         make_mech(_spec(name), decay="paper", decay_base=float("inf"))
     with pytest.raises(ValueError, match="decay must be"):
         make_mech(_spec(name), decay="alibi")
+
+
+# ---- item 5: hedgehog's feature map is a softmax per half, as in the authors' code -----------------
+def test_hedgehog_feature_map_is_a_softmax_per_half():
+    mech = make_mech(_spec("hedgehog"), hkv=4).double()
+    with torch.no_grad():
+        for p in (mech.q_weight, mech.k_weight):
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+    assert mech.options.softmax == "halves"
+    q, k, v = qkv(hkv=4)
+
+    def phi(x, w, b):
+        z = torch.einsum("bhld,hed->bhle", x, w) + b[:, None]
+        return torch.cat([z.softmax(-1), (-z).softmax(-1)], -1)
+
+    fq, fk = phi(q, mech.q_weight, mech.q_bias), phi(k, mech.k_weight, mech.k_bias)
+    for causal in (False, True):
+        a = fq @ fk.transpose(-1, -2)
+        if causal:
+            a = a.tril()
+        want = (a @ v) / a.sum(-1, keepdim=True)
+        torch.testing.assert_close(mech.run(q, k, v, is_causal=causal), want, rtol=1e-9, atol=1e-11)
+    joint = make_mech(_spec("hedgehog"), hkv=4, softmax="joint").double()
+    joint.load_state_dict(mech.state_dict())
+    assert rel_err(joint.run(q, k, v), mech.run(q, k, v)) > 1e-3  # the old form is another kernel
