@@ -255,3 +255,22 @@ def test_hedgehog_feature_map_is_a_softmax_per_half():
     joint = make_mech(_spec("hedgehog"), hkv=4, softmax="joint").double()
     joint.load_state_dict(mech.state_dict())
     assert rel_err(joint.run(q, k, v), mech.run(q, k, v)) > 1e-3  # the old form is another kernel
+
+
+# ---- item 6: fastmax normalisation: the paper's per-token form, or the authors' scaled dot product --
+@pytest.mark.parametrize("causal", [False, True])
+def test_fastmax_scaled_is_the_authors_default_form(causal):
+    mech = make_mech(_spec("fastmax"), normalize="scaled").double()
+    q, k, v = qkv()
+    for scale in (None, 0.1):
+        s = q @ fastattn.core.base.repeat_kv(k, 2).transpose(-1, -2) * (16 ** -0.5 if scale is None else scale)
+        a = 1 + s + s * s / 2
+        if causal:
+            a = a.tril()
+        want = a @ fastattn.core.base.repeat_kv(v, 2) / a.sum(-1, keepdim=True)
+        for reference in (False, True):
+            out = mech.run(q, k, v, is_causal=causal, scale=scale, reference=reference)
+            torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-11)
+    assert make_mech(_spec("fastmax")).options.normalize == "token"
+    with pytest.raises(ValueError, match="order=2"):
+        make_mech(_spec("fastmax"), normalize="scaled", order=1)
