@@ -274,3 +274,51 @@ def test_fastmax_scaled_is_the_authors_default_form(causal):
     assert make_mech(_spec("fastmax")).options.normalize == "token"
     with pytest.raises(ValueError, match="order=2"):
         make_mech(_spec("fastmax"), normalize="scaled", order=1)
+
+
+# ---- item 12: causal axial / interlaced reach every earlier position ---------------------------------
+def _reach(name, n=48, **options):
+    """Bool (n, n): does output i depend on value j (one call, float64 Jacobian)?"""
+    mech = make_mech(_spec(name), h=1, hkv=1, **options).double()
+    q, k, v = qkv(b=1, h=1, hkv=1, lq=n)
+    v.requires_grad_(True)
+    out = mech.run(q, k, v, is_causal=True)
+    rows = []
+    for i in range(n):
+        (g,) = torch.autograd.grad(out[0, 0, i].sum(), v, retain_graph=True)
+        rows.append(g[0, 0].abs().sum(-1) > 0)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name,options", [("axial", {"width": 8}), ("interlaced", {"group": 8})])
+def test_causal_axial_and_interlaced_reach_every_earlier_position(name, options):
+    reach = _reach(name, **options)
+    past = torch.ones(48, 48, dtype=torch.bool).tril()
+    assert torch.equal(reach, past)  # everything in the past, nothing in the future
+
+
+def test_causal_axial_upper_context_equals_its_definition():
+    rows, w = 6, 8
+    q, k, v = qkv(h=4, hkv=4, lq=rows * w)
+    out = fastattn.attention(q, k, v, "axial", width=w, is_causal=True)
+    F = torch.nn.functional
+    grid = lambda x: x.reshape(*x.shape[:2], rows, w, x.shape[-1])  # noqa: E731
+    row = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=True)
+    u = F.scaled_dot_product_attention(grid(k), grid(k), grid(v))  # every column of each row
+    earlier = torch.ones(rows, rows, dtype=torch.bool).tril(-1)  # r' < r
+    s = torch.einsum("bhrce,bhsce->bhcrs", grid(q), grid(k)) * 16 ** -0.5
+    p = torch.softmax(s.masked_fill(~earlier, float("-inf")), -1).nan_to_num(0.0)  # row 0: no earlier row
+    upper = torch.einsum("bhcrs,bhsce->bhrce", p, u)
+    torch.testing.assert_close(out, (row + upper).reshape(out.shape), rtol=1e-10, atol=1e-10)
+
+
+def test_causal_interlaced_previous_block_equals_its_definition():
+    n, p = 48, 8
+    q, k, v = qkv(h=4, hkv=4, lq=n)
+    out = fastattn.attention(q, k, v, "interlaced", group=p, is_causal=True)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    long = ((i - j) % p == 0) & (j <= i)
+    short = ((i // p == j // p) & (j <= i)) | (i // p - j // p == 1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    v_long = sdpa(k, k, v, attn_mask=long)
+    torch.testing.assert_close(out, sdpa(q, k, v_long, attn_mask=short), rtol=1e-10, atol=1e-10)

@@ -160,7 +160,7 @@ def test_bigbird_pattern_has_window_global_and_distinct_random_blocks():
 def test_axial_equals_attention_over_each_axis(causal):
     rows, width = 6, 8
     q, k, v = qkv(h=4, hkv=4, lq=rows * width)
-    out = fastattn.attention(q, k, v, "axial", width=width, is_causal=causal)
+    out = fastattn.attention(q, k, v, "axial", width=width, is_causal=causal, causal_form="masked")
     grid = lambda x: x.reshape(*x.shape[:2], rows, width, x.shape[-1])  # noqa: E731
     row = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=causal)
     col = F.scaled_dot_product_attention(
@@ -384,7 +384,7 @@ def test_star_ring_wraps_around():
 def test_interlaced_is_long_range_then_short_range(causal):
     rows, p = 6, 8
     q, k, v = qkv(h=4, hkv=4, lq=rows * p)
-    out = fastattn.attention(q, k, v, "interlaced", group=p, is_causal=causal)
+    out = fastattn.attention(q, k, v, "interlaced", group=p, is_causal=causal, causal_form="masked")
     grid = lambda x: x.reshape(*x.shape[:2], rows, p, x.shape[-1])  # noqa: E731
     col = lambda x: grid(x).transpose(2, 3)  # noqa: E731
     v_long = F.scaled_dot_product_attention(col(k), col(k), col(v), is_causal=causal).transpose(2, 3)
