@@ -322,3 +322,36 @@ def test_causal_interlaced_previous_block_equals_its_definition():
     sdpa = torch.nn.functional.scaled_dot_product_attention
     v_long = sdpa(k, k, v, attn_mask=long)
     torch.testing.assert_close(out, sdpa(q, k, v_long, attn_mask=short), rtol=1e-10, atol=1e-10)
+
+
+# ---- item 13: diet's dilation follows the layer (authors: 2 ** layer) ------------------------------
+def test_diet_dilation_follows_the_layer():
+    n = 64
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    for layer in (0, 1, 3):
+        m = make_mech(_spec("diet"), mode="dilated", window=3, layer=layer, block=8, dilation=None).dense_mask(n, n)
+        d = 2 ** layer
+        assert torch.equal(m, ((i - j).abs() <= 3 * d) & ((i - j) % d == 0))
+    m = make_mech(_spec("diet"), mode="dilated", window=3, layer=3, dilation=4, block=8).dense_mask(n, n)
+    assert torch.equal(m, ((i - j).abs() <= 12) & ((i - j) % 4 == 0))  # an explicit dilation wins
+
+
+# ---- deviations: recorded on the classes, listed in the README -------------------------------------
+def test_deviations_are_short_sentences_and_in_the_readme():
+    from pathlib import Path
+
+    from fastattn.docs import DEV_BEGIN, DEV_END, deviations_section
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert DEV_BEGIN in readme and DEV_END in readme
+    assert deviations_section() in readme, "README deviations section is stale: run `fastattn readme`"
+    assert fastattn.core.base.Mechanism.deviations == ()
+    for s in fastattn.methods():
+        devs = s.cls.deviations
+        assert isinstance(devs, tuple) and all(isinstance(d, str) and d.strip() for d in devs), s.name
+        for d in devs:
+            assert f"`{s.name}`" in deviations_section() and d in readme
+    kept = {s.name for s in fastattn.methods() if s.cls.deviations}
+    # the decisions of issue 17 (items 4-6, 12, 13) are each recorded
+    assert {"lightning", "transnormer", "hedgehog", "fastmax", "axial", "interlaced", "diet", "longformer",
+            "gmat", "star", "bp_transformer", "flatten"} <= kept

@@ -43,6 +43,13 @@ class RFA(RandomFeatureMechanism):
     """Random Fourier (or arc-cosine) features on unit-norm q, k; optional learned gate."""
 
     test_options = {"num_features": 16, "chunk": 16}
+    deviations = (
+        (
+            "The gate of gated RFA is computed from the key head k_t, not from the token's input x_t "
+            '(an attention operator sees only q, k, v).'
+        ),
+        'The kernel width sigma is a fixed option; the paper learns it.',
+    )
     tokenwise = True
 
     @dataclass(frozen=True)

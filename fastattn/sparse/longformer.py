@@ -6,6 +6,10 @@ or question tokens) attend to every position and are attended by every position 
 attention). The window is gathered block-wise by the engine, global keys form one small extra key
 set, and the rows of global queries are computed densely: O(n (w + g) d) time and memory.
 Decoding keeps the last ``w * d`` keys plus the global ones.
+
+Kept deviations: every head uses the same dilation (the paper mixes dilated and undilated heads in the
+upper layers), and global attention uses the same projections as the window (the paper has separate
+global projections, a layer-level choice).
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ class LongformerAttention(PatternMechanism):
     """Sliding (optionally dilated) window plus symmetric global tokens."""
 
     test_options = {"window": 5, "dilation": 2, "global_tokens": (0, 30), "block": 8}
+    deviations = (
+        (
+            'One dilation for all heads (the paper leaves some heads undilated); global attention '
+            "shares the window's projections."
+        ),
+    )
     pruned_cache = True
 
     @dataclass(frozen=True)

@@ -65,6 +65,12 @@ class SACAttention(Mechanism):
     """Attention over the edges an LSTM edge predictor chooses (``edges`` per node, plus a self loop)."""
 
     test_options = {"edges": 4, "hidden": 8, "chunk": 16}
+    deviations = (
+        (
+            'The edge predictor is trained by backpropagation through edge weights added to the '
+            "attention logits, not by the paper's policy gradient."
+        ),
+    )
 
     @dataclass(frozen=True)
     class Options:
