@@ -71,11 +71,11 @@ class FocusedLinearAttention(KernelMechanism):
     test_options = {"kernel_size": 5}
     deviations = (
         (
-            'The depthwise convolution runs along the 1-D sequence with one kernel per head (the '
-            'paper: a 2-D kernel per channel).'
+            "The depthwise convolution runs along the 1-D sequence with one kernel per head (the "
+            "paper: a 2-D kernel per channel)."
         ),
         (
-            'The learnable positional encoding the paper adds to k is omitted (it belongs to a '
+            "The learnable positional encoding the paper adds to k is omitted (it belongs to a "
             "fixed-size image grid); so is the official code's per-channel temperature."
         ),
     )

@@ -46,9 +46,9 @@ class RFA(RandomFeatureMechanism):
     deviations = (
         (
             "The gate of gated RFA is computed from the key head k_t, not from the token's input x_t "
-            '(an attention operator sees only q, k, v).'
+            "(an attention operator sees only q, k, v)."
         ),
-        'The kernel width sigma is a fixed option; the paper learns it.',
+        "The kernel width sigma is a fixed option; the paper learns it.",
     )
     tokenwise = True
 

@@ -9,9 +9,9 @@ mean of their tokens' keys and values (the paper also updates span nodes across 
 state beyond one attention call). Causal: past tokens and fully past spans only.
 
 Kept deviation: the hierarchy is shifted one level -- the first span level has the leaves' size (the
-shared retina construction of ``multiscale``), so beyond its ``k`` nearest leaves a query still sees up to
-``k`` more single leaves per side before spans of two leaves begin (with ``leaf=1``: 4 single tokens per
-side for ``k=2``, where the paper has 2).
+shared retina construction of ``multiscale``), so beyond its ``k`` nearest leaves a query still sees about
+``k`` more single leaves per side (their parents' alignment decides exactly how many) before spans of two
+leaves begin: with ``leaf=1`` and ``k=2``, 4 or 5 single tokens per side where the paper has 2.
 O(n k (leaf + log(n / leaf)) d) edges; span nodes are scored densely here.
 """
 
@@ -38,8 +38,8 @@ class BPTransformerAttention(PatternMechanism):
     test_options = {"leaf": 2, "k": 1}
     deviations = (
         (
-            'The span hierarchy starts one level low: the first span level has leaf size, so a query '
-            'sees up to 2k leaves per side (the paper: k) before spans of 2 leaves.'
+            "The span hierarchy starts one level low: the first span level has leaf size, so a query "
+            "sees about 2k single leaves per side (the paper: k) before spans of 2 leaves."
         ),
         "Span nodes are means of their tokens' keys and values, not updated across layers.",
     )

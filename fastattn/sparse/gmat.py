@@ -31,7 +31,7 @@ class GMATAttention(PatternMechanism):
 
     test_options = {"num_memory": 3, "window": 4, "block": 8}
     deviations = (
-        'Memory tokens attend to the sequence only, not to each other (they have no value of their own).',
+        "Memory tokens attend to the sequence only, not to each other (they have no value of their own).",
     )
 
     @dataclass(frozen=True)

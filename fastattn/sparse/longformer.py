@@ -32,7 +32,7 @@ class LongformerAttention(PatternMechanism):
     test_options = {"window": 5, "dilation": 2, "global_tokens": (0, 30), "block": 8}
     deviations = (
         (
-            'One dilation for all heads (the paper leaves some heads undilated); global attention '
+            "One dilation for all heads (the paper leaves some heads undilated); global attention "
             "shares the window's projections."
         ),
     )

@@ -67,7 +67,7 @@ class SACAttention(Mechanism):
     test_options = {"edges": 4, "hidden": 8, "chunk": 16}
     deviations = (
         (
-            'The edge predictor is trained by backpropagation through edge weights added to the '
+            "The edge predictor is trained by backpropagation through edge weights added to the "
             "attention logits, not by the paper's policy gradient."
         ),
     )
