@@ -55,7 +55,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
     def geometric(n: int) -> list[float]:
         return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
 
-    p = 2 ** int(math.floor(math.log2(num_heads)))
+    p = 2 ** math.floor(math.log2(num_heads))
     out = geometric(p)
     if p < num_heads:
         out += geometric(2 * p)[0::2][: num_heads - p]
@@ -103,7 +103,6 @@ class DecayedLinear(KernelMechanism):
 
     def __init__(self, options: Any = None, **kw: Any) -> None:
         super().__init__(options, **kw)
-        o = self.options
         self.register_buffer("log_lambdas", self._exact_log_decay(), persistent=False)
 
     def _exact_log_decay(self) -> Tensor:

@@ -61,8 +61,10 @@ class Fastmax(KernelMechanism):
     """Normalised q, k and a factorised Taylor polynomial of exp (order 1 or 2)."""
 
     deviations = (
-        "The authors' code defaults to f(q . k / sqrt(d)) (normalize='scaled' here); the default follows "
-        "the paper's per-token normalisation. Division by the largest token norm is not offered.",
+        (
+            "The authors' code defaults to f(q . k / sqrt(d)) (normalize='scaled' here); the default follows "
+            "the paper's per-token normalisation. Division by the largest token norm is not offered."
+        ),
     )
 
     test_options = {"chunk": 16}

@@ -40,8 +40,10 @@ class Hedgehog(KernelMechanism):
 
     test_options = {"chunk": 16}
     deviations = (
-        "Feature map as in the authors' code, [softmax(z), softmax(-z)] (each half normalised), not the "
-        "paper's [exp(z), exp(-z)]; softmax='joint' gives one softmax over both halves.",
+        (
+            "Feature map as in the authors' code, [softmax(z), softmax(-z)] (each half normalised), not the "
+            "paper's [exp(z), exp(-z)]; softmax='joint' gives one softmax over both halves."
+        ),
     )
 
     @dataclass(frozen=True)

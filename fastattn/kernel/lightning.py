@@ -24,8 +24,10 @@ class Lightning(DecayedLinear):
 
     test_options = {"chunk": 16}
     deviations = (
-        "Decay rates and output norm follow the authors' released code (ALiBi slopes, SRMSNorm over the "
-        "concatenated heads), not the paper's text; decay='paper', norm='srms' give the text's form.",
+        (
+            "Decay rates and output norm follow the authors' released code (ALiBi slopes, SRMSNorm over the "
+            "concatenated heads), not the paper's text; decay='paper', norm='srms' give the text's form."
+        ),
     )
 
     @dataclass(frozen=True)

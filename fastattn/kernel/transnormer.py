@@ -25,10 +25,14 @@ class TransNormer(DecayedLinear):
 
     test_options = {"chunk": 16}
     deviations = (
-        "Decay rates and output norm follow the authors' released code (ALiBi slopes, SRMSNorm over the "
-        "concatenated heads), not the paper's text; decay='paper', norm='srms' give the text's form.",
-        "The output gate O * swish(X W_u) and LRPE's rotation exp(i theta (t - s)) are not applied (they "
-        "act on the layer input, outside an attention operator over given q, k, v).",
+        (
+            "Decay rates and output norm follow the authors' released code (ALiBi slopes, SRMSNorm over the "
+            "concatenated heads), not the paper's text; decay='paper', norm='srms' give the text's form."
+        ),
+        (
+            "The output gate O * swish(X W_u) and LRPE's rotation exp(i theta (t - s)) are not applied (they "
+            "act on the layer input, outside an attention operator over given q, k, v)."
+        ),
     )
 
     @dataclass(frozen=True)

@@ -41,8 +41,10 @@ class AxialAttention(PatternMechanism):
 
     test_options = {"width": 8}
     deviations = (
-        "Causal form: the paper's outer (upper-context) and inner decoders become the sum of a masked row "
-        "attention and a column attention over earlier rows' row-attention outputs, within one call.",
+        (
+            "Causal form: the paper's outer (upper-context) and inner decoders become the sum of a masked row "
+            "attention and a column attention over earlier rows' row-attention outputs, within one call."
+        ),
     )
 
     @dataclass(frozen=True)

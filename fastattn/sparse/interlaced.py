@@ -41,10 +41,14 @@ class InterlacedAttention(PatternMechanism):
 
     test_options = {"group": 8}
     deviations = (
-        "The long-range step uses the keys as its queries (one projection serves both of the paper's "
-        "modules).",
-        "The causal form is this library's (the paper is non-causal): the short-range step also sees the "
-        "whole previous block, so every earlier position is reached.",
+        (
+            "The long-range step uses the keys as its queries (one projection serves both of the paper's "
+            "modules)."
+        ),
+        (
+            "The causal form is this library's (the paper is non-causal): the short-range step also sees the "
+            "whole previous block, so every earlier position is reached."
+        ),
     )
 
     @dataclass(frozen=True)

@@ -55,8 +55,10 @@ class StarAttention(PatternMechanism):
 
     test_options = {"radius": 2, "block": 8}
     deviations = (
-        "The relay reads this call's satellites before they read it (the paper: satellites read the "
-        "previous step's relay); the relay does not attend to itself.",
+        (
+            "The relay reads this call's satellites before they read it (the paper: satellites read the "
+            "previous step's relay); the relay does not attend to itself."
+        ),
         "Satellites do not attend to their token embedding e_i (an attention call has no embeddings).",
     )
 
