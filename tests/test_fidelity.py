@@ -355,3 +355,38 @@ def test_deviations_are_short_sentences_and_in_the_readme():
     # the decisions of issue 17 (items 4-6, 12, 13) are each recorded
     assert {"lightning", "transnormer", "hedgehog", "fastmax", "axial", "interlaced", "diet", "longformer",
             "gmat", "star", "bp_transformer", "flatten"} <= kept
+
+
+# ---- item 13: longformer dilations per head (the paper dilates only some heads) ---------------------
+def test_longformer_per_head_dilation():
+    spec = _spec("longformer")
+    opts = {"window": 3, "dilation": (1, 2, 1, 3), "global_tokens": (0, 30), "block": 8}
+    mech = make_mech(spec, **opts).double()
+    q, k, v = qkv(requires_grad=True)
+    kpm = torch.zeros(2, 61, dtype=torch.bool)
+    kpm[1, 40:] = True
+    for causal in (False, True):
+        m = mech.dense_mask(61, 61, causal=causal)
+        assert m.shape == (4, 61, 61)
+        for h, d in enumerate(opts["dilation"]):  # each head is the single-dilation layer's head
+            single = make_mech(spec, **{**opts, "dilation": d}).dense_mask(61, 61, causal=causal)
+            assert torch.equal(m[h], single)
+        fast = mech.run(q, k, v, is_causal=causal, key_padding_mask=kpm)
+        ref = mech.run(q, k, v, is_causal=causal, key_padding_mask=kpm, reference=True)
+        torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-11)
+        allowed = m[None] & ~kpm[:, None, None, :]
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            q, fastattn.core.base.repeat_kv(k, 2), fastattn.core.base.repeat_kv(v, 2), attn_mask=allowed)
+        torch.testing.assert_close(fast, dense, rtol=1e-9, atol=1e-11)
+        for a, b in zip(torch.autograd.grad(fast.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    # decoding equals the causal forward, with a bounded cache
+    q, k, v = qkv()
+    state, outs = None, []
+    for t in range(0, 61, 3):
+        o, state = mech.step(q[:, :, t:t + 3], k[:, :, t:t + 3], v[:, :, t:t + 3], state, 16 ** -0.5)
+        outs.append(o)
+    assert state.k.shape[2] <= 3 * 3 + 2  # past the last global query: the widest window and the globals
+    torch.testing.assert_close(torch.cat(outs, 2), mech.run(q, k, v, is_causal=True), rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="per-head dilations"):
+        make_mech(spec, dilation=(1, 2))
