@@ -48,7 +48,9 @@ class PatternMechanism(Mechanism):
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         raise NotImplementedError
 
-    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Nodes | None:
+    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
+        """Extra key/value nodes; ``scale`` is the call's score scale (None: ``E ** -0.5``), which any
+        attention the nodes themselves compute must use."""
         return None
 
     def plan(self, pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.device) -> Plan:
@@ -68,11 +70,11 @@ class PatternMechanism(Mechanism):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         pat = self.pattern(mask.lq, mask.lk, q.device)
         plan = self.plan(pat, mask.lq, mask.lk, mask.causal, q.device)
-        return block_sparse_attention(q, k, v, mask, scale, pat, self.nodes(q, k, v, mask), plan=plan)
+        return block_sparse_attention(q, k, v, mask, scale, pat, self.nodes(q, k, v, mask, scale), plan=plan)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         pat = self.pattern(mask.lq, mask.lk, q.device)
-        return pattern_reference(q, k, v, mask, scale, pat, self.nodes(q, k, v, mask))
+        return pattern_reference(q, k, v, mask, scale, pat, self.nodes(q, k, v, mask, scale))
 
     def dense_mask(self, lq: int, lk: int, causal: bool = False, device: torch.device | str = "cpu") -> Tensor:
         """The pattern as a bool ``(Lq, Lk)`` matrix, True = may attend (for inspection and for
