@@ -5,13 +5,11 @@ padding mask, and errors."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 
 import fastattn
-from helpers import grads
+from helpers import grads, through_bytes
 
 C, B, HH, WW = 16, 2, 5, 7
 VISION = [s for s in fastattn.methods() if s.kind == "vision"]
@@ -98,14 +96,10 @@ def test_batch_independence(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_save_and_load(spec):
-    m = make(spec, seed=0)
-    buf = io.BytesIO()
-    torch.save(m.state_dict(), buf)
-    buf.seek(0)
-    other = make(spec, seed=1)
+    m, other = make(spec, seed=0), make(spec, seed=1)
     x = image()
     assert not torch.allclose(other(x), m(x))
-    other.load_state_dict(torch.load(buf))
+    other.load_state_dict(through_bytes(m.state_dict()))
     torch.testing.assert_close(other(x), m(x), rtol=0, atol=0)
 
 
