@@ -70,11 +70,7 @@ class AlignmentMechanism(nn.Module):
 
     def __init__(self, options: Any = None, *, query_dim: int, key_dim: int, value_dim: int) -> None:
         super().__init__()
-        if options is None:
-            options = self.spec.make_options()
-        elif isinstance(options, dict):
-            options = self.spec.make_options(**options)
-        self.options = options
+        self.options = self.spec.resolve_options(options)
         self.query_dim, self.key_dim, self.value_dim = query_dim, key_dim, value_dim
         self.aux_loss: Tensor = torch.zeros(())
 

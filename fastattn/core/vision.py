@@ -80,13 +80,9 @@ class VisionMechanism(nn.Module):
 
     def __init__(self, options: Any = None, *, channels: int, num_heads: int = 1, scale: float | None = None) -> None:
         super().__init__()
-        if options is None:
-            options = self.spec.make_options()
-        elif isinstance(options, dict):
-            options = self.spec.make_options(**options)
         if channels <= 0 or num_heads <= 0:
             raise ValueError(f"channels ({channels}) and num_heads ({num_heads}) must be positive")
-        self.options = options
+        self.options = self.spec.resolve_options(options)
         self.channels, self.num_heads, self.scale = channels, num_heads, scale
         self.aux_loss: Tensor = torch.zeros(())
 

@@ -247,3 +247,15 @@ def test_bad_inputs_raise(spec):
         fastattn.AlignmentAttention(DQ, DK, "softmax")
     with pytest.raises(ValueError, match="seq2seq"):
         fastattn.MultiheadAttention(8, 2, spec.name)
+
+
+def test_other_kinds_point_to_their_facade():
+    q = k = v = torch.randn(1, 1, 4, 8)
+    for spec in SPECS:
+        with pytest.raises(ValueError, match="AlignmentAttention"):
+            fastattn.attention(q, k, v, spec.name)
+    for spec in (s for s in fastattn.methods() if s.kind == "vision"):
+        with pytest.raises(ValueError, match="Attention2d"):
+            fastattn.attention(q, k, v, spec.name)
+        with pytest.raises(ValueError, match="vision"):
+            fastattn.AlignmentAttention(DQ, DK, spec.name)
