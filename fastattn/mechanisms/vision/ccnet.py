@@ -106,12 +106,12 @@ class CrissCross(VisionMechanism):
     def _pass(self, x: Tensor, mask: Tensor | None) -> Tensor:
         q, k, v = self._project(x)  # (B, h, H, W, d)
         b, _, hh, ww, _ = q.shape
-        s = self.score_scale
-        row = torch.einsum("bnijd,bnikd->bnijk", q, k) * s  # (i, j) with (i, k): its row
-        col = torch.einsum("bnijd,bnkjd->bnijk", q, k) * s  # (i, j) with (k, j): its column
-        eye = torch.eye(hh, dtype=torch.bool, device=x.device)
-        bias = torch.zeros((hh, 1, hh), dtype=col.dtype, device=x.device).masked_fill(eye[:, None, :], NEG_INF)
-        col = col + bias  # the pixel itself is counted in its row, not again in its column
+        if self.score_scale != 1.0:
+            q = q * self.score_scale
+        row = torch.einsum("bnijd,bnikd->bnijk", q, k)  # (i, j) with (i, k): its row
+        col = torch.einsum("bnijd,bnkjd->bnijk", q, k)  # (i, j) with (k, j): its column
+        eye = torch.eye(hh, dtype=torch.bool, device=x.device)[:, None, :]  # key (k, j) is the pixel itself
+        col = col.masked_fill(eye, NEG_INF)  # the pixel is counted in its row, not again in its column
         if mask is not None:
             row = row.masked_fill(mask[:, None, :, None, :], NEG_INF)  # key (i, k) padded
             col = col.masked_fill(mask.transpose(1, 2)[:, None, None, :, :], NEG_INF)  # key (k, j) padded
