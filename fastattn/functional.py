@@ -53,6 +53,9 @@ def attention(
         torch.Size([2, 4, 100, 32])
     """
     spec = get_method(method)
+    if spec.kind != "sequence":
+        facade = {"vision": "Attention2d", "seq2seq": "AlignmentAttention"}.get(spec.kind, "its own module")
+        raise ValueError(f"method {method!r} is a {spec.kind} mechanism; use fastattn.{facade}(..., method={method!r})")
     if not spec.functional:
         raise ValueError(
             f"method {method!r} has learned parameters; use fastattn.MultiheadAttention(..., method={method!r})"
