@@ -23,7 +23,7 @@ def mechanism_table() -> str:
     rows = []
     for s in specs:
         opts = ", ".join(f"`{k}={v!r}`" for k, v in s.options.items()) or "-"
-        kind = "" if s.functional else " (layer only)"
+        kind = " (layer-level)" if s.level == "layer" else "" if s.functional else " (layer only)"
         rows.append(
             f"| `{s.name}`{kind} | {s.family} | [{s.title}](https://arxiv.org/abs/{s.arxiv}) ({s.year}) | "
             f"{s.complexity} | {_yes(s.causal)} | {_yes(s.decoding)} | {_yes(s.padding)} | "
