@@ -266,15 +266,24 @@ class ProjectedAttention(LayerMechanism):
             weights = self.core.attention_weights(q, k, **masks)
         return out, weights
 
+    def reference_heads(
+        self, x: Tensor, context: Tensor | None, value: Tensor | None, *,
+        key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool,
+    ) -> Tensor:
+        """The head outputs ``(B, H, Lq, E)`` by the projections and the core's reference."""
+        q, k, v = self.project(x, context, value)
+        return self.attend(
+            q, k, v, reference=True, key_padding_mask=key_padding_mask, is_causal=is_causal,
+            attn_mask=self._attn_mask(attn_mask, x.shape[0], q.shape[2], k.shape[2]),
+        )
+
     def reference(
         self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,
         key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False,
     ) -> Tensor:
         """Projections, the core's reference, the output projection."""
-        q, k, v = self.project(x, context, value)
-        heads = self.attend(
-            q, k, v, reference=True, key_padding_mask=key_padding_mask, is_causal=is_causal,
-            attn_mask=self._attn_mask(attn_mask, x.shape[0], q.shape[2], k.shape[2]),
+        heads = self.reference_heads(
+            x, context, value, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal
         )
         heads, _ = self.mix(x, heads, self._valid_queries(context, key_padding_mask))
         return self.out_proj(self.merge(heads))

@@ -179,6 +179,25 @@ def test_padding_does_not_matter(spec, core):
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("spec,core", [c for c in CONFIGS if _flag(*c.values, "attn_mask")])
+def test_attn_mask_in_torch_conventions(spec, core):
+    """A boolean ``attn_mask`` (True = masked), 2-D or torch's 3-D ``(B * H, Lq, Lk)``, and its float
+    form all act like the mask they describe (here: causal, where the layer has a causal form)."""
+    layer = _layer(spec, core)
+    x = _x()
+    upper = torch.ones(L, L, dtype=torch.bool).triu(1)
+    expect, _ = layer(x, is_causal=True) if _flag(spec, core, "causal") else (None, None)
+    outs = [layer(x, attn_mask=m)[0] for m in (
+        upper, upper.expand(B * H, L, L), torch.zeros(L, L, dtype=torch.float64).masked_fill(upper, float("-inf"))
+    )]
+    for out in outs:
+        torch.testing.assert_close(out, outs[0], rtol=1e-12, atol=1e-12)
+    if expect is not None:
+        torch.testing.assert_close(outs[0], expect, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="3-D attn_mask"):
+        layer(x, attn_mask=upper.expand(B, L, L))
+
+
 @pytest.mark.parametrize("spec,core", [c for c in CONFIGS if _flag(*c.values, "decoding")])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_step_equals_causal_forward(spec, core, batch_first):

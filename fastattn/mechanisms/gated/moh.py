@@ -129,10 +129,8 @@ class MoH(ProjectedAttention):
         key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False,
     ) -> Tensor:
         """``O_t = sum_i g_i(x_t) H^i_t W_O^i``, token by token, with the core's reference for ``H``."""
-        q, k, v = self.project(x, context, value)
-        heads = self.attend(
-            q, k, v, reference=True, key_padding_mask=key_padding_mask, is_causal=is_causal,
-            attn_mask=self._attn_mask(attn_mask, x.shape[0], q.shape[2], k.shape[2]),
+        heads = self.reference_heads(
+            x, context, value, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal
         )
         e, hs, top = self.head_dim, self.shared_heads, self.active_heads
         w_o = self.out_proj.weight
