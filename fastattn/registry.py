@@ -114,7 +114,9 @@ def register(
     randomized: bool = False,
     level: str = "sequence",
 ) -> Callable[[type], type]:
-    """Class decorator adding a :class:`~fastattn.core.base.Mechanism` subclass to the registry.
+    """Class decorator adding a :class:`~fastattn.core.base.Mechanism` subclass (``level="sequence"``)
+    or a :class:`~fastattn.core.layer.LayerMechanism` subclass (``level="layer"``, ``functional=False``)
+    to the registry.
 
     The class must define a frozen dataclass ``Options`` whose fields all have defaults.
     """

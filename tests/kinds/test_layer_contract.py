@@ -76,6 +76,27 @@ def test_metadata(spec):
         fastattn.attention(*(torch.randn(1, 2, 5, 4) for _ in range(3)), method=spec.name)
 
 
+def test_registry_checks_the_level():
+    from dataclasses import dataclass
+
+    from fastattn.registry import catalogue, register
+
+    class Dummy(LayerMechanism):
+        @dataclass(frozen=True)
+        class Options:
+            pass
+
+    done = {s.name for s in fastattn.methods()}
+    free = next((n for n in catalogue() if n not in done), None)  # the checks raise before registering
+    if free is None:
+        pytest.skip("every catalogue id is registered")
+    with pytest.raises(ValueError, match="not functional"):
+        register(free, complexity="O(n)", causal=False, decoding=False, padding=False, level="layer")(Dummy)
+    with pytest.raises(ValueError, match="level must be"):
+        register(free, complexity="O(n)", causal=False, decoding=False, padding=False, level="head")(Dummy)
+    assert not hasattr(Dummy, "spec")
+
+
 @pytest.mark.parametrize("spec,core", CONFIGS)
 def test_shapes_in_both_layouts_and_unbatched(spec, core):
     bf = _layer(spec, core, batch_first=True)
