@@ -93,7 +93,7 @@ def make_core(
         what = f"a {spec.kind} mechanism" if spec.kind != "sequence" else "a layer-level mechanism"
         raise ValueError(f"the attention core must be a sequence-level mechanism id; {method!r} is {what}")
     if not isinstance(options, dict):
-        raise ValueError(f"core_options must be a dict of the core's options, got {type(options).__name__}")
+        raise TypeError(f"core_options must be a dict of the core's options, got {type(options).__name__}")
     if generator is not None and not spec.randomized:
         raise ValueError(f"method {method!r} draws no random numbers; it takes no generator")
     kwargs = {"generator": generator} if spec.randomized else {}

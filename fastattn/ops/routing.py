@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "route", "load_balance_loss", "z_loss"]
+__all__ = ["Routing", "load_balance_loss", "route", "z_loss"]
 
 GATES = ("softmax", "sigmoid")
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import layer_specs
 
 import fastattn
 from fastattn.core.layer import LayerMechanism
-from helpers import layer_specs
 
 B, D, H, HKV, L = 2, 36, 6, 3, 13  # GQA, odd length, head_dim 6
 SPECS = layer_specs()

@@ -200,7 +200,7 @@ def test_core_options_reach_the_core_and_a_generator_reaches_a_random_core():
     a = fastattn.MultiheadAttention(D, H, "moh", core="performer", generator=torch.Generator().manual_seed(3))
     b = fastattn.MultiheadAttention(D, H, "moh", core="performer", generator=torch.Generator().manual_seed(3))
     c = fastattn.MultiheadAttention(D, H, "moh", core="performer", generator=torch.Generator().manual_seed(4))
-    buffers = lambda m: torch.cat([t.flatten() for t in m.attn.buffers()])  # noqa: E731
+    buffers = lambda m: torch.cat([t.flatten() for t in m.attn.buffers()])
     assert torch.equal(buffers(a), buffers(b)) and not torch.equal(buffers(a), buffers(c))
 
 

@@ -42,7 +42,7 @@ probabilities, the gates, and the sum over heads of ``g_i H^i_t W_O^i``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -59,8 +59,8 @@ from fastattn.registry import register
 class MoH(ProjectedAttention):
     """Mixture-of-Head attention: shared heads plus top-k routed heads per token, gated head outputs."""
 
-    returns_core_weights = False  # the output mixes head outputs by gates: no single attention matrix
-    test_options = {"shared_heads": 2, "active_heads": 2}  # 6 heads: 2 shared, 2 of 4 routed
+    returns_core_weights: ClassVar[bool] = False  # the output mixes head outputs by gates: no single attention matrix
+    test_options: ClassVar[dict[str, Any]] = {"shared_heads": 2, "active_heads": 2}  # 6 heads: 2 shared, 2 of 4 routed
 
     @dataclass(frozen=True)
     class Options(ProjectedAttention.Options):
