@@ -184,6 +184,8 @@ def test_bad_options_are_value_errors():
         _moh(core="local", core_options={"windoww": 3})
     with pytest.raises(ValueError, match="unknown option"):
         _moh(num_shared_heads=2)
+    with pytest.raises(TypeError, match="core_options must be a dict"):
+        _moh(core_options=[("window", 3)])
     with pytest.raises(ValueError, match="draws no random numbers"):
         fastattn.MultiheadAttention(D, H, "moh", generator=torch.Generator())
     with pytest.raises(ValueError, match="no attention weights to drop out"):
