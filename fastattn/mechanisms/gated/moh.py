@@ -32,6 +32,9 @@ Defaults: ``h_s = h // 4`` shared heads and ``k`` routed heads such that about 7
 (``round(0.75 h) - h_s``, at least 1): 12 heads give 3 shared + 6 of 9 routed, the paper's MoH-ViT-S/B
 setting. The paper activates 50-90% of the heads.
 
+Cost: the core's over every head (``O(n^2 d)`` for softmax, the registry's figure) plus the routers'
+``O(n D h)``.
+
 Implementation: the fast path runs the core over every head in one call and scales ``(token, head)``
 outputs by the gates (as the authors' code does); it does not yet skip the unselected pairs, which
 needs the core to take a different query subset per head (query positions in ``Mask``).
@@ -53,7 +56,7 @@ from fastattn.registry import register
 
 
 @register(
-    "moh", complexity="O(n^2 d + n D h) (softmax core)", causal=True, decoding=True, padding=True,
+    "moh", complexity="O(n^2 d + n D h)", causal=True, decoding=True, padding=True,
     attn_mask=True, dropout=True, functional=False, level="layer",
 )
 class MoH(ProjectedAttention):
