@@ -29,7 +29,9 @@ def mechanism_table() -> str:
     rows = []
     for s in specs:
         opts = ", ".join(f"`{k}={v!r}`" for k, v in s.options.items()) or "-"
-        note = " (layer only)" if s.kind == "sequence" and not s.functional else ""
+        note = "" if s.kind != "sequence" else (
+            " (layer-level)" if s.level == "layer" else "" if s.functional else " (layer only)"
+        )
         rows.append(
             f"| `{s.name}`{note} | {s.family} | {s.kind} | [{s.title}](https://arxiv.org/abs/{s.arxiv}) ({s.year}) | "
             f"{s.complexity} | {_yes(s.causal)} | {_yes(s.decoding)} | {_yes(s.padding)} | "

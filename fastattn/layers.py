@@ -8,17 +8,25 @@ import torch
 from torch import Tensor, nn
 
 from .core.base import Mechanism
+from .core.layer import LayerConfig, LayerMechanism, ProjectedAttention
 from .registry import get_method
 
 __all__ = ["MultiheadAttention"]
 
 
 class MultiheadAttention(nn.Module):
-    """Multi-head attention whose core is any registered sequence mechanism.
+    """Multi-head attention whose mechanism is any registered sequence mechanism.
 
     Same constructor defaults and forward signature as ``torch.nn.MultiheadAttention`` (including
     ``batch_first=False``), plus ``method``, ``num_kv_heads`` (grouped-query attention) and the
     mechanism's ``**options``. ``weights`` is ``None`` unless the mechanism can produce them.
+
+    The layer is a façade over one :class:`~fastattn.core.layer.LayerMechanism` (``self.mechanism``):
+    for a sequence-level method it is :class:`~fastattn.core.layer.ProjectedAttention` -- projections,
+    the method as the attention core (``self.attn``), output projection; for a layer-level method
+    (registry ``level="layer"``: mixture of heads, memories, ...) it is that mechanism, which sees the
+    layer input and owns its projections. The façade handles the layout (``batch_first``, unbatched
+    input), checks shapes, and forwards.
 
     Example:
         >>> layer = fastattn.MultiheadAttention(256, 8, method="flash", batch_first=True)
@@ -27,6 +35,9 @@ class MultiheadAttention(nn.Module):
         >>> state = None
         >>> for chunk in x.split(100, dim=1):   # incremental decoding, equal to the causal forward
         ...     y, state = layer.step(chunk, state)
+        >>> moh = fastattn.MultiheadAttention(256, 8, method="moh", core="flash", batch_first=True)
+        >>> out, _ = moh(x, is_causal=True)
+        >>> loss = out.square().mean() + 0.01 * moh.aux_loss   # the router's load-balance loss
     """
 
     def __init__(
@@ -52,57 +63,57 @@ class MultiheadAttention(nn.Module):
             raise ValueError(
                 f"method {method!r} is a {spec.kind} mechanism; it is not a sequence attention layer"
             )
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_kv_heads <= 0 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if dropout > 0 and not spec.dropout:
-            raise ValueError(
-                f"method {method!r} has no attention weights to drop out; use dropout=0 "
-                f"(and dropout on the layer output if you want one)"
-            )
-        if generator is not None and not spec.randomized:
-            raise ValueError(f"method {method!r} draws no random numbers; it takes no generator")
+        config = LayerConfig(
+            embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim, bias=bias,
+            dropout=dropout, device=device, dtype=dtype,
+        )
         self.spec = spec
         self.method = method
-        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
-        self.head_dim = embed_dim // num_heads
-        self.kdim = embed_dim if kdim is None else kdim
-        self.vdim = embed_dim if vdim is None else vdim
+        self.config = config
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, config.num_kv_heads
+        self.head_dim, self.kdim, self.vdim = config.head_dim, config.kdim, config.vdim
         self.dropout, self.batch_first = dropout, batch_first
-        fk = {"device": device, "dtype": dtype}
-        kv_dim = num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
-        self.k_proj = nn.Linear(self.kdim, kv_dim, bias=bias, **fk)
-        self.v_proj = nn.Linear(self.vdim, kv_dim, bias=bias, **fk)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
-        for lin in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        if self.out_proj.bias is not None:
-            nn.init.zeros_(self.out_proj.bias)
-        kwargs = {"generator": generator} if spec.randomized else {}
-        self.attn: Mechanism = spec.cls(  # type: ignore[misc]
-            spec.make_options(**options), head_dim=self.head_dim, num_heads=num_heads,
-            num_kv_heads=num_kv_heads, **kwargs,
-        ).to(device)
+        if spec.level == "layer":
+            mechanism = spec.cls(spec.make_options(**options), config, generator=generator)  # type: ignore[misc]
+        else:
+            mechanism = ProjectedAttention(
+                ProjectedAttention.Options(core=method, core_options=options), config, generator=generator
+            )
+        self.mechanism: LayerMechanism = mechanism
 
     @property
     def aux_loss(self) -> Tensor:
         """The mechanism's auxiliary loss from the last forward (zero where it defines none)."""
-        return self.attn.aux_loss
+        return self.mechanism.aux_loss
+
+    # The standard layer's parts, under the names they have always had.
+    @property
+    def attn(self) -> Mechanism:
+        """The attention core (the sequence-level mechanism)."""
+        return self.mechanism.core  # type: ignore[return-value]
+
+    @property
+    def q_proj(self) -> nn.Linear:
+        return self.mechanism.q_proj
+
+    @property
+    def k_proj(self) -> nn.Linear:
+        return self.mechanism.k_proj
+
+    @property
+    def v_proj(self) -> nn.Linear:
+        return self.mechanism.v_proj
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.mechanism.out_proj
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
     # ---- helpers ------------------------------------------------------------------------------
     def _heads(self, x: Tensor, heads: int) -> Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, heads, self.head_dim).transpose(1, 2)
+        return self.mechanism.heads(x, heads)
 
     def _to_batch_first(self, x: Tensor, name: str, width: int) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 3:
@@ -111,16 +122,6 @@ class MultiheadAttention(nn.Module):
         if x.shape[-1] != width:
             raise ValueError(f"{name} has {x.shape[-1]} features, the layer expects {width}")
         return x if self.batch_first else x.transpose(0, 1)
-
-    def _attn_mask(self, attn_mask: Tensor | None, b: int, lq: int, lk: int) -> Tensor | None:
-        if attn_mask is None or attn_mask.dim() != 3:
-            return attn_mask
-        if attn_mask.shape[0] != b * self.num_heads:
-            raise ValueError(
-                f"3-D attn_mask must be (batch * num_heads, Lq, Lk) = ({b * self.num_heads}, {lq}, {lk}), "
-                f"got {tuple(attn_mask.shape)}"
-            )
-        return attn_mask.view(b, self.num_heads, *attn_mask.shape[1:])
 
     # ---- forward and decoding -----------------------------------------------------------------
     def forward(
@@ -134,6 +135,9 @@ class MultiheadAttention(nn.Module):
         is_causal: bool = False,
         average_attn_weights: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
+        # Self-attention (the mechanism is told so by context=None) when key and value are omitted or
+        # are the query tensor itself, as in torch's idiom layer(x, x, x).
+        self_attention = key is None or (key is query and (value is None or value is query))
         unbatched = isinstance(query, Tensor) and query.dim() == 2
         if unbatched:
             bdim = 0 if self.batch_first else 1
@@ -144,30 +148,19 @@ class MultiheadAttention(nn.Module):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         key = query if key is None else key
         value = key if value is None else value
-        q = self._to_batch_first(query, "query", self.embed_dim)
+        x = self._to_batch_first(query, "query", self.embed_dim)
         k = self._to_batch_first(key, "key", self.kdim)
         v = self._to_batch_first(value, "value", self.vdim)
         if k.shape[:2] != v.shape[:2]:
             raise ValueError(f"key and value must share batch and length, got {tuple(k.shape)} and {tuple(v.shape)}")
-        if q.shape[0] != k.shape[0]:
-            raise ValueError(f"query and key batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
-        b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
-        qh = self._heads(self.q_proj(q), self.num_heads)
-        kh = self._heads(self.k_proj(k), self.num_kv_heads)
-        vh = self._heads(self.v_proj(v), self.num_kv_heads)
-        attn_mask = self._attn_mask(attn_mask, b, lq, lk)
-        out = self.attn.run(
-            qh, kh, vh, key_padding_mask=key_padding_mask, is_causal=is_causal, attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
+        if x.shape[0] != k.shape[0]:
+            raise ValueError(f"query and key batch sizes differ: {x.shape[0]} vs {k.shape[0]}")
+        out, weights = self.mechanism(
+            x, None if self_attention else k, None if self_attention else v,
+            key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal, need_weights=need_weights,
         )
-        out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.embed_dim))
-        weights = None
-        if need_weights:
-            weights = self.attn.attention_weights(
-                qh, kh, key_padding_mask=key_padding_mask, is_causal=is_causal, attn_mask=attn_mask
-            )
-            if weights is not None and average_attn_weights:
-                weights = weights.mean(dim=1)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
         if not self.batch_first:
             out = out.transpose(0, 1)
         if unbatched:
@@ -175,18 +168,14 @@ class MultiheadAttention(nn.Module):
             weights = None if weights is None else weights.squeeze(0)
         return out, weights
 
-    def step(self, chunk: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+    def step(self, chunk: Tensor, state: Any = None, *, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Any]:
         """Decode ``T >= 1`` new tokens (laid out like ``forward``'s query) given the previous ``state``
-        (``None`` at the start). The outputs equal the causal forward over the whole prefix."""
+        (``None`` at the start). The outputs equal the causal forward over the whole prefix.
+        ``key_padding_mask`` ``(B, T)`` marks padding among the new tokens (left-padded prompts)."""
         if not self.spec.decoding:
             raise ValueError(f"method {self.method!r} does not support incremental decoding")
         x = self._to_batch_first(chunk, "chunk", self.embed_dim)
-        b, t, _ = x.shape
-        qh = self._heads(self.q_proj(x), self.num_heads)
-        kh = self._heads(self.k_proj(x), self.num_kv_heads)
-        vh = self._heads(self.v_proj(x), self.num_kv_heads)
-        out, state = self.attn.step(qh, kh, vh, state, self.head_dim ** -0.5)
-        out = self.out_proj(out.transpose(1, 2).reshape(b, t, self.embed_dim))
+        out, state = self.mechanism.step(x, state, key_padding_mask=key_padding_mask)
         return (out if self.batch_first else out.transpose(0, 1)), state
 
     @classmethod

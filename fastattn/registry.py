@@ -48,6 +48,11 @@ class MethodSpec:
     ``dropout`` -- supports dropout on the attention weights;
     ``weights`` -- can return the attention weights (``need_weights=True``);
     ``randomized`` -- draws random numbers (features, hashes, blocks) and accepts ``generator=``.
+
+    ``level`` says what the mechanism receives: ``"sequence"`` -- per-head ``q, k, v`` after the
+    layer's standard projections (a :class:`~fastattn.core.base.Mechanism`); ``"layer"`` -- the layer
+    input itself, owning or replacing the projections (a :class:`~fastattn.core.layer.LayerMechanism`,
+    reached through ``MultiheadAttention`` only, never functional).
     """
 
     name: str
@@ -67,6 +72,7 @@ class MethodSpec:
     dropout: bool = False
     weights: bool = False
     randomized: bool = False
+    level: str = "sequence"
     options: dict[str, Any] = field(default_factory=dict)
     cls: type | None = field(default=None, repr=False, compare=False)
 
@@ -115,8 +121,11 @@ def register(
     dropout: bool = False,
     weights: bool = False,
     randomized: bool = False,
+    level: str = "sequence",
 ) -> Callable[[type], type]:
-    """Class decorator adding a :class:`~fastattn.core.base.Mechanism` subclass to the registry.
+    """Class decorator adding a :class:`~fastattn.core.base.Mechanism` subclass (``level="sequence"``)
+    or a :class:`~fastattn.core.layer.LayerMechanism` subclass (``level="layer"``, ``functional=False``)
+    to the registry.
 
     The class must define a frozen dataclass ``Options`` whose fields all have defaults.
     """
@@ -157,11 +166,16 @@ def register(
             dropout=dropout,
             weights=weights,
             randomized=randomized,
+            level=level,
             options=defaults,
             cls=cls,
         )
         if decoding and not causal:
             raise ValueError(f"{name!r}: decoding=True needs a causal form")
+        if level not in ("sequence", "layer"):
+            raise ValueError(f"{name!r}: level must be 'sequence' or 'layer', got {level!r}")
+        if level == "layer" and functional:
+            raise ValueError(f"{name!r}: a layer-level mechanism is not functional; register it with functional=False")
         cls.spec = spec
         _REGISTRY[name] = spec
         return cls

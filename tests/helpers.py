@@ -12,7 +12,13 @@ B, H, HKV, L, E, EV = 2, 4, 2, 61, 16, 12  # awkward sizes on purpose: GQA, odd 
 
 
 def sequence_specs() -> list[MethodSpec]:
-    return [s for s in fastattn.methods() if s.kind == "sequence"]
+    """Sequence-level mechanisms (per-head q, k, v); layer-level ones have their own contract suite."""
+    return [s for s in fastattn.methods() if s.kind == "sequence" and s.level == "sequence"]
+
+
+def layer_specs() -> list[MethodSpec]:
+    """Layer-level mechanisms (they see the layer input): ``tests/kinds/test_layer_contract.py``."""
+    return [s for s in fastattn.methods() if s.kind == "sequence" and s.level == "layer"]
 
 
 def ids(specs: list[MethodSpec]) -> list[str]:

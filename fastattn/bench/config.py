@@ -163,7 +163,7 @@ def select_methods(expr: str | None) -> tuple[list[MethodSpec], list[str]]:
     Returns the selected specs (catalogue order) and notes about names that matched nothing, so a
     default list naming mechanisms not (yet) registered still works.
     """
-    registered = [s for s in methods() if s.kind == "sequence"]
+    registered = [s for s in methods() if s.kind == "sequence" and s.level == "sequence"]  # layer-level: not benchmarked yet
     by_name = {s.name: s for s in registered}
     if expr is None or expr.strip() in ("", "all"):
         return registered, []

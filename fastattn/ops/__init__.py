@@ -10,5 +10,7 @@ Nothing here imports a mechanism or a family; a mechanism module is a thin compo
 * :mod:`.sparse` -- block-sparse attention: patterns, plans, the grouped engine, the dense reference,
   memory nodes;
 * :mod:`.gather` -- attention over an explicit per-query list of key indices;
-* :mod:`.features` -- named feature maps and the padding helpers kernel mechanisms share.
+* :mod:`.features` -- named feature maps and the padding helpers kernel mechanisms share;
+* :mod:`.routing` -- top-k routing of tokens over experts (softmax / renormalised / sigmoid gates) and the
+  load-balance and z auxiliary losses.
 """

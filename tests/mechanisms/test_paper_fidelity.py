@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastattn
-from helpers import make_mech, qkv, rel_err
+from helpers import make_mech, qkv, rel_err, sequence_specs
 
 
 def _spec(name):
@@ -74,7 +74,7 @@ def test_rfa_gated_forward_equals_reference_with_strong_gates():
 
 
 # ---- item 11: causal calls with fewer queries than keys return contiguous outputs -----------------
-_CAUSAL = [s for s in fastattn.methods() if s.kind == "sequence" and s.causal]
+_CAUSAL = [s for s in sequence_specs() if s.causal]
 
 
 @pytest.mark.parametrize("spec", _CAUSAL, ids=[s.name for s in _CAUSAL])

@@ -1,0 +1,85 @@
+"""Top-k routing of tokens over experts (heads, projections, memories), with the usual auxiliary losses.
+
+A router maps each token to ``E`` logits (``x W_g``, computed by the caller). :func:`route` selects the
+``k`` largest per token (dropless: no capacity, so no token's selection depends on another token's) and
+turns the logits into gates:
+
+* ``gate="softmax"``: probabilities ``p = softmax(logits)`` over all ``E`` experts; the selected
+  experts keep ``p_e``, the others get 0. With ``renormalize=True`` the kept gates are divided by their
+  sum (equal to a softmax over the selected logits only);
+* ``gate="sigmoid"``: ``p = sigmoid(logits)``, each expert on its own; ``renormalize`` as above.
+
+The auxiliary losses read the routing of a batch of tokens (optionally only the ``valid`` ones):
+
+* :func:`load_balance_loss` -- Switch-style ``E * sum_e f_e P_e`` with ``f_e`` the fraction of tokens
+  that select expert ``e`` and ``P_e`` the mean router probability of ``e``: ``k`` when routing is
+  uniform, larger when a few experts take most tokens;
+* :func:`z_loss` -- ``mean(logsumexp(logits)^2)``, which keeps the router's logits small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Routing", "load_balance_loss", "route", "z_loss"]
+
+GATES = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One routing decision for tokens ``(..., E)``.
+
+    ``gates`` -- the weight of each expert for each token, 0 where not selected; ``mask`` -- bool,
+    True where selected (exactly ``k`` per token); ``index`` -- ``(..., k)`` the selected experts, in no
+    particular order; ``probs`` -- the router probabilities over all experts before selection (what the
+    load-balance loss reads)."""
+
+    gates: Tensor
+    mask: Tensor
+    index: Tensor
+    probs: Tensor
+
+
+def route(logits: Tensor, k: int, *, gate: str = "softmax", renormalize: bool = True) -> Routing:
+    """Select the top ``k`` of the last dimension of ``logits`` ``(..., E)`` and gate them."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    n = logits.shape[-1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] (the number of experts), got {k}")
+    probs = torch.softmax(logits, dim=-1) if gate == "softmax" else torch.sigmoid(logits)
+    # Both gates are increasing in the logits, so the logits' top-k is the probabilities' top-k.
+    index = torch.topk(logits, k, dim=-1, sorted=False).indices
+    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, index, True)
+    gates = probs.masked_fill(~mask, 0.0)
+    if renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+    return Routing(gates=gates, mask=mask, index=index, probs=probs)
+
+
+def _token_mean(x: Tensor, valid: Tensor | None) -> Tensor:
+    """Mean of ``x (..., E)`` over every leading (token) position, or over the ``valid`` ones only."""
+    x = x.reshape(-1, x.shape[-1])
+    if valid is None:
+        return x.mean(dim=0)
+    if valid.numel() != x.shape[0]:
+        raise ValueError(f"valid must have one entry per token ({x.shape[0]}), got shape {tuple(valid.shape)}")
+    w = valid.reshape(-1, 1).to(x.dtype)
+    return (x * w).sum(dim=0) / w.sum().clamp_min(1.0)
+
+
+def load_balance_loss(probs: Tensor, mask: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``E * sum_e f_e P_e``: ``f_e`` = mean over tokens of ``mask[..., e]`` (selection frequency),
+    ``P_e`` = mean over tokens of ``probs[..., e]``. Tokens where ``valid`` is False do not count."""
+    f = _token_mean(mask.to(probs.dtype), valid)
+    p = _token_mean(probs, valid)
+    return probs.shape[-1] * (f * p).sum()
+
+
+def z_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Router z-loss ``mean over tokens of logsumexp(logits)^2``."""
+    return _token_mean(torch.logsumexp(logits, dim=-1, keepdim=True).pow(2), valid)[0]
