@@ -285,3 +285,42 @@ def test_approximate_mechanism_paths(approx_spec, tmp_path: Path) -> None:
     assert "padding attended" in listops["note"]
     assert (tmp_path / "error_vs_features.png").exists()
     assert f"`{name}` (num_features)" in (tmp_path / "report.md").read_text()
+
+
+# ---- declared growth exponents (issue 9) ----------------------------------------------------------------
+def test_every_mechanism_declares_its_growth_exponents() -> None:
+    for spec in fastattn.methods():
+        for what in ("time_growth", "memory_growth"):
+            value = getattr(spec, what)
+            assert isinstance(value, float) and 0.0 < value <= 3.0, (spec.name, what, value)
+        assert spec.memory_growth <= spec.time_growth, spec.name  # nothing stores more than it computes
+    assert (fastattn.get_method("flash").time_growth, fastattn.get_method("flash").memory_growth) == (2.0, 1.0)
+    assert fastattn.get_method("linear").time_growth == 1.0
+
+
+def test_bench_predictions_read_the_declared_exponents(monkeypatch) -> None:
+    import dataclasses
+    import inspect
+
+    from fastattn import registry
+    from fastattn.bench import suite
+
+    source = inspect.getsource(suite)
+    assert "\nimport re\n" not in source and ".complexity" not in source  # no parsing of the free text
+    spec = fastattn.get_method("linear")
+    # a misleading complexity text must not change the prediction: the declared numbers are used
+    fake = dataclasses.replace(spec, complexity="O(n^2 d) time, O(n) memory", time_growth=1.0, memory_growth=1.0)
+    monkeypatch.setitem(registry._REGISTRY, "linear", fake)
+    assert suite._exponents("linear", "fwd") == (1.0, 1.0)
+    assert suite._exponents("linear", "decode") == (0.0, 0.0)
+    monkeypatch.setitem(registry._REGISTRY, "linear", dataclasses.replace(spec, time_growth=None, memory_growth=None))
+    assert suite._exponents("linear", "fwd") == (2.0, 2.0)  # undeclared: the cautious guess
+
+
+def test_register_rejects_nonsense_growth() -> None:
+    from fastattn.registry import register
+
+    with pytest.raises(ValueError, match="time_growth"):
+        register("softmax", complexity="x", causal=True, decoding=True, padding=True, time_growth=0)
+    with pytest.raises(ValueError, match="memory_growth"):
+        register("softmax", complexity="x", causal=True, decoding=True, padding=True, memory_growth="2")

@@ -9,7 +9,6 @@ no case can stop the run.
 from __future__ import annotations
 
 import math
-import re
 import time
 import traceback
 from dataclasses import replace
@@ -50,16 +49,16 @@ def _err(exc: BaseException) -> str:
 
 # ---- predictions ------------------------------------------------------------------------------------
 def _exponents(impl: str, mode: str) -> tuple[float, float]:
-    """Growth exponents in n of (time, memory) from the registry's complexity text."""
+    """Growth exponents in n of (time, memory): the registry's declared ``time_growth`` and
+    ``memory_growth`` (2.0 where a mechanism declares none: predictions err on the side of skipping)."""
     if impl in ("sdpa", "naive"):
         t, m = 2.0, (1.0 if impl == "sdpa" else 2.0)
     elif impl.startswith("peer:"):
         return 2.0, 2.0
     else:
-        c = get_method(impl).complexity.replace(" ", "")
-        quad = "n^2" in c or "n²" in c
-        t = 2.0 if quad else 1.5 if re.search(r"n(\^?1\.5|sqrt|\\sqrt|log)", c) else 1.0
-        m = 1.0 if "O(n)memory" in c else t
+        spec = get_method(impl)
+        t = 2.0 if spec.time_growth is None else spec.time_growth
+        m = 2.0 if spec.memory_growth is None else spec.memory_growth
     if mode == "decode":  # one token: exact attention reads the whole cache, constant-state ones do not
         t, m = max(t - 1.0, 0.0), max(m - 1.0, 0.0)
     return t, m

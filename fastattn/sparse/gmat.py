@@ -22,7 +22,7 @@ from .memory import MemoryNodes
 from .patterns import Pattern, Window
 
 
-@register("gmat", complexity="O(n (w + m) d)", causal=False, decoding=False, padding=True, functional=False)
+@register("gmat", complexity="O(n (w + m) d)", causal=False, decoding=False, padding=True, functional=False, time_growth=1.0, memory_growth=1.0)
 class GMATAttention(PatternMechanism):
     """Sliding-window token attention plus ``num_memory`` learned global memory tokens."""
 

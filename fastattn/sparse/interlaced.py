@@ -29,7 +29,7 @@ from .engine import block_sparse_attention, pattern_reference
 from .patterns import Pattern, SameBlock, Strided
 
 
-@register("interlaced", complexity="O(n (P + n / P) d)", causal=True, decoding=True, padding=True)
+@register("interlaced", complexity="O(n (P + n / P) d)", causal=True, decoding=True, padding=True, time_growth=2.0, memory_growth=2.0)
 class InterlacedAttention(PatternMechanism):
     """Long-range attention inside interlaced groups, then short-range attention inside blocks."""
 

@@ -23,7 +23,7 @@ from .memory import MemoryNodes
 from .patterns import Pattern, RingWindow
 
 
-@register("star", complexity="O(n r d)", causal=False, decoding=False, padding=True, functional=False)
+@register("star", complexity="O(n r d)", causal=False, decoding=False, padding=True, functional=False, time_growth=1.0, memory_growth=1.0)
 class StarAttention(PatternMechanism):
     """Ring of satellites (radius ``radius``) plus one learned relay node."""
 
