@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import preset, resolve_device, select_methods
+from .config import preset, resolve_device, select_methods, task_methods_covering_families
 
 __all__ = ["add_parser", "main"]
 
@@ -150,8 +150,8 @@ def main(args: argparse.Namespace) -> int:
     elif args.methods != "all" or cfg.task_methods is None:
         cfg.task_methods = names
     else:
-        cfg.task_methods = [m for m in cfg.task_methods if m in names]
-        notes.append(f"tasks trained for {', '.join(cfg.task_methods)} (a spread over the families; "
+        cfg.task_methods = task_methods_covering_families(specs, cfg.task_methods)
+        notes.append(f"tasks trained for {', '.join(cfg.task_methods)} (at least one per family; "
                      f"--task-methods all trains every one)")
     if not specs:
         print("no mechanism selected; see `fastattn list`", file=sys.stderr)
