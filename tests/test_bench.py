@@ -556,3 +556,15 @@ def test_default_listops_is_learnable_within_the_default_budget() -> None:
     r = train_task(cfg, fastattn.get_method("softmax"), "listops")
     assert r["steps"] == cfg.listops.steps  # not cut by the time cap
     assert r["accuracy"] > r["majority"] + 0.1 and r["majority"] < 0.3 and r["chance"] == 0.1
+
+
+def test_decode_predictions_count_every_step_of_the_loop() -> None:
+    cfg = preset("quick")
+    cfg.lengths, cfg.modes, cfg.baselines, cfg.repeats, cfg.threads = [16, 32], ["decode"], ["sdpa"], 1, 1
+    cfg.heads, cfg.head_dim, cfg.decode_steps = 2, 8, 4
+    specs = [fastattn.get_method("softmax")]
+    rows = run_speed(cfg, specs, [], lambda s: None)
+    step = next(r for r in rows if r["impl"] == "softmax" and r["n"] == 16)["median_ms"] / 1e3
+    cfg.case_budget_s = step * 4  # n=32: one step (~2 x step) fits, a loop of four (~8 x step) does not
+    rows = run_speed(cfg, specs, [], lambda s: None)
+    assert next(r for r in rows if r["impl"] == "softmax" and r["n"] == 32)["status"] == "skipped"

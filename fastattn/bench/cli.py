@@ -56,6 +56,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--error-lengths", type=_ints, default=None, help="lengths of the approximation-error section")
     p.add_argument("--features", type=_ints, default=None,
                    help="feature counts (rank, landmarks) of the error sweep, e.g. 16,64,256")
+    p.add_argument("--error-inputs", default=None,
+                   help="inputs of the error section, any of trained,structured,gaussian (default: all three)")
+    p.add_argument("--decode-steps", type=int, default=None,
+                   help="decode cases time a loop of this many steps through the decoding state (per step)")
     p.add_argument("--modes", type=_modes, default=None, help="any of fwd,fwdbwd,decode (default: all three)")
     p.add_argument("--tasks", action=argparse.BooleanOptionalAction, default=None,
                    help="train the small task models (default: on, off with --quick)")
@@ -122,6 +126,15 @@ def main(args: argparse.Namespace) -> int:
         cfg.error_feature_length = max(args.error_lengths)
     if args.features:
         cfg.error_features = args.features
+    if args.error_inputs:
+        kinds = [x.strip() for x in args.error_inputs.split(",") if x.strip()]
+        bad = [x for x in kinds if x not in ("trained", "structured", "gaussian")]
+        if bad or not kinds:
+            print(f"--error-inputs: use trained, structured, gaussian; got {args.error_inputs!r}", file=sys.stderr)
+            return 2
+        cfg.error_inputs = kinds
+    if args.decode_steps:
+        cfg.decode_steps = max(1, args.decode_steps)
     for flag, attr in (("tasks", "tasks"), ("peers", "peers"), ("error", "error"), ("memory", "memory")):
         if getattr(args, flag) is not None:
             setattr(cfg, attr, getattr(args, flag))

@@ -192,7 +192,7 @@ def headline_table(res: dict) -> str:
     err_ns = {k: _headline_error_n(res, k) for k in kinds}
     tasks = [t for t in ("mqar", "listops") if any(r["task"] == t for r in res.get("tasks", []))]
     heads = {"fwd": "forward ms (x SDPA)", "fwdbwd": "fwd+bwd ms (x SDPA)", "decode": "decode step ms (x SDPA)"}
-    cols = [f"{heads[m]}, n={ns[m]}" for m in modes] + [f"peak MiB fwd, n={ns.get('fwd')}"]
+    cols = [f"{heads[m]}, n={ns[m] or '-'}" for m in modes] + [f"peak MiB fwd, n={ns.get('fwd') or '-'}"]
     cols += [f"error, {INPUT_LABEL.get(k, k)}, n={err_ns[k]}" for k in kinds]
     cols += [{"mqar": "MQAR acc", "listops": "ListOps acc"}[t] for t in tasks]
     lines = ["| method | family | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
@@ -223,6 +223,12 @@ def headline_skips(res: dict) -> list[str]:
     names = {"sdpa"} | {m["name"] for m in res["methods"]}
     for mode in ("fwd", "fwdbwd", "decode"):
         n = _mode_n(res, mode)
+        if n is None:
+            why = sorted({r.get("reason") or r.get("error") or "" for r in res["speed"]
+                          if r["mode"] == mode and r["impl"] in names})
+            if why:
+                out.append(f"{MODES.get(mode, mode)}: no case measured at any length ({'; '.join(why)})")
+            continue
         for r in res["speed"]:
             if r["mode"] == mode and r["n"] == n and r["impl"] in names and r.get("status") in ("skipped", "error"):
                 why = r.get("reason") or r.get("error") or ""

@@ -161,6 +161,8 @@ def run_speed(cfg: Config, specs: list[MethodSpec], peer_impls: list[str], progr
                 if reason is None:
                     t_exp, m_exp = _exponents(impl, mode)
                     t_pred = _extrapolate(times.get(key, []), n, t_exp)
+                    if mode == "decode":  # times are per step; one run is a loop of decode_steps steps
+                        t_pred *= max(1, cfg.decode_steps)
                     m_pred = _extrapolate(mems.get(key, []), n, m_exp) if mems.get(key) else _first_memory_mb(case)
                     if t_pred == t_pred and t_pred > cfg.case_budget_s:
                         reason = f"predicted {t_pred:.1f} s per run > case budget {cfg.case_budget_s:g} s"
@@ -304,6 +306,17 @@ def _input_sets(cfg: Config, specs: list[MethodSpec], budget: Budget, progress: 
                 g = torch.Generator().manual_seed(cfg.seed * 1000 + seed + n)
                 qkv.append(make(1, h, n, e, g))
             prepare(kind, n, sweep, qkv)
+    # what the summary table shows first (trained-model inputs, structured inputs at the longest length),
+    # so that a section budget running out cuts the sweeps and the other lengths instead
+    longest = max(cfg.error_lengths, default=0)
+
+    def priority(entry: tuple) -> int:
+        kind, n, sweep, _ = entry
+        if sweep:
+            return 3
+        return 0 if kind == "trained" else 1 if (kind == "structured" and n == longest) else 2
+
+    sets.sort(key=priority)
     return sets, stats
 
 
