@@ -87,16 +87,16 @@ def _last_layer_inputs(model: nn.Module, x: Tensor, layer: int) -> tuple[Tensor,
 
 
 def trained_inputs(cfg: Any, length: int, steps: int, batch: int = 2, budget_s: float = 120.0,
-                   vocab: int = 64) -> TrainedInputs:
+                   vocab: int = 64, pairs: int = 4) -> TrainedInputs:
     """Train a softmax :class:`TinyTransformer` (the task section's shape: ``cfg.task_width``,
-    ``cfg.task_layers``, ``cfg.task_heads``) on non-causal MQAR at ``length`` (``length // 16`` pairs,
-    at least 4, from a vocabulary of ``vocab``) for ``steps`` steps (or ``budget_s`` seconds), then
-    capture its last layer's q, k, v on ``batch`` fresh sequences."""
+    ``cfg.task_layers``, ``cfg.task_heads``) on non-causal MQAR at ``length`` (``pairs`` key-value pairs
+    from a vocabulary of ``vocab``) for ``steps`` steps (or ``budget_s`` seconds), then capture its last
+    layer's q, k, v on ``batch`` fresh sequences."""
     from ..registry import get_method
     from .tasks import mqar_batch, train_task
 
     tc = replace(cfg.mqar, length=length, steps=steps, budget_s=budget_s, vocab=vocab,
-                 pairs=max(4, min(length // 16, vocab // 2 - 1)), eval_batches=2)
+                 pairs=max(1, min(pairs, vocab // 2 - 1, length // 4)), eval_batches=2)
     sub = replace(cfg, mqar=tc)
     t0 = time.perf_counter()
     row, model = train_task(sub, get_method("softmax"), "mqar", causal=False, return_model=True)

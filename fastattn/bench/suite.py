@@ -285,7 +285,7 @@ def _input_sets(cfg: Config, specs: list[MethodSpec], budget: Budget, progress: 
             try:
                 cap = trained_inputs(cfg, cfg.error_trained_length, cfg.error_trained_steps,
                                      budget_s=max(budget.seconds - budget.spent, 1.0) * 0.5,
-                                     vocab=cfg.error_trained_vocab)
+                                     vocab=cfg.error_trained_vocab, pairs=cfg.error_trained_pairs)
             except Exception as exc:
                 stats.append({"inputs": kind, "n": cfg.error_trained_length, "status": "error", "error": _err(exc)})
                 continue
