@@ -568,3 +568,21 @@ def test_decode_predictions_count_every_step_of_the_loop() -> None:
     cfg.case_budget_s = step * 4  # n=32: one step (~2 x step) fits, a loop of four (~8 x step) does not
     rows = run_speed(cfg, specs, [], lambda s: None)
     assert next(r for r in rows if r["impl"] == "softmax" and r["n"] == 32)["status"] == "skipped"
+
+
+def test_time_plot_has_one_row_of_panels_per_family(quick_run: Path, tmp_path: Path) -> None:
+    import matplotlib.image
+
+    from fastattn.bench.report import HEADLINE_PLOT, write_plots
+
+    res = json.loads((quick_run / "results.json").read_text())
+    write_plots(res, tmp_path)
+    one = matplotlib.image.imread(tmp_path / HEADLINE_PLOT).shape[0]
+    for m in res["methods"]:
+        if m["name"] == "flash":
+            m["family"] = "other"  # two families now: two rows of panels
+    out = tmp_path / "two"
+    out.mkdir()
+    paths = write_plots(res, out)
+    assert matplotlib.image.imread(out / HEADLINE_PLOT).shape[0] > 1.7 * one
+    assert {p.name for p in paths} >= {HEADLINE_PLOT, "memory_vs_length.png", "error_vs_length.png", "pick.png"}
