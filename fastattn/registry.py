@@ -3,7 +3,8 @@
 A mechanism registers itself with :func:`register` on its class. Paper metadata (title, arXiv id, year,
 family, kind, one-line idea) comes from ``catalogue.tsv`` shipped with the package, so the ids and the
 papers cannot drift from the project catalogue; the decorator adds what only the code knows:
-capability flags, complexity and the typed options.
+capability flags, complexity (as text, and as declared growth exponents of time and memory in the
+sequence length) and the typed options.
 
 >>> import fastattn
 >>> spec = fastattn.get_method("flash")
@@ -53,6 +54,11 @@ class MethodSpec:
     layer's standard projections (a :class:`~fastattn.core.base.Mechanism`); ``"layer"`` -- the layer
     input itself, owning or replacing the projections (a :class:`~fastattn.core.layer.LayerMechanism`,
     reached through ``MultiheadAttention`` only, never functional).
+    ``time_growth`` and ``memory_growth`` are the exponents ``a`` of ``n ** a`` that time and peak
+    memory of one forward call grow with at the default options (head dim, features and windows fixed):
+    2.0 for dense softmax, 1.0 for linear attention and fixed windows, 1.5 for ``n sqrt(n)``; an
+    ``n log n`` mechanism declares the local slope at practical lengths, 1.1. ``None``: not declared
+    (the benchmark then assumes 2.0). The free-text ``complexity`` is for people, these are for code.
     """
 
     name: str
@@ -74,6 +80,8 @@ class MethodSpec:
     randomized: bool = False
     level: str = "sequence"
     options: dict[str, Any] = field(default_factory=dict)
+    time_growth: float | None = None
+    memory_growth: float | None = None
     cls: type | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -122,13 +130,19 @@ def register(
     weights: bool = False,
     randomized: bool = False,
     level: str = "sequence",
+    time_growth: float | None = None,
+    memory_growth: float | None = None,
 ) -> Callable[[type], type]:
     """Class decorator adding a :class:`~fastattn.core.base.Mechanism` subclass (``level="sequence"``)
     or a :class:`~fastattn.core.layer.LayerMechanism` subclass (``level="layer"``, ``functional=False``)
     to the registry.
 
     The class must define a frozen dataclass ``Options`` whose fields all have defaults.
+    ``time_growth`` / ``memory_growth``: see :class:`MethodSpec` (positive numbers, at most 3).
     """
+    for what, value in (("time_growth", time_growth), ("memory_growth", memory_growth)):
+        if value is not None and not (isinstance(value, (int, float)) and 0.0 < float(value) <= 3.0):
+            raise ValueError(f"{name!r}: {what} must be a number in (0, 3], got {value!r}")
 
     def wrap(cls: type) -> type:
         row = catalogue().get(name)
@@ -168,6 +182,8 @@ def register(
             randomized=randomized,
             level=level,
             options=defaults,
+            time_growth=None if time_growth is None else float(time_growth),
+            memory_growth=None if memory_growth is None else float(memory_growth),
             cls=cls,
         )
         if decoding and not causal:

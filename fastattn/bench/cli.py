@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import preset, resolve_device, select_methods
+from .config import preset, resolve_device, select_methods, task_methods_covering_families
 
 __all__ = ["add_parser", "main"]
 
@@ -56,6 +56,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--error-lengths", type=_ints, default=None, help="lengths of the approximation-error section")
     p.add_argument("--features", type=_ints, default=None,
                    help="feature counts (rank, landmarks) of the error sweep, e.g. 16,64,256")
+    p.add_argument("--error-inputs", default=None,
+                   help="inputs of the error section, any of trained,structured,gaussian (default: all three)")
+    p.add_argument("--decode-steps", type=int, default=None,
+                   help="decode cases time a loop of this many steps through the decoding state (per step)")
     p.add_argument("--modes", type=_modes, default=None, help="any of fwd,fwdbwd,decode (default: all three)")
     p.add_argument("--tasks", action=argparse.BooleanOptionalAction, default=None,
                    help="train the small task models (default: on, off with --quick)")
@@ -122,6 +126,15 @@ def main(args: argparse.Namespace) -> int:
         cfg.error_feature_length = max(args.error_lengths)
     if args.features:
         cfg.error_features = args.features
+    if args.error_inputs:
+        kinds = [x.strip() for x in args.error_inputs.split(",") if x.strip()]
+        bad = [x for x in kinds if x not in ("trained", "structured", "gaussian")]
+        if bad or not kinds:
+            print(f"--error-inputs: use trained, structured, gaussian; got {args.error_inputs!r}", file=sys.stderr)
+            return 2
+        cfg.error_inputs = kinds
+    if args.decode_steps:
+        cfg.decode_steps = max(1, args.decode_steps)
     for flag, attr in (("tasks", "tasks"), ("peers", "peers"), ("error", "error"), ("memory", "memory")):
         if getattr(args, flag) is not None:
             setattr(cfg, attr, getattr(args, flag))
@@ -150,8 +163,8 @@ def main(args: argparse.Namespace) -> int:
     elif args.methods != "all" or cfg.task_methods is None:
         cfg.task_methods = names
     else:
-        cfg.task_methods = [m for m in cfg.task_methods if m in names]
-        notes.append(f"tasks trained for {', '.join(cfg.task_methods)} (a spread over the families; "
+        cfg.task_methods = task_methods_covering_families(specs, cfg.task_methods)
+        notes.append(f"tasks trained for {', '.join(cfg.task_methods)} (at least one per family; "
                      f"--task-methods all trains every one)")
     if not specs:
         print("no mechanism selected; see `fastattn list`", file=sys.stderr)

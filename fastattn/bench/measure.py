@@ -8,9 +8,14 @@ reading. ``impl`` names what runs:
 * ``"naive"`` -- the textbook formula that materialises the n x n matrix;
 * ``"peer:<name>"`` -- an adapter from :mod:`fastattn.bench.peers` (an optional peer package).
 
-``mode`` is ``"fwd"`` (forward), ``"fwdbwd"`` (forward and backward) or ``"decode"`` (one new token
-given the decoding state of a prefix of ``n - 1`` tokens: ``Mechanism.step`` for registry ids, a KV
-cache and SDPA over it for the baselines).
+``mode`` is ``"fwd"`` (forward), ``"fwdbwd"`` (forward and backward) or ``"decode"``: the time of one
+decoding step, measured as a loop of ``decode_steps`` consecutive steps ending at token ``n`` (the last
+step attends to ``n`` keys), divided by the number of steps. The loop goes through the decoding state
+as generation does: ``Mechanism.step`` feeding each step the state the previous one returned (for
+softmax-family mechanisms a :class:`~fastattn.core.base.KVCache` that appends in place into spare
+capacity), and for the ``sdpa`` / ``naive`` baselines a preallocated key/value buffer written in place.
+Building the prefix's state (and the one copy of it into a buffer with spare capacity that the first
+step of a stream makes) happens before the timed loop, in the function's ``prepare``.
 
 Peak memory on CPU is the process's peak resident set (``VmHWM``, reset before the call) minus its
 resident set just before the measured call, read in a fresh ``python -m fastattn.bench.measure``
@@ -51,6 +56,7 @@ class Case:
     threads: int = 2
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    decode_steps: int = 16  # mode "decode": steps timed in one loop (the reported time is per step)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -84,20 +90,39 @@ def make_mechanism(case: Case):
 
 
 def _build_decode(case: Case) -> tuple[Callable[[], Any], tuple[torch.Tensor, ...]]:
-    if case.n < 2:
-        raise ValueError("decode cases need n >= 2 (a prefix of n - 1 tokens and one new token)")
+    """A loop of ``s`` decoding steps ending at token ``n`` (see the module docstring). The returned
+    function has ``prepare()`` (untimed: the state before the loop) and ``calls`` (= ``s``, so a
+    timing divides by it); called without ``prepare`` it prepares itself."""
+    if case.n < 3:
+        raise ValueError("decode cases need n >= 3 (a prefix, one untimed step and the timed steps)")
+    s = max(1, min(case.decode_steps, (case.n - 1) // 2))
     dtype = getattr(torch, case.dtype)
     g = torch.Generator(device="cpu").manual_seed(case.seed)
     q, k, v = (torch.randn(case.b, case.h, case.n, case.e, generator=g).to(case.device, dtype) for _ in range(3))
     scale = case.e ** -0.5
-    qp, kp, vp = q[:, :, :-1], k[:, :, :-1], v[:, :, :-1]
-    q1, k1, v1 = q[:, :, -1:], k[:, :, -1:], v[:, :, -1:]
+    first = case.n - s - 1  # token index of the untimed step that opens the stream; the loop is first+1..n-1
+    ctx: dict[str, Any] = {}
     if case.impl in ("sdpa", "naive"):
-        def step():
-            kk, vv = torch.cat([kp, k1], dim=2), torch.cat([vp, v1], dim=2)
+        kbuf, vbuf = torch.empty_like(k), torch.empty_like(v)
+        kbuf[:, :, :first], vbuf[:, :, :first] = k[:, :, :first], v[:, :, :first]
+
+        def one(t: int) -> torch.Tensor:
+            kbuf[:, :, t:t + 1], vbuf[:, :, t:t + 1] = k[:, :, t:t + 1], v[:, :, t:t + 1]
+            kk, vv, qq = kbuf[:, :, :t + 1], vbuf[:, :, :t + 1], q[:, :, t:t + 1]
             if case.impl == "naive":
-                return _naive(q1, kk, vv, False, scale)
-            return torch.nn.functional.scaled_dot_product_attention(q1, kk, vv)
+                return _naive(qq, kk, vv, False, scale)
+            return torch.nn.functional.scaled_dot_product_attention(qq, kk, vv)
+
+        def prepare() -> None:
+            with torch.no_grad():
+                one(first)
+            ctx["ready"] = True
+
+        def loop() -> Any:
+            out = None
+            for t in range(first + 1, case.n):
+                out = one(t)
+            return out
     elif case.impl.startswith("peer:"):
         raise ValueError("peer adapters are timed on forward passes only")
     else:
@@ -105,15 +130,30 @@ def _build_decode(case: Case) -> tuple[Callable[[], Any], tuple[torch.Tensor, ..
         if not mech.spec.decoding:
             raise ValueError(f"method {case.impl!r} does not support incremental decoding")
         with torch.no_grad():
-            _, state = mech.step(qp, kp, vp, None, scale)
+            _, prefix = mech.step(q[:, :, :first], k[:, :, :first], v[:, :, :first], None, scale)
 
-        def step():
-            return mech.step(q1, k1, v1, state, scale)[0]
+        def prepare() -> None:
+            with torch.no_grad():
+                sl = slice(first, first + 1)
+                ctx["state"] = mech.step(q[:, :, sl], k[:, :, sl], v[:, :, sl], prefix, scale)[1]
+            ctx["ready"] = True
 
-    def run():
+        def loop() -> Any:
+            state, out = ctx.pop("state"), None
+            for t in range(first + 1, case.n):
+                sl = slice(t, t + 1)
+                out, state = mech.step(q[:, :, sl], k[:, :, sl], v[:, :, sl], state, scale)
+            return out
+
+    def run() -> Any:
+        if not ctx.pop("ready", False):
+            prepare()
+            ctx.pop("ready")
         with torch.no_grad():
-            return step()
+            return loop()
 
+    run.prepare = prepare  # type: ignore[attr-defined]
+    run.calls = s  # type: ignore[attr-defined]
     return run, (q, k, v)
 
 
@@ -172,21 +212,30 @@ def time_case(
     case: Case, *, warmup: int = 1, repeats: int = 5, budget_s: float = 60.0, fn: Callable[[], Any] | None = None
 ) -> dict[str, Any]:
     """Median wall time of ``repeats`` runs after ``warmup`` (fewer repeats if over ``budget_s``; at
-    least one timed run always happens). ``fn``: the case already built by :func:`build`."""
+    least one timed run always happens). ``fn``: the case already built by :func:`build`. Where ``fn``
+    has ``prepare`` it is called, untimed, before every run; where it has ``calls`` (a loop of that
+    many decoding steps), each time is divided by it."""
     if fn is None:
         fn, _ = build(case)
+    prepare = getattr(fn, "prepare", None)
+    calls = getattr(fn, "calls", 1)
     start = time.perf_counter()
     for _ in range(warmup):
+        if prepare is not None:
+            prepare()
         fn()
         if time.perf_counter() - start > budget_s:
             break
     _sync(case.device)
     times: list[float] = []
     for _ in range(repeats):
+        if prepare is not None:
+            prepare()
+            _sync(case.device)
         t0 = time.perf_counter()
         fn()
         _sync(case.device)
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / calls)
         if time.perf_counter() - start > budget_s:
             break
     return {"median_s": statistics.median(times), "times_s": times}

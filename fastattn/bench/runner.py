@@ -16,7 +16,7 @@ import torch
 
 from .. import __version__
 from ..registry import MethodSpec
-from .config import Config, feature_option
+from .config import OUTPUT_NORMALISED, Config, feature_option
 from .report import write_plots, write_report
 from .suite import available_peers, run_error, run_memory, run_peers, run_speed
 from .tasks import run_tasks
@@ -111,12 +111,13 @@ def run_bench(cfg: Config, specs: list[MethodSpec], out: Path, *, command: str =
             "command": command, "fastattn": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "machine": machine_info(cfg.device),
             "config": cfg.to_dict(), "notes": list(notes or []),
+            "output_normalised": [s.name for s in specs if s.name in OUTPUT_NORMALISED],
         },
         "methods": [
             {"name": s.name, "family": s.family, "complexity": s.complexity, "functional": s.functional,
              "causal": s.causal, "decoding": s.decoding, "padding": s.padding, "exact": s.exact,
              "weights": s.weights, "randomized": s.randomized, "options": _jsonable(s.options),
-             "feature_option": feature_option(s)}
+             "feature_option": feature_option(s), "time_growth": s.time_growth, "memory_growth": s.memory_growth}
             for s in specs
         ],
         "speed": [], "error": [], "error_inputs": [], "tasks": [], "peers": [],

@@ -9,7 +9,6 @@ no case can stop the run.
 from __future__ import annotations
 
 import math
-import re
 import time
 import traceback
 from dataclasses import replace
@@ -21,9 +20,12 @@ from ..core.base import build_mask
 from fastattn.ops.softmax.dense import dense_attention, dense_weights
 from ..registry import MethodSpec, get_method
 from .config import Config, feature_option
+from .inputs import gaussian_inputs, peaked_inputs, structured_inputs, trained_inputs
 from .measure import Case, build, make_mechanism, peak_memory_batch, peak_memory_mb, time_case
+from .metrics import baselines, entropy, rel_error, row_kl, row_tv, scaled_error
 
-__all__ = ["Budget", "run_speed", "run_memory", "run_error", "run_peers", "peaked_inputs", "gaussian_inputs"]
+__all__ = ["Budget", "run_speed", "run_memory", "run_error", "run_peers", "peaked_inputs", "gaussian_inputs",
+           "structured_inputs"]
 
 Progress = Callable[[str], None]
 
@@ -50,16 +52,16 @@ def _err(exc: BaseException) -> str:
 
 # ---- predictions ------------------------------------------------------------------------------------
 def _exponents(impl: str, mode: str) -> tuple[float, float]:
-    """Growth exponents in n of (time, memory) from the registry's complexity text."""
+    """Growth exponents in n of (time, memory): the registry's declared ``time_growth`` and
+    ``memory_growth`` (2.0 where a mechanism declares none: predictions err on the side of skipping)."""
     if impl in ("sdpa", "naive"):
         t, m = 2.0, (1.0 if impl == "sdpa" else 2.0)
     elif impl.startswith("peer:"):
         return 2.0, 2.0
     else:
-        c = get_method(impl).complexity.replace(" ", "")
-        quad = "n^2" in c or "n²" in c
-        t = 2.0 if quad else 1.5 if re.search(r"n(\^?1\.5|sqrt|\\sqrt|log)", c) else 1.0
-        m = 1.0 if "O(n)memory" in c else t
+        spec = get_method(impl)
+        t = 2.0 if spec.time_growth is None else spec.time_growth
+        m = 2.0 if spec.memory_growth is None else spec.memory_growth
     if mode == "decode":  # one token: exact attention reads the whole cache, constant-state ones do not
         t, m = max(t - 1.0, 0.0), max(m - 1.0, 0.0)
     return t, m
@@ -115,7 +117,7 @@ def _case(cfg: Config, impl: str, n: int, mode: str, causal: bool | None = None,
     return Case(
         impl=impl, n=n, b=cfg.batch, h=cfg.heads, e=cfg.head_dim, causal=cfg.causal if causal is None else causal,
         mode=mode, dtype=cfg.dtype, device=cfg.device, threads=cfg.threads, options=dict(options or {}),
-        seed=cfg.seed,
+        seed=cfg.seed, decode_steps=cfg.decode_steps,
     )
 
 
@@ -159,6 +161,8 @@ def run_speed(cfg: Config, specs: list[MethodSpec], peer_impls: list[str], progr
                 if reason is None:
                     t_exp, m_exp = _exponents(impl, mode)
                     t_pred = _extrapolate(times.get(key, []), n, t_exp)
+                    if mode == "decode":  # times are per step; one run is a loop of decode_steps steps
+                        t_pred *= max(1, cfg.decode_steps)
                     m_pred = _extrapolate(mems.get(key, []), n, m_exp) if mems.get(key) else _first_memory_mb(case)
                     if t_pred == t_pred and t_pred > cfg.case_budget_s:
                         reason = f"predicted {t_pred:.1f} s per run > case budget {cfg.case_budget_s:g} s"
@@ -243,65 +247,100 @@ def run_memory(cfg: Config, speed_rows: list[dict], progress: Progress) -> None:
 
 
 # ---- approximation error -----------------------------------------------------------------------------
-def gaussian_inputs(b: int, h: int, n: int, e: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.randn(b, h, n, e, generator=g) for _ in range(3))
+def _input_sets(cfg: Config, specs: list[MethodSpec], budget: Budget, progress: Progress) -> tuple[list, list[dict]]:
+    """The inputs of the error section: ``(kind, n, sweep, seeds)`` where ``seeds`` is a list of
+    ``(q, k, v, exact, exact_w)``, and one stats row per (kind, n) with the trivial baselines."""
+    e, h = cfg.head_dim, cfg.error_heads
+    feat = any(feature_option(s) for s in specs)
+    sets: list[tuple[str, int, bool, list]] = []
+    stats: list[dict] = []
 
+    def prepare(kind: str, n: int, sweep: bool, qkv_list: list, info: dict | None = None) -> None:
+        seeds = []
+        for q, k, v in qkv_list:
+            mask = build_mask(q, k, None, None, False)
+            qd, kd, vd = q.double(), k.double(), v.double()
+            scale = q.shape[-1] ** -0.5
+            exact_w = dense_weights(qd, kd, mask, scale) if n <= 4096 else None
+            seeds.append((q, k, v, dense_attention(qd, kd, vd, mask, scale), exact_w))
+        sets.append((kind, n, sweep, seeds))
+        if sweep:
+            return
+        q, k, v, exact, exact_w = seeds[0]
+        row: dict[str, Any] = {"inputs": kind, "n": n, "heads": q.shape[1], "head_dim": q.shape[-1],
+                               "uniform_entropy_nats": math.log(n), **baselines(v, exact, exact_w)}
+        if exact_w is not None:
+            row["mean_row_entropy_nats"] = entropy(exact_w)
+        if info:
+            row["capture"] = info
+        stats.append(row)
 
-def peaked_inputs(b: int, h: int, n: int, e: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Inputs whose softmax attention is peaked (low entropy), as in trained models: each query is a
-    scaled copy of one random key plus noise. The gain puts that key's score about ``log(n) + 2``
-    above the others (scale ``e ** -0.5``), so most of each row's mass sits on it at every length."""
-    k = torch.randn(b, h, n, e, generator=g)
-    v = torch.randn(b, h, n, e, generator=g)
-    target = torch.randint(0, n, (b, h, n), generator=g)
-    gain = (math.log(n) + 2.0) / math.sqrt(e)
-    q = gain * torch.gather(k, 2, target[..., None].expand(b, h, n, e)) + 0.3 * torch.randn(b, h, n, e, generator=g)
-    return q, k, v
+    for kind in cfg.error_inputs:
+        if kind == "trained":
+            reason = budget.exhausted()
+            if reason:
+                stats.append({"inputs": kind, "n": cfg.error_trained_length, "status": "skipped", "reason": reason})
+                continue
+            progress(f"error: training a softmax model on MQAR (n={cfg.error_trained_length}) to capture q, k, v")
+            try:
+                cap = trained_inputs(cfg, cfg.error_trained_length, cfg.error_trained_steps,
+                                     budget_s=max(budget.seconds - budget.spent, 1.0) * 0.5,
+                                     vocab=cfg.error_trained_vocab, pairs=cfg.error_trained_pairs)
+            except Exception as exc:
+                stats.append({"inputs": kind, "n": cfg.error_trained_length, "status": "error", "error": _err(exc)})
+                continue
+            qkv = [(cap.q, cap.k, cap.v)] * cfg.error_seeds  # the seeds vary the mechanisms' randomness only
+            prepare(kind, cfg.error_trained_length, False, qkv, cap.info)
+            if feat:
+                prepare(kind, cfg.error_trained_length, True, qkv)
+            continue
+        make = {"structured": structured_inputs, "gaussian": gaussian_inputs}.get(kind)
+        if make is None:
+            raise ValueError(f"unknown error inputs {kind!r}; use trained, structured or gaussian")
+        plan = [(n, False) for n in cfg.error_lengths]
+        if feat and kind == "structured":
+            plan.append((cfg.error_feature_length, True))
+        for n, sweep in plan:
+            qkv = []
+            for seed in range(cfg.error_seeds):
+                g = torch.Generator().manual_seed(cfg.seed * 1000 + seed + n)
+                qkv.append(make(1, h, n, e, g))
+            prepare(kind, n, sweep, qkv)
+    # what the summary table shows first (trained-model inputs, structured inputs at the longest length),
+    # so that a section budget running out cuts the sweeps and the other lengths instead
+    longest = max(cfg.error_lengths, default=0)
 
+    def priority(entry: tuple) -> int:
+        kind, n, sweep, _ = entry
+        if sweep:
+            return 3
+        return 0 if kind == "trained" else 1 if (kind == "structured" and n == longest) else 2
 
-def _row_entropy(p: torch.Tensor) -> float:
-    return float(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean())
-
-
-def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> float:
-    """Mean over rows of KL(p || q), exact weights p, approximate q clamped at 1e-12 (a sparse q that
-    drops keys with mass gives a large, finite value)."""
-    p, q = p.double(), q.double().clamp_min(1e-12)
-    return float((p * (torch.log(p.clamp_min(1e-300)) - torch.log(q))).sum(-1).mean())
+    sets.sort(key=priority)
+    return sets, stats
 
 
 def run_error(cfg: Config, specs: list[MethodSpec], progress: Progress) -> tuple[list[dict], list[dict]]:
-    """Relative output error (and KL of attention rows where the mechanism exposes weights) against
-    exact softmax attention in float64, on Gaussian and peaked inputs, across lengths and, for
-    mechanisms with a feature-count option, across feature counts. Returns (rows, input stats)."""
+    """Output error against exact softmax attention (float64, non-causal) on the configured inputs
+    (:mod:`fastattn.bench.inputs`: q, k, v captured from a trained model, structured synthetic ones,
+    Gaussian ones), across lengths and, for mechanisms with a feature-count option, feature counts.
+
+    Each ok row has ``rel_err`` and ``scaled_err`` (:mod:`fastattn.bench.metrics`) and, where the
+    mechanism exposes attention weights, ``kl`` and ``tv`` of its rows. Returns (rows, input stats);
+    a stats row carries the trivial baselines of its inputs (zeros, mean of v, uniform weights)."""
     budget = Budget(cfg.section_budget_s.get("error", float("inf")))
     rows: list[dict] = []
-    stats: list[dict] = []
-    e, h = cfg.head_dim, cfg.error_heads
-    plan: list[tuple[int, str | None, int | None]] = [(n, None, None) for n in cfg.error_lengths]
     feat = {s.name: feature_option(s) for s in specs}
-    if any(feat.values()):
-        plan += [(cfg.error_feature_length, "features", f) for f in cfg.error_features]
-    for n, sweep, fval in plan:
-        for kind in ("gaussian", "peaked"):
-            inputs = []
-            for seed in range(cfg.error_seeds):
-                g = torch.Generator().manual_seed(cfg.seed * 1000 + seed + n)
-                q, k, v = (gaussian_inputs if kind == "gaussian" else peaked_inputs)(1, h, n, e, g)
-                mask = build_mask(q, k, None, None, False)
-                qd, kd, vd = q.double(), k.double(), v.double()
-                exact_w = dense_weights(qd, kd, mask, e ** -0.5) if n <= 4096 else None
-                exact = dense_attention(qd, kd, vd, mask, e ** -0.5)
-                inputs.append((q, k, v, exact, exact_w))
-                if sweep is None and seed == 0 and exact_w is not None:
-                    stats.append({"inputs": kind, "n": n, "mean_row_entropy_nats": _row_entropy(exact_w),
-                                  "uniform_entropy_nats": math.log(n)})
+    sets, stats = _input_sets(cfg, specs, budget, progress)
+    for kind, n, sweep, seeds in sets:
+        values = cfg.error_features if sweep else [None]
+        for fval in values:
             for spec in specs:
                 opt = feat[spec.name]
-                if sweep is not None and opt is None:
+                if sweep and opt is None:
                     continue
                 row: dict[str, Any] = {"method": spec.name, "inputs": kind, "n": n,
-                                       "option": opt if sweep else None, "value": fval if sweep else None}
+                                       "option": opt if sweep else None, "value": fval}
                 rows.append(row)
                 reason = budget.exhausted()
                 if not spec.functional:
@@ -312,21 +351,22 @@ def run_error(cfg: Config, specs: list[MethodSpec], progress: Progress) -> tuple
                 progress(f"error {spec.name} {kind} n={n}" + (f" {opt}={fval}" if sweep else ""))
                 options = {opt: fval} if sweep else {}
                 try:
-                    errs, kls = [], []
-                    for seed, (q, k, v, exact, exact_w) in enumerate(inputs):
-                        c = Case(spec.name, n, h=h, e=e, options=options, seed=cfg.seed + seed)
+                    got: dict[str, list[float]] = {"rel_err": [], "scaled_err": [], "kl": [], "tv": []}
+                    for seed, (q, k, v, exact, exact_w) in enumerate(seeds):
+                        c = Case(spec.name, n, b=q.shape[0], h=q.shape[1], e=q.shape[-1], options=options,
+                                 seed=cfg.seed + seed)
                         mech = make_mechanism(c)
                         with torch.no_grad():
                             out = mech.run(q, k, v)
-                        errs.append(float((out.double() - exact).norm() / exact.norm()))
-                        if spec.weights and exact_w is not None:
-                            w = mech.attention_weights(q, k)
-                            if w is not None:
-                                kls.append(_kl_rows(exact_w, w))
-                    row.update(status="ok", rel_err=sum(errs) / len(errs), seeds=len(errs))
-                    if kls:
-                        row["kl"] = sum(kls) / len(kls)
-                    if not all(math.isfinite(x) for x in errs):
+                            w = mech.attention_weights(q, k) if spec.weights and exact_w is not None else None
+                        got["rel_err"].append(rel_error(out, exact))
+                        got["scaled_err"].append(scaled_error(out, exact))
+                        if w is not None:
+                            got["kl"].append(row_kl(exact_w, w))
+                            got["tv"].append(row_tv(exact_w, w))
+                    row.update(status="ok", seeds=len(seeds))
+                    row.update({key: sum(x) / len(x) for key, x in got.items() if x})
+                    if not all(math.isfinite(x) for x in got["rel_err"]):
                         row.update(status="error", error="non-finite output")
                 except Exception as exc:
                     row.update(status="error", error=_err(exc))

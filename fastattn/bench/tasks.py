@@ -183,16 +183,21 @@ def _task_model(cfg: Config, spec: MethodSpec, vocab: int, classes: int, length:
     return TinyTransformer(vocab, classes, length, cfg.task_width, cfg.task_layers, cfg.task_heads, spec.name, gen)
 
 
-def train_task(cfg: Config, spec: MethodSpec, task: str, cap_s: float | None = None) -> dict[str, Any]:
-    """Train a fresh model on ``task`` for the configured steps (or wall-clock cap), return accuracy."""
+def train_task(cfg: Config, spec: MethodSpec, task: str, cap_s: float | None = None, *,
+               causal: bool | None = None, return_model: bool = False) -> Any:
+    """Train a fresh model on ``task`` for the configured steps (or wall-clock cap); return its row
+    (accuracy on fresh batches, with the ``majority`` class's and ``chance`` accuracy on the same
+    batches), and with ``return_model`` also the trained model. ``causal``: MQAR's form (default: the
+    causal one where the mechanism has it)."""
     tc: TaskConfig = getattr(cfg, task)
+    labels: list[Tensor] = []  # the scored targets of the evaluation batches (for the majority class)
     cap = tc.budget_s if cap_s is None else min(tc.budget_s, cap_s)
     torch.set_num_threads(cfg.threads)
     device = cfg.device
     note = ""
     if task == "mqar":
-        causal = spec.causal
-        if not causal:
+        causal = spec.causal if causal is None else causal and spec.causal
+        if not causal and spec.causal is False:
             note = "non-causal (the mechanism has no causal form)"
         model = _task_model(cfg, spec, tc.vocab, tc.vocab, tc.length).to(device)
         g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -207,6 +212,7 @@ def train_task(cfg: Config, spec: MethodSpec, task: str, cap_s: float | None = N
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
             scored = y != -100
             hits = int((logits.argmax(-1)[scored] == y[scored]).sum())
+            labels.append(y[scored].cpu())
             return loss, hits, int(scored.sum())
 
         train_batch, eval_batch = (lambda: batch(g)), (lambda: batch(eval_g))
@@ -227,6 +233,7 @@ def train_task(cfg: Config, spec: MethodSpec, task: str, cap_s: float | None = N
             keep = (~pad).unsqueeze(-1).to(h.dtype)
             logits = model.head((h * keep).sum(1) / keep.sum(1).clamp_min(1))
             loss = nn.functional.cross_entropy(logits, y)
+            labels.append(y.cpu())
             return loss, int((logits.argmax(-1) == y).sum()), y.numel()
 
         train_batch, eval_batch = (lambda: lbatch(rng)), (lambda: lbatch(eval_rng))
@@ -254,19 +261,23 @@ def train_task(cfg: Config, spec: MethodSpec, task: str, cap_s: float | None = N
     train_s = time.perf_counter() - start
     model.eval()
     hits = count = 0
+    labels.clear()
     with torch.no_grad():
         for _ in range(tc.eval_batches):
             _, h, c = loss_and_hits(*eval_batch())
             hits, count = hits + h, count + c
     tail = losses[-max(len(losses) // 10, 1):]
+    scored = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    majority = float(torch.bincount(scored).max()) / scored.numel() if scored.numel() else float("nan")
     row = {
         "task": task, "method": spec.name, "status": "ok", "accuracy": hits / max(count, 1), "chance": chance,
+        "majority": majority,
         "steps": steps, "steps_planned": tc.steps, "train_s": train_s, "final_loss": sum(tail) / len(tail),
         "causal": causal, "length": tc.length, "note": note,
     }
     if steps < tc.steps:
         row["note"] = (note + "; " if note else "") + f"cut at {steps}/{tc.steps} steps by the {cap:.0f} s cap"
-    return row
+    return (row, model) if return_model else row
 
 
 def run_tasks(cfg: Config, specs: list[MethodSpec], progress) -> list[dict]:

@@ -35,10 +35,17 @@ def quick_run(tmp_path_factory) -> Path:
 
 def test_quick_run_writes_every_output(quick_run: Path) -> None:
     for name in ("results.json", "report.md", "time_vs_length.png", "memory_vs_length.png",
-                 "error_vs_length.png", "task_accuracy.png"):
+                 "error_vs_length.png", "task_accuracy.png", "pick.png"):
         assert (quick_run / name).stat().st_size > 0, name
     report = (quick_run / "report.md").read_text()
     assert "## Summary" in report and "`flash`" in report
+    # the trivial baselines are printed beside the error and accuracy figures
+    summary = report.split("## Summary", 1)[1].split("\n\n")[1]
+    assert "*trivial baselines*" in summary and "mean of v" in summary and "zeros 1" in summary
+    assert "majority" in summary and "chance" in summary
+    assert "error, trained-model inputs" in summary and "Gaussian" not in summary.splitlines()[0]
+    assert report.count("**mean of v (baseline)**") >= 3 and report.count("**zeros (baseline)**") >= 3
+    assert "| task | method | accuracy | majority class | chance |" in report
 
 
 def test_quick_run_values_are_sane(quick_run: Path) -> None:
@@ -63,18 +70,26 @@ def test_quick_run_values_are_sane(quick_run: Path) -> None:
         if r["status"] == "skipped":
             assert r["reason"]
     errs = [r for r in res["error"] if r["status"] == "ok"]
-    assert {r["inputs"] for r in errs} == {"gaussian", "peaked"}
+    assert {r["inputs"] for r in errs} == {"trained", "structured", "gaussian"}
     for r in errs:
-        assert math.isfinite(r["rel_err"]) and r["rel_err"] >= 0
+        assert math.isfinite(r["rel_err"]) and 0 <= r["scaled_err"] <= r["rel_err"] + 1e-12
         if r["method"] in ("softmax", "flash"):  # exact mechanisms: float32 round-off only
             assert r["rel_err"] < 1e-5
-    assert any(r["method"] == "softmax" and "kl" in r and abs(r["kl"]) < 1e-6 for r in errs)
-    ent = {s["inputs"]: s["mean_row_entropy_nats"] for s in res["error_inputs"]}
-    assert ent["peaked"] < ent["gaussian"]  # the peaked inputs really are peaked
+    assert any(r["method"] == "softmax" and abs(r["kl"]) < 1e-6 and r["tv"] < 1e-5 for r in errs)
+    stats = {(s["inputs"], s["n"]): s for s in res["error_inputs"]}
+    for st in stats.values():
+        assert st["zeros_rel_err"] == 1.0 and 0 < st["mean_v_rel_err"] and 0 < st["uniform_tv"] <= 1
+    ent = {k: s["mean_row_entropy_nats"] for (k, n), s in stats.items() if n == 64}
+    assert ent["structured"] < ent["gaussian"]  # the structured inputs really are peaked
+    # the structured values have a mean: the mean-of-v baseline is then far better than zeros
+    assert stats[("structured", 64)]["mean_v_rel_err"] < 0.9
+    cap = stats[("trained", 64)]["capture"]
+    assert cap["task"].startswith("mqar") and cap["steps"] >= 1 and 0 <= cap["accuracy"] <= 1
     tasks = [r for r in res["tasks"] if r["status"] == "ok"]
     assert {(r["task"], r["method"]) for r in tasks} == {(t, m) for t in ("mqar", "listops") for m in ("softmax", "flash")}
     for r in tasks:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["steps"] >= 1 and math.isfinite(r["final_loss"])
+        assert 0.0 < r["chance"] <= r["majority"] <= 1.0  # the most frequent label is at least as common as 1/k
 
 
 def test_report_and_readme_regenerate_from_results(quick_run: Path, tmp_path: Path) -> None:
@@ -84,7 +99,7 @@ def test_report_and_readme_regenerate_from_results(quick_run: Path, tmp_path: Pa
     assert main(["bench", "--from", str(quick_run), "--readme", str(readme)]) == 0
     assert (quick_run / "report.md").exists()
     text = readme.read_text()
-    assert "old" not in text and text.endswith("tail\n") and "time_vs_length.png" in text and "| `flash` |" in text
+    assert "\nold\n" not in text and text.endswith("tail\n") and "time_vs_length.png" in text and "| `flash` |" in text
     # without markers a section is appended
     other = tmp_path / "OTHER.md"
     other.write_text("# y\n")
@@ -258,7 +273,6 @@ def approx_spec(monkeypatch):
 
 
 def test_approximate_mechanism_paths(approx_spec, tmp_path: Path) -> None:
-    from fastattn.bench.report import write_plots, write_report
     from fastattn.bench.runner import run_bench
 
     assert feature_option(approx_spec) == "num_features"
@@ -275,7 +289,8 @@ def test_approximate_mechanism_paths(approx_spec, tmp_path: Path) -> None:
     assert dec and all(r["status"] == "skipped" and "decoding" in r["reason"] for r in dec)
     sweep = {(r["inputs"], r["value"]): r for r in res["error"] if r["method"] == name and r["option"]}
     assert {v for _, v in sweep} == {4, 64, 1024}
-    for kind in ("gaussian", "peaked"):
+    assert {k for k, _ in sweep} == {"trained", "structured"}
+    for kind in ("trained", "structured"):
         errs = [sweep[(kind, v)]["rel_err"] for v in (4, 64, 1024)]
         assert errs[0] > errs[1] > errs[2] > 0  # more features, smaller error: the sweep is wired right
         assert sweep[(kind, 4)]["kl"] > sweep[(kind, 1024)]["kl"] > 0
@@ -285,3 +300,289 @@ def test_approximate_mechanism_paths(approx_spec, tmp_path: Path) -> None:
     assert "padding attended" in listops["note"]
     assert (tmp_path / "error_vs_features.png").exists()
     assert f"`{name}` (num_features)" in (tmp_path / "report.md").read_text()
+
+
+# ---- declared growth exponents (issue 9) ----------------------------------------------------------------
+def test_every_mechanism_declares_its_growth_exponents() -> None:
+    for spec in fastattn.methods():
+        for what in ("time_growth", "memory_growth"):
+            value = getattr(spec, what)
+            assert isinstance(value, float) and 0.0 < value <= 3.0, (spec.name, what, value)
+        assert spec.memory_growth <= spec.time_growth, spec.name  # nothing stores more than it computes
+    assert (fastattn.get_method("flash").time_growth, fastattn.get_method("flash").memory_growth) == (2.0, 1.0)
+    assert fastattn.get_method("linear").time_growth == 1.0
+
+
+def test_bench_predictions_read_the_declared_exponents(monkeypatch) -> None:
+    import dataclasses
+    import inspect
+
+    from fastattn import registry
+    from fastattn.bench import suite
+
+    source = inspect.getsource(suite)
+    assert "\nimport re\n" not in source and ".complexity" not in source  # no parsing of the free text
+    spec = fastattn.get_method("linear")
+    # a misleading complexity text must not change the prediction: the declared numbers are used
+    fake = dataclasses.replace(spec, complexity="O(n^2 d) time, O(n) memory", time_growth=1.0, memory_growth=1.0)
+    monkeypatch.setitem(registry._REGISTRY, "linear", fake)
+    assert suite._exponents("linear", "fwd") == (1.0, 1.0)
+    assert suite._exponents("linear", "decode") == (0.0, 0.0)
+    monkeypatch.setitem(registry._REGISTRY, "linear", dataclasses.replace(spec, time_growth=None, memory_growth=None))
+    assert suite._exponents("linear", "fwd") == (2.0, 2.0)  # undeclared: the cautious guess
+
+
+def test_register_rejects_nonsense_growth() -> None:
+    from fastattn.registry import register
+
+    with pytest.raises(ValueError, match="time_growth"):
+        register("softmax", complexity="x", causal=True, decoding=True, padding=True, time_growth=0)
+    with pytest.raises(ValueError, match="memory_growth"):
+        register("softmax", complexity="x", causal=True, decoding=True, padding=True, memory_growth="2")
+
+
+# ---- the error metric ------------------------------------------------------------------------------------
+def test_metrics_on_hand_made_outputs() -> None:
+    from fastattn.bench.metrics import baselines, rel_error, row_kl, row_tv, scaled_error
+
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(1, 2, 16, 8, generator=g)
+    assert rel_error(exact, exact) == 0 and rel_error(torch.zeros_like(exact), exact) == 1.0
+    # an output right up to a positive scale per row (what an output norm does) is no error after the scale
+    rows = torch.rand(1, 2, 16, 1, generator=g) * 20 + 0.5
+    assert rel_error(exact * rows, exact) > 1 and scaled_error(exact * rows, exact) < 1e-6
+    assert scaled_error(-exact, exact) == pytest.approx(1.0)  # a negative scale is not allowed
+    noisy = exact + 0.3 * torch.randn(exact.shape, generator=g)
+    assert scaled_error(noisy, exact) <= rel_error(noisy, exact)
+    p = torch.softmax(torch.randn(3, 5, generator=g), -1)
+    assert row_kl(p, p) == 0 and row_tv(p, p) == 0
+    one_hot = torch.eye(5)[:3]
+    assert row_tv(one_hot, torch.full((3, 5), 0.2)) == pytest.approx(0.8)
+    v = torch.randn(1, 2, 16, 8, generator=g) + 3.0
+    w = torch.softmax(torch.randn(1, 2, 16, 16, generator=g) * 4, -1)
+    b = baselines(v, w @ v, w)
+    assert b["zeros_rel_err"] == 1.0 and b["mean_v_rel_err"] < 0.5  # values with a mean: mean of v is close
+
+
+def test_error_metric_ranks_exact_first_and_trivial_baselines_below_an_approximation_on_trained_inputs() -> None:
+    from fastattn.bench.inputs import trained_inputs
+    from fastattn.bench.measure import Case, make_mechanism
+    from fastattn.bench.metrics import baselines, rel_error, scaled_error
+    from fastattn.core.base import build_mask
+    from fastattn.ops.softmax.dense import dense_attention, dense_weights
+
+    cfg = preset("default")
+    cfg.threads = 1
+    cap = trained_inputs(cfg, length=64, steps=300, vocab=32)
+    q, k, v = cap.q, cap.k, cap.v
+    assert q.shape == (2, cfg.task_heads, 64, cfg.task_width // cfg.task_heads)
+    mask = build_mask(q, k, None, None, False)
+    scale = q.shape[-1] ** -0.5
+    exact = dense_attention(q.double(), k.double(), v.double(), mask, scale)
+    w = dense_weights(q.double(), k.double(), mask, scale)
+    assert metrics_entropy(w) < 0.9 * math.log(64)  # the trained layer's rows are not uniform
+    base = baselines(v, exact, w)
+
+    def err(method: str) -> tuple[float, float]:
+        mech = make_mechanism(Case(method, 64, b=2, h=q.shape[1], e=q.shape[-1]))
+        with torch.no_grad():
+            out = mech.run(q, k, v)
+        return rel_error(out, exact), scaled_error(out, exact)
+
+    assert max(err("softmax")) < 1e-5 and max(err("flash")) < 1e-5
+    performer = err("performer")  # 256 positive random features at head dim 16: a reasonable approximation
+    assert performer[0] < base["mean_v_rel_err"] < base["zeros_rel_err"]
+    assert performer[1] < base["mean_v_scaled_err"]
+
+
+def metrics_entropy(w: torch.Tensor) -> float:
+    from fastattn.bench.metrics import entropy
+
+    return entropy(w)
+
+
+def test_output_normalised_mechanisms_are_ranked_on_the_scaled_error(quick_run: Path) -> None:
+    from fastattn.bench.report import _primary, error_ranking, headline_table
+
+    res = json.loads((quick_run / "results.json").read_text())
+    row = next(r for r in res["error"] if r["status"] == "ok" and r["method"] == "softmax")
+    fake = dict(row, method="lightning", rel_err=27.0, scaled_err=0.2)
+    res["error"].append(fake)
+    res["methods"].append({"name": "lightning", "family": "kernel"})
+    res["meta"]["output_normalised"] = ["lightning"]
+    assert _primary(res, fake) == (0.2, True)
+    assert "| `lightning` | kernel |" in headline_table(res) and "0.2†" in headline_table(res)
+    ranked = [name for name, _, _ in error_ranking(res, fake["inputs"], fake["n"])]
+    assert ranked.index("lightning") < ranked.index("zeros")  # not reported as a 27x error
+
+
+# ---- decode: steps through the in-place cache ------------------------------------------------------------
+def test_decode_case_times_a_loop_of_steps_through_the_in_place_cache(monkeypatch) -> None:
+    from fastattn.bench.measure import Case, build, time_case
+    from fastattn.core import state as base
+
+    made = []
+    init = base._KVBuffer.__init__
+
+    def counting(self, *a, **kw):
+        made.append(1)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(base._KVBuffer, "__init__", counting)
+    case = Case("softmax", 64, h=2, e=8, mode="decode", threads=1, decode_steps=8)
+    fn, (q, k, v) = build(case)
+    assert fn.calls == 8
+    fn.prepare()
+    made.clear()
+    out = fn()
+    assert made == []  # the timed steps append in place: no fresh copy of the cache
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, -1:]
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)  # the loop really ended at token n
+    r = time_case(case, warmup=0, repeats=2, fn=fn)
+    assert len(r["times_s"]) == 2 and r["median_s"] > 0
+    for impl in ("sdpa", "naive", "linear"):  # the baselines: a preallocated cache written in place
+        fn, (q, k, v) = build(Case(impl, 40, h=2, e=8, mode="decode", threads=1, decode_steps=4))
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, -1:]
+        if impl != "linear":
+            torch.testing.assert_close(fn(), ref, rtol=1e-5, atol=1e-5)
+        else:
+            assert fn().shape == ref.shape
+
+
+# ---- peers: the same random draw, no attention to padding ------------------------------------------------
+def test_peer_adapters_share_randomness_and_mask_padding(monkeypatch) -> None:
+    import sys
+    import types
+
+    from fastattn.bench.measure import Case, make_mechanism
+    from fastattn.bench.peers import get_peer
+
+    calls = {}
+
+    class FakeFast(torch.nn.Module):
+        def __init__(self, dim_heads, nb_features, causal):
+            super().__init__()
+            self.register_buffer("projection_matrix", torch.randn(nb_features, dim_heads))
+
+        def forward(self, q, k, v):
+            calls["projection"] = self.projection_matrix.clone()
+            return v
+
+    class FakeLocal(torch.nn.Module):
+        def __init__(self, **kw):
+            super().__init__()
+
+        def forward(self, q, k, v, mask=None):
+            calls["mask"] = mask
+            return v
+
+    monkeypatch.setitem(sys.modules, "performer_pytorch", types.SimpleNamespace(FastAttention=FakeFast))
+    monkeypatch.setitem(sys.modules, "local_attention", types.SimpleNamespace(LocalAttention=FakeLocal))
+    case = Case("peer:performer_pytorch", 30, h=2, e=8, threads=1, seed=3)
+    q = k = v = torch.randn(1, 2, 30, 8)
+    get_peer("performer_pytorch").build(q, k, v, case)()
+    ours = make_mechanism(Case("performer", 30, h=2, e=8, threads=1, seed=3))
+    assert torch.equal(calls["projection"], ours.projection)
+    get_peer("local_attention").build(q, k, v, Case("peer:local_attention", 30, h=2, e=8, options={"window": 8}))()
+    assert calls["mask"].shape == (1, 30) and bool(calls["mask"].all())
+
+
+def test_local_attention_peer_agrees_when_n_is_not_a_multiple_of_the_window() -> None:
+    pytest.importorskip("local_attention")
+    from fastattn.bench.measure import Case, build
+    from fastattn.bench.peers import get_peer
+
+    case = Case("local", 100, h=2, e=16, options={"window": 16}, threads=1)
+    ours, (q, k, v) = build(case)
+    theirs = get_peer("local_attention").build(q, k, v, case)
+    torch.testing.assert_close(theirs(), ours(), rtol=1e-5, atol=1e-5)
+
+
+def test_performer_peer_uses_our_draw() -> None:
+    pytest.importorskip("performer_pytorch")
+    from fastattn.bench.measure import Case, build
+    from fastattn.bench.peers import get_peer
+
+    case = Case("performer", 100, h=2, e=16, threads=1)
+    ours, (q, k, v) = build(case)
+    for t in (q, k):
+        t.mul_(0.3)  # small scores: the peer's additive eps on key features stays negligible
+    a, b = ours(), get_peer("performer_pytorch").build(q, k, v, case)()
+    assert float((a - b).norm() / a.norm()) < 1e-2  # independent draws differ by ~5e-2 here
+
+
+# ---- the headline table: one length per column ------------------------------------------------------------
+def test_headline_columns_have_one_length_and_skips_are_listed(quick_run: Path) -> None:
+    from fastattn.bench.report import headline_skips, headline_table
+
+    res = json.loads((quick_run / "results.json").read_text())
+    row = next(r for r in res["speed"] if r["impl"] == "flash" and r["mode"] == "fwdbwd" and r["n"] == 48)
+    row.clear()
+    row.update(impl="flash", mode="fwdbwd", n=48, status="skipped", reason="predicted 9 s per run > case budget")
+    table = headline_table(res)
+    assert "fwd+bwd ms (x SDPA), n=48" in table and "@n=" not in table
+    flash = next(line for line in table.splitlines() if line.startswith("| `flash`"))
+    assert flash.split(" | ")[3] == "skip"  # not the figure from a shorter length
+    assert any("`flash` forward+backward at n=48" in s and "case budget" in s for s in headline_skips(res))
+
+
+def test_pareto_front() -> None:
+    from fastattn.bench.report import pareto_front
+
+    pts = [("exact", 1.0, 1e-7), ("fast_bad", 20.0, 0.9), ("mid", 5.0, 0.1), ("dominated", 4.0, 0.2),
+           ("slow_bad", 0.5, 0.5)]
+    assert pareto_front(pts, higher_is_better=False) == ["fast_bad", "mid", "exact"]
+    acc = [("a", 1.0, 0.99), ("b", 10.0, 0.3), ("c", 2.0, 0.2)]
+    assert pareto_front(acc, higher_is_better=True) == ["b", "a"]
+
+
+# ---- tasks: baselines, coverage, a ListOps that learns -----------------------------------------------------
+def test_task_methods_cover_every_family() -> None:
+    from fastattn.bench.config import DEFAULT_TASK_METHODS, task_methods_covering_families
+
+    specs, _ = select_methods("all")
+    chosen = task_methods_covering_families(specs, DEFAULT_TASK_METHODS)
+    assert {fastattn.get_method(m).family for m in chosen} == {s.family for s in specs}
+    assert set(DEFAULT_TASK_METHODS) <= set(chosen)
+    sparse_only = [s for s in specs if s.family == "sparse"]
+    assert task_methods_covering_families(sparse_only, ["softmax"]) == [sparse_only[0].name]
+
+
+def test_default_listops_is_learnable_within_the_default_budget() -> None:
+    from fastattn.bench.tasks import train_task
+
+    cfg = preset("default")
+    cfg.threads = 1
+    r = train_task(cfg, fastattn.get_method("softmax"), "listops")
+    assert r["steps"] == cfg.listops.steps  # not cut by the time cap
+    assert r["accuracy"] > r["majority"] + 0.1 and r["majority"] < 0.3 and r["chance"] == 0.1
+
+
+def test_decode_predictions_count_every_step_of_the_loop() -> None:
+    cfg = preset("quick")
+    cfg.lengths, cfg.modes, cfg.baselines, cfg.repeats, cfg.threads = [16, 32], ["decode"], ["sdpa"], 1, 1
+    cfg.heads, cfg.head_dim, cfg.decode_steps = 2, 8, 4
+    specs = [fastattn.get_method("softmax")]
+    rows = run_speed(cfg, specs, [], lambda s: None)
+    step = next(r for r in rows if r["impl"] == "softmax" and r["n"] == 16)["median_ms"] / 1e3
+    cfg.case_budget_s = step * 4  # n=32: one step (~2 x step) fits, a loop of four (~8 x step) does not
+    rows = run_speed(cfg, specs, [], lambda s: None)
+    assert next(r for r in rows if r["impl"] == "softmax" and r["n"] == 32)["status"] == "skipped"
+
+
+def test_time_plot_has_one_row_of_panels_per_family(quick_run: Path, tmp_path: Path) -> None:
+    import matplotlib.image
+
+    from fastattn.bench.report import HEADLINE_PLOT, write_plots
+
+    res = json.loads((quick_run / "results.json").read_text())
+    write_plots(res, tmp_path)
+    one = matplotlib.image.imread(tmp_path / HEADLINE_PLOT).shape[0]
+    for m in res["methods"]:
+        if m["name"] == "flash":
+            m["family"] = "other"  # two families now: two rows of panels
+    out = tmp_path / "two"
+    out.mkdir()
+    paths = write_plots(res, out)
+    assert matplotlib.image.imread(out / HEADLINE_PLOT).shape[0] > 1.7 * one
+    assert {p.name for p in paths} >= {HEADLINE_PLOT, "memory_vs_length.png", "error_vs_length.png", "pick.png"}

@@ -39,6 +39,7 @@ __all__ = ["Additive"]
 
 @register(
     "additive", complexity="O(Lq Lk A)", causal=True, decoding=True, padding=True, functional=False, weights=True,
+    time_growth=2.0, memory_growth=2.0,
 )
 class Additive(AlignmentMechanism):
     """Bahdanau's additive alignment model (see the module docstring)."""

@@ -64,6 +64,7 @@ class _FlashFunction(torch.autograd.Function):
 @register(
     "flash", complexity="O(n^2 d) time, O(n) memory", causal=True, decoding=True, padding=True,
     exact=True, attn_mask=True,
+    time_growth=2.0, memory_growth=1.0,
 )
 class FlashAttention(Mechanism):
     """Tiled exact attention with a recomputing backward (see module docstring)."""

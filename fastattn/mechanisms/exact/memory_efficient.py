@@ -24,6 +24,7 @@ from fastattn.registry import register
 @register(
     "memory_efficient", complexity="O(n^2 d) time, O(n) memory", causal=True, decoding=True, padding=True,
     exact=True, attn_mask=True, dropout=True,
+    time_growth=2.0, memory_growth=1.0,
 )
 class MemoryEfficientAttention(Mechanism):
     """Chunked exact attention with checkpointed chunks (see module docstring)."""

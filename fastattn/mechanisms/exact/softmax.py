@@ -22,6 +22,7 @@ from fastattn.registry import register
 @register(
     "softmax", complexity="O(n^2 d)", causal=True, decoding=True, padding=True, exact=True,
     attn_mask=True, dropout=True, weights=True,
+    time_growth=2.0, memory_growth=2.0,
 )
 class SoftmaxAttention(Mechanism):
     """Exact multi-head softmax attention (SDPA fast path, dense reference, KV-cache decoding)."""

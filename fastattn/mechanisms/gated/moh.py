@@ -58,6 +58,7 @@ from fastattn.registry import register
 @register(
     "moh", complexity="O(n^2 d + n D h)", causal=True, decoding=True, padding=True,
     attn_mask=True, dropout=True, functional=False, level="layer",
+    time_growth=2.0, memory_growth=2.0,
 )
 class MoH(ProjectedAttention):
     """Mixture-of-Head attention: shared heads plus top-k routed heads per token, gated head outputs."""

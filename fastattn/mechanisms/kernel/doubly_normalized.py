@@ -46,6 +46,7 @@ def _query_bias(mask: Mask, exclude: bool, dtype: torch.dtype, device: torch.dev
 
 @register(
     "doubly_normalized", complexity="O(n^2 d)", causal=False, decoding=False, padding=True, weights=True,
+    time_growth=2.0, memory_growth=2.0,
 )
 class DoublyNormalizedAttention(Mechanism):
     """Normalise over queries, then over keys (see module docstring)."""

@@ -31,7 +31,7 @@ from fastattn.ops.features import padding_bias, real_key_count
 _NORMALIZATIONS = ("softmax", "scaling")
 
 
-@register("efficient", complexity="O(n d^2)", causal=False, decoding=False, padding=True)
+@register("efficient", complexity="O(n d^2)", causal=False, decoding=False, padding=True, time_growth=1.0, memory_growth=1.0)
 class EfficientAttention(KernelMechanism):
     """``rho_q(Q) (rho_k(K)^T V)`` with softmax or scaling normalisation (see module docstring)."""
 

@@ -56,7 +56,7 @@ def taylor_features(x: Tensor, order: int) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
-@register("fastmax", complexity="O(n d^(p+1))", causal=True, decoding=True, padding=True)
+@register("fastmax", complexity="O(n d^(p+1))", causal=True, decoding=True, padding=True, time_growth=1.0, memory_growth=1.0)
 class Fastmax(KernelMechanism):
     """Normalised q, k and a factorised Taylor polynomial of exp (order 1 or 2)."""
 

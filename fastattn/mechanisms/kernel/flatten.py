@@ -64,7 +64,7 @@ def focus(x: Tensor, p: float) -> Tensor:
     return up * (m * torch.sqrt(norm_u / norm_up))
 
 
-@register("flatten", complexity="O(n d^2)", causal=False, decoding=False, padding=True, functional=False)
+@register("flatten", complexity="O(n d^2)", causal=False, decoding=False, padding=True, functional=False, time_growth=1.0, memory_growth=1.0)
 class FocusedLinearAttention(KernelMechanism):
     """Focused linear attention + depthwise-convolution rank restoration (see module docstring)."""
 

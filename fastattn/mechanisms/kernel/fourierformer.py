@@ -37,7 +37,7 @@ from fastattn.ops.features import padding_bias, query_chunked
 _BLOCK_ELEMENTS = 1 << 22  # automatic query block: about this many (query, key, dim) triples at once
 
 
-@register("fourierformer", complexity="O(n^2 d)", causal=False, decoding=False, padding=True, weights=True)
+@register("fourierformer", complexity="O(n^2 d)", causal=False, decoding=False, padding=True, weights=True, time_growth=2.0, memory_growth=2.0)
 class FourierFormerAttention(Mechanism):
     """Generalised Fourier integral kernel attention (see module docstring)."""
 

@@ -34,7 +34,7 @@ from .base import KernelMechanism
 __all__ = ["Hedgehog"]
 
 
-@register("hedgehog", complexity="O(n d^2)", causal=True, decoding=True, padding=True, functional=False)
+@register("hedgehog", complexity="O(n d^2)", causal=True, decoding=True, padding=True, functional=False, time_growth=1.0, memory_growth=1.0)
 class Hedgehog(KernelMechanism):
     """Learned softmax-mimicking feature maps ``[softmax(Wx + b), softmax(-(Wx + b))]``."""
 

@@ -18,7 +18,7 @@ from fastattn.registry import register
 from .decayed import DecayedLinear, DecayedOptions
 
 
-@register("lightning", complexity="O(n d^2)", causal=True, decoding=True, padding=True)
+@register("lightning", complexity="O(n d^2)", causal=True, decoding=True, padding=True, time_growth=1.0, memory_growth=1.0)
 class Lightning(DecayedLinear):
     """Decayed, unnormalised linear attention (identity feature map) + SRMSNorm."""
 

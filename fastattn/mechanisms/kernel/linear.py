@@ -17,7 +17,7 @@ from .base import KernelMechanism
 from fastattn.ops.features import elu_plus_one
 
 
-@register("linear", complexity="O(n d^2)", causal=True, decoding=True, padding=True)
+@register("linear", complexity="O(n d^2)", causal=True, decoding=True, padding=True, time_growth=1.0, memory_growth=1.0)
 class LinearAttention(KernelMechanism):
     """``phi(x) = elu(x) + 1`` linear attention."""
 

@@ -44,7 +44,7 @@ __all__ = ["Performer", "draw_gaussian_projection"]
 MARGIN = 30.0  # key features are bounded by exp(MARGIN)
 
 
-@register("performer", complexity="O(n m d)", causal=True, decoding=True, padding=True, randomized=True)
+@register("performer", complexity="O(n m d)", causal=True, decoding=True, padding=True, randomized=True, time_growth=1.0, memory_growth=1.0)
 class Performer(RandomFeatureMechanism):
     """FAVOR+ positive (orthogonal) random features for the softmax kernel."""
 

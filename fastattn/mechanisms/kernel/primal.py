@@ -84,7 +84,7 @@ def ksvd_objective_dual(kernel: Tensor, h_e: Tensor, h_r: Tensor, lam: Tensor) -
     return trace - 0.5 * (e * e * lam).sum(-1).mean(-1) - 0.5 * (r * r * lam).sum(-1).mean(-1)
 
 
-@register("primal", complexity="O(n s d)", causal=False, decoding=False, padding=True, functional=False)
+@register("primal", complexity="O(n s d)", causal=False, decoding=False, padding=True, functional=False, time_growth=1.0, memory_growth=1.0)
 class PrimalAttention(KernelMechanism):
     """Primal-Attention: learned primal KSVD directions, KSVD regulariser as ``aux_loss``."""
 

@@ -26,7 +26,7 @@ from .base import KernelMechanism
 from fastattn.ops.features import l2_normalize, real_key_count
 
 
-@register("realtime_fast", complexity="O(n d^2)", causal=False, decoding=False, padding=True)
+@register("realtime_fast", complexity="O(n d^2)", causal=False, decoding=False, padding=True, time_growth=1.0, memory_growth=1.0)
 class RealtimeFastAttention(KernelMechanism):
     """``(1/n) l2(Q) (l2(K)^T V)``."""
 

@@ -38,7 +38,7 @@ from .random_features import RandomFeatureMechanism
 __all__ = ["RFA"]
 
 
-@register("rfa", complexity="O(n D d)", causal=True, decoding=True, padding=True, randomized=True)
+@register("rfa", complexity="O(n D d)", causal=True, decoding=True, padding=True, randomized=True, time_growth=1.0, memory_growth=1.0)
 class RFA(RandomFeatureMechanism):
     """Random Fourier (or arc-cosine) features on unit-norm q, k; optional learned gate."""
 

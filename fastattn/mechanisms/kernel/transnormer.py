@@ -19,7 +19,7 @@ from fastattn.registry import register
 from .decayed import DecayedLinear, DecayedOptions
 
 
-@register("transnormer", complexity="O(n d^2)", causal=True, decoding=True, padding=True)
+@register("transnormer", complexity="O(n d^2)", causal=True, decoding=True, padding=True, time_growth=1.0, memory_growth=1.0)
 class TransNormer(DecayedLinear):
     """NormAttention: SiLU features, decayed unnormalised linear attention, SRMSNorm."""
 

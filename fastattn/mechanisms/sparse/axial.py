@@ -35,6 +35,7 @@ from fastattn.ops.sparse.patterns import Pattern, SameBlock, Strided
 
 @register(
     "axial", complexity="O(n (w + n / w) d)", causal=True, decoding=True, padding=True,
+    time_growth=2.0, memory_growth=2.0,
 )
 class AxialAttention(PatternMechanism):
     """Row and/or column attention on the ``(n / width, width)`` view (see module docstring)."""

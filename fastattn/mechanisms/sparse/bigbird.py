@@ -58,6 +58,7 @@ def pick_random_blocks(u: Tensor, nkb: int, radius: int, is_global: Tensor | int
 @register(
     "bigbird", complexity="O(n b (w + g + r) d)", causal=False, decoding=False, padding=True,
     randomized=True,
+    time_growth=1.0, memory_growth=1.0,
 )
 class BigBirdAttention(PatternMechanism):
     """Window + global + random blocks (see module docstring)."""

@@ -31,7 +31,7 @@ from .multiscale import retina_nodes
 from fastattn.ops.sparse.patterns import BlockWindow, Pattern
 
 
-@register("bp_transformer", complexity="O(n k log(n) d)", causal=True, decoding=True, padding=True)
+@register("bp_transformer", complexity="O(n k log(n) d)", causal=True, decoding=True, padding=True, time_growth=1.1, memory_growth=1.1)
 class BPTransformerAttention(PatternMechanism):
     """Fine-to-coarse attention over the binary partition tree of spans."""
 

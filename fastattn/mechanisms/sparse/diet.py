@@ -27,7 +27,7 @@ from .base import PatternMechanism, check_positive
 from fastattn.ops.sparse.patterns import DilatedWindow, Pattern, Window
 
 
-@register("diet", complexity="O(n w d)", causal=True, decoding=True, padding=True)
+@register("diet", complexity="O(n w d)", causal=True, decoding=True, padding=True, time_growth=1.0, memory_growth=1.0)
 class DietAttention(PatternMechanism):
     """Dilated / cascaded sliding windows (see module docstring)."""
 

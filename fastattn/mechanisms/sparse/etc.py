@@ -18,7 +18,7 @@ from .base import PatternMechanism, check_positive
 from fastattn.ops.sparse.patterns import Pattern, Window
 
 
-@register("etc", complexity="O(n (r + g) d)", causal=False, decoding=False, padding=True)
+@register("etc", complexity="O(n (r + g) d)", causal=False, decoding=False, padding=True, time_growth=1.0, memory_growth=1.0)
 class ETCAttention(PatternMechanism):
     """Global-local attention with the first ``num_global`` positions as the global input."""
 

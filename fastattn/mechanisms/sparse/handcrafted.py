@@ -27,7 +27,7 @@ from .base import PatternMechanism, check_positive
 from fastattn.ops.sparse.patterns import Pattern, SameBlock, Window
 
 
-@register("handcrafted", complexity="O(n w d)", causal=True, decoding=True, padding=True)
+@register("handcrafted", complexity="O(n w d)", causal=True, decoding=True, padding=True, time_growth=1.0, memory_growth=1.0)
 class HandcraftedAttention(PatternMechanism):
     """Uniform weights over a fixed neighbourhood, block or the whole sequence."""
 

@@ -28,6 +28,7 @@ from fastattn.ops.sparse.patterns import Pattern, SameBlock
 
 @register(
     "hat", complexity="O(n s + (n / s)^2) d", causal=False, decoding=False, padding=True, functional=False,
+    time_growth=2.0, memory_growth=2.0,
 )
 class HATAttention(PatternMechanism):
     """Segment-wise attention plus cross-segment attention between learned segment representatives."""

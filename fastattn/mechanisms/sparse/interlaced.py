@@ -35,7 +35,7 @@ from fastattn.ops.sparse.engine import block_sparse_attention, pattern_reference
 from fastattn.ops.sparse.patterns import Pattern, PrevBlock, SameBlock, Strided
 
 
-@register("interlaced", complexity="O(n (P + n / P) d)", causal=True, decoding=True, padding=True)
+@register("interlaced", complexity="O(n (P + n / P) d)", causal=True, decoding=True, padding=True, time_growth=2.0, memory_growth=2.0)
 class InterlacedAttention(PatternMechanism):
     """Long-range attention inside interlaced groups, then short-range attention inside blocks."""
 

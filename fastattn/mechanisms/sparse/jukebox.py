@@ -30,7 +30,7 @@ from fastattn.ops.sparse.patterns import Pattern, PrevBlock, SameBlock, Strided
 _KINDS = ("row", "column", "previous_row")
 
 
-@register("jukebox", complexity="O(n (w + n / w) d)", causal=True, decoding=True, padding=True)
+@register("jukebox", complexity="O(n (w + n / w) d)", causal=True, decoding=True, padding=True, time_growth=2.0, memory_growth=2.0)
 class JukeboxAttention(PatternMechanism):
     """Row, column and previous-row attention on a 2-D view, one pattern per head group."""
 

@@ -21,6 +21,7 @@ from fastattn.ops.sparse.patterns import Pattern, Window
 
 @register(
     "local", complexity="O(n w d)", causal=True, decoding=True, padding=True,
+    time_growth=1.0, memory_growth=1.0,
 )
 class LocalAttention(PatternMechanism):
     """Each query sees the ``window`` keys on either side of it (one side when causal)."""

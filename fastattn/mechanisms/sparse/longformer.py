@@ -32,6 +32,7 @@ from fastattn.ops.sparse.patterns import DilatedWindow, Pattern, Window
 
 @register(
     "longformer", complexity="O(n (w + g) d)", causal=True, decoding=True, padding=True,
+    time_growth=1.0, memory_growth=1.0,
 )
 class LongformerAttention(PatternMechanism):
     """Sliding (optionally dilated) window plus symmetric global tokens."""

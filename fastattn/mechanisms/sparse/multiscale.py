@@ -75,7 +75,7 @@ def retina_nodes(k: Tensor, v: Tensor, mask: Mask, block: int, radius: int, fact
     return Nodes(torch.cat(ks, 2), torch.cat(vs, 2), allow)
 
 
-@register("multiscale", complexity="O(n (r s + n / s) d)", causal=True, decoding=True, padding=True)
+@register("multiscale", complexity="O(n (r s + n / s) d)", causal=True, decoding=True, padding=True, time_growth=2.0, memory_growth=2.0)
 class MultiscaleAttention(PatternMechanism):
     """Fine tokens nearby, mean-pooled spans farther away, coarser with distance."""
 

@@ -60,6 +60,7 @@ class Edges:
 @register(
     "sac", complexity="O(n K d + n^2 r)", causal=True, decoding=True, padding=True, functional=False,
     randomized=True,
+    time_growth=2.0, memory_growth=2.0,
 )
 class SACAttention(Mechanism):
     """Attention over the edges an LSTM edge predictor chooses (``edges`` per node, plus a self loop)."""

@@ -26,6 +26,7 @@ from fastattn.ops.sparse.patterns import Pattern, SameBlock, Strided, Window
 
 @register(
     "sparse_transformer", complexity="O(n sqrt(n) d)", causal=True, decoding=True, padding=True,
+    time_growth=1.5, memory_growth=1.5,
 )
 class SparseTransformerAttention(PatternMechanism):
     """Strided or fixed factorised attention, both sets in one softmax (see module docstring)."""

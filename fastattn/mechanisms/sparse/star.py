@@ -49,7 +49,7 @@ def sequence_span(mask: Mask, batch: int, lk: int, device: torch.device) -> tupl
     return torch.where(end > 0, start, 0), end
 
 
-@register("star", complexity="O(n r d)", causal=False, decoding=False, padding=True, functional=False)
+@register("star", complexity="O(n r d)", causal=False, decoding=False, padding=True, functional=False, time_growth=1.0, memory_growth=1.0)
 class StarAttention(PatternMechanism):
     """Ring of satellites (radius ``radius``) plus one learned relay node."""
 
