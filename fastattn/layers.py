@@ -8,6 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .core.base import Mechanism
+from .core.checks import check_key_padding
+from .core.dispatch import Call, check_backend_name, choose_backend
+from .core.state import DecodingState
 from .registry import get_method
 
 __all__ = ["MultiheadAttention"]
@@ -27,6 +30,9 @@ class MultiheadAttention(nn.Module):
         >>> state = None
         >>> for chunk in x.split(100, dim=1):   # incremental decoding, equal to the causal forward
         ...     y, state = layer.step(chunk, state)
+
+    ``backend`` picks the implementation (:mod:`fastattn.core.dispatch`): ``"auto"`` (default),
+    ``"torch"`` (the efficient one) or ``"reference"`` (the paper's formula; no dropout, no decoding).
     """
 
     def __init__(
@@ -44,10 +50,12 @@ class MultiheadAttention(nn.Module):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        backend: str = "auto",
         **options: Any,
     ) -> None:
         super().__init__()
         spec = get_method(method)
+        check_backend_name(backend)
         if spec.kind != "sequence":
             raise ValueError(
                 f"method {method!r} is a {spec.kind} mechanism; it is not a sequence attention layer"
@@ -68,6 +76,7 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"method {method!r} draws no random numbers; it takes no generator")
         self.spec = spec
         self.method = method
+        self.backend = backend
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.kdim = embed_dim if kdim is None else kdim
@@ -158,7 +167,7 @@ class MultiheadAttention(nn.Module):
         attn_mask = self._attn_mask(attn_mask, b, lq, lk)
         out = self.attn.run(
             qh, kh, vh, key_padding_mask=key_padding_mask, is_causal=is_causal, attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
         )
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.embed_dim))
         weights = None
@@ -175,17 +184,29 @@ class MultiheadAttention(nn.Module):
             weights = None if weights is None else weights.squeeze(0)
         return out, weights
 
-    def step(self, chunk: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+    def step(
+        self, chunk: Tensor, state: DecodingState | None = None, *, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, DecodingState]:
         """Decode ``T >= 1`` new tokens (laid out like ``forward``'s query) given the previous ``state``
-        (``None`` at the start). The outputs equal the causal forward over the whole prefix."""
+        (``None`` at the start). The outputs equal the causal forward over the whole prefix.
+
+        ``key_padding_mask``: bool ``(B, T)``, True marks padding among the new tokens (a batch of
+        left-padded prompts). Padding tokens are never attended to later and each row decodes as if it
+        were alone, without its padding; the outputs at padding positions are unspecified. The returned
+        state has ``length`` (positions seen), ``select(index)`` (reorder or subset the batch, e.g. for
+        beam search) and ``to(device)``."""
         if not self.spec.decoding:
             raise ValueError(f"method {self.method!r} does not support incremental decoding")
         x = self._to_batch_first(chunk, "chunk", self.embed_dim)
         b, t, _ = x.shape
+        check_key_padding(self.spec, key_padding_mask, b, t, what="(batch, new tokens)")
+        if state is not None and not isinstance(state, DecodingState):
+            raise TypeError(f"state must be None or the state a previous step returned, got {type(state).__name__}")
+        choose_backend(self.backend, self.spec, Call(device=x.device, dtype=x.dtype, decoding=True))
         qh = self._heads(self.q_proj(x), self.num_heads)
         kh = self._heads(self.k_proj(x), self.num_kv_heads)
         vh = self._heads(self.v_proj(x), self.num_kv_heads)
-        out, state = self.attn.step(qh, kh, vh, state, self.head_dim ** -0.5)
+        out, state = self.attn.step(qh, kh, vh, state, self.head_dim ** -0.5, key_padding_mask)
         out = self.out_proj(out.transpose(1, 2).reshape(b, t, self.embed_dim))
         return (out if self.batch_first else out.transpose(0, 1)), state
 

@@ -57,14 +57,19 @@ class KernelMechanism(Mechanism):
         decay = self.decay() if mask.causal else None
         return dense_kernel_attention(fq, fk, v, mask, decay=decay, normalize=self.normalize)
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, LinearState]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, LinearState]:
+        dtype = q.dtype
+        q, k, v = self.upcast(q, k, v)
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-        mask = Mask(lq=q.shape[2], lk=k.shape[2], causal=True)
+        # padded keys enter the state as zeros; a per-head decay of a zero state (left padding) is harmless
+        mask = Mask(lq=q.shape[2], lk=k.shape[2], key_padding=key_padding_mask, causal=True)
         fq = self.features(q, is_query=True, scale=scale, mask=mask)
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
         out, new_state = linear_attention(
             fq, fk, v, mask, decay=self.decay(), normalize=self.normalize, chunk=self.chunk,
             state=state, return_state=True,
         )
-        return out, new_state
+        return out.to(dtype), new_state

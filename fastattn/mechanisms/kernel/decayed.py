@@ -84,8 +84,10 @@ class DecayedLinear(KernelMechanism):
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         return self._norm(super().reference(q, k, v, mask, scale))
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, LinearState]:
-        out, state = super().step(q, k, v, state, scale)
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, LinearState]:
+        out, state = super().step(q, k, v, state, scale, key_padding_mask)
         return self._norm(out), state
 
 

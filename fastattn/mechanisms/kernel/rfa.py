@@ -114,9 +114,14 @@ class RFA(RandomFeatureMechanism):
         fq, fk, g = self._parts(q, k, mask)
         return dense_kernel_attention(fq, fk, v, mask, decay=g).to(v.dtype)
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, LinearState]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, LinearState]:
+        dtype = q.dtype
+        q, k, v = self.upcast(q, k, v)
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-        mask = Mask(lq=q.shape[2], lk=k.shape[2], causal=True)
+        mask = Mask(lq=q.shape[2], lk=k.shape[2], key_padding=key_padding_mask, causal=True)  # padded gates: 1
         fq, fk, g = self._parts(q, k, mask)
-        return linear_attention(fq, fk, v, mask, decay=g, chunk=self.chunk, state=state, return_state=True)
+        out, state = linear_attention(fq, fk, v, mask, decay=g, chunk=self.chunk, state=state, return_state=True)
+        return out.to(dtype), state

@@ -65,6 +65,7 @@ class SACAttention(Mechanism):
     """Attention over the edges an LSTM edge predictor chooses (``edges`` per node, plus a self loop)."""
 
     test_options = {"edges": 4, "hidden": 8, "chunk": 16}
+    positional = True  # the edge predictor is an LSTM over the key sequence
 
     @dataclass(frozen=True)
     class Options:
