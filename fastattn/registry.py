@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable
 
+import torch
+
 __all__ = ["MethodSpec", "register", "methods", "get_method", "catalogue"]
 
 
@@ -43,7 +45,8 @@ class MethodSpec:
     ``padding`` -- keys marked by ``key_padding_mask`` never matter;
     ``decoding`` -- ``MultiheadAttention.step`` equals the causal forward;
     ``exact`` -- the output equals softmax attention (to float64 precision);
-    ``functional`` -- usable through :func:`fastattn.attention` (no learned parameters);
+    ``functional`` -- usable through :func:`fastattn.attention`: the mechanism with its default options
+    owns no learned parameters (derived from the class when the mechanism is loaded, never declared);
     ``attn_mask`` -- accepts an arbitrary (additive or boolean) attention mask;
     ``dropout`` -- supports dropout on the attention weights;
     ``weights`` -- can return the attention weights (``need_weights=True``);
@@ -58,7 +61,6 @@ class MethodSpec:
     kind: str
     summary: str
     complexity: str
-    functional: bool
     causal: bool
     decoding: bool
     padding: bool
@@ -67,6 +69,7 @@ class MethodSpec:
     dropout: bool = False
     weights: bool = False
     randomized: bool = False
+    functional: bool | None = None  # None until derived (see ``owns_no_parameters``)
     options: dict[str, Any] = field(default_factory=dict)
     cls: type | None = field(default=None, repr=False, compare=False)
 
@@ -101,7 +104,6 @@ def register(
     decoding: bool,
     padding: bool,
     exact: bool = False,
-    functional: bool = True,
     attn_mask: bool = False,
     dropout: bool = False,
     weights: bool = False,
@@ -139,7 +141,6 @@ def register(
             kind=row["kind"],
             summary=row["idea"],
             complexity=complexity,
-            functional=functional,
             causal=causal,
             decoding=decoding,
             padding=padding,
@@ -160,6 +161,25 @@ def register(
     return wrap
 
 
+def owns_no_parameters(cls: type) -> bool:
+    """True when ``cls`` built with its default options has no learned parameters (buffers, such as
+    random features, are fine). Built small, on the CPU, without touching torch's global random state."""
+    with torch.random.fork_rng(devices=[]):
+        kwargs = {"generator": torch.Generator().manual_seed(0)} if cls.spec.randomized else {}  # type: ignore[attr-defined]
+        mech = cls(None, head_dim=16, num_heads=12, num_kv_heads=12, **kwargs)
+    return not any(True for _ in mech.parameters())
+
+
+def _derive(spec: MethodSpec) -> MethodSpec:
+    """``spec`` with ``functional`` derived from its class (once; the class is fully defined by now)."""
+    if spec.functional is not None or spec.cls is None:
+        return spec
+    done = dataclasses.replace(spec, functional=owns_no_parameters(spec.cls))
+    spec.cls.spec = done  # type: ignore[attr-defined]
+    _REGISTRY[spec.name] = done
+    return done
+
+
 def _module(name: str) -> str:
     """Where the mechanism ``name`` lives: ``fastattn.mechanisms.<family>.<id>``."""
     return f"{__package__}.mechanisms.{catalogue()[name]['family']}.{name}"
@@ -177,7 +197,8 @@ def _load(name: str) -> MethodSpec | None:
             importlib.import_module(module)
             if name not in _REGISTRY:
                 raise RuntimeError(f"{module} does not register {name!r}")
-    return _REGISTRY.get(name)
+    spec = _REGISTRY.get(name)
+    return None if spec is None else _derive(spec)
 
 
 def _load_all() -> None:
@@ -189,7 +210,7 @@ def methods(family: str | None = None) -> list[MethodSpec]:
     """Every registered mechanism (optionally one family), in catalogue order."""
     _load_all()
     order = list(catalogue())
-    specs = sorted(_REGISTRY.values(), key=lambda s: order.index(s.name))
+    specs = sorted((_derive(s) for s in list(_REGISTRY.values())), key=lambda s: order.index(s.name))
     return [s for s in specs if family is None or s.family == family]
 
 

@@ -218,6 +218,9 @@ class Mechanism(nn.Module):
         if not self.spec.weights:
             return None
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        dtype = q.dtype
+        q, k = self.upcast(q, k)
         if not self.native_gqa:
             k = repeat_kv(k, q.shape[1] // k.shape[1])
-        return self.weights(q, k, build_mask(q, k, key_padding_mask, attn_mask, is_causal), scale)
+        w = self.weights(q, k, build_mask(q, k, key_padding_mask, attn_mask, is_causal), scale)
+        return None if w is None else w.to(dtype)

@@ -119,13 +119,6 @@ def register_backend(backend: Backend, *, before: str | None = None) -> Backend:
     return backend
 
 
-def unregister_backend(name: str) -> None:
-    """Remove a registered backend (for tests and plug-ins that unload)."""
-    if name in ("torch", "reference"):
-        raise ValueError(f"backend {name!r} is built in")
-    _BACKENDS.pop(name, None)
-
-
 def backends() -> list[str]:
     """The registered backend names, in the order ``auto`` tries them."""
     return list(_BACKENDS)

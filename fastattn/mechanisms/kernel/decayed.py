@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from .base import KernelMechanism
 from fastattn.ops.features import elu_plus_one
 from fastattn.ops.linear.engine import LinearState
@@ -38,12 +37,10 @@ def tnl_decay(num_heads: int, decay_base: float, layer_ratio: float) -> Tensor:
 
 
 def srms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """``x / (|x|_2 / sqrt(d))`` over the last axis, computed in float32 for half inputs; a zero row
-    stays zero."""
-    dt = compute_dtype(x.dtype)
-    y = x.to(dt)
-    rms = y.pow(2).mean(dim=-1, keepdim=True).add(eps).sqrt()
-    return (y / rms).to(x.dtype)
+    """``x / (|x|_2 / sqrt(d))`` over the last axis; a zero row stays zero. (Mechanisms compute half
+    precision in float32: ``Mechanism.half_precision``.)"""
+    rms = x.pow(2).mean(dim=-1, keepdim=True).add(eps).sqrt()
+    return x / rms
 
 
 def activate(x: Tensor, name: str) -> Tensor:
@@ -72,7 +69,7 @@ class DecayedLinear(KernelMechanism):
         return self.lambdas
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        x = activate(x.to(compute_dtype(x.dtype)), self.options.activation)
+        x = activate(x, self.options.activation)
         return x * math.sqrt(scale) if self.options.scale_qk else x
 
     def _norm(self, out: Tensor) -> Tensor:

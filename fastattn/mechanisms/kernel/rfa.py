@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from fastattn.core.base import repeat_kv
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from fastattn.ops.linear.engine import LinearState, dense_kernel_attention, linear_attention
 from .random_features import RandomFeatureMechanism
@@ -85,14 +84,13 @@ class RFA(RandomFeatureMechanism):
         return torch.cat([torch.sin(wx), torch.cos(wx)], dim=-1) * d ** -0.5
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        x = x.to(compute_dtype(x.dtype))
         return self.feature_map(x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
     def gates(self, k: Tensor) -> Tensor | None:
         """Per-token gates ``(B, H, Lk)`` from the keys, or ``None`` without gating."""
         if not self.options.gate:
             return None
-        dt = compute_dtype(k.dtype)
+        dt = k.dtype
         logits = torch.einsum("bhld,hd->bhl", k.to(dt), self.gate_weight.to(dt)) + self.gate_bias.to(dt)[:, None]
         return torch.sigmoid(logits)
 

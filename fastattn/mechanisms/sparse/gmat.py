@@ -22,7 +22,7 @@ from fastattn.ops.sparse.nodes import MemoryNodes
 from fastattn.ops.sparse.patterns import Pattern, Window
 
 
-@register("gmat", complexity="O(n (w + m) d)", causal=False, decoding=False, padding=True, functional=False)
+@register("gmat", complexity="O(n (w + m) d)", causal=False, decoding=False, padding=True)
 class GMATAttention(PatternMechanism):
     """Sliding-window token attention plus ``num_memory`` learned global memory tokens."""
 

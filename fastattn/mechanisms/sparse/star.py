@@ -23,7 +23,7 @@ from fastattn.ops.sparse.nodes import MemoryNodes
 from fastattn.ops.sparse.patterns import Pattern, RingWindow
 
 
-@register("star", complexity="O(n r d)", causal=False, decoding=False, padding=True, functional=False)
+@register("star", complexity="O(n r d)", causal=False, decoding=False, padding=True)
 class StarAttention(PatternMechanism):
     """Ring of satellites (radius ``radius``) plus one learned relay node."""
 
