@@ -1,6 +1,7 @@
-"""Decoding contract, parametrised over every mechanism with ``decoding=True``: a left-padded batch
-decoded with ``step`` equals each row decoded alone; states count positions, reorder their batch
-(beam search) and move between devices."""
+"""Decoding contract, parametrised over every mechanism with ``decoding=True``: a padded batch (left
+padding of the prompts, and padding tokens among later ones) decoded with ``step`` equals each row
+decoded alone, without its padding; states count positions, reorder their batch (beam search) and move
+between devices."""
 
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ def _inputs(n: int, b: int = 3, seed: int = 0):
     return tuple(torch.randn(b, h, n, e, generator=g, dtype=torch.float64) for h, e in ((H, E), (HKV, E), (HKV, 12)))
 
 
-def _decode(mech, q, k, v, chunks, state=None, first_padding=None):
-    """Step through ``chunks`` (lengths); the first chunk may carry a padding mask."""
+def _decode(mech, q, k, v, chunks, state=None, padding=None):
+    """Step through ``chunks`` (lengths); ``padding`` ``(B, sum(chunks))`` marks padding tokens."""
     outs, t = [], 0
-    for i, size in enumerate(chunks):
-        kpm = first_padding if i == 0 else None
+    for size in chunks:
+        kpm = None if padding is None else padding[:, t:t + size]
         o, state = mech.step(q[:, :, t:t + size], k[:, :, t:t + size], v[:, :, t:t + size], state, E ** -0.5, kpm)
         outs.append(o)
         t += size
@@ -38,29 +39,34 @@ def _left_padding(prompts=PROMPTS, width=PROMPT):
 
 
 def _case(spec):
-    """The mechanism (float64), inputs for the prompt and ``CHUNKS``, and the prompt's left padding,
-    with garbage in the padded slots (it must not matter)."""
+    """The mechanism (float64), inputs for the prompt and ``CHUNKS``, and the padding: the prompts'
+    left padding, one padding token inside the 3-token chunk (row 1) and a whole padded 1-token chunk
+    (row 0). The padded slots hold garbage (it must not matter)."""
     q, k, v = _inputs(PROMPT + sum(CHUNKS))
-    pad = _left_padding()
+    pad = torch.cat([_left_padding(), torch.zeros(3, sum(CHUNKS), dtype=torch.bool)], dim=1)
+    pad[1, PROMPT + 3] = True
+    pad[0, PROMPT + 5] = True
     for x in (k, v):
-        x[:, :, :PROMPT].masked_fill_(pad[:, None, :, None], 50.0)
+        x.masked_fill_(pad[:, None, :, None], 50.0)
     return make_mech(spec).double(), q, k, v, pad
 
 
 @pytest.mark.parametrize("spec", DECODING, ids=ids(DECODING))
-def test_left_padded_batch_equals_each_row_alone(spec):
+def test_padded_batch_equals_each_row_alone(spec):
     mech, q, k, v, pad = _case(spec)
     n = q.shape[2]
     with torch.no_grad():
-        batched, state = _decode(mech, q, k, v, (PROMPT, *CHUNKS), first_padding=pad)
+        batched, state = _decode(mech, q, k, v, (PROMPT, *CHUNKS), padding=pad)
     assert isinstance(state, DecodingState) and state.length == n
-    for i, p in enumerate(PROMPTS):
-        s = PROMPT - p
-        row = [x[i:i + 1, :, s:] for x in (q, k, v)]
+    bounds = torch.tensor([0, PROMPT, *CHUNKS]).cumsum(0)
+    for i in range(3):
+        real = ~pad[i]
+        chunks = [int(real[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        row = [x[i:i + 1, :, real] for x in (q, k, v)]
         with torch.no_grad():
-            alone, alone_state = _decode(mech, *row, (p, *CHUNKS))
-        assert alone_state.length == n - s
-        torch.testing.assert_close(batched[i:i + 1, :, s:], alone, rtol=1e-9, atol=1e-10)
+            alone, alone_state = _decode(mech, *row, [c for c in chunks if c])
+        assert alone_state.length == int(real.sum())
+        torch.testing.assert_close(batched[i:i + 1, :, real], alone, rtol=1e-9, atol=1e-10)
         assert torch.isfinite(batched[i]).all()
 
 
@@ -69,7 +75,7 @@ def test_state_select_reorders_the_batch(spec):
     mech, q, k, v, pad = _case(spec)
     n = q.shape[2]
     with torch.no_grad():
-        _, prefix = mech.step(q[:, :, :PROMPT], k[:, :, :PROMPT], v[:, :, :PROMPT], None, E ** -0.5, pad)
+        _, prefix = mech.step(q[:, :, :PROMPT], k[:, :, :PROMPT], v[:, :, :PROMPT], None, E ** -0.5, pad[:, :PROMPT])
         rest = [x[:, :, PROMPT:] for x in (q, k, v)]
         full, _ = _decode(mech, *rest, CHUNKS, state=prefix)
         index = torch.tensor([2, 0, 0])  # reorder and repeat, as a beam search does
