@@ -106,6 +106,8 @@ def attention(
         torch.Size([2, 4, 100, 32])
     """
     spec = get_method(method)
+    if spec.kind != "sequence":
+        raise ValueError(f"method {method!r} is a {spec.kind} mechanism, not attention over (query, key, value)")
     if not spec.functional:
         raise ValueError(
             f"method {method!r} has learned parameters; use fastattn.MultiheadAttention(..., method={method!r})"

@@ -166,15 +166,23 @@ def owns_no_parameters(cls: type) -> bool:
     random features, are fine). Built small, on the CPU, without touching torch's global random state."""
     with torch.random.fork_rng(devices=[]):
         kwargs = {"generator": torch.Generator().manual_seed(0)} if cls.spec.randomized else {}  # type: ignore[attr-defined]
-        mech = cls(None, head_dim=16, num_heads=12, num_kv_heads=12, **kwargs)
+        try:
+            mech = cls(None, head_dim=16, num_heads=12, num_kv_heads=12, **kwargs)
+        except Exception as e:
+            raise RuntimeError(
+                f"cannot build {cls.__name__} with its default options (head_dim=16, num_heads=12) to tell "
+                f"whether it owns learned parameters: {e}"
+            ) from e
     return not any(True for _ in mech.parameters())
 
 
 def _derive(spec: MethodSpec) -> MethodSpec:
-    """``spec`` with ``functional`` derived from its class (once; the class is fully defined by now)."""
+    """``spec`` with ``functional`` derived from its class (once; the class is fully defined by now):
+    a sequence mechanism over ``(q, k, v)`` that owns no learned parameters."""
     if spec.functional is not None or spec.cls is None:
         return spec
-    done = dataclasses.replace(spec, functional=owns_no_parameters(spec.cls))
+    plain = spec.kind == "sequence" and getattr(spec, "level", "sequence") != "layer"
+    done = dataclasses.replace(spec, functional=plain and owns_no_parameters(spec.cls))
     spec.cls.spec = done  # type: ignore[attr-defined]
     _REGISTRY[spec.name] = done
     return done

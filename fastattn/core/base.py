@@ -14,9 +14,9 @@ half-precision policy (``half_precision``), expands grouped-query key/value head
 ``"torch"`` runs ``forward``, ``"reference"`` runs ``reference``). ``fastattn.attention`` and
 ``fastattn.MultiheadAttention`` both go through it.
 
-Decoding (:meth:`Mechanism.step`) takes the new tokens' ``key_padding_mask`` (left padding of a batch of
-prompts) and returns a :class:`~fastattn.core.state.DecodingState`; each row of a padded batch decodes
-as if it were alone, without its padding.
+Decoding (:meth:`Mechanism.step`) takes the new tokens' ``key_padding_mask`` (e.g. the left padding of
+a batch of prompts) and returns a :class:`~fastattn.core.state.DecodingState`; each row of a padded
+batch decodes as if it were alone, without its padding.
 """
 
 from __future__ import annotations

@@ -29,7 +29,9 @@ def batch_index(index: Tensor | Sequence[int], batch: int, device: torch.device)
             raise ValueError(f"a bool batch index must have shape ({batch},), got {tuple(idx.shape)}")
         idx = idx.nonzero().flatten()
     if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex():
-        raise ValueError(f"select needs a 1-D integer (or bool) index of batch rows, got {tuple(idx.shape)} {idx.dtype}")
+        raise ValueError(
+            f"select needs a 1-D integer (or bool) index of batch rows, got {tuple(idx.shape)} {idx.dtype}"
+        )
     idx = idx.long()
     if idx.numel() and (int(idx.min()) < -batch or int(idx.max()) >= batch):
         raise ValueError(f"batch index out of range for a batch of {batch}: {idx.tolist()}")
@@ -113,7 +115,9 @@ class KVCache(DecodingState):
         pad = self.key_padding
         if pad is not None or key_padding is not None:
             old = pad if pad is not None else torch.zeros(k.shape[0], n, dtype=torch.bool, device=k.device)
-            new = key_padding if key_padding is not None else torch.zeros(k.shape[0], t, dtype=torch.bool, device=k.device)
+            new = key_padding
+            if new is None:
+                new = torch.zeros(k.shape[0], t, dtype=torch.bool, device=k.device)
         if torch.is_grad_enabled() and any(x.requires_grad for x in (k, v, self.k, self.v)):
             full_pad = None if pad is None and key_padding is None else torch.cat([old, new], dim=1)
             return KVCache(torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2), full_pad)

@@ -20,7 +20,7 @@ def test_builtin_backends_in_auto_order():
 def test_reference_backend_runs_the_formula(monkeypatch):
     q, k, v = qkv()
     cls = fastattn.get_method("linear").cls
-    monkeypatch.setattr(cls, "reference", lambda self, q, k, v, mask, scale: torch.zeros_like(q[..., :1]).expand(*q.shape[:3], v.shape[-1]))
+    monkeypatch.setattr(cls, "reference", lambda self, q, k, v, mask, scale: torch.zeros(*q.shape[:3], v.shape[-1]))
     assert (fastattn.attention(q, k, v, "linear", backend="reference") == 0).all()
     assert not (fastattn.attention(q, k, v, "linear", backend="torch") == 0).all()
     assert not (fastattn.attention(q, k, v, "linear") == 0).all()  # auto: torch first
@@ -46,8 +46,9 @@ def test_unknown_backend_lists_the_valid_ones():
         fastattn.attention(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         fastattn.MultiheadAttention(16, 2, backend="triton")
+    mech = fastattn.get_method("softmax").cls(head_dim=16, num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match="contradicts"):
-        fastattn.get_method("softmax").cls(head_dim=16, num_heads=4, num_kv_heads=2).run(q.float(), k.float(), v.float(), reference=True, backend="torch")
+        mech.run(q, k, v, reference=True, backend="torch")
 
 
 class _Doubling(Backend):
