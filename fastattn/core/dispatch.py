@@ -124,10 +124,18 @@ def backends() -> list[str]:
     return list(_BACKENDS)
 
 
+# compiled backends the interface names (API section 9); they register themselves when installed
+PLANNED = ("cpp", "triton", "flex")
+
+
 def check_backend_name(name: str) -> None:
     """A ``ValueError`` listing the valid names when ``name`` is neither ``"auto"`` nor a backend."""
-    if name != "auto" and name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; valid backends: 'auto', " + ", ".join(map(repr, _BACKENDS)))
+    if name == "auto" or name in _BACKENDS:
+        return
+    valid = "valid backends: 'auto', " + ", ".join(map(repr, _BACKENDS))
+    if name in PLANNED:
+        raise ValueError(f"backend {name!r} is not installed in this build; {valid}")
+    raise ValueError(f"unknown backend {name!r}; {valid}")
 
 
 def choose_backend(name: str, spec: MethodSpec, call: Call) -> Backend:

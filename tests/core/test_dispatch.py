@@ -45,6 +45,8 @@ def test_unknown_backend_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown backend 'cuda'; valid backends: 'auto', .*'torch'.*'reference'"):
         fastattn.attention(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
+        fastattn.MultiheadAttention(16, 2, backend="sdpa")
+    with pytest.raises(ValueError, match="'triton' is not installed in this build; valid backends: 'auto'"):
         fastattn.MultiheadAttention(16, 2, backend="triton")
     mech = fastattn.get_method("softmax").cls(head_dim=16, num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match="contradicts"):

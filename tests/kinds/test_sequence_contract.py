@@ -241,3 +241,16 @@ def test_reference_backend_equals_torch_backend(spec):
                 layer.backend = backend
                 return layer(x, key_padding_mask=kpm, is_causal=causal)[0]
         torch.testing.assert_close(run("reference"), run("torch"), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=ids(SPECS))
+def test_half_precision_policy_is_applied_before_dispatch(spec):
+    """``half_precision = "upcast"``: the implementation sees float32 and the caller gets float16 back;
+    ``"native"``: the implementation sees the half inputs."""
+    mech = make_mech(spec)
+    seen = []
+    real = mech.forward
+    mech.forward = lambda q, k, v, *a, **kw: seen.append({q.dtype, k.dtype, v.dtype}) or real(q, k, v, *a, **kw)
+    q, k, v = qkv(dtype=torch.float16)
+    assert mech.run(q, k, v).dtype == torch.float16
+    assert seen == [{torch.float16 if spec.cls.half_precision == "native" else torch.float32}]
