@@ -57,6 +57,9 @@ class Mechanism(nn.Module):
     # Options the contract tests use so that small inputs still exercise the interesting paths
     # (several blocks/chunks at length 61, few features, ...).
     test_options: ClassVar[dict[str, Any]] = {}
+    # Where the mechanism knowingly departs from its paper (or the authors' code): one short sentence
+    # each; the README's "Deviations from the papers" section is generated from these.
+    deviations: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True)
     class Options:

@@ -13,6 +13,8 @@ from fastattn.core.state import DecodingState
 from helpers import E, HKV, H, ids, make_mech, sequence_specs
 
 DECODING = [s for s in sequence_specs() if s.decoding]
+# decoding paths that the test options do not reach: (method, options)
+VARIANTS = [("longformer", {"dilation": (1, 2, 1, 3)})]
 PROMPT = 21
 PROMPTS = (21, 13, 1)  # real prompt length of each row; the rest of the 21 positions is left padding
 CHUNKS = (1, 1, 3, 1, 2)  # what is decoded after the prompt
@@ -38,7 +40,7 @@ def _left_padding(prompts=PROMPTS, width=PROMPT):
     return torch.tensor([[j < width - p for j in range(width)] for p in prompts])
 
 
-def _case(spec):
+def _case(spec, **options):
     """The mechanism (float64), inputs for the prompt and ``CHUNKS``, and the padding: the prompts'
     left padding, one padding token inside the 3-token chunk (row 1) and a whole padded 1-token chunk
     (row 0). The padded slots hold garbage (it must not matter)."""
@@ -48,12 +50,15 @@ def _case(spec):
     pad[0, PROMPT + 5] = True
     for x in (k, v):
         x.masked_fill_(pad[:, None, :, None], 50.0)
-    return make_mech(spec).double(), q, k, v, pad
+    return make_mech(spec, **options).double(), q, k, v, pad
 
 
-@pytest.mark.parametrize("spec", DECODING, ids=ids(DECODING))
-def test_padded_batch_equals_each_row_alone(spec):
-    mech, q, k, v, pad = _case(spec)
+@pytest.mark.parametrize(
+    "spec,options", [(s, {}) for s in DECODING] + [(fastattn.get_method(m), o) for m, o in VARIANTS],
+    ids=ids(DECODING) + [f"{m}-{'-'.join(map(str, o.values()))}" for m, o in VARIANTS],
+)
+def test_padded_batch_equals_each_row_alone(spec, options):
+    mech, q, k, v, pad = _case(spec, **options)
     n = q.shape[2]
     with torch.no_grad():
         batched, state = _decode(mech, q, k, v, (PROMPT, *CHUNKS), padding=pad)

@@ -41,7 +41,9 @@ def test_packaged_catalogue_is_the_project_catalogue():
 
 
 def test_readme_table_is_current():
-    assert update_readme(ROOT / "README.md", check=True), "README mechanism table is stale: run `fastattn readme`"
+    assert update_readme(ROOT / "README.md", check=True), (
+        "README mechanism table or deviations section is stale: run `fastattn readme`"
+    )
 
 
 def test_cli_list_runs():

@@ -143,7 +143,7 @@ def _decay_masked_dense(fq, fk, v, lam, causal=True):
 def test_decayed_equals_dense_decay_masked_reference(name, act):
     spec = fastattn.get_method(name)
     q, k, v = qkv(hkv=4, requires_grad=True)
-    mech = make_mech(spec, hkv=4, chunk=16).double()
+    mech = make_mech(spec, hkv=4, chunk=16, decay="paper", norm="srms").double()  # the paper's text
     out = mech.run(q, k, v, is_causal=True)
     lam = tnl_decay(4, 8.0, 0.0)
     want = _decay_masked_dense(act(q), act(k), v, lam)

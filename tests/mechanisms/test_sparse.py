@@ -135,17 +135,24 @@ def test_bigbird_random_blocks_reproducible_and_saved(tmp_path):
 
 
 def test_bigbird_pattern_has_window_global_and_distinct_random_blocks():
-    mech = make_mech(_spec("bigbird"), block=4, window_blocks=3, global_blocks=1, random_blocks=2)
-    n, b = 64, 4
-    m = mech.dense_mask(n, n)
-    blocks = m.view(n // b, b, n // b, b).any(3).any(1)  # block-level graph
-    assert torch.equal(m, blocks.repeat_interleave(b, 0).repeat_interleave(b, 1))  # whole blocks
-    t = torch.arange(n // b)
-    window = (t[:, None] - t[None, :]).abs() <= 1
-    assert blocks[window].all() and blocks[0].all() and blocks[:, 0].all()
-    extra = blocks & ~window
-    extra[:, 0] = False
-    assert (extra[1:].sum(1) == 2).all()  # exactly r random blocks per non-global row
+    for global_at, per_head in (("start", False), ("ends", True)):
+        mech = make_mech(_spec("bigbird"), block=4, window_blocks=3, global_blocks=2, random_blocks=2,
+                         global_at=global_at, per_head=per_head)
+        n, b = 64, 4
+        masks = mech.dense_mask(n, n)
+        masks = masks if per_head else masks[None]
+        glob = [0, 1] if global_at == "start" else [0, n // b - 1]
+        for m in masks:
+            blocks = m.view(n // b, b, n // b, b).any(3).any(1)  # block-level graph
+            assert torch.equal(m, blocks.repeat_interleave(b, 0).repeat_interleave(b, 1))  # whole blocks
+            t = torch.arange(n // b)
+            window = (t[:, None] - t[None, :]).abs() <= 1
+            assert blocks[window].all() and blocks[glob].all() and blocks[:, glob].all()
+            extra = blocks & ~window
+            extra[:, glob] = False
+            rows = torch.ones(n // b, dtype=torch.bool)
+            rows[glob] = False
+            assert (extra[rows].sum(1) == 2).all()  # exactly r random blocks per non-global row
 
 
 # ---- axial -------------------------------------------------------------------------------------
@@ -153,7 +160,7 @@ def test_bigbird_pattern_has_window_global_and_distinct_random_blocks():
 def test_axial_equals_attention_over_each_axis(causal):
     rows, width = 6, 8
     q, k, v = qkv(h=4, hkv=4, lq=rows * width)
-    out = fastattn.attention(q, k, v, "axial", width=width, is_causal=causal)
+    out = fastattn.attention(q, k, v, "axial", width=width, is_causal=causal, causal_form="masked")
     grid = lambda x: x.reshape(*x.shape[:2], rows, width, x.shape[-1])  # noqa: E731
     row = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=causal)
     col = F.scaled_dot_product_attention(
@@ -377,7 +384,7 @@ def test_star_ring_wraps_around():
 def test_interlaced_is_long_range_then_short_range(causal):
     rows, p = 6, 8
     q, k, v = qkv(h=4, hkv=4, lq=rows * p)
-    out = fastattn.attention(q, k, v, "interlaced", group=p, is_causal=causal)
+    out = fastattn.attention(q, k, v, "interlaced", group=p, is_causal=causal, causal_form="masked")
     grid = lambda x: x.reshape(*x.shape[:2], rows, p, x.shape[-1])  # noqa: E731
     col = lambda x: grid(x).transpose(2, 3)  # noqa: E731
     v_long = F.scaled_dot_product_attention(col(k), col(k), col(v), is_causal=causal).transpose(2, 3)

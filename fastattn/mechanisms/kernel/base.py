@@ -25,6 +25,7 @@ class KernelMechanism(Mechanism):
     # fine): the engine may then apply it tile by tile and recompute it in backward, so the full
     # feature tensors are never stored (see :mod:`fastattn.ops.linear.tiled`).
     tokenwise: ClassVar[bool] = False
+    log_decay: ClassVar[bool] = False  # True: decay() returns log lambda (finite where lambda underflows)
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
         """``phi(x)`` ``(B, H, L, D)``. ``mask`` lets key features ignore padded keys where a feature
@@ -33,7 +34,7 @@ class KernelMechanism(Mechanism):
         raise NotImplementedError
 
     def decay(self) -> Tensor | None:
-        """Per-head decay ``(H,)`` in (0, 1] of the causal form, or ``None``."""
+        """Per-head decay ``(H,)`` in (0, 1] of the causal form (its log where ``log_decay``), or ``None``."""
         return None
 
     @property
@@ -46,16 +47,18 @@ class KernelMechanism(Mechanism):
             def phi(x: Tensor, is_query: bool) -> Tensor:
                 return self.features(x, is_query=is_query, scale=scale, mask=mask)
 
-            return linear_attention(q, k, v, mask, phi=phi, decay=decay, normalize=self.normalize, chunk=self.chunk)
+            return linear_attention(q, k, v, mask, phi=phi, decay=decay, normalize=self.normalize, chunk=self.chunk,
+                                    log_decay=self.log_decay)
         fq = self.features(q, is_query=True, scale=scale, mask=mask)
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
-        return linear_attention(fq, fk, v, mask, decay=decay, normalize=self.normalize, chunk=self.chunk)
+        return linear_attention(fq, fk, v, mask, decay=decay, normalize=self.normalize, chunk=self.chunk,
+                                log_decay=self.log_decay)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         fq = self.features(q, is_query=True, scale=scale, mask=mask)
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
         decay = self.decay() if mask.causal else None
-        return dense_kernel_attention(fq, fk, v, mask, decay=decay, normalize=self.normalize)
+        return dense_kernel_attention(fq, fk, v, mask, decay=decay, normalize=self.normalize, log_decay=self.log_decay)
 
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
@@ -74,6 +77,6 @@ class KernelMechanism(Mechanism):
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
         out, new_state = linear_attention(
             fq, fk, v, mask, decay=decay, normalize=self.normalize, chunk=self.chunk,
-            state=state, return_state=True,
+            state=state, return_state=True, log_decay=self.log_decay,
         )
         return out.to(dtype), new_state

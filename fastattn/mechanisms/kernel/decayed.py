@@ -2,12 +2,25 @@
 exponential decay, followed by SRMSNorm (TransNormerLLM, arXiv:2307.14995, section 3).
 
 ``O = SRMSNorm([(phi(Q) phi(K)^T) * M] V)`` with ``M_ts = lambda_h^(t-s)`` for ``s <= t`` (0 otherwise)
-and ``SRMSNorm(x) = x / (|x|_2 / sqrt(d))``. The decay rates are TransNormerLLM's
-``lambda_h = exp(-(decay_base * h / H) * (1 - layer_ratio))`` for heads ``h = 0..H-1`` of a layer at
-depth ``layer_ratio = l / L``; head 0 does not decay. The decay is the causal form's recency bias; the
-bidirectional (non-causal) form is the same normalised attention without decay, as in TransNormer.
+and ``SRMSNorm(x) = x / (|x|_2 / sqrt(d))``.
 
-The norm replaces the softmax denominator: without it the output of a non-decaying head grows with n.
+**Decay rates** (``decay``). ``"slopes"`` (default) is what the authors' released code and the trained
+models use (OpenNLPLab's TransnormerLLM and lightning-attention, and the models built on them):
+``lambda_h = exp(-s_h (1 - layer_ratio + 1e-5))`` with the ALiBi slopes ``s_h = 2^(-8 (h + 1) / H)``
+(``H`` a power of two; otherwise ALiBi's interleaving) and ``layer_ratio = l / (L - 1)`` -- memories
+from about 3 to a few hundred tokens. ``"paper"`` is the formula in the paper's text,
+``lambda_h = exp(-(decay_base * h / H) * (1 - layer_ratio))`` with ``layer_ratio = l / L``, where head 0
+does not decay (the default before; with 8 heads, 6 of them remember about one token).
+The rates are kept as ``log lambda`` (a buffer), so even a decay that underflows to 0 (``decay_base``
+in the hundreds: every token sees only itself) stays exact.
+
+**Output norm** (``norm``). ``"srms_concat"`` (default): one SRMSNorm over the concatenated heads of each
+token, as in the authors' code (the norm of the layer's ``H * Ev`` output). ``"srms"``: per head (the
+default before). ``"none"``: the raw operator.
+
+The decay is the causal form's recency bias; the bidirectional (non-causal) form is the same
+normalised attention without decay, as in TransNormer. The norm replaces the softmax denominator:
+without it the output of a non-decaying head grows with n.
 """
 
 from __future__ import annotations
@@ -25,21 +38,46 @@ from .base import KernelMechanism
 from fastattn.ops.features import elu_plus_one
 from fastattn.ops.linear.engine import LinearState
 
-__all__ = ["DecayedLinear", "DecayedOptions", "tnl_decay", "srms_norm", "ACTIVATIONS"]
+__all__ = [
+    "DecayedLinear", "DecayedOptions", "tnl_decay", "tnl_log_decay", "alibi_slopes", "srms_norm", "ACTIVATIONS",
+    "DECAYS", "NORMS",
+]
 
 ACTIVATIONS = ("none", "silu", "elu1", "relu")
+DECAYS = ("slopes", "paper")
+NORMS = ("srms_concat", "srms", "none")
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi's head slopes ``(H,)`` (float64): ``2^(-8 (h + 1) / H)`` for ``H`` a power of two; otherwise
+    those of the largest power of two ``p < H``, then every other slope of ``2 p`` heads."""
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    p = 2 ** math.floor(math.log2(num_heads))
+    out = geometric(p)
+    if p < num_heads:
+        out += geometric(2 * p)[0::2][: num_heads - p]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def tnl_log_decay(num_heads: int, kind: str, decay_base: float, layer_ratio: float) -> Tensor:
+    """``log lambda_h`` ``(H,)`` (float64) of the decay ``kind`` (see the module docstring)."""
+    if kind == "slopes":
+        return -alibi_slopes(num_heads) * (1.0 - layer_ratio + 1e-5)
+    h = torch.arange(num_heads, dtype=torch.float64)
+    return -(decay_base * h / num_heads) * (1.0 - layer_ratio)
 
 
 def tnl_decay(num_heads: int, decay_base: float, layer_ratio: float) -> Tensor:
-    """TransNormerLLM's per-head decay ``exp(-(decay_base * h / H) * (1 - layer_ratio))``, ``(H,)``."""
-    h = torch.arange(num_heads, dtype=torch.float64)
-    return torch.exp(-(decay_base * h / num_heads) * (1.0 - layer_ratio))
+    """The paper's per-head decay ``exp(-(decay_base * h / H) * (1 - layer_ratio))``, ``(H,)``."""
+    return torch.exp(tnl_log_decay(num_heads, "paper", decay_base, layer_ratio))
 
 
-def srms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """``x / (|x|_2 / sqrt(d))`` over the last axis; a zero row stays zero. (Mechanisms compute half
-    precision in float32: ``Mechanism.half_precision``.)"""
-    rms = x.pow(2).mean(dim=-1, keepdim=True).add(eps).sqrt()
+def srms_norm(x: Tensor, eps: float = 1e-6, dims: tuple[int, ...] = (-1,)) -> Tensor:
+    """``x / (|x|_2 / sqrt(d))`` over ``dims`` (the last axis by default); a zero row stays zero.
+    (Mechanisms compute half precision in float32: ``Mechanism.half_precision``.)"""
+    rms = x.pow(2).mean(dim=dims, keepdim=True).add(eps).sqrt()
     return x / rms
 
 
@@ -54,25 +92,41 @@ def activate(x: Tensor, name: str) -> Tensor:
 
 
 class DecayedLinear(KernelMechanism):
-    """Base of ``lightning`` / ``transnormer``: ``Options`` must carry ``activation``, ``decay_base``,
-    ``layer_ratio``, ``norm`` and ``chunk``."""
+    """Base of ``lightning`` / ``transnormer``: ``Options`` must carry ``activation``, ``decay``,
+    ``decay_base``, ``layer_ratio``, ``norm`` and ``chunk``."""
 
     normalize = False
+    log_decay = True
 
     def __init__(self, options: Any = None, **kw: Any) -> None:
         super().__init__(options, **kw)
+        self.register_buffer("log_lambdas", self._exact_log_decay(), persistent=False)
+
+    def _exact_log_decay(self) -> Tensor:
         o = self.options
-        self.register_buffer("lambdas", tnl_decay(self.num_heads, o.decay_base, o.layer_ratio).float(),
-                             persistent=False)
+        return tnl_log_decay(self.num_heads, o.decay, o.decay_base, o.layer_ratio)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # the rates are derived from the options: keep them exact (float64) through .half(), .float(), ...
+        out = super()._apply(fn, recurse)
+        self.log_lambdas = self._exact_log_decay().to(self.log_lambdas.device)
+        return out
+
+    @property
+    def lambdas(self) -> Tensor:
+        """The per-head decay rates ``(H,)``."""
+        return self.log_lambdas.exp()
 
     def decay(self) -> Tensor | None:
-        return self.lambdas
+        return self.log_lambdas
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
         x = activate(x, self.options.activation)
         return x * math.sqrt(scale) if self.options.scale_qk else x
 
     def _norm(self, out: Tensor) -> Tensor:
+        if self.options.norm == "srms_concat":  # (B, H, L, Ev): all heads of a token together
+            return srms_norm(out, dims=(1, 3))
         return srms_norm(out) if self.options.norm == "srms" else out
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
@@ -90,11 +144,12 @@ class DecayedLinear(KernelMechanism):
 
 @dataclass(frozen=True)
 class DecayedOptions:
-    decay_base: float = 8.0  # lambda_h = exp(-(decay_base * h / H) * (1 - layer_ratio))
-    layer_ratio: float = 0.0  # l / L, the layer's depth in the model
+    decay: str = "slopes"  # slopes: authors' code, exp(-s_h (1 - layer_ratio + 1e-5)) | paper: see decay_base
+    decay_base: float = 8.0  # decay="paper": lambda_h = exp(-(decay_base * h / H) * (1 - layer_ratio))
+    layer_ratio: float = 0.0  # the layer's depth in the model: l / (L - 1) (slopes) or l / L (paper)
     activation: str = "none"  # feature map on q and k: none | silu | elu1 | relu
     scale_qk: bool = False  # multiply q and k by scale ** 0.5 (the papers do not)
-    norm: str = "srms"  # output norm: srms | none
+    norm: str = "srms_concat"  # output norm: srms_concat (over all heads) | srms (per head) | none
     chunk: int = 128  # block length of the intra/inter-block scan
 
     def __post_init__(self) -> None:
@@ -104,10 +159,12 @@ class DecayedOptions:
 def validate(o: Any) -> None:
     if o.activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {o.activation!r}")
-    if o.norm not in ("srms", "none"):
-        raise ValueError(f"norm must be 'srms' or 'none', got {o.norm!r}")
-    if o.decay_base < 0:
-        raise ValueError(f"decay_base must be >= 0, got {o.decay_base}")
+    if o.norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {o.norm!r}")
+    if o.decay not in DECAYS:
+        raise ValueError(f"decay must be one of {DECAYS}, got {o.decay!r}")
+    if not (o.decay_base >= 0 and math.isfinite(o.decay_base)):
+        raise ValueError(f"decay_base must be finite and >= 0, got {o.decay_base}")
     if not 0.0 <= o.layer_ratio <= 1.0:
         raise ValueError(f"layer_ratio must be in [0, 1], got {o.layer_ratio}")
     if o.chunk < 1:

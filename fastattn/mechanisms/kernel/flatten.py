@@ -22,7 +22,9 @@ Choices made here, each stated:
   shared by its value channels, so the mechanism does not depend on the value width. ``kernel_size=0``
   drops the term (pure focused linear attention);
 * the official code adds ``1e-6`` after the ReLU so that an all-negative vector has a direction; so do we;
-* the learnable per-channel temperature of the official code is not in the paper and is left out.
+* the learnable per-channel temperature of the official code is not in the paper and is left out;
+* the learnable positional encoding the paper adds to the keys (over its fixed-size image grid) is
+  omitted: a sequence mechanism has no fixed length to learn it for.
 
 Complexity O(n d^2 + n d k). Non-causal (the convolution is centred). Padding keys have zero features
 and their values are zeroed before the convolution, so they never matter.
@@ -66,6 +68,16 @@ class FocusedLinearAttention(KernelMechanism):
     """Focused linear attention + depthwise-convolution rank restoration (see module docstring)."""
 
     test_options = {"kernel_size": 5}
+    deviations = (
+        (
+            "The depthwise convolution runs along the 1-D sequence with one kernel per head (the "
+            "paper: a 2-D kernel per channel)."
+        ),
+        (
+            "The learnable positional encoding the paper adds to k is omitted (it belongs to a "
+            "fixed-size image grid); so is the official code's per-channel temperature."
+        ),
+    )
     tokenwise = True
 
     @dataclass(frozen=True)

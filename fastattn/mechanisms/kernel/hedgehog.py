@@ -3,16 +3,20 @@ Attentions with Softmax Mimicry".
 
 A learnable feature map per head (separate ones for queries and keys)::
 
-    phi(x) = softmax([W x + b, -(W x + b)])      (2d features; W initialised to the identity)
+    z = W x + b,   phi(x) = [softmax(z), softmax(-z)]      (2d features; W initialised to the identity)
 
--- the exponential of +/- a linear projection, normalised per token (the softmax is the exact
-max-subtraction trick: it only rescales each token's features; for queries the factor cancels, for a
-key it depends on that key alone, so the causal form leaks nothing). Linear attention over ``phi``:
-O(n d^2). The maps are trained to mimic softmax attention: with ``distill=True`` every forward sets
-``self.aux_loss`` to the mean KL divergence ``KL(softmax(q k^T * scale) || A_phi)`` over query rows,
-where ``A_phi`` is the row-normalised ``phi(q) phi(k)^T`` (same masks). The loss sees detached ``q, k``
-(it trains the feature maps only, as in the paper's distillation stage) and costs O(n^2) -- it is
-opt-in. The learned maps make this mechanism layer-only.
+-- the paper writes ``[exp(z), exp(-z)]``; the authors' code (followed here) normalises each half by
+its own softmax over the d features, which keeps the features bounded. Each half of a token's features
+is divided by a factor of that token alone, so the causal form leaks nothing -- but the two factors
+differ, so this is not a rescaling of the paper's map: it is the kernel the released models were trained
+with. ``softmax="joint"`` gives one softmax over all 2d features, ``softmax([z, -z])`` (the default
+before): a rescaling of the paper's map by one factor per token, which cancels for queries but not for
+keys (it divides each key by a key-dependent factor). Linear attention over ``phi``: O(n d^2). The maps
+are trained to mimic softmax attention: with ``distill=True`` every forward sets ``self.aux_loss`` to the
+mean KL divergence ``KL(softmax(q k^T * scale) || A_phi)`` over query rows, where ``A_phi`` is the
+row-normalised ``phi(q) phi(k)^T`` (same masks). The loss sees detached ``q, k`` (it trains the feature
+maps only, as in the paper's distillation stage) and costs O(n^2) -- it is opt-in. The learned maps
+make this mechanism layer-only.
 """
 
 from __future__ import annotations
@@ -31,18 +35,27 @@ __all__ = ["Hedgehog"]
 
 @register("hedgehog", complexity="O(n d^2)", causal=True, decoding=True, padding=True)
 class Hedgehog(KernelMechanism):
-    """Learned softmax-mimicking feature maps ``softmax([Wx + b, -(Wx + b)])``."""
+    """Learned softmax-mimicking feature maps ``[softmax(Wx + b), softmax(-(Wx + b))]``."""
 
     test_options = {"chunk": 16}
+    deviations = (
+        (
+            "Feature map as in the authors' code, [softmax(z), softmax(-z)] (each half normalised), not the "
+            "paper's [exp(z), exp(-z)]; softmax='joint' gives one softmax over both halves."
+        ),
+    )
 
     @dataclass(frozen=True)
     class Options:
         distill: bool = False  # compute the mimicry loss (KL to softmax weights) as aux_loss
         chunk: int = 128  # chunk length of the causal scan
+        softmax: str = "halves"  # halves: [softmax(z), softmax(-z)] (authors) | joint: softmax([z, -z])
 
         def __post_init__(self) -> None:
             if self.chunk < 1:
                 raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+            if self.softmax not in ("halves", "joint"):
+                raise ValueError(f"softmax must be 'halves' or 'joint', got {self.softmax!r}")
 
     def __init__(self, options=None, **kw) -> None:
         super().__init__(options, **kw)
@@ -57,7 +70,9 @@ class Hedgehog(KernelMechanism):
         dt = x.dtype
         w, b = (self.q_weight, self.q_bias) if is_query else (self.k_weight, self.k_bias)
         z = torch.einsum("bhld,hed->bhle", x.to(dt), w.to(dt)) + b.to(dt)[:, None]
-        return torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)
+        if self.options.softmax == "joint":
+            return torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)
+        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
 
     def mimicry_loss(self, q: Tensor, k: Tensor, mask: Mask, scale: float) -> Tensor:
         """Mean over (unmasked) query rows of ``KL(softmax weights || Hedgehog weights)``."""

@@ -42,6 +42,13 @@ class RFA(RandomFeatureMechanism):
     """Random Fourier (or arc-cosine) features on unit-norm q, k; optional learned gate."""
 
     test_options = {"num_features": 16, "chunk": 16}
+    deviations = (
+        (
+            "The gate of gated RFA is computed from the key head k_t, not from the token's input x_t "
+            "(an attention operator sees only q, k, v)."
+        ),
+        "The kernel width sigma is a fixed option; the paper learns it.",
+    )
     tokenwise = True
 
     @dataclass(frozen=True)
@@ -86,31 +93,40 @@ class RFA(RandomFeatureMechanism):
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
         return self.feature_map(x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
-    def gates(self, k: Tensor) -> Tensor | None:
-        """Per-token gates ``(B, H, Lk)`` from the keys, or ``None`` without gating."""
+    def gate_logits(self, k: Tensor) -> Tensor | None:
+        """Per-token gate logits ``(B, H, Lk)`` from the keys (``g = sigmoid(logits)``), or ``None``
+        without gating."""
         if not self.options.gate:
             return None
         dt = k.dtype
-        logits = torch.einsum("bhld,hd->bhl", k.to(dt), self.gate_weight.to(dt)) + self.gate_bias.to(dt)[:, None]
-        return torch.sigmoid(logits)
+        return torch.einsum("bhld,hd->bhl", k.to(dt), self.gate_weight.to(dt)) + self.gate_bias.to(dt)[:, None]
+
+    def gates(self, k: Tensor) -> Tensor | None:
+        """Per-token gates ``(B, H, Lk)`` from the keys, or ``None`` without gating."""
+        logits = self.gate_logits(k)
+        return None if logits is None else torch.sigmoid(logits)
 
     def _parts(self, q: Tensor, k: Tensor, mask: Mask) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Query and key features and ``log g`` (``None`` without gating). The gate enters the engine as
+        ``log sigmoid(logits)`` and ``1 - g`` as ``sigmoid(-logits)``: both stay exact (finite) where the
+        gate itself underflows to 0 or rounds to 1."""
         fq = self.features(q, is_query=True, scale=1.0, mask=mask)
         fk = self.features(k, is_query=False, scale=1.0, mask=mask)
-        g = self.gates(k)
-        if g is not None:
-            if not mask.causal:
-                raise ValueError("gated rfa is a causal (recurrent) form; use is_causal=True or gate=False")
-            fk = fk * (1 - g).unsqueeze(-1)
-        return fq, fk, g
+        logits = self.gate_logits(k)
+        if logits is None:
+            return fq, fk, None
+        if not mask.causal:
+            raise ValueError("gated rfa is a causal (recurrent) form; use is_causal=True or gate=False")
+        fk = fk * torch.sigmoid(-logits).unsqueeze(-1)
+        return fq, fk, F.logsigmoid(logits)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
-        fq, fk, g = self._parts(q, k, mask)
-        return linear_attention(fq, fk, v, mask, decay=g, chunk=self.chunk)
+        fq, fk, log_g = self._parts(q, k, mask)
+        return linear_attention(fq, fk, v, mask, decay=log_g, log_decay=True, chunk=self.chunk)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
-        fq, fk, g = self._parts(q, k, mask)
-        return dense_kernel_attention(fq, fk, v, mask, decay=g).to(v.dtype)
+        fq, fk, log_g = self._parts(q, k, mask)
+        return dense_kernel_attention(fq, fk, v, mask, decay=log_g, log_decay=True).to(v.dtype)
 
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
@@ -120,6 +136,7 @@ class RFA(RandomFeatureMechanism):
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         mask = Mask(lq=q.shape[2], lk=k.shape[2], key_padding=key_padding_mask, causal=True)  # padded gates: 1
-        fq, fk, g = self._parts(q, k, mask)
-        out, state = linear_attention(fq, fk, v, mask, decay=g, chunk=self.chunk, state=state, return_state=True)
+        fq, fk, log_g = self._parts(q, k, mask)
+        out, state = linear_attention(fq, fk, v, mask, decay=log_g, log_decay=True, chunk=self.chunk, state=state,
+                                      return_state=True)
         return out.to(dtype), state

@@ -4,7 +4,18 @@ The sequence is viewed as a 2-D tensor of rows of ``width`` positions (raster or
 padded and masked). Attention runs along one axis at a time: the **row** attention of position
 ``(r, c)`` sees ``(r, c')`` and the **column** attention sees ``(r', c)``; with ``axes="both"`` the two
 outputs are summed (each has its own softmax), so one layer reaches a whole row and a whole column.
-Causal (raster order): rows see ``c' <= c``, columns ``r' <= r``. O(n (width + n / width) d).
+
+Causal (raster order). ``causal_form="upper_context"`` (default, with ``axes="both"``) follows the Axial
+Transformer's causal decoder: the row attention is masked (``c' <= c``), and the column part carries the
+*upper context* -- an unmasked row attention over each earlier row (``u = RowAttn(k, k, v)``, every column
+of the row), read by a column attention over the strictly earlier rows ``r' < r`` of the same column
+(the paper's down-shift). Position ``(r, c)`` thus reaches every earlier position in one call, the
+earlier rows' columns to its right included. Within one attention over given ``q, k, v`` the paper's
+outer/inner decoder stack becomes the sum of the two outputs, and the upper row attention uses the keys
+as its queries (as ``interlaced`` does), so that it is defined for any query length and for decoding.
+``causal_form="masked"`` masks each axis instead (rows ``c' <= c``, columns ``r' <= r``; the form before):
+no number of layers then reaches an earlier row to the right of the current column.
+O(n (width + n / width) d).
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.masks import Mask
@@ -28,16 +40,25 @@ class AxialAttention(PatternMechanism):
     """Row and/or column attention on the ``(n / width, width)`` view (see module docstring)."""
 
     test_options = {"width": 8}
+    deviations = (
+        (
+            "Causal form: the paper's outer (upper-context) and inner decoders become the sum of a masked row "
+            "attention and a column attention over earlier rows' row-attention outputs, within one call."
+        ),
+    )
 
     @dataclass(frozen=True)
     class Options:
         width: int = 128  # row length of the 2-D view
         axes: str = "both"  # "row" | "column" | "both" (sum of the two)
+        causal_form: str = "upper_context"  # causal axes="both": upper_context (paper) | masked
 
         def __post_init__(self) -> None:
             check_positive(width=self.width)
             if self.axes not in ("row", "column", "both"):
                 raise ValueError(f"axes must be 'row', 'column' or 'both', got {self.axes!r}")
+            if self.causal_form not in ("upper_context", "masked"):
+                raise ValueError(f"causal_form must be 'upper_context' or 'masked', got {self.causal_form!r}")
 
     def axis_patterns(self) -> list[Pattern]:
         w, out = self.options.width, []
@@ -47,13 +68,29 @@ class AxialAttention(PatternMechanism):
             out.append(Pattern(w, column=Strided(w)))
         return out
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
-        outs = [block_sparse_attention(q, k, v, mask, scale, p) for p in self.axis_patterns()]
+    def _axes(self, fn, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
+        if mask.causal and self.options.axes == "both" and self.options.causal_form == "upper_context":
+            return self._upper_context(fn, q, k, v, mask, scale)
+        outs = [fn(q, k, v, mask, scale, p) for p in self.axis_patterns()]
         return outs[0] if len(outs) == 1 else outs[0] + outs[1]
 
+    def _upper_context(self, fn, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
+        """Masked row attention + column attention over the earlier rows' (unmasked) row attention."""
+        w, (b, _, lk, _) = self.options.width, k.shape
+        row, column = self.axis_patterns()
+        u = fn(k, k, v, Mask(lk, lk, key_padding=mask.key_padding), scale, row)  # each row, every column
+        # down-shift by one row: key position p holds row r - 1 of the same column (the first row: none)
+        shift = lambda x: F.pad(x, (0, 0, w, 0))[:, :, :lk]  # noqa: E731
+        pad = torch.zeros(b, lk, dtype=torch.bool, device=k.device) if mask.key_padding is None else mask.key_padding
+        pad = torch.cat([torch.ones(b, w, dtype=torch.bool, device=k.device), pad], 1)[:, :lk]
+        upper = fn(q, shift(k), shift(u), Mask(mask.lq, lk, key_padding=pad, causal=True), scale, column)
+        return fn(q, k, v, mask, scale, row) + upper
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
+        return self._axes(block_sparse_attention, q, k, v, mask, scale)
+
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
-        outs = [pattern_reference(q, k, v, mask, scale, p) for p in self.axis_patterns()]
-        return outs[0] if len(outs) == 1 else outs[0] + outs[1]
+        return self._axes(pattern_reference, q, k, v, mask, scale)
 
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         """The union of the axes' patterns (the keys the layer reaches; each axis is its own softmax)."""

@@ -55,7 +55,9 @@ class PatternMechanism(Mechanism):
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         raise NotImplementedError
 
-    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Nodes | None:
+    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
+        """Extra key/value nodes; ``scale`` is the call's score scale (None: ``E ** -0.5``), which any
+        attention the nodes themselves compute must use."""
         return None
 
     def plan(self, pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.device) -> Plan:
@@ -75,11 +77,11 @@ class PatternMechanism(Mechanism):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         pat = self.pattern(mask.lq, mask.lk, q.device)
         plan = self.plan(pat, mask.lq, mask.lk, mask.causal, q.device)
-        return block_sparse_attention(q, k, v, mask, scale, pat, self.nodes(q, k, v, mask), plan=plan)
+        return block_sparse_attention(q, k, v, mask, scale, pat, self.nodes(q, k, v, mask, scale), plan=plan)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         pat = self.pattern(mask.lq, mask.lk, q.device)
-        return pattern_reference(q, k, v, mask, scale, pat, self.nodes(q, k, v, mask))
+        return pattern_reference(q, k, v, mask, scale, pat, self.nodes(q, k, v, mask, scale))
 
     def dense_mask(self, lq: int, lk: int, causal: bool = False, device: torch.device | str = "cpu") -> Tensor:
         """The pattern as a bool ``(Lq, Lk)`` matrix, True = may attend (for inspection and for
@@ -89,6 +91,12 @@ class PatternMechanism(Mechanism):
         kpos = torch.arange(lk, device=device)[None, :]
         out = pat.dense(qpos, kpos)
         return out & (kpos <= qpos) if causal else out
+
+    def decode_allowed(self, qpos: Tensor, kpos: Tensor, lk: int) -> Tensor:
+        """The pattern for decoding over a pruned cache: bool ``(B, H | 1, T, C)`` from each row's query
+        positions ``(B, T, 1)`` and cached key positions ``(B, 1, C)`` (``lk``: the longest row's length).
+        Default: one pattern for every head; causality and padding are applied by the caller."""
+        return self.pattern(qpos.shape[1], lk, qpos.device).dense(qpos, kpos)[:, None]
 
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
@@ -112,13 +120,15 @@ class PatternMechanism(Mechanism):
         next_pos = start + real.long().sum(1)
         groups = q.shape[1] // k.shape[1]
 
-        pat = self.pattern(t, int(next_pos.max()), q.device)
-        allowed = pat.dense(qpos[:, :, None], pos[:, None, :]) & (pos[:, None, :] <= qpos[:, :, None])
+        n = int(next_pos.max())
+        allowed = self.decode_allowed(qpos[:, :, None], pos[:, None, :], n)
+        allowed = allowed & (pos[:, None, :] <= qpos[:, :, None])[:, None]
         if pad is not None:
-            allowed = allowed & ~pad[:, None, :]
+            allowed = allowed & ~pad[:, None, None, :]
         qc, kc, vc = self.upcast(q, repeat_kv(k, groups), repeat_kv(v, groups))  # the cache keeps the input dtype
         bias = torch.zeros(allowed.shape, dtype=qc.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
-        out = dense_attention(qc, kc, vc, Mask(t, k.shape[2]), scale, extra_bias=bias[:, None])
+        out = dense_attention(qc, kc, vc, Mask(t, k.shape[2]), scale, extra_bias=bias)
+        pat = self.pattern(t, n, q.device)
         keep = torch.zeros(pos.shape[1], dtype=torch.bool, device=q.device)
         for i in range(b):  # a key stays while some row's future queries may see it
             row = pat.needed(pos[i], int(next_pos[i]))

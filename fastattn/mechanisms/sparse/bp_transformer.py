@@ -7,6 +7,11 @@ level ("k" of the paper's fine-to-coarse context), up to the root. One softmax o
 nodes; every position is reached exactly once, at the finest level that covers it. Span nodes are the
 mean of their tokens' keys and values (the paper also updates span nodes across layers, which needs
 state beyond one attention call). Causal: past tokens and fully past spans only.
+
+Kept deviation: the hierarchy is shifted one level -- the first span level has the leaves' size (the
+shared retina construction of ``multiscale``), so beyond its ``k`` nearest leaves a query still sees about
+``k`` more single leaves per side (their parents' alignment decides exactly how many) before spans of two
+leaves begin: with ``leaf=1`` and ``k=2``, 4 or 5 single tokens per side where the paper has 2.
 O(n k (leaf + log(n / leaf)) d) edges; span nodes are scored densely here.
 """
 
@@ -31,6 +36,13 @@ class BPTransformerAttention(PatternMechanism):
     """Fine-to-coarse attention over the binary partition tree of spans."""
 
     test_options = {"leaf": 2, "k": 1}
+    deviations = (
+        (
+            "The span hierarchy starts one level low: the first span level has leaf size, so a query "
+            "sees about 2k single leaves per side (the paper: k) before spans of 2 leaves."
+        ),
+        "Span nodes are means of their tokens' keys and values, not updated across layers.",
+    )
 
     @dataclass(frozen=True)
     class Options:
@@ -46,6 +58,6 @@ class BPTransformerAttention(PatternMechanism):
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         return Pattern(self.options.leaf, (BlockWindow(self.options.k),))
 
-    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Nodes | None:
+    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
         o = self.options
         return retina_nodes(k, v, mask, o.leaf, o.k, 2, self.levels(k.shape[2]))

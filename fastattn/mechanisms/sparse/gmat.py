@@ -5,6 +5,9 @@ every sequence token (``M' = softmax(Q_M K^T * scale) V``) and every sequence to
 memory beside its sparse neighbourhood (a sliding window ``|i - j| <= w``), one softmax over both:
 ``out_i = softmax([q_i K_W(i)^T, q_i K_M^T] * scale) [V_W(i); M']``. The memory's query and key
 embeddings are learned parameters of the layer (layer-only). O(n (w + m) d). Non-causal.
+
+Kept deviation: in the paper the memory tokens also attend to each other; here they have a learned query
+and key but no value of their own, so a memory token reads the sequence only.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ class GMATAttention(PatternMechanism):
     """Sliding-window token attention plus ``num_memory`` learned global memory tokens."""
 
     test_options = {"num_memory": 3, "window": 4, "block": 8}
+    deviations = (
+        "Memory tokens attend to the sequence only, not to each other (they have no value of their own).",
+    )
 
     @dataclass(frozen=True)
     class Options:
@@ -44,5 +50,5 @@ class GMATAttention(PatternMechanism):
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         return Pattern(self.options.block, (Window(self.options.window),))
 
-    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Nodes | None:
-        return self.memory.read(k, v, mask, q.shape[-1] ** -0.5)
+    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
+        return self.memory.read(k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)

@@ -47,11 +47,11 @@ class HATAttention(PatternMechanism):
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         return Pattern(self.options.segment, (SameBlock(self.options.segment),))
 
-    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Nodes | None:
+    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
         s, dt = self.options.segment, k.dtype
         b, h, n, e = k.shape
         m = -(-n // s)
-        scale = e ** -0.5
+        scale = e ** -0.5 if scale is None else scale
         pad = m * s - n
         kk = F.pad(k.to(dt), (0, 0, 0, pad)).view(b, h, m, s, e)
         vv = F.pad(v.to(dt), (0, 0, 0, pad)).view(b, h, m, s, v.shape[3])

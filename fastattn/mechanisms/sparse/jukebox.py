@@ -9,6 +9,9 @@ sparse attentions, each a pattern on that view:
 
 ``kinds`` chooses the patterns; with several, the heads are split into consecutive groups, one
 per pattern, as even as the head count allows (the layers of the paper's cycle become head groups of one layer). O(n (w + n / w) d).
+
+A query whose pattern reaches no key (``previous_row`` in the first row, e.g. every query of a sequence
+no longer than ``width``, or the first decoding steps) gets zeros, as in the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import Tensor
 from fastattn.core.masks import Mask
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
-from fastattn.ops.sparse.engine import block_sparse_attention, pattern_reference
+from fastattn.ops.sparse.engine import block_sparse_attention, make_plan, pattern_reference
 from fastattn.ops.sparse.patterns import Pattern, PrevBlock, SameBlock, Strided
 
 _KINDS = ("row", "column", "previous_row")
@@ -31,7 +34,7 @@ _KINDS = ("row", "column", "previous_row")
 class JukeboxAttention(PatternMechanism):
     """Row, column and previous-row attention on a 2-D view, one pattern per head group."""
 
-    test_options = {"width": 8, "kinds": ("row", "column")}
+    test_options = {"width": 8, "kinds": ("row", "column", "previous_row")}
 
     @dataclass(frozen=True)
     class Options:
@@ -68,7 +71,7 @@ class JukeboxAttention(PatternMechanism):
         return torch.cat(outs, dim=1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
-        return self._per_group(block_sparse_attention, q, k, v, mask, scale)
+        return self._per_group(_sparse_or_zeros, q, k, v, mask, scale)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         return self._per_group(pattern_reference, q, k, v, mask, scale)
@@ -80,3 +83,12 @@ class JukeboxAttention(PatternMechanism):
         for p in pats[1:]:
             out = out + p
         return out
+
+
+def _sparse_or_zeros(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, pattern: Pattern) -> Tensor:
+    """The engine's output, or zeros when the pattern reaches no key at these lengths (the engine
+    refuses such a call; the reference gives zero rows)."""
+    plan = make_plan(pattern, mask.lq, mask.lk, mask.causal, q.device)
+    if plan.idx.shape[1] == 0 and plan.column_allowed is None and plan.gk is None and plan.gq is None:
+        return (q[..., :1] * 0).expand(*q.shape[:3], v.shape[3]).to(v.dtype).contiguous()
+    return block_sparse_attention(q, k, v, mask, scale, pattern, plan=plan)

@@ -93,6 +93,6 @@ class MultiscaleAttention(PatternMechanism):
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         return Pattern(self.options.block, (BlockWindow(self.options.radius),))
 
-    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Nodes | None:
+    def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
         o = self.options
         return retina_nodes(k, v, mask, o.block, o.radius, o.factor, o.levels)

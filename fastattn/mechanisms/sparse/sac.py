@@ -4,7 +4,7 @@ The sequence is a graph whose edges are *predicted*: a learned edge predictor (a
 as in the paper) chooses for every node ``t`` a small set of ``edges`` other nodes, and attention runs
 only over the chosen edges (plus the node itself, ``self_loop``)::
 
-    h = LSTM(k_0 .. k_{n-1})                         (per head; padded keys enter as zeros)
+    h = LSTM(k_0 .. k_{n-1})                         (per head, over the real keys; padding skipped)
     e(t, s) = (h_t W_u) . (h_s W_c) / sqrt(r)        (edge score, r = ``hidden``)
     N(t) = top-``edges``_{s != t} e(t, s)             (eval; training samples by Gumbel-top-k)
     m_t = e(t, s*) for s* the best candidate left out (-inf when none is)
@@ -64,7 +64,12 @@ class SACAttention(Mechanism):
     """Attention over the edges an LSTM edge predictor chooses (``edges`` per node, plus a self loop)."""
 
     test_options = {"edges": 4, "hidden": 8, "chunk": 16}
-    positional = True  # the edge predictor is an LSTM over the key sequence
+    deviations = (
+        (
+            "The edge predictor is trained by backpropagation through edge weights added to the "
+            "attention logits, not by the paper's policy gradient."
+        ),
+    )
 
     @dataclass(frozen=True)
     class Options:
@@ -88,20 +93,32 @@ class SACAttention(Mechanism):
 
     # ---- the edge predictor (shared by forward and reference) -----------------------------------
     def node_states(self, k: Tensor, key_padding: Tensor | None) -> Tensor:
-        """The LSTM over the key sequence, ``(B, H, Lk, r)``; padded keys are fed as zeros."""
+        """The LSTM over each sequence's real (non-padding) keys, in order, ``(B, H, Lk, r)``: padded
+        positions are skipped (their states are zeros), so the states -- and the chosen edges -- do not
+        depend on where or how much padding there is."""
         groups = k.shape[1] // self.num_kv_heads if k.shape[1] % self.num_kv_heads == 0 else 1
         if groups > 1:  # grouped-query heads share their keys: run the predictor once per key head
             k = k[:, ::groups]
         b, h, n, e = k.shape
         x = k.to(self.w_query.weight.dtype)
+        order = None
         if key_padding is not None:
             x = x.masked_fill(key_padding[:, None, :, None], 0.0)
+            # real keys first (stable: in sequence order); the padding, now at the end of each row,
+            # cannot reach the real keys' states through a unidirectional LSTM
+            order = torch.sort(key_padding.to(torch.uint8), dim=1, stable=True).indices  # (B, n)
+            x = torch.gather(x, 2, order[:, None, :, None].expand(b, h, n, e))
         # cuDNN's RNN backward refuses eval mode; a module in eval mode may still be differentiated
         # (attribution, gradients w.r.t. inputs), so cuDNN is used only where its backward works
         cudnn_ok = self.training or not torch.is_grad_enabled()
         with torch.backends.cudnn.flags(enabled=cudnn_ok and torch.backends.cudnn.enabled):
             out, _ = self.lstm(x.reshape(b * h, n, e))
-        return out.view(b, h, n, -1).repeat_interleave(groups, dim=1)
+        out = out.view(b, h, n, -1)
+        if order is not None:
+            assert key_padding is not None
+            back = torch.empty_like(out).scatter_(2, order[:, None, :, None].expand_as(out), out)
+            out = back.masked_fill(key_padding[:, None, :, None], 0.0)
+        return out.repeat_interleave(groups, dim=1)
 
     def select(self, k: Tensor, mask: Mask) -> Edges:
         """Choose every query's edges: deterministic top-k in eval mode, Gumbel-top-k sampling (with

@@ -72,6 +72,7 @@ def linear_attention(
     chunk: int = 64,
     state: LinearState | None = None,
     return_state: bool = False,
+    log_decay: bool = False,
 ) -> Tensor | tuple[Tensor, LinearState]:
     """Linear attention over feature maps; see the module docstring.
 
@@ -88,6 +89,7 @@ def linear_attention(
         chunk: chunk length of the causal scan.
         state: a previous :class:`LinearState` to continue from (causal only).
         return_state: also return the state after the last key (causal only).
+        log_decay: ``decay`` holds ``log lambda`` / ``log g`` (<= 0, finite where a gate underflows).
     """
     if mask.bias is not None:
         raise ValueError("kernel attention cannot apply an arbitrary attn_mask")
@@ -110,26 +112,27 @@ def linear_attention(
 
     if lq < lk:  # bottom-right alignment: the queries are the last lq positions
         fq = F.pad(fq, (0, 0, lk - lq, 0))
-    log_g = _log_gates(decay, fk, keep)
+    log_g = _log_gates(decay, fk, keep, log_decay)
     out, new_state = _causal_scan(fq, fk, v, log_g, normalize, chunk, state, want_state=return_state)
-    out = _finish(out[0], out[1], dtype)[:, :, lk - lq:]
+    out = _finish(out[0], out[1], dtype)[:, :, lk - lq:].contiguous()  # the last lq rows, not a view
     return (out, new_state) if return_state else out
 
 
-def _log_gates(decay: Tensor | None, fk: Tensor, keep: Tensor | None) -> Tensor | None:
+def _log_gates(decay: Tensor | None, fk: Tensor, keep: Tensor | None, is_log: bool = False) -> Tensor | None:
     """``log g`` ``(B|1, H, Lk)`` from a per-head ``(H,)`` or per-token ``(B, H, Lk)`` decay; padded keys'
     per-token gates become 1 (they never act on the state). A per-head decay is positional: it counts
     every position, padded or not."""
     if decay is None:
         return None
+    log = (lambda x: x) if is_log else torch.log  # noqa: E731
     b, h, n, _ = fk.shape
     if decay.dim() == 1:
         if decay.shape[0] != h:
             raise ValueError(f"per-head decay must have shape ({h},), got {tuple(decay.shape)}")
-        return torch.log(decay.to(fk.dtype)).view(1, h, 1).expand(1, h, n)
+        return log(decay.to(fk.dtype)).view(1, h, 1).expand(1, h, n)
     if tuple(decay.shape) != (b, h, n):
         raise ValueError(f"per-token decay must have shape (B, H, Lk) = ({b}, {h}, {n}), got {tuple(decay.shape)}")
-    log_g = torch.log(decay.to(fk.dtype))
+    log_g = log(decay.to(fk.dtype))
     return log_g if keep is None else log_g * keep[..., 0]
 
 
@@ -207,7 +210,8 @@ def _causal_scan(
 
 
 def dense_kernel_attention(
-    fq: Tensor, fk: Tensor, v: Tensor, mask: Mask, *, decay: Tensor | None = None, normalize: bool = True
+    fq: Tensor, fk: Tensor, v: Tensor, mask: Mask, *, decay: Tensor | None = None, normalize: bool = True,
+    log_decay: bool = False,
 ) -> Tensor:
     """The reference: ``A = phi(Q) phi(K)^T`` (times ``lambda^(t-s)``), masked, row-normalised, ``A V``.
     Dense O(n^2), written as the formula."""
@@ -215,7 +219,7 @@ def dense_kernel_attention(
     lq, lk = fq.shape[2], fk.shape[2]
     if decay is not None:
         keep = mask.key_keep(fq.dtype)
-        cum = torch.cumsum(_log_gates(decay, fk, keep), dim=-1)  # (B|1, H, Lk): G_s = sum_{r<=s} log g_r
+        cum = torch.cumsum(_log_gates(decay, fk, keep, log_decay), dim=-1)  # (B|1, H, Lk): G_s = sum_{r<=s} log g_r
         t = torch.arange(lq, device=fq.device) + mask.offset
         g_t = cum[..., t]  # G at each query's position
         diff = (g_t[..., :, None] - cum[..., None, :]).clamp_max(0)  # log prod_{s<r<=t} g_r (s <= t)
