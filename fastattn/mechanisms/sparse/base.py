@@ -121,8 +121,9 @@ class PatternMechanism(Mechanism):
         groups = q.shape[1] // k.shape[1]
 
         n = int(next_pos.max())
-        allowed = self.decode_allowed(qpos[:, :, None], pos[:, None, :], n)
-        allowed = allowed & (pos[:, None, :] <= qpos[:, :, None])[:, None]
+        rows = 1 if pad is None else b  # never any padding: every row has the same positions
+        qp, kp = qpos[:rows], pos[:rows]
+        allowed = self.decode_allowed(qp[:, :, None], kp[:, None, :], n) & (kp[:, None, :] <= qp[:, :, None])[:, None]
         if pad is not None:
             allowed = allowed & ~pad[:, None, None, :]
         qc, kc, vc = self.upcast(q, repeat_kv(k, groups), repeat_kv(v, groups))  # the cache keeps the input dtype
@@ -130,7 +131,7 @@ class PatternMechanism(Mechanism):
         out = dense_attention(qc, kc, vc, Mask(t, k.shape[2]), scale, extra_bias=bias)
         pat = self.pattern(t, n, q.device)
         keep = torch.zeros(pos.shape[1], dtype=torch.bool, device=q.device)
-        for i in range(b):  # a key stays while some row's future queries may see it
+        for i in range(rows):  # a key stays while some row's future queries may see it
             row = pat.needed(pos[i], int(next_pos[i]))
             keep |= row if pad is None else row & ~pad[i]
         cache = PrunedCache(
