@@ -14,7 +14,8 @@ def _list(args: argparse.Namespace) -> int:
     print(f"{'id':<20} {'family':<8} {'year':<5} {'complexity':<28} {'capabilities':<44} options")
     for s in specs:
         opts = ", ".join(f"{k}={v!r}" for k, v in s.options.items())
-        caps = ",".join(s.capabilities()) + ("" if s.functional else ",layer-only")
+        kind = f",{s.kind}" if s.kind != "sequence" else ("" if s.functional else ",layer-only")
+        caps = ",".join(s.capabilities()) + kind
         print(f"{s.name:<20} {s.family:<8} {s.year:<5} {s.complexity:<28} {caps:<44} {opts}")
         if args.verbose:
             print(f"{'':<20} {s.title} (arXiv:{s.arxiv})\n{'':<20} {s.summary}")

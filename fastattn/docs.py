@@ -18,17 +18,20 @@ def _yes(flag: bool) -> str:
 
 
 def mechanism_table() -> str:
+    """One row per registered mechanism. ``kind`` names the façade: ``sequence`` --
+    ``fastattn.attention`` / ``fastattn.MultiheadAttention`` ("layer only": learned parts, the layer
+    alone); ``vision`` -- ``fastattn.Attention2d``; ``seq2seq`` -- ``fastattn.AlignmentAttention``."""
     specs = methods()
     head = (
-        "| id | family | paper | complexity | causal | decoding | padding | exact | options |\n"
-        "|---|---|---|---|---|---|---|---|---|"
+        "| id | family | kind | paper | complexity | causal | decoding | padding | exact | options |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for s in specs:
         opts = ", ".join(f"`{k}={v!r}`" for k, v in s.options.items()) or "-"
-        kind = "" if s.functional else " (layer only)"
+        note = " (layer only)" if s.kind == "sequence" and not s.functional else ""
         rows.append(
-            f"| `{s.name}`{kind} | {s.family} | [{s.title}](https://arxiv.org/abs/{s.arxiv}) ({s.year}) | "
+            f"| `{s.name}`{note} | {s.family} | {s.kind} | [{s.title}](https://arxiv.org/abs/{s.arxiv}) ({s.year}) | "
             f"{s.complexity} | {_yes(s.causal)} | {_yes(s.decoding)} | {_yes(s.padding)} | "
             f"{_yes(s.exact)} | {opts} |"
         )

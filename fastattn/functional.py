@@ -107,7 +107,8 @@ def attention(
     """
     spec = get_method(method)
     if spec.kind != "sequence":
-        raise ValueError(f"method {method!r} is a {spec.kind} mechanism, not attention over (query, key, value)")
+        facade = {"vision": "Attention2d", "seq2seq": "AlignmentAttention"}.get(spec.kind, "its own module")
+        raise ValueError(f"method {method!r} is a {spec.kind} mechanism; use fastattn.{facade}(..., method={method!r})")
     if not spec.functional:
         raise ValueError(
             f"method {method!r} has learned parameters; use fastattn.MultiheadAttention(..., method={method!r})"

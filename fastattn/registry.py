@@ -88,6 +88,15 @@ class MethodSpec:
             )
         return self.options_type(**given)
 
+    def resolve_options(self, options: Any = None) -> Any:
+        """A mechanism constructor's ``options`` argument as the typed options: ``None`` gives the
+        defaults, a dict is validated by :meth:`make_options`, typed options pass through."""
+        if options is None:
+            return self.make_options()
+        if isinstance(options, dict):
+            return self.make_options(**options)
+        return options
+
     def capabilities(self) -> list[str]:
         flags = ["causal", "decoding", "padding", "exact", "attn_mask", "dropout", "weights"]
         return [f for f in flags if getattr(self, f)]

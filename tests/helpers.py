@@ -54,3 +54,13 @@ def grads(out: torch.Tensor, inputs, seed: int = 1):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def through_bytes(state: dict) -> dict:
+    """``state`` saved with ``torch.save`` and loaded back (a save/load round trip in memory)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf)

@@ -1,0 +1,121 @@
+"""The alignment kind (``kind="seq2seq"``): a decoder's queries attend over an encoder's states.
+
+Tensors are batch first and have no heads: ``query (B, Lq, Dq)``, ``keys (B, Lk, Dk)``, ``values
+(B, Lk, Dv)``; the result is ``context (B, Lq, Dv)`` and ``weights (B, Lq, Lk)``, each row a
+distribution over the real keys (0 on padding keys; a row with every key masked is all zeros).
+
+An :class:`AlignmentMechanism` defines its energies ``e (B, Lq, Lk)`` twice: :meth:`~AlignmentMechanism.scores`
+(efficient; it may use :meth:`~AlignmentMechanism.prepare`, the per-source work done once -- e.g.
+Bahdanau's ``U_a h_j`` -- and reused by every query and decoder step) and
+:meth:`~AlignmentMechanism.reference_scores` (the paper's formula, literally). The masked softmax and
+the weighted sum of the values are shared. Callers go through :class:`fastattn.AlignmentAttention`,
+which validates the inputs.
+
+Decoding (:meth:`~AlignmentMechanism.step`) carries an :class:`AlignmentState`: the prepared keys of the
+source and the number of steps taken; mechanisms with position state (a window's position, a monotonic
+alignment) subclass it with more tensor fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .masks import Mask, masked_softmax
+
+if TYPE_CHECKING:
+    from ..registry import MethodSpec
+
+__all__ = ["AlignmentMechanism", "AlignmentState"]
+
+
+@dataclass(frozen=True)
+class AlignmentState:
+    """Decoding state over one source (API section 6): ``keys`` is the mechanism's prepared keys
+    (batch first), ``length`` the query steps taken. ``select`` reorders or subsets the batch (beam
+    search); ``to`` moves every tensor."""
+
+    keys: Tensor
+    length: int = 0
+
+    def _map(self, fn: Any) -> AlignmentState:
+        changes = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), Tensor)}
+        return dataclasses.replace(self, **changes)
+
+    def select(self, index: Tensor) -> AlignmentState:
+        return self._map(lambda t: t.index_select(0, index.to(t.device)))
+
+    def to(self, device: torch.device | str) -> AlignmentState:
+        return self._map(lambda t: t.to(device))
+
+    def advance(self, steps: int) -> AlignmentState:
+        return dataclasses.replace(self, length=self.length + steps)
+
+
+class AlignmentMechanism(nn.Module):
+    """Base class of the alignment mechanisms (kind ``"seq2seq"``). See the module docstring."""
+
+    spec: ClassVar[MethodSpec]
+    # options the contract tests use so that small inputs still exercise the interesting paths
+    test_options: ClassVar[dict[str, Any]] = {}
+    deviations: ClassVar[tuple[str, ...]] = ()  # where the implementation departs from the paper (README)
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def __init__(self, options: Any = None, *, query_dim: int, key_dim: int, value_dim: int) -> None:
+        super().__init__()
+        self.options = self.spec.resolve_options(options)
+        self.query_dim, self.key_dim, self.value_dim = query_dim, key_dim, value_dim
+        self.aux_loss: Tensor = torch.zeros(())
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
+        dims = f"query_dim={self.query_dim}, key_dim={self.key_dim}, value_dim={self.value_dim}"
+        return f"{self.spec.name}: {dims}" + (f", {opts}" if opts else "")
+
+    # ---- to implement ---------------------------------------------------------------------------
+    def prepare(self, keys: Tensor) -> Tensor:
+        """The per-source work, done once for all queries and decoder steps. Default: the keys."""
+        return keys
+
+    def scores(self, query: Tensor, prepared: Tensor) -> Tensor:
+        """Energies ``(B, Lq, Lk)`` of ``query (B, Lq, Dq)`` against the prepared keys (efficient)."""
+        raise NotImplementedError
+
+    def reference_scores(self, query: Tensor, keys: Tensor) -> Tensor:
+        """The paper's energies, literally. Defaults to ``scores(query, prepare(keys))``."""
+        return self.scores(query, self.prepare(keys))
+
+    # ---- shared -------------------------------------------------------------------------------
+    @staticmethod
+    def attend(energies: Tensor, values: Tensor, mask: Mask) -> tuple[Tensor, Tensor]:
+        """Masked softmax over keys and the weighted sum of the values: ``(context, weights)``."""
+        bias = mask.additive(energies.dtype, energies.device)  # (B|1, 1, Lq, Lk) or None
+        weights = masked_softmax(energies, None if bias is None else bias[:, 0])
+        return torch.matmul(weights, values), weights
+
+    def forward(
+        self, query: Tensor, keys: Tensor, values: Tensor, mask: Mask, prepared: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        prepared = self.prepare(keys) if prepared is None else prepared
+        return self.attend(self.scores(query, prepared), values, mask)
+
+    def reference(self, query: Tensor, keys: Tensor, values: Tensor, mask: Mask) -> tuple[Tensor, Tensor]:
+        return self.attend(self.reference_scores(query, keys), values, mask)
+
+    def step(
+        self, query: Tensor, keys: Tensor, values: Tensor, state: AlignmentState | None, mask: Mask,
+    ) -> tuple[Tensor, Tensor, AlignmentState]:
+        """One decoder step (``query (B, T, Dq)``, usually ``T = 1``). Default, for mechanisms without
+        position state: the prepared keys are made on the first step and reused after."""
+        if state is None:
+            state = AlignmentState(self.prepare(keys))
+        context, weights = self.forward(query, keys, values, mask, prepared=state.keys)
+        return context, weights, state.advance(query.shape[1])

@@ -1,0 +1,100 @@
+"""The feature-map kind (``kind="vision"``): the base class of 2-D-only modules and the pixel helpers
+that :class:`fastattn.Attention2d` and every such module share.
+
+Layout: ``x (B, C, H, W)``; a pixel mask is bool ``(B, H, W)`` with **True marking a padding pixel**
+(the ``key_padding_mask`` convention, per pixel). On the flattened grid, pixel ``(i, j)`` is position
+``i * W + j`` (row-major), so ``flatten_pixels(x)[:, i * W + j] == x[:, :, i, j]``.
+
+A :class:`VisionMechanism` is a whole module (projections, attention, residual): ``forward(x, mask)``
+is the efficient implementation and ``reference(x, mask)`` the paper's formula written literally
+(dense, readable, float64-safe). Callers go through :class:`fastattn.Attention2d`, which validates the
+inputs and passes padding pixels through unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..registry import MethodSpec
+
+__all__ = ["VisionMechanism", "check_feature_map", "check_pixel_mask", "flatten_pixels", "unflatten_pixels"]
+
+
+def check_feature_map(x: Tensor, channels: int) -> None:
+    """``x`` must be a floating-point ``(B, C, H, W)`` tensor with ``C == channels``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (batch, channels, height, width), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.shape[1] != channels:
+        raise ValueError(f"x has {x.shape[1]} channels, the module was built for {channels}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"empty feature map: height {x.shape[2]}, width {x.shape[3]}")
+
+
+def check_pixel_mask(mask: Tensor, x: Tensor) -> None:
+    """``mask`` must be bool ``(B, H, W)`` matching ``x (B, C, H, W)``."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor (True = padding pixel), got {got}")
+    want = (x.shape[0], x.shape[2], x.shape[3])
+    if tuple(mask.shape) != want:
+        raise ValueError(f"mask must have shape (batch, height, width) = {want}, got {tuple(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"device mismatch: x {x.device}, mask {mask.device}")
+
+
+def flatten_pixels(x: Tensor) -> Tensor:
+    """``(B, C, H, W) -> (B, H * W, C)``, pixels in row-major order."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def unflatten_pixels(t: Tensor, height: int, width: int) -> Tensor:
+    """``(B, H * W, C) -> (B, C, H, W)``, the inverse of :func:`flatten_pixels`."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], height, width)
+
+
+class VisionMechanism(nn.Module):
+    """Base class of the 2-D-only modules (kind ``"vision"``). See the module docstring.
+
+    Subclasses define a frozen dataclass ``Options`` (every field with a default), ``forward`` and,
+    where it differs from ``forward``, ``reference``. ``scale`` is ``None`` unless the user overrides
+    the paper's score scale; a module without scores rejects it in its constructor.
+    """
+
+    spec: ClassVar[MethodSpec]
+    # options the contract tests use so that small inputs still exercise the interesting paths
+    test_options: ClassVar[dict[str, Any]] = {}
+    deviations: ClassVar[tuple[str, ...]] = ()  # where the implementation departs from the paper (README)
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def __init__(self, options: Any = None, *, channels: int, num_heads: int = 1, scale: float | None = None) -> None:
+        super().__init__()
+        if channels <= 0 or num_heads <= 0:
+            raise ValueError(f"channels ({channels}) and num_heads ({num_heads}) must be positive")
+        self.options = self.spec.resolve_options(options)
+        self.channels, self.num_heads, self.scale = channels, num_heads, scale
+        self.aux_loss: Tensor = torch.zeros(())
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
+        return f"{self.spec.name}: channels={self.channels}, heads={self.num_heads}" + (f", {opts}" if opts else "")
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x (B, C, H, W)``, ``mask (B, H, W)`` or ``None`` -> ``(B, C, H, W)`` (inputs validated)."""
+        raise NotImplementedError
+
+    def reference(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The paper's formula, literally. Defaults to ``forward``; override where they differ."""
+        return self.forward(x, mask)
