@@ -8,7 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from .core.base import Mechanism
+from .core.checks import check_key_padding
+from .core.dispatch import Call, check_backend_name, choose_backend
 from .core.layer import LayerConfig, LayerMechanism, ProjectedAttention
+from .core.state import DecodingState
 from .registry import get_method
 
 __all__ = ["MultiheadAttention"]
@@ -38,6 +41,9 @@ class MultiheadAttention(nn.Module):
         >>> moh = fastattn.MultiheadAttention(256, 8, method="moh", core="flash", batch_first=True)
         >>> out, _ = moh(x, is_causal=True)
         >>> loss = out.square().mean() + 0.01 * moh.aux_loss   # the router's load-balance loss
+
+    ``backend`` picks the implementation (:mod:`fastattn.core.dispatch`): ``"auto"`` (default),
+    ``"torch"`` (the efficient one) or ``"reference"`` (the paper's formula; no dropout, no decoding).
     """
 
     def __init__(
@@ -55,21 +61,24 @@ class MultiheadAttention(nn.Module):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        backend: str = "auto",
         **options: Any,
     ) -> None:
         super().__init__()
         spec = get_method(method)
+        check_backend_name(backend)
         if spec.kind != "sequence":
             raise ValueError(
                 f"method {method!r} is a {spec.kind} mechanism; it is not a sequence attention layer"
             )
         config = LayerConfig(
             embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim, bias=bias,
-            dropout=dropout, device=device, dtype=dtype,
+            dropout=dropout, device=device, dtype=dtype, backend=backend,
         )
         self.spec = spec
         self.method = method
         self.config = config
+        self.backend = backend
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, config.num_kv_heads
         self.head_dim, self.kdim, self.vdim = config.head_dim, config.kdim, config.vdim
         self.dropout, self.batch_first = dropout, batch_first
@@ -168,13 +177,24 @@ class MultiheadAttention(nn.Module):
             weights = None if weights is None else weights.squeeze(0)
         return out, weights
 
-    def step(self, chunk: Tensor, state: Any = None, *, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Any]:
+    def step(
+        self, chunk: Tensor, state: DecodingState | None = None, *, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, DecodingState]:
         """Decode ``T >= 1`` new tokens (laid out like ``forward``'s query) given the previous ``state``
         (``None`` at the start). The outputs equal the causal forward over the whole prefix.
-        ``key_padding_mask`` ``(B, T)`` marks padding among the new tokens (left-padded prompts)."""
+
+        ``key_padding_mask``: bool ``(B, T)``, True marks padding among the new tokens (a batch of
+        left-padded prompts). Padding tokens are never attended to later and each row decodes as if it
+        were alone, without its padding; the outputs at padding positions are unspecified. The returned
+        state has ``length`` (positions seen), ``select(index)`` (reorder or subset the batch, e.g. for
+        beam search) and ``to(device)``."""
         if not self.spec.decoding:
             raise ValueError(f"method {self.method!r} does not support incremental decoding")
         x = self._to_batch_first(chunk, "chunk", self.embed_dim)
+        check_key_padding(self.spec, key_padding_mask, x.shape[0], x.shape[1], what="(batch, new tokens)")
+        if state is not None and not isinstance(state, DecodingState):
+            raise TypeError(f"state must be None or the state a previous step returned, got {type(state).__name__}")
+        choose_backend(self.backend, self.spec, Call(device=x.device, dtype=x.dtype, decoding=True))
         out, state = self.mechanism.step(x, state, key_padding_mask=key_padding_mask)
         return (out if self.batch_first else out.transpose(0, 1)), state
 

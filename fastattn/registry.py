@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable
 
+import torch
+
 __all__ = ["MethodSpec", "register", "methods", "get_method", "catalogue"]
 
 
@@ -44,7 +46,8 @@ class MethodSpec:
     ``padding`` -- keys marked by ``key_padding_mask`` never matter;
     ``decoding`` -- ``MultiheadAttention.step`` equals the causal forward;
     ``exact`` -- the output equals softmax attention (to float64 precision);
-    ``functional`` -- usable through :func:`fastattn.attention` (no learned parameters);
+    ``functional`` -- usable through :func:`fastattn.attention`: the mechanism with its default options
+    owns no learned parameters (derived from the class when the mechanism is loaded, never declared);
     ``attn_mask`` -- accepts an arbitrary (additive or boolean) attention mask;
     ``dropout`` -- supports dropout on the attention weights;
     ``weights`` -- can return the attention weights (``need_weights=True``);
@@ -69,7 +72,6 @@ class MethodSpec:
     kind: str
     summary: str
     complexity: str
-    functional: bool
     causal: bool
     decoding: bool
     padding: bool
@@ -79,6 +81,7 @@ class MethodSpec:
     weights: bool = False
     randomized: bool = False
     level: str = "sequence"
+    functional: bool | None = None  # None until derived (see ``owns_no_parameters``)
     options: dict[str, Any] = field(default_factory=dict)
     time_growth: float | None = None
     memory_growth: float | None = None
@@ -124,7 +127,6 @@ def register(
     decoding: bool,
     padding: bool,
     exact: bool = False,
-    functional: bool = True,
     attn_mask: bool = False,
     dropout: bool = False,
     weights: bool = False,
@@ -134,7 +136,7 @@ def register(
     memory_growth: float | None = None,
 ) -> Callable[[type], type]:
     """Class decorator adding a :class:`~fastattn.core.base.Mechanism` subclass (``level="sequence"``)
-    or a :class:`~fastattn.core.layer.LayerMechanism` subclass (``level="layer"``, ``functional=False``)
+    or a :class:`~fastattn.core.layer.LayerMechanism` subclass (``level="layer"``, never functional)
     to the registry.
 
     The class must define a frozen dataclass ``Options`` whose fields all have defaults.
@@ -171,7 +173,6 @@ def register(
             kind=row["kind"],
             summary=row["idea"],
             complexity=complexity,
-            functional=functional,
             causal=causal,
             decoding=decoding,
             padding=padding,
@@ -190,13 +191,38 @@ def register(
             raise ValueError(f"{name!r}: decoding=True needs a causal form")
         if level not in ("sequence", "layer"):
             raise ValueError(f"{name!r}: level must be 'sequence' or 'layer', got {level!r}")
-        if level == "layer" and functional:
-            raise ValueError(f"{name!r}: a layer-level mechanism is not functional; register it with functional=False")
         cls.spec = spec
         _REGISTRY[name] = spec
         return cls
 
     return wrap
+
+
+def owns_no_parameters(cls: type) -> bool:
+    """True when ``cls`` built with its default options has no learned parameters (buffers, such as
+    random features, are fine). Built small, on the CPU, without touching torch's global random state."""
+    with torch.random.fork_rng(devices=[]):
+        kwargs = {"generator": torch.Generator().manual_seed(0)} if cls.spec.randomized else {}  # type: ignore[attr-defined]
+        try:
+            mech = cls(None, head_dim=16, num_heads=12, num_kv_heads=12, **kwargs)
+        except Exception as e:
+            raise RuntimeError(
+                f"cannot build {cls.__name__} with its default options (head_dim=16, num_heads=12) to tell "
+                f"whether it owns learned parameters: {e}"
+            ) from e
+    return not any(True for _ in mech.parameters())
+
+
+def _derive(spec: MethodSpec) -> MethodSpec:
+    """``spec`` with ``functional`` derived from its class (once; the class is fully defined by now):
+    a sequence mechanism over ``(q, k, v)`` that owns no learned parameters."""
+    if spec.functional is not None or spec.cls is None:
+        return spec
+    plain = spec.kind == "sequence" and getattr(spec, "level", "sequence") != "layer"
+    done = dataclasses.replace(spec, functional=plain and owns_no_parameters(spec.cls))
+    spec.cls.spec = done  # type: ignore[attr-defined]
+    _REGISTRY[spec.name] = done
+    return done
 
 
 def _module(name: str) -> str:
@@ -216,7 +242,8 @@ def _load(name: str) -> MethodSpec | None:
             importlib.import_module(module)
             if name not in _REGISTRY:
                 raise RuntimeError(f"{module} does not register {name!r}")
-    return _REGISTRY.get(name)
+    spec = _REGISTRY.get(name)
+    return None if spec is None else _derive(spec)
 
 
 def _load_all() -> None:
@@ -228,7 +255,7 @@ def methods(family: str | None = None) -> list[MethodSpec]:
     """Every registered mechanism (optionally one family), in catalogue order."""
     _load_all()
     order = list(catalogue())
-    specs = sorted(_REGISTRY.values(), key=lambda s: order.index(s.name))
+    specs = sorted((_derive(s) for s in list(_REGISTRY.values())), key=lambda s: order.index(s.name))
     return [s for s in specs if family is None or s.family == family]
 
 

@@ -13,7 +13,7 @@ from .masks import Mask
 if TYPE_CHECKING:
     from ..registry import MethodSpec
 
-__all__ = ["check_inputs", "repeat_kv", "build_mask"]
+__all__ = ["check_inputs", "check_key_padding", "repeat_kv", "build_mask"]
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -69,17 +69,7 @@ def check_inputs(
         raise ValueError(f"feature dimension mismatch: query has E={e}, key has E={k.shape[3]}")
     if lq == 0 or lk == 0:
         raise ValueError(f"empty sequence: query length {lq}, key length {lk}")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-            got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask)
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got {got}")
-        if tuple(key_padding_mask.shape) != (b, lk):
-            raise ValueError(
-                f"key_padding_mask must have shape (batch, key_length) = ({b}, {lk}), "
-                f"got {_shape(key_padding_mask)}"
-            )
-        if not spec.padding:
-            raise ValueError(f"method {spec.name!r} does not support key_padding_mask")
+    check_key_padding(spec, key_padding_mask, b, lk)
     if attn_mask is not None:
         if not spec.attn_mask:
             raise ValueError(
@@ -111,6 +101,23 @@ def check_inputs(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and not spec.dropout:
         raise ValueError(f"method {spec.name!r} does not support attention dropout")
+
+
+def check_key_padding(
+    spec: MethodSpec, key_padding_mask: Tensor | None, batch: int, length: int, what: str = "(batch, key_length)"
+) -> None:
+    """``key_padding_mask`` is ``None`` or bool ``(batch, length)``, and the method honours padding."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask)
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got {got}")
+    if tuple(key_padding_mask.shape) != (batch, length):
+        raise ValueError(
+            f"key_padding_mask must have shape {what} = ({batch}, {length}), got {_shape(key_padding_mask)}"
+        )
+    if not spec.padding:
+        raise ValueError(f"method {spec.name!r} does not support key_padding_mask")
 
 
 def build_mask(

@@ -33,7 +33,6 @@ The contract (``tests/kinds/test_layer_contract.py`` runs it on every registry e
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -63,6 +62,7 @@ class LayerConfig:
     dropout: float = 0.0
     device: torch.device | str | None = None
     dtype: torch.dtype | None = None
+    backend: str = "auto"  # the core's implementation (fastattn.core.dispatch)
 
     def __post_init__(self) -> None:
         if self.embed_dim <= 0 or self.num_heads <= 0 or self.embed_dim % self.num_heads:
@@ -196,7 +196,6 @@ class ProjectedAttention(LayerMechanism):
                 nn.init.zeros_(lin.bias)
         if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
-        self._step_takes_padding = "key_padding_mask" in inspect.signature(self.core.step).parameters
 
     # ---- pieces subclasses reuse ----------------------------------------------------------------
     def heads(self, x: Tensor, n: int) -> Tensor:
@@ -223,7 +222,8 @@ class ProjectedAttention(LayerMechanism):
         """The core over the heads (``masks``: ``key_padding_mask``, ``attn_mask``, ``is_causal``), with
         the layer's attention dropout in training mode."""
         dropout_p = self.config.dropout if self.training and not reference else 0.0
-        return self.core.run(q, k, v, dropout_p=dropout_p, reference=reference, **masks)
+        backend = "reference" if reference else self.config.backend
+        return self.core.run(q, k, v, dropout_p=dropout_p, backend=backend, **masks)
 
     def mix(self, x: Tensor, heads: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The head outputs ``(B, H, Lq, E)`` as they enter the output projection, and this layer's
@@ -294,16 +294,8 @@ class ProjectedAttention(LayerMechanism):
         marks padding among the new tokens (left padding of a batch of prompts)."""
         if not self.core.spec.decoding:
             raise ValueError(f"method {self.options.core!r} does not support incremental decoding")
-        kwargs: dict[str, Any] = {}
-        if key_padding_mask is not None:
-            if not self._step_takes_padding:
-                raise ValueError(
-                    f"method {self.options.core!r} cannot decode with a key_padding_mask yet "
-                    f"(its step takes no padding)"
-                )
-            kwargs["key_padding_mask"] = key_padding_mask
         q, k, v = self.project(x, None, None)
-        heads, state = self.core.step(q, k, v, state, self.head_dim ** -0.5, **kwargs)
+        heads, state = self.core.step(q, k, v, state, self.head_dim ** -0.5, key_padding_mask)
         heads, aux = self.mix(x, heads, None if key_padding_mask is None else ~key_padding_mask)
         self.aux_loss = self.core.aux_loss if aux is None else self.core.aux_loss + aux
         return self.out_proj(self.merge(heads)), state

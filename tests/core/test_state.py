@@ -57,3 +57,38 @@ def test_appending_under_autograd_keeps_gradients():
     cache = KVCache(k0, v0).append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
     cache.k.sum().backward()
     assert k0.grad is not None and (k0.grad == 1).all()
+
+
+def test_padding_is_carried_by_both_append_paths():
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    pad = torch.tensor([[True, True, False], [False, False, False]])
+    expected = torch.cat([pad, torch.tensor([[False], [True]]), torch.zeros(2, 2, dtype=torch.bool)], 1)
+    assert KVCache(k[:, :, :3], v[:, :, :3]).append(k[:, :, 3:4], v[:, :, 3:4]).key_padding is None
+    buffered = KVCache(k[:, :, :3], v[:, :, :3], pad)
+    kg = k.clone().requires_grad_(True)
+    graph = KVCache(kg[:, :, :3], v[:, :, :3], pad)
+    for cache in (buffered, graph):
+        kk = kg if cache is graph else k
+        cache = cache.append(kk[:, :, 3:4], v[:, :, 3:4], torch.tensor([[False], [True]]))
+        cache = cache.append(kk[:, :, 4:6], v[:, :, 4:6])  # no padding among these
+        torch.testing.assert_close(cache.key_padding, expected)
+        torch.testing.assert_close(cache.k, kk)
+        assert cache.length == 6
+    assert graph.append(kg[:, :, 3:4], v[:, :, 3:4]).k.requires_grad
+
+
+def test_select_and_to_leave_the_original_and_its_buffer_alone():
+    mech = _mech()
+    q, k, v = _tokens(6)
+    q, k, v = (x.expand(3, -1, -1, -1).clone() for x in (q, k, v))
+    with torch.no_grad():
+        _, state = mech.step(q[:, :, :4], k[:, :, :4], v[:, :, :4], None, 8 ** -0.5)
+        _, state = mech.step(q[:, :, 4:5], k[:, :, 4:5], v[:, :, 4:5], state, 8 ** -0.5)  # buffered now
+        before = state.k.clone()
+        picked = state.select([2, 0])
+        assert picked.k.shape[0] == 2 and picked._buffer is None and picked.length == 5
+        picked.append(k[:2, :, 5:6] + 1, v[:2, :, 5:6])
+        torch.testing.assert_close(state.k, before)
+        moved = state.to("cpu")
+        assert moved._buffer is None and moved.k.data_ptr() == state.k.data_ptr()

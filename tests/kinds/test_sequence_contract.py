@@ -24,7 +24,7 @@ def _causal_flags(spec):
 @pytest.mark.parametrize("spec", SPECS, ids=ids(SPECS))
 def test_metadata_complete(spec):
     assert spec.title and spec.arxiv and spec.year >= 1990 and spec.complexity.startswith("O(")
-    assert spec.summary and spec.family and spec.kind == "sequence"
+    assert spec.summary and spec.family
     assert spec.cls is not None and spec.cls.spec is spec
     assert set(spec.options) == set(spec.make_options().__dataclass_fields__)
 
@@ -196,3 +196,61 @@ def test_functional_matches_mechanism(spec):
     kw = {"generator": torch.Generator().manual_seed(0)} if spec.randomized else {}
     out = fastattn.attention(q, k, v, spec.name, **spec.cls.test_options, **kw)
     torch.testing.assert_close(out, make_mech(spec).double().run(q, k, v))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=ids(SPECS))
+def test_half_precision_layer_close_to_fp32(spec):
+    """A whole layer in bfloat16 (learned parts included) runs and stays close to the float32 layer;
+    decoding too where the mechanism decodes."""
+    kw = {"generator": torch.Generator().manual_seed(1)} if spec.randomized else {}
+    layer = fastattn.MultiheadAttention(32, 4, spec.name, num_kv_heads=2, batch_first=True, **spec.cls.test_options, **kw)
+    layer.eval()
+    x = torch.randn(2, L, 32)
+    causal = spec.causal
+    ref = layer(x, is_causal=causal)[0]
+    half = layer.to(torch.bfloat16)
+    out = half(x.to(torch.bfloat16), is_causal=causal)[0]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_err(out, ref) < 5e-2
+    if spec.decoding:
+        a, state = half.step(x[:, :40].to(torch.bfloat16))
+        b, _ = half.step(x[:, 40:].to(torch.bfloat16), state)
+        assert rel_err(torch.cat([a, b], 1), ref) < 5e-2
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=ids(SPECS))
+def test_reference_backend_equals_torch_backend(spec):
+    """``backend="reference"`` (the paper's formula) and ``"torch"`` (the efficient path) agree, through
+    ``fastattn.attention`` where the mechanism is functional and through the layer otherwise."""
+    kpm = padding_mask() if spec.padding else None
+    for causal in _causal_flags(spec):
+        if spec.functional:
+            q, k, v = qkv()
+            kw = lambda: {"generator": torch.Generator().manual_seed(0)} if spec.randomized else {}  # noqa: E731
+            run = lambda backend: fastattn.attention(  # noqa: E731
+                q, k, v, spec.name, key_padding_mask=kpm, is_causal=causal, backend=backend,
+                **spec.cls.test_options, **kw(),
+            )
+        else:
+            kw = {"generator": torch.Generator().manual_seed(0)} if spec.randomized else {}
+            layer = fastattn.MultiheadAttention(32, 4, spec.name, num_kv_heads=2, batch_first=True,
+                                                **spec.cls.test_options, **kw).double().eval()
+            x = torch.randn(B, L, 32, dtype=torch.float64)
+
+            def run(backend):
+                layer.backend = backend
+                return layer(x, key_padding_mask=kpm, is_causal=causal)[0]
+        torch.testing.assert_close(run("reference"), run("torch"), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=ids(SPECS))
+def test_half_precision_policy_is_applied_before_dispatch(spec):
+    """``half_precision = "upcast"``: the implementation sees float32 and the caller gets float16 back;
+    ``"native"``: the implementation sees the half inputs."""
+    mech = make_mech(spec)
+    seen = []
+    real = mech.forward
+    mech.forward = lambda q, k, v, *a, **kw: seen.append({q.dtype, k.dtype, v.dtype}) or real(q, k, v, *a, **kw)
+    q, k, v = qkv(dtype=torch.float16)
+    assert mech.run(q, k, v).dtype == torch.float16
+    assert seen == [{torch.float16 if spec.cls.half_precision == "native" else torch.float32}]

@@ -38,7 +38,7 @@ __all__ = ["Additive"]
 
 
 @register(
-    "additive", complexity="O(Lq Lk A)", causal=True, decoding=True, padding=True, functional=False, weights=True,
+    "additive", complexity="O(Lq Lk A)", causal=True, decoding=True, padding=True, weights=True,
     time_growth=2.0, memory_growth=2.0,
 )
 class Additive(AlignmentMechanism):

@@ -29,6 +29,8 @@ from fastattn.registry import register
 class MemoryEfficientAttention(Mechanism):
     """Chunked exact attention with checkpointed chunks (see module docstring)."""
 
+    half_precision = "native"  # its softmax ops accumulate half inputs in float32 themselves
+
     test_options = {"query_chunk": 16, "key_chunk": 7}
 
     @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from fastattn.registry import register
 class SoftmaxAttention(Mechanism):
     """Exact multi-head softmax attention (SDPA fast path, dense reference, KV-cache decoding)."""
 
+    half_precision = "native"  # its softmax ops accumulate half inputs in float32 themselves
+
     @dataclass(frozen=True)
     class Options:
         pass

@@ -57,7 +57,7 @@ from fastattn.registry import register
 
 @register(
     "moh", complexity="O(n^2 d + n D h)", causal=True, decoding=True, padding=True,
-    attn_mask=True, dropout=True, functional=False, level="layer",
+    attn_mask=True, dropout=True, level="layer",
     time_growth=2.0, memory_growth=2.0,
 )
 class MoH(ProjectedAttention):

@@ -60,14 +60,23 @@ class KernelMechanism(Mechanism):
         decay = self.decay() if mask.causal else None
         return dense_kernel_attention(fq, fk, v, mask, decay=decay, normalize=self.normalize, log_decay=self.log_decay)
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, LinearState]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, LinearState]:
+        dtype = q.dtype
+        q, k, v = self.upcast(q, k, v)
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-        mask = Mask(lq=q.shape[2], lk=k.shape[2], causal=True)
+        # padded keys enter the state as zeros, and are no positions: a per-head decay becomes per-token
+        # gates, which the engine sets to 1 on padding (so a row decodes as it would alone)
+        mask = Mask(lq=q.shape[2], lk=k.shape[2], key_padding=key_padding_mask, causal=True)
+        decay = self.decay()
+        if decay is not None and key_padding_mask is not None and decay.dim() == 1:
+            decay = decay.view(1, -1, 1).expand(q.shape[0], -1, q.shape[2])
         fq = self.features(q, is_query=True, scale=scale, mask=mask)
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
         out, new_state = linear_attention(
-            fq, fk, v, mask, decay=self.decay(), normalize=self.normalize, chunk=self.chunk,
+            fq, fk, v, mask, decay=decay, normalize=self.normalize, chunk=self.chunk,
             state=state, return_state=True, log_decay=self.log_decay,
         )
-        return out, new_state
+        return out.to(dtype), new_state

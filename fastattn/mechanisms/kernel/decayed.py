@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from .base import KernelMechanism
 from fastattn.ops.features import elu_plus_one
 from fastattn.ops.linear.engine import LinearState
@@ -76,12 +75,10 @@ def tnl_decay(num_heads: int, decay_base: float, layer_ratio: float) -> Tensor:
 
 
 def srms_norm(x: Tensor, eps: float = 1e-6, dims: tuple[int, ...] = (-1,)) -> Tensor:
-    """``x / (|x|_2 / sqrt(d))`` over ``dims`` (the last axis by default), computed in float32 for half
-    inputs; a zero row stays zero."""
-    dt = compute_dtype(x.dtype)
-    y = x.to(dt)
-    rms = y.pow(2).mean(dim=dims, keepdim=True).add(eps).sqrt()
-    return (y / rms).to(x.dtype)
+    """``x / (|x|_2 / sqrt(d))`` over ``dims`` (the last axis by default); a zero row stays zero.
+    (Mechanisms compute half precision in float32: ``Mechanism.half_precision``.)"""
+    rms = x.pow(2).mean(dim=dims, keepdim=True).add(eps).sqrt()
+    return x / rms
 
 
 def activate(x: Tensor, name: str) -> Tensor:
@@ -124,7 +121,7 @@ class DecayedLinear(KernelMechanism):
         return self.log_lambdas
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        x = activate(x.to(compute_dtype(x.dtype)), self.options.activation)
+        x = activate(x, self.options.activation)
         return x * math.sqrt(scale) if self.options.scale_qk else x
 
     def _norm(self, out: Tensor) -> Tensor:
@@ -138,8 +135,10 @@ class DecayedLinear(KernelMechanism):
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         return self._norm(super().reference(q, k, v, mask, scale))
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, LinearState]:
-        out, state = super().step(q, k, v, state, scale)
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, LinearState]:
+        out, state = super().step(q, k, v, state, scale, key_padding_mask)
         return self._norm(out), state
 
 

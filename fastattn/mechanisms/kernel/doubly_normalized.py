@@ -32,7 +32,6 @@ from torch import Tensor
 
 from fastattn.core.base import Mechanism
 from fastattn.core.masks import Mask, masked_softmax, safe_rowmax
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from fastattn.ops.features import padding_bias, query_chunked
 
@@ -92,7 +91,7 @@ class DoublyNormalizedAttention(Mechanism):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         dtype = q.dtype
-        dt = compute_dtype(dtype)
+        dt = dtype
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
         bias = self._row_bias(q, k, mask, scale)
 
@@ -104,7 +103,7 @@ class DoublyNormalizedAttention(Mechanism):
 
     def weights(self, q: Tensor, k: Tensor, mask: Mask, scale: float) -> Tensor:
         """The doubly-normalised matrix ``(B, H, Lq, Lk)``, computed stably (row softmax of ``s - c``)."""
-        dt = compute_dtype(q.dtype)
+        dt = q.dtype
         q, k = q.to(dt), k.to(dt)
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         return masked_softmax(s, self._row_bias(q, k, mask, scale))

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from fastattn.core.masks import Mask, masked_softmax
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .base import KernelMechanism
 from fastattn.ops.features import padding_bias, real_key_count
@@ -48,7 +47,6 @@ class EfficientAttention(KernelMechanism):
                 )
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        x = x.to(compute_dtype(x.dtype))
         if self.options.normalization == "scaling":
             n = real_key_count(mask, x.shape[0], mask.lk, x.dtype, x.device)
             return x / torch.sqrt(n.clamp_min(1.0))

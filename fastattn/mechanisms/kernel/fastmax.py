@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .base import KernelMechanism
 from fastattn.ops.linear.engine import _safe_divide
@@ -87,7 +86,6 @@ class Fastmax(KernelMechanism):
                 raise ValueError("normalize='scaled' needs order=2: 1 + x is not positive for unbounded x")
 
     def _prepare(self, x: Tensor, scale: float) -> Tensor:
-        x = x.to(compute_dtype(x.dtype))
         return fastmax_normalize(x) if self.options.normalize == "token" else x * math.sqrt(scale)
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
@@ -95,7 +93,7 @@ class Fastmax(KernelMechanism):
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         """The formula literally: ``f(s)``, masked, row-normalised, times ``V``."""
-        dt = compute_dtype(q.dtype)
+        dt = q.dtype
         if self.options.normalize == "token":
             s = torch.matmul(fastmax_normalize(q.to(dt)), fastmax_normalize(k.to(dt)).transpose(-1, -2))
         else:

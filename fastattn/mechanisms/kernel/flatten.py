@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .base import KernelMechanism
 
@@ -64,7 +63,7 @@ def focus(x: Tensor, p: float) -> Tensor:
     return up * (m * torch.sqrt(norm_u / norm_up))
 
 
-@register("flatten", complexity="O(n d^2)", causal=False, decoding=False, padding=True, functional=False, time_growth=1.0, memory_growth=1.0)
+@register("flatten", complexity="O(n d^2)", causal=False, decoding=False, padding=True, time_growth=1.0, memory_growth=1.0)
 class FocusedLinearAttention(KernelMechanism):
     """Focused linear attention + depthwise-convolution rank restoration (see module docstring)."""
 
@@ -101,7 +100,7 @@ class FocusedLinearAttention(KernelMechanism):
             nn.init.uniform_(self.dwc, -bound, bound)
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        return focus(F.relu(x.to(compute_dtype(x.dtype))) + _EPS, self.options.power)
+        return focus(F.relu(x) + _EPS, self.options.power)
 
     def _values(self, v: Tensor, mask: Mask) -> Tensor:
         if mask.lq != mask.lk:
@@ -116,7 +115,7 @@ class FocusedLinearAttention(KernelMechanism):
         out = super().forward(q, k, v, mask, scale, dropout_p)
         if self.dwc is None:
             return out
-        vv = self._values(v.to(compute_dtype(v.dtype)), mask)
+        vv = self._values(v, mask)
         ks, n = self.options.kernel_size, vv.shape[2]
         padded = F.pad(vv, (0, 0, ks // 2, ks // 2))  # zero "same" padding along the sequence
         w = self.dwc.to(vv.dtype)

@@ -30,7 +30,6 @@ from torch import Tensor
 
 from fastattn.core.base import Mechanism
 from fastattn.core.masks import Mask, masked_softmax, safe_rowmax
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from fastattn.ops.features import padding_bias, query_chunked
 
@@ -82,7 +81,7 @@ class FourierFormerAttention(Mechanism):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         dtype = q.dtype
-        dt = compute_dtype(dtype)
+        dt = dtype
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
         kbias = padding_bias(mask, dt, q.device)
 
@@ -93,7 +92,7 @@ class FourierFormerAttention(Mechanism):
 
     def weights(self, q: Tensor, k: Tensor, mask: Mask, scale: float) -> Tensor:
         """The normalised weights ``(B, H, Lq, Lk)``, a block of queries at a time."""
-        dt = compute_dtype(q.dtype)
+        dt = q.dtype
         q, k = q.to(dt), k.to(dt)
         kbias = padding_bias(mask, dt, q.device)
 

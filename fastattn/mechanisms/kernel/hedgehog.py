@@ -27,14 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from fastattn.core.masks import Mask, masked_softmax
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .base import KernelMechanism
 
 __all__ = ["Hedgehog"]
 
 
-@register("hedgehog", complexity="O(n d^2)", causal=True, decoding=True, padding=True, functional=False, time_growth=1.0, memory_growth=1.0)
+@register("hedgehog", complexity="O(n d^2)", causal=True, decoding=True, padding=True, time_growth=1.0, memory_growth=1.0)
 class Hedgehog(KernelMechanism):
     """Learned softmax-mimicking feature maps ``[softmax(Wx + b), softmax(-(Wx + b))]``."""
 
@@ -68,7 +67,7 @@ class Hedgehog(KernelMechanism):
         self.k_bias = nn.Parameter(torch.zeros(h, d))
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        dt = compute_dtype(x.dtype)
+        dt = x.dtype
         w, b = (self.q_weight, self.q_bias) if is_query else (self.k_weight, self.k_bias)
         z = torch.einsum("bhld,hed->bhle", x.to(dt), w.to(dt)) + b.to(dt)[:, None]
         if self.options.softmax == "joint":
@@ -77,7 +76,7 @@ class Hedgehog(KernelMechanism):
 
     def mimicry_loss(self, q: Tensor, k: Tensor, mask: Mask, scale: float) -> Tensor:
         """Mean over (unmasked) query rows of ``KL(softmax weights || Hedgehog weights)``."""
-        dt = compute_dtype(q.dtype)
+        dt = q.dtype
         q, k = q.detach().to(dt), k.detach().to(dt)
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         teacher = masked_softmax(s, mask.additive(dt, q.device))

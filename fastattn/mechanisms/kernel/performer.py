@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .random_features import RandomFeatureMechanism, draw_gaussian_projection
 
@@ -68,7 +67,7 @@ class Performer(RandomFeatureMechanism):
 
     def _exponents(self, x: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """``x`` pre-scaled by ``scale ** 0.5`` and the exponents ``w . x - |x|^2 / 2`` (unshifted)."""
-        dt = compute_dtype(x.dtype)
+        dt = x.dtype
         w = self.projection.to(dt)
         x = x.to(dt) * math.sqrt(scale)
         return x, torch.matmul(x, w.t()) - 0.5 * (x * x).sum(dim=-1, keepdim=True)
@@ -84,7 +83,7 @@ class Performer(RandomFeatureMechanism):
         # Factors common to all features of a query, or to all keys, cancel in the normalised attention,
         # so phi is computed up to them: no 1/sqrt(m), no exp(-|q|^2/2) for queries. The remaining
         # per-token terms ride in one matmul with augmented vectors: [x, |x|^2, 1] . [w, -1/2, -c].
-        dt = compute_dtype(x.dtype)
+        dt = x.dtype
         x = x.to(dt)
         w = self.projection.to(dt) * math.sqrt(scale)
         if self.options.kernel == "relu":

@@ -40,7 +40,6 @@ import torch
 from torch import Tensor, nn
 
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .base import KernelMechanism
 from fastattn.ops.features import l2_normalize, real_key_count
@@ -84,7 +83,7 @@ def ksvd_objective_dual(kernel: Tensor, h_e: Tensor, h_r: Tensor, lam: Tensor) -
     return trace - 0.5 * (e * e * lam).sum(-1).mean(-1) - 0.5 * (r * r * lam).sum(-1).mean(-1)
 
 
-@register("primal", complexity="O(n s d)", causal=False, decoding=False, padding=True, functional=False, time_growth=1.0, memory_growth=1.0)
+@register("primal", complexity="O(n s d)", causal=False, decoding=False, padding=True, time_growth=1.0, memory_growth=1.0)
 class PrimalAttention(KernelMechanism):
     """Primal-Attention: learned primal KSVD directions, KSVD regulariser as ``aux_loss``."""
 
@@ -116,7 +115,7 @@ class PrimalAttention(KernelMechanism):
 
     # ---- primal scores and the regulariser --------------------------------------------------------
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        x = l2_normalize(x.to(compute_dtype(x.dtype)))
+        x = l2_normalize(x)
         w = self.w_e if is_query else self.w_r
         return torch.einsum("bhnd,hds->bhns", x, w.to(x.dtype))
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .base import KernelMechanism
 from fastattn.ops.features import l2_normalize, real_key_count
@@ -37,7 +36,7 @@ class RealtimeFastAttention(KernelMechanism):
         pass
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        x = l2_normalize(x.to(compute_dtype(x.dtype)))
+        x = l2_normalize(x)
         if is_query:
             return x
         n = real_key_count(mask, x.shape[0], mask.lk, x.dtype, x.device)

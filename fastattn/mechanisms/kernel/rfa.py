@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from fastattn.core.base import repeat_kv
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from fastattn.ops.linear.engine import LinearState, dense_kernel_attention, linear_attention
 from .random_features import RandomFeatureMechanism
@@ -92,7 +91,6 @@ class RFA(RandomFeatureMechanism):
         return torch.cat([torch.sin(wx), torch.cos(wx)], dim=-1) * d ** -0.5
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        x = x.to(compute_dtype(x.dtype))
         return self.feature_map(x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
     def gate_logits(self, k: Tensor) -> Tensor | None:
@@ -100,7 +98,7 @@ class RFA(RandomFeatureMechanism):
         without gating."""
         if not self.options.gate:
             return None
-        dt = compute_dtype(k.dtype)
+        dt = k.dtype
         return torch.einsum("bhld,hd->bhl", k.to(dt), self.gate_weight.to(dt)) + self.gate_bias.to(dt)[:, None]
 
     def gates(self, k: Tensor) -> Tensor | None:
@@ -130,10 +128,15 @@ class RFA(RandomFeatureMechanism):
         fq, fk, log_g = self._parts(q, k, mask)
         return dense_kernel_attention(fq, fk, v, mask, decay=log_g, log_decay=True).to(v.dtype)
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, LinearState]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, LinearState]:
+        dtype = q.dtype
+        q, k, v = self.upcast(q, k, v)
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-        mask = Mask(lq=q.shape[2], lk=k.shape[2], causal=True)
+        mask = Mask(lq=q.shape[2], lk=k.shape[2], key_padding=key_padding_mask, causal=True)  # padded gates: 1
         fq, fk, log_g = self._parts(q, k, mask)
-        return linear_attention(fq, fk, v, mask, decay=log_g, log_decay=True, chunk=self.chunk, state=state,
-                                return_state=True)
+        out, state = linear_attention(fq, fk, v, mask, decay=log_g, log_decay=True, chunk=self.chunk, state=state,
+                                      return_state=True)
+        return out.to(dtype), state

@@ -11,7 +11,9 @@ from torch import Tensor
 
 from fastattn.core.base import Mechanism, repeat_kv
 from fastattn.core.masks import Mask
-from fastattn.ops.sparse.engine import Nodes, Plan, block_sparse_attention, dense_pattern_attention, make_plan, pattern_reference
+from fastattn.core.state import DecodingState
+from fastattn.ops.softmax.dense import dense_attention
+from fastattn.ops.sparse.engine import Nodes, Plan, block_sparse_attention, make_plan, pattern_reference
 from fastattn.ops.sparse.patterns import Pattern
 
 __all__ = ["PatternMechanism", "PrunedCache", "check_positive"]
@@ -22,19 +24,23 @@ def check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {x!r}")
 
 @dataclass
-class PrunedCache:
-    """Decoding state: the cached keys/values ``(B, Hkv, C, E)``, their absolute positions ``(C,)`` and
-    the position of the next token. Keys no future query can see are dropped after each step, so the
-    cache is bounded for windowed patterns."""
+class PrunedCache(DecodingState):
+    """Decoding state of windowed patterns: the cached keys/values ``(B, Hkv, C, E)``, each row's own
+    position of every cached key ``pos`` ``(B, C)`` (a row's positions count its real tokens only, so a
+    left-padded row sees the positions it would see alone), which cached keys are padding
+    (``key_padding`` ``(B, C)`` or ``None``), each row's next position ``next_pos`` ``(B,)`` and the
+    positions seen, padding included (``length``). Keys no future query of any row can see are dropped
+    after each step, so the cache is bounded for windowed patterns."""
 
     k: Tensor
     v: Tensor
     pos: Tensor
-    next_pos: int
+    key_padding: Tensor | None
+    next_pos: Tensor
+    length: int
 
-    @property
-    def length(self) -> int:
-        return self.next_pos
+    batched = ("k", "v", "pos", "key_padding", "next_pos")
+
 
 class PatternMechanism(Mechanism):
     """A mechanism defined by a :class:`Pattern` (and optional extra :class:`Nodes`).
@@ -44,6 +50,7 @@ class PatternMechanism(Mechanism):
     """
 
     pruned_cache: ClassVar[bool] = False
+    positional = True  # patterns and their nodes are laid out on absolute positions
 
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         raise NotImplementedError
@@ -85,20 +92,49 @@ class PatternMechanism(Mechanism):
         out = pat.dense(qpos, kpos)
         return out & (kpos <= qpos) if causal else out
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, Any]:
+    def decode_allowed(self, qpos: Tensor, kpos: Tensor, lk: int) -> Tensor:
+        """The pattern for decoding over a pruned cache: bool ``(B, H | 1, T, C)`` from each row's query
+        positions ``(B, T, 1)`` and cached key positions ``(B, 1, C)`` (``lk``: the longest row's length).
+        Default: one pattern for every head; causality and padding are applied by the caller."""
+        return self.pattern(qpos.shape[1], lk, qpos.device).dense(qpos, kpos)[:, None]
+
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
         if not self.pruned_cache:
-            return super().step(q, k, v, state, scale)
-        t = q.shape[2]
-        start = 0 if state is None else state.next_pos
-        pos = torch.arange(start, start + t, device=q.device)
+            return super().step(q, k, v, state, scale, key_padding_mask)
+        b, t = q.shape[0], q.shape[2]
+        dtype = q.dtype
+        real = torch.ones(b, t, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
+        start = torch.zeros(b, dtype=torch.long, device=q.device) if state is None else state.next_pos
+        qpos = start[:, None] + real.long().cumsum(1) - 1  # (B, T): each row's own positions
+        pad = None if key_padding_mask is None and (state is None or state.key_padding is None) else ~real
+        pos, seen = qpos, t
         if state is not None:
             k, v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
-            pos = torch.cat([state.pos, pos])
+            pos, seen = torch.cat([state.pos, qpos], 1), state.length + t
+            if pad is not None:
+                old = state.key_padding
+                old = torch.zeros_like(state.pos, dtype=torch.bool) if old is None else old
+                pad = torch.cat([old, ~real], 1)
+        next_pos = start + real.long().sum(1)
         groups = q.shape[1] // k.shape[1]
 
-        pat = self.pattern(t, start + t, q.device)
-        out = dense_pattern_attention(
-            q, repeat_kv(k, groups), repeat_kv(v, groups), pos[-t:], pos, scale, pat, causal=True
+        n = int(next_pos.max())
+        rows = 1 if pad is None else b  # never any padding: every row has the same positions
+        qp, kp = qpos[:rows], pos[:rows]
+        allowed = self.decode_allowed(qp[:, :, None], kp[:, None, :], n) & (kp[:, None, :] <= qp[:, :, None])[:, None]
+        if pad is not None:
+            allowed = allowed & ~pad[:, None, None, :]
+        qc, kc, vc = self.upcast(q, repeat_kv(k, groups), repeat_kv(v, groups))  # the cache keeps the input dtype
+        bias = torch.zeros(allowed.shape, dtype=qc.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        out = dense_attention(qc, kc, vc, Mask(t, k.shape[2]), scale, extra_bias=bias)
+        pat = self.pattern(t, n, q.device)
+        keep = torch.zeros(pos.shape[1], dtype=torch.bool, device=q.device)
+        for i in range(rows):  # a key stays while some row's future queries may see it
+            row = pat.needed(pos[i], int(next_pos[i]))
+            keep |= row if pad is None else row & ~pad[i]
+        cache = PrunedCache(
+            k[:, :, keep], v[:, :, keep], pos[:, keep], None if pad is None else pad[:, keep], next_pos, seen
         )
-        keep = pat.needed(pos, start + t)
-        return out, PrunedCache(k[:, :, keep], v[:, :, keep], pos[keep], start + t)
+        return out.to(dtype), cache

@@ -25,7 +25,7 @@ from fastattn.ops.sparse.nodes import MemoryNodes
 from fastattn.ops.sparse.patterns import Pattern, Window
 
 
-@register("gmat", complexity="O(n (w + m) d)", causal=False, decoding=False, padding=True, functional=False, time_growth=1.0, memory_growth=1.0)
+@register("gmat", complexity="O(n (w + m) d)", causal=False, decoding=False, padding=True, time_growth=1.0, memory_growth=1.0)
 class GMATAttention(PatternMechanism):
     """Sliding-window token attention plus ``num_memory`` learned global memory tokens."""
 

@@ -72,5 +72,7 @@ class HandcraftedAttention(PatternMechanism):
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         return super().reference(q * 0, k * 0, v, mask, scale)
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, Any]:
-        return super().step(q * 0, k * 0, v, state, scale)
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
+        return super().step(q * 0, k * 0, v, state, scale, key_padding_mask)

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from fastattn.ops.softmax.dense import dense_attention
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
 from fastattn.ops.sparse.engine import Nodes
@@ -27,7 +26,7 @@ from fastattn.ops.sparse.patterns import Pattern, SameBlock
 
 
 @register(
-    "hat", complexity="O(n s + (n / s)^2) d", causal=False, decoding=False, padding=True, functional=False,
+    "hat", complexity="O(n s + (n / s)^2) d", causal=False, decoding=False, padding=True,
     time_growth=2.0, memory_growth=2.0,
 )
 class HATAttention(PatternMechanism):
@@ -50,7 +49,7 @@ class HATAttention(PatternMechanism):
         return Pattern(self.options.segment, (SameBlock(self.options.segment),))
 
     def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
-        s, dt = self.options.segment, compute_dtype(k.dtype)
+        s, dt = self.options.segment, k.dtype
         b, h, n, e = k.shape
         m = -(-n // s)
         scale = e ** -0.5 if scale is None else scale

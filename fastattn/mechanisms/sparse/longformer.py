@@ -17,16 +17,13 @@ projections, a layer-level choice).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from fastattn.core.base import repeat_kv
 from fastattn.core.masks import Mask
 from fastattn.registry import register
-from .base import PatternMechanism, PrunedCache, check_positive
-from fastattn.ops.sparse.engine import block_sparse_attention, dense_pattern_attention, make_plan, pattern_reference
+from .base import PatternMechanism, check_positive
+from fastattn.ops.sparse.engine import block_sparse_attention, make_plan, pattern_reference
 from fastattn.ops.sparse.patterns import DilatedWindow, Pattern, Window
 
 
@@ -146,21 +143,12 @@ class LongformerAttention(PatternMechanism):
             masks.append(m & (kpos <= qpos) if causal else m)
         return torch.stack(masks)
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, Any]:
+    def decode_allowed(self, qpos: Tensor, kpos: Tensor, lk: int) -> Tensor:
         if len(self.head_groups()) == 1:
-            return super().step(q, k, v, state, scale)
-        t = q.shape[2]
-        start = 0 if state is None else state.next_pos
-        pos = torch.arange(start, start + t, device=q.device)
-        if state is not None:
-            k, v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
-            pos = torch.cat([state.pos, pos])
-        kk, vv = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // k.shape[1])
-
-        def run(d: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            pat = self.dilation_pattern(d, q.device)
-            return dense_pattern_attention(q, k, v, pos[-t:], pos, scale, pat, causal=True)
-
-        out = self._per_group(run, q, kk, vv)
-        keep = self.pattern(t, start + t, q.device).needed(pos, start + t)
-        return out, PrunedCache(k[:, :, keep], v[:, :, keep], pos[keep], start + t)
+            return super().decode_allowed(qpos, kpos, lk)
+        per_head: list[Tensor] = [qpos] * self.num_heads
+        for d, heads in self.head_groups():
+            m = self.dilation_pattern(d, qpos.device).dense(qpos, kpos)
+            for h in heads:
+                per_head[h] = m
+        return torch.stack(per_head, 1)

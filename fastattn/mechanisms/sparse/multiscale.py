@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
 from fastattn.ops.sparse.engine import Nodes
@@ -46,7 +45,7 @@ def retina_nodes(k: Tensor, v: Tensor, mask: Mask, block: int, radius: int, fact
     """The coarse spans of the retina: level ``l`` (``1 .. levels``) means over ``block * factor ** (l - 1)``
     positions, each visible to the queries for which it is the finest scale reaching it (see the module
     docstring); the fine part is ``BlockWindow(radius)`` on blocks of ``block``."""
-    dt = compute_dtype(k.dtype)
+    dt = k.dtype
     keep = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
     if mask.key_padding is not None:
         keep = ~mask.key_padding

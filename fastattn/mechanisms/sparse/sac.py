@@ -40,7 +40,6 @@ from torch import Tensor, nn
 from fastattn.core.base import Mechanism
 from fastattn.ops.softmax.dense import dense_attention
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .base import check_positive
 from fastattn.ops.gather import index_attention, index_mask
@@ -58,7 +57,7 @@ class Edges:
 
 
 @register(
-    "sac", complexity="O(n K d + n^2 r)", causal=True, decoding=True, padding=True, functional=False,
+    "sac", complexity="O(n K d + n^2 r)", causal=True, decoding=True, padding=True,
     randomized=True,
     time_growth=2.0, memory_growth=2.0,
 )
@@ -191,7 +190,7 @@ class SACAttention(Mechanism):
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         """Dense masked softmax over the same chosen edges, the edge scores as an additive bias."""
         g = self.select(k, mask)
-        dt = compute_dtype(q.dtype)
+        dt = q.dtype
         allowed, bias = index_mask(g.idx, g.valid, mask.lk, g.score.to(dt))
         bias = bias.masked_fill(~allowed, float("-inf"))
         out = dense_attention(q.to(dt), k.to(dt), v.to(dt), Mask(mask.lq, mask.lk), scale, extra_bias=bias)

@@ -28,7 +28,6 @@ from torch import Tensor
 
 from fastattn.ops.softmax.dense import dense_attention
 from fastattn.core.masks import Mask
-from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
 from fastattn.ops.sparse.engine import Nodes
@@ -49,7 +48,7 @@ def sequence_span(mask: Mask, batch: int, lk: int, device: torch.device) -> tupl
     return torch.where(end > 0, start, 0), end
 
 
-@register("star", complexity="O(n r d)", causal=False, decoding=False, padding=True, functional=False, time_growth=1.0, memory_growth=1.0)
+@register("star", complexity="O(n r d)", causal=False, decoding=False, padding=True, time_growth=1.0, memory_growth=1.0)
 class StarAttention(PatternMechanism):
     """Ring of satellites (radius ``radius``) plus one learned relay node."""
 
@@ -116,7 +115,7 @@ class StarAttention(PatternMechanism):
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         """Literally: the cyclic distance on each sequence's own span, plus the relay, one softmax."""
-        dt, dev = compute_dtype(q.dtype), q.device
+        dt, dev = q.dtype, q.device
         b, lk, r = q.shape[0], k.shape[2], self.options.radius
         relay = self.relay.read(k, v, mask, scale)
         start, end = sequence_span(mask, b, lk, dev)

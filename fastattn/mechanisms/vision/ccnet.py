@@ -56,7 +56,7 @@ def criss_cross_mask(height: int, width: int, device: torch.device | None = None
 
 
 @register(
-    "ccnet", complexity="O(HW (H + W) C)", causal=False, decoding=False, padding=True, functional=False,
+    "ccnet", complexity="O(HW (H + W) C)", causal=False, decoding=False, padding=True,
     time_growth=1.5, memory_growth=1.5,
 )
 class CrissCross(VisionMechanism):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.masks import Mask
+from fastattn.core.state import DecodingState
 from fastattn.ops.softmax.online import compute_dtype
 from .tiled import FeatureMap, causal_linear_attention, noncausal_linear_attention
 
@@ -36,12 +37,16 @@ __all__ = ["LinearState", "linear_attention", "dense_kernel_attention"]
 
 
 @dataclass
-class LinearState:
-    """Constant-size decoding state: ``S = sum lambda^(t-s) k'_s v_s^T`` ``(B, H, D, Ev)`` and the
-    normaliser ``z = sum lambda^(t-s) k'_s`` ``(B, H, D)``."""
+class LinearState(DecodingState):
+    """Constant-size decoding state: ``S = sum lambda^(t-s) k'_s v_s^T`` ``(B, H, D, Ev)``, the
+    normaliser ``z = sum lambda^(t-s) k'_s`` ``(B, H, D)`` and the positions seen (``length``). Padded
+    keys enter it as zeros."""
 
     kv: Tensor
     z: Tensor
+    length: int = 0
+
+    batched = ("kv", "z")
 
 
 def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
@@ -201,7 +206,7 @@ def _causal_scan(
         lam_n = torch.exp(cum_n[..., -1]).view(cum_n.shape[0], h, 1, 1)
         new_kv = init_kv * lam_n + torch.matmul((fk_r * w).transpose(-1, -2), v_r)
         new_z = init_z * lam_n.squeeze(-1) + (fk_r * w).sum(dim=2)
-    return (num, den), LinearState(new_kv, new_z)
+    return (num, den), LinearState(new_kv, new_z, n + (state.length if state is not None else 0))
 
 
 def dense_kernel_attention(
