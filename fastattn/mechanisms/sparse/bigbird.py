@@ -78,11 +78,6 @@ class BigBirdAttention(PatternMechanism):
         """Draw new random blocks (uniforms in ``random_table``)."""
         table = torch.rand(self.random_table.shape, generator=generator)
         self.random_table.copy_(table.to(self.random_table.device))
-        self.forget_plans()
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self.forget_plans()
 
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         o = self.options

@@ -22,7 +22,7 @@ from fastattn.core.masks import Mask
 from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
-from fastattn.ops.sparse.engine import Nodes
+from fastattn.ops.sparse.nodes import Nodes
 from fastattn.ops.sparse.patterns import Pattern, SameBlock
 
 
