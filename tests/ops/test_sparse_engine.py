@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import fastattn
 from fastattn.core.masks import Mask
@@ -19,7 +17,7 @@ from fastattn.ops.sparse.patterns import (
 )
 from fastattn.ops.sparse.plan import PLANS, cached_plan
 from fastattn.ops.sparse.reference import pattern_allowed, pattern_reference
-from helpers import EV, B, E, L, grads, padding_mask, qkv
+from helpers import EV, B, E, L, LargestTensor, grads, padding_mask, qkv
 
 
 def test_patterns_compose_as_union():
@@ -100,22 +98,6 @@ def test_engine_global_rows_in_key_tiles_survive_masked_tiles_and_extreme_scores
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operation returns (forward and backward) and which ops ran."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes, self.ops = 0, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.add(func.__name__)
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.bytes = max(self.bytes, t.numel() * t.element_size())
-        return out
-
-
 def test_engine_working_set_is_one_group_and_nothing_but_inputs_is_saved():
     """Backward keeps only q, k, v and the output (no scores or probabilities), and no operation of the
     forward or backward returns a tensor larger than the inputs or one group's scores."""
@@ -125,9 +107,9 @@ def test_engine_working_set_is_one_group_and_nothing_but_inputs_is_saved():
     cached_plan(pat, n, n, False, q.device)  # the plan (cached) is built outside the measurement
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        with _LargestTensor() as fwd:
+        with LargestTensor() as fwd:
             out = block_sparse_attention(q, k, v, mask, 0.25, pat)
-    with _LargestTensor() as bwd:
+    with LargestTensor() as bwd:
         out.backward(torch.ones_like(out))
     assert "bmm" in {op.split(".")[0] for op in bwd.ops}  # the backward's operations were seen
     all_scores = 2 * n * 9 * 64 * 4  # every query's 9 blocks of keys, float32: what a plain autograd path keeps
