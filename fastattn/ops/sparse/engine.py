@@ -403,20 +403,24 @@ class _Call:
         return torch.cat([a.expand(*lead, a.shape[-1]) for a in parts], dim=-1)
 
     # ---- dense rows of global queries -----------------------------------------------------------
-    def row_chunks(self) -> list[Tensor]:
-        gq = self.plan.gq
-        return [] if gq is None else list(gq.split(self.row_group))
+    def row_chunks(self) -> list[tuple[Tensor, int]]:
+        """Chunks of the global queries' rows, each with its last query's index (a Python int)."""
+        gq, ints, n = self.plan.gq, self.plan.gq_list, self.row_group
+        if gq is None:
+            return []
+        return [(rows, max(ints[i:i + n])) for i, rows in zip(range(0, len(ints), n), gq.split(n))]
 
     def row_queries(self, q: Tensor, rows: Tensor) -> Tensor:
         return (q.index_select(2, rows) * self.scale)[:, :, None]  # (B, H, 1, c, E)
 
     def row_tiles(
-        self, ops: _Operands, grads: _Grads | None, rows: Tensor,
+        self, ops: _Operands, grads: _Grads | None, rows: Tensor, last: int,
     ) -> Iterator[tuple[_Shared, Tensor | None]]:
-        """Global queries see every key (and every allowed extra node): tiles of ``row_keys`` keys with
-        their bool masks (causally empty tiles skipped), then the extra nodes."""
+        """Global queries (``rows``, the last at index ``last``) see every key (and every allowed extra
+        node): tiles of ``row_keys`` keys with their bool masks (causally empty tiles skipped), then the
+        extra nodes."""
         qpos = rows + (self.Lk - self.Lq)
-        end = min(self.Lk, int(qpos.max()) + 1) if self.causal else self.Lk
+        end = min(self.Lk, last + self.Lk - self.Lq + 1) if self.causal else self.Lk
         for k0 in range(0, end, self.row_keys):
             k1 = min(k0 + self.row_keys, self.Lk)
             a = None
@@ -448,12 +452,12 @@ class _Call:
             if lse is not None and lse_g is not None:
                 _put_rows(lse, j0 * self.bs - self.plan.lpad, lse_g.flatten(2, 3))
         lses = []
-        for rows in self.row_chunks():
+        for rows, last in self.row_chunks():
             qr = self.row_queries(q, rows)
             alive: list[Tensor] = []
 
-            def tiles(rows: Tensor = rows, qr: Tensor = qr, alive: list[Tensor] = alive) -> Iterator:
-                for src, a in self.row_tiles(ops, None, rows):
+            def tiles(rows: Tensor = rows, last: int = last, qr: Tensor = qr, alive: list[Tensor] = alive) -> Iterator:
+                for src, a in self.row_tiles(ops, None, rows, last):
                     s = _mask_(src.scores(qr), a)
                     if want_lse:
                         alive.append(torch.isfinite(s).any(-1, keepdim=True))
@@ -482,7 +486,7 @@ class _Call:
             )
             _put_rows(dq, j0 * self.bs - self.plan.lpad, g.flatten(2, 3), self.scale)
         c0 = 0
-        for rows in self.row_chunks():  # flash-style: p = exp(s - lse) tile by tile
+        for rows, last in self.row_chunks():  # flash-style: p = exp(s - lse) tile by tile
             assert row_lse is not None
             qr, lse = self.row_queries(q, rows), row_lse[:, :, :, c0:c0 + len(rows)]
             c0 += len(rows)
@@ -491,7 +495,7 @@ class _Call:
             if dlse is not None:  # d lse / d s = p: the softmax backward with delta - dlse
                 delta = delta - dlse.index_select(2, rows)[:, :, None]
             dqr = torch.zeros_like(qr)
-            for src, a in self.row_tiles(ops, grads, rows):
+            for src, a in self.row_tiles(ops, grads, rows, last):
                 p = _mask_(src.scores(qr), a).sub_(lse).exp_()
                 dqr += src.backward(src.dp(d_o).sub_(delta).mul_(p), p, qr, d_o)
             dq.index_copy_(2, rows, dqr[:, :, 0] * self.scale)

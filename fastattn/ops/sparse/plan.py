@@ -48,6 +48,7 @@ class Plan:
     gk: Tensor | None = None  # (g,)
     global_allowed: Tensor | None = None  # (nqb, b, g)
     gq: Tensor | None = None  # global queries inside the call, relative to query 0
+    gq_list: tuple[int, ...] = ()  # the same as Python ints (no tensor read when the call runs)
     dead_rows: bool = True  # may some (possibly padded) query row see no key at all?
 
 
@@ -126,6 +127,7 @@ def make_plan(pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.de
         gq = gq.to(device)
         gq = gq[(gq >= off) & (gq < off + lq)] - off
         plan.gq = gq if gq.numel() else None
+        plan.gq_list = tuple(gq.tolist())
     seen = torch.zeros(nqb, bs, dtype=torch.bool, device=device)
     for a in (plan.block_allowed, plan.column_allowed, plan.global_allowed):
         if a is not None:
