@@ -4,7 +4,7 @@ inputs that require grad), the module built outside the traced function.
     PYTHONPATH=. python benchmarks/sparse_compile.py [name ...]
 
 B=1, H=2, n=67, E=16, each mechanism's ``test_options``, causal where the mechanism is. Patterns and
-plans are built eagerly (``PatternMechanism.pattern_and_plan``, ``cached_plan``: ``torch.compiler.disable``),
+plans are built eagerly (``PatternMechanism.pattern_and_plan``, ``cached_plan``: ``ops.sparse.plan.eager``),
 which costs a break where traced work comes before them: mechanisms that call the engine once per
 pattern (axial, jukebox, interlaced) or transform the inputs first (handcrafted). sac's breaks are in
 its LSTM edge predictor, not in the gather.

@@ -13,7 +13,7 @@ from fastattn.core.base import Mechanism, repeat_kv
 from fastattn.core.masks import Mask
 from fastattn.ops.sparse.engine import block_sparse_attention
 from fastattn.ops.sparse.nodes import Nodes
-from fastattn.ops.sparse.plan import Plan, cached_plan
+from fastattn.ops.sparse.plan import Plan, cached_plan, eager
 from fastattn.ops.sparse.reference import dense_pattern_attention, pattern_reference
 from fastattn.ops.sparse.patterns import Pattern
 
@@ -54,7 +54,7 @@ class PatternMechanism(Mechanism):
     def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Nodes | None:
         return None
 
-    @torch.compiler.disable
+    @eager
     def pattern_and_plan(self, mask: Mask, device: torch.device) -> tuple[Pattern, Plan]:
         """The pattern of this call and the engine's plan for it, from the process-wide plan cache
         (keyed on the pattern's value -- options, lengths, tables such as random blocks -- so a new

@@ -15,17 +15,35 @@ tensors hold (:meth:`PlanCache.configure`); a plan larger than the byte budget i
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, fields
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable, TypeVar
 
 import torch
 from torch import Tensor
 
 from .patterns import Pattern
 
-__all__ = ["PLANS", "Plan", "PlanCache", "cached_plan", "make_plan"]
+__all__ = ["PLANS", "Plan", "PlanCache", "cached_plan", "eager", "make_plan"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def eager(fn: F) -> F:
+    """``fn``, never traced by ``torch.compile``: while compiling it runs through
+    ``torch.compiler.disable`` (one graph break), otherwise directly. Unlike decorating with
+    ``torch.compiler.disable``, this does not import ``torch._dynamo`` (about a second) in programs
+    that never compile."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -206,7 +224,7 @@ PLANS = PlanCache()
 """The process-wide plan cache used by :func:`cached_plan` (``PLANS.configure(...)`` to resize it)."""
 
 
-@torch.compiler.disable
+@eager
 def cached_plan(pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.device) -> Plan:
     """:func:`make_plan` through the process-wide cache :data:`PLANS`. Never traced by
     ``torch.compile`` (plan building reads tensor values); a compiled caller gets the plan eagerly."""
