@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .patterns import Pattern
 
-__all__ = ["PLANS", "Plan", "PlanCache", "cached_plan", "eager", "make_plan"]
+__all__ = ["PLANS", "Plan", "PlanCache", "cached_plan", "eager", "make_plan", "plan_bytes"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
