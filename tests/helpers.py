@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import fastattn
 from fastattn.core.base import Mechanism
@@ -70,3 +72,19 @@ def through_bytes(state: dict) -> dict:
     torch.save(state, buf)
     buf.seek(0)
     return torch.load(buf)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation returns (forward and backward) and which ops ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes, self.ops = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(func.__name__)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out

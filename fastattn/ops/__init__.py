@@ -7,9 +7,10 @@ Nothing here imports a mechanism or a family; a mechanism module is a thin compo
 * :mod:`.chunked` -- the checkpointed query-chunk loop (O(chunk * n) memory for quadratic mechanisms);
 * :mod:`.linear` -- linear attention ``phi(Q) (phi(K)^T V)``: the dense reference, the chunked scan and
   the tiled kernels (causal and not, with decay / gates and carried state);
-* :mod:`.sparse` -- block-sparse attention: patterns, plans, the grouped engine, the dense reference,
-  memory nodes;
-* :mod:`.gather` -- attention over an explicit per-query list of key indices;
+* :mod:`.sparse` -- block-sparse attention: patterns, plans (cached across calls), the grouped engine,
+  the dense reference, extra / memory nodes;
+* :mod:`.gather` -- attention over an explicit per-query list of key indices (grouped, recomputing);
+* :mod:`.permute` -- sort / unsort per (batch, head) by a content key, carrying the original positions;
 * :mod:`.features` -- named feature maps and the padding helpers kernel mechanisms share;
 * :mod:`.routing` -- top-k routing of tokens over experts (softmax / renormalised / sigmoid gates) and the
   load-balance and z auxiliary losses.

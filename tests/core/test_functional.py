@@ -28,10 +28,8 @@ def test_deterministic_modules_are_built_once_and_bounded():
     q, k, v = qkv()
     fastattn.attention(q, k, v, "local", is_causal=True, window=8, block=8)
     (mech,) = F_._MODULES.values()
-    plans = dict(mech.__dict__["_plans"])
     fastattn.attention(q, k, v, "local", is_causal=True, window=8, block=8)
     assert list(F_._MODULES.values()) == [mech]  # same module, same sparse plan
-    assert mech.__dict__["_plans"] == plans
     fastattn.attention(q, k, v, "local", is_causal=True, window=4, block=8)  # other options: another module
     fastattn.attention(q[:, :2], k[:, :1], v[:, :1], "local", is_causal=True, window=8, block=8)  # other heads
     assert len(F_._MODULES) == 3

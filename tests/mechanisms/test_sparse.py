@@ -1,20 +1,16 @@
-"""Defining properties of the sparse-pattern family and of its engine (the contract tests check each
-mechanism's fast path against its dense-masked reference)."""
+"""Defining properties of the sparse-pattern family (the contract tests check each mechanism's fast
+path against its dense-masked reference; the engine's own tests are in ``tests/ops/test_sparse_engine.py``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import fastattn
 from fastattn.core.masks import Mask
 from fastattn.ops.sparse import engine
-from fastattn.ops.sparse.engine import Nodes, block_sparse_attention, pattern_reference
-from fastattn.ops.sparse.patterns import DilatedWindow, Pattern, RandomBlocks, RingWindow, Strided, Window
-from helpers import EV, B, E, L, grads, make_mech, padding_mask, qkv
+from helpers import E, L, grads, make_mech, padding_mask, qkv
 
 
 def _spec(name):
@@ -169,67 +165,8 @@ def test_axial_equals_attention_over_each_axis(causal):
     torch.testing.assert_close(out, (row + col).reshape(out.shape), rtol=1e-10, atol=1e-10)
 
 
-# ---- engine ------------------------------------------------------------------------------------
-def test_patterns_compose_as_union():
-    q, k, v = qkv(h=4, hkv=4, requires_grad=True)
-    pat = Pattern(8, (Window(2),)) + Pattern(8, (DilatedWindow(2, 5),), column=Strided(8)) + Pattern(
-        8, global_keys=torch.tensor([3]), global_queries=torch.tensor([50])
-    )
-    for causal in (False, True):
-        mask = Mask(L, L, key_padding=padding_mask(), causal=causal)
-        fast = block_sparse_attention(q, k, v, mask, 0.25, pat)
-        ref = pattern_reference(q, k, v, mask, 0.25, pat)
-        torch.testing.assert_close(fast, ref)
-        for a, b in zip(grads(fast, (q, k, v)), grads(ref, (q, k, v))):
-            torch.testing.assert_close(a, b)
-    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
-    union = ((i - j).abs() <= 2) | (((i - j).abs() <= 10) & ((i - j) % 5 == 0)) | ((i - j) % 8 == 0)
-    assert torch.equal(pat.dense(i, j), union | (j == 3) | (i == 50))
-
-
-# ---- engine: query groups (the memory-saving path) ------------------------------------------------
+# ---- every engine mechanism in the smallest query groups -------------------------------------------
 ENGINE_SPECS = [s for s in fastattn.methods("sparse") if s.name != "sac"]
-
-
-def _composite_pattern(nkb: int, with_column: bool) -> Pattern:
-    """Every kind of block part at once: a band of consecutive offsets (window), constant offsets
-    outside it (dilated window), blocks by index (random, ring ends), and global keys and queries."""
-    table = torch.randint(0, nkb, (nkb, 2), generator=torch.Generator().manual_seed(3))
-    parts = (Window(3), DilatedWindow(2, 5), RandomBlocks(table), RingWindow(1, nkb * 8))
-    return Pattern(
-        8, parts, column=Strided(8) if with_column else None,
-        global_keys=torch.tensor([3, 40, 500]), global_queries=torch.tensor([5, 50, 57]),
-    )
-
-
-def _nodes(b: int, h: int, m: int = 3) -> Nodes:
-    g = torch.Generator().manual_seed(4)
-    nk = torch.randn(b, h, m, E, generator=g, dtype=torch.float64, requires_grad=True)
-    nv = torch.randn(b, h, m, EV, generator=g, dtype=torch.float64, requires_grad=True)
-    return Nodes(nk, nv, lambda qpos: (qpos + torch.arange(m)) % 3 != 0)  # each node hidden from some queries
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize(
-    "lq,column,with_nodes", [(61, True, False), (37, True, True), (61, False, True), (23, False, False)]
-)
-def test_engine_query_groups_equal_one_group_and_reference(causal, lq, column, with_nodes):
-    """Groups of one query block (and one global-query row) at a time give the values and gradients of
-    one group of everything and of the dense reference: odd lengths (Lq < Lk, not multiples of the
-    block), padding (one batch entry with no real key at all), every kind of key source."""
-    q, k, v = qkv(h=2, hkv=2, lq=lq, lk=L, requires_grad=True)
-    nodes = _nodes(B, 2) if with_nodes else None
-    inputs = (q, k, v) + ((nodes.k, nodes.v) if nodes is not None else ())
-    pat = _composite_pattern(-(-L // 8), column)
-    for kpm in (padding_mask(), padding_mask(valid=(L, 0))):
-        mask = Mask(lq, L, key_padding=kpm, causal=causal)
-        ref = pattern_reference(q, k, v, mask, 0.25, pat, nodes)
-        ref_grads = grads(ref, inputs)
-        for group_bytes in (1, 1 << 40):  # one block (one row) per group / a single group
-            out = block_sparse_attention(q, k, v, mask, 0.25, pat, nodes, group_bytes=group_bytes)
-            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-            for a, b in zip(grads(out, inputs), ref_grads):
-                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("spec", ENGINE_SPECS, ids=[s.name for s in ENGINE_SPECS])
@@ -241,72 +178,6 @@ def test_sparse_mechanisms_in_one_block_groups_equal_reference(spec, monkeypatch
     _check_fast_equals_reference(make_mech(spec), causal_flags=flags)
     if spec.causal:
         _check_fast_equals_reference(make_mech(spec), causal_flags=(True,), lq=29)
-
-
-def test_engine_global_rows_in_key_tiles_survive_masked_tiles_and_extreme_scores():
-    """The rows of global queries are an online softmax over key tiles; a tile whose keys are all masked
-    (padding) must not move the running maximum (scores near -2000 would underflow to a zero row)."""
-    g = torch.Generator().manual_seed(6)
-    u = torch.randn(E, generator=g, dtype=torch.float64)
-    k = u.expand(B, 2, L, E).clone().requires_grad_(True)
-    q = torch.randn(B, 2, L, E, generator=g, dtype=torch.float64)
-    q[:, :, 5] = -2000.0 / (0.25 * u.dot(u)) * u  # every score of the global query 5 is -2000
-    q.requires_grad_(True)
-    v = torch.randn(B, 2, L, EV, generator=g, dtype=torch.float64, requires_grad=True)
-    pat = Pattern(8, (Window(2),), global_queries=torch.tensor([5]))
-    mask = Mask(L, L, key_padding=padding_mask())
-    ref = pattern_reference(q, k, v, mask, 0.25, pat)
-    out = block_sparse_attention(q, k, v, mask, 0.25, pat, group_bytes=1)  # one key per tile
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    for a, b in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operation returns (forward and backward) and which ops ran."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes, self.ops = 0, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.add(func.__name__)
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.bytes = max(self.bytes, t.numel() * t.element_size())
-        return out
-
-
-def test_engine_working_set_is_one_group_and_nothing_but_inputs_is_saved():
-    """Backward keeps only q, k, v and the output (no scores or probabilities), and no operation of the
-    forward or backward returns a tensor larger than the inputs or one group's scores."""
-    mech = make_mech(_spec("local"), h=2, hkv=2, window=256, block=64)
-    n = 4096
-    q, k, v = qkv(b=1, h=2, hkv=2, lq=n, dtype=torch.float32, requires_grad=True)
-    mech.run(q, k, v)  # the plan (cached per length) is built outside the measurement
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        with _LargestTensor() as fwd:
-            out = mech.run(q, k, v)
-    with _LargestTensor() as bwd:
-        out.backward(torch.ones_like(out))
-    assert "bmm" in {op.split(".")[0] for op in bwd.ops}  # the backward's operations were seen
-    all_scores = 2 * n * 9 * 64 * 4  # every query's 9 blocks of keys, float32: what a plain autograd path keeps
-    group = engine.GROUP_BYTES["cpu"]
-    assert all_scores > 2 * group  # (so the check below can fail)
-    assert max(fwd.bytes, bwd.bytes) <= max(group, q.numel() * 4), (fwd.bytes, bwd.bytes)
-    assert sum(saved) <= 4 * q.numel()  # q, k, v, out
-
-
-def test_engine_inference_saves_nothing():
-    q, k, v = qkv(h=2, hkv=2, lq=L, requires_grad=True)
-    pat = _composite_pattern(-(-L // 8), True)
-    with torch.no_grad():
-        out = block_sparse_attention(q, k, v, Mask(L, L), 0.25, pat)
-    assert out.grad_fn is None
-    out2 = block_sparse_attention(q, k, v, Mask(L, L), 0.25, pat)
-    torch.testing.assert_close(out, out2.detach(), rtol=0, atol=0)
 
 
 # ---- etc, diet, jukebox, handcrafted -------------------------------------------------------------

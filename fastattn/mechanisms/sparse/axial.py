@@ -29,7 +29,8 @@ from torch import Tensor
 from fastattn.core.masks import Mask
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
-from fastattn.ops.sparse.engine import block_sparse_attention, pattern_reference
+from fastattn.ops.sparse.engine import block_sparse_attention
+from fastattn.ops.sparse.reference import pattern_reference
 from fastattn.ops.sparse.patterns import Pattern, SameBlock, Strided
 
 

@@ -13,7 +13,10 @@ from fastattn.core.base import Mechanism, repeat_kv
 from fastattn.core.masks import Mask
 from fastattn.core.state import DecodingState
 from fastattn.ops.softmax.dense import dense_attention
-from fastattn.ops.sparse.engine import Nodes, Plan, block_sparse_attention, make_plan, pattern_reference
+from fastattn.ops.sparse.engine import block_sparse_attention
+from fastattn.ops.sparse.nodes import Nodes
+from fastattn.ops.sparse.plan import Plan, cached_plan, eager
+from fastattn.ops.sparse.reference import dense_pattern_attention, pattern_reference
 from fastattn.ops.sparse.patterns import Pattern
 
 __all__ = ["PatternMechanism", "PrunedCache", "check_positive"]
@@ -60,23 +63,17 @@ class PatternMechanism(Mechanism):
         attention the nodes themselves compute must use."""
         return None
 
-    def plan(self, pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.device) -> Plan:
-        """The engine's plan for these lengths, kept for the last few shapes (it depends only on the
-        options, the lengths and buffers such as random tables; :meth:`forget_plans` clears it)."""
-        plans = self.__dict__.setdefault("_plans", {})
-        key = (lq, lk, causal, str(device))
-        if key not in plans:
-            if len(plans) >= 4:
-                plans.pop(next(iter(plans)))
-            plans[key] = make_plan(pattern, lq, lk, causal, device)
-        return plans[key]
-
-    def forget_plans(self) -> None:
-        self.__dict__.pop("_plans", None)
+    @eager
+    def pattern_and_plan(self, mask: Mask, device: torch.device) -> tuple[Pattern, Plan]:
+        """The pattern of this call and the engine's plan for it, from the process-wide plan cache
+        (keyed on the pattern's value -- options, lengths, tables such as random blocks -- so a new
+        module with the same options, as ``fastattn.attention`` builds per call, reuses the plan).
+        Built eagerly: ``torch.compile`` does not trace this data-dependent index work."""
+        pat = self.pattern(mask.lq, mask.lk, device)
+        return pat, cached_plan(pat, mask.lq, mask.lk, mask.causal, device)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
-        pat = self.pattern(mask.lq, mask.lk, q.device)
-        plan = self.plan(pat, mask.lq, mask.lk, mask.causal, q.device)
+        pat, plan = self.pattern_and_plan(mask, q.device)
         return block_sparse_attention(q, k, v, mask, scale, pat, self.nodes(q, k, v, mask, scale), plan=plan)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:

@@ -28,7 +28,9 @@ from torch import Tensor
 from fastattn.core.masks import Mask
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
-from fastattn.ops.sparse.engine import block_sparse_attention, make_plan, pattern_reference
+from fastattn.ops.sparse.engine import block_sparse_attention
+from fastattn.ops.sparse.plan import cached_plan
+from fastattn.ops.sparse.reference import pattern_reference
 from fastattn.ops.sparse.patterns import BlockWindow, Pattern, RandomBlocks
 
 _BITS = 31  # the random table holds integers uniform in [0, 2^31)
@@ -98,7 +100,6 @@ class BigBirdAttention(PatternMechanism):
         """Draw new random blocks (uniform integers in ``random_table``)."""
         table = torch.randint(0, 1 << _BITS, self.random_table.shape, generator=generator)
         self.random_table.copy_(table.to(self.random_table.device))
-        self.forget_plans()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         key = prefix + "random_table"
@@ -109,7 +110,6 @@ class BigBirdAttention(PatternMechanism):
                 old = old[None].expand(self.random_table.shape[0], -1, -1).contiguous()
             state_dict[key] = old
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.forget_plans()
 
     def global_block_ids(self, nkb: int, device: torch.device) -> Tensor:
         g, b = self.options.global_blocks, torch.arange(nkb, device=device)
@@ -141,22 +141,13 @@ class BigBirdAttention(PatternMechanism):
             raise ValueError("bigbird with per_head=True has one pattern per head: use head_pattern(head, ...)")
         return self.head_pattern(0, lq, lk, device)
 
-    def _head_plan(self, head: int, pattern: Pattern, mask: Mask, device: torch.device):
-        plans = self.__dict__.setdefault("_plans", {})
-        key = (head, mask.lq, mask.lk, mask.causal, str(device))
-        if key not in plans:
-            if len(plans) >= 4 * max(1, self.random_table.shape[0]):
-                plans.pop(next(iter(plans)))
-            plans[key] = make_plan(pattern, mask.lq, mask.lk, mask.causal, device)
-        return plans[key]
-
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         if not self.options.per_head:
             return super().forward(q, k, v, mask, scale, dropout_p)
         outs = []
         for h in range(q.shape[1]):
             pat = self.head_pattern(h, mask.lq, mask.lk, q.device)
-            plan = self._head_plan(h, pat, mask, q.device)
+            plan = cached_plan(pat, mask.lq, mask.lk, mask.causal, q.device)
             sl = slice(h, h + 1)
             outs.append(block_sparse_attention(q[:, sl], k[:, sl], v[:, sl], mask, scale, pat, plan=plan))
         return torch.cat(outs, 1)

@@ -21,7 +21,7 @@ from fastattn.ops.softmax.dense import dense_attention
 from fastattn.core.masks import Mask
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
-from fastattn.ops.sparse.engine import Nodes
+from fastattn.ops.sparse.nodes import Nodes
 from fastattn.ops.sparse.patterns import Pattern, SameBlock
 
 

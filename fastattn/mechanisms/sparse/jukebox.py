@@ -24,7 +24,9 @@ from torch import Tensor
 from fastattn.core.masks import Mask
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
-from fastattn.ops.sparse.engine import block_sparse_attention, make_plan, pattern_reference
+from fastattn.ops.sparse.engine import block_sparse_attention
+from fastattn.ops.sparse.plan import cached_plan
+from fastattn.ops.sparse.reference import pattern_reference
 from fastattn.ops.sparse.patterns import Pattern, PrevBlock, SameBlock, Strided
 
 _KINDS = ("row", "column", "previous_row")
@@ -88,7 +90,7 @@ class JukeboxAttention(PatternMechanism):
 def _sparse_or_zeros(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, pattern: Pattern) -> Tensor:
     """The engine's output, or zeros when the pattern reaches no key at these lengths (the engine
     refuses such a call; the reference gives zero rows)."""
-    plan = make_plan(pattern, mask.lq, mask.lk, mask.causal, q.device)
+    plan = cached_plan(pattern, mask.lq, mask.lk, mask.causal, q.device)
     if plan.idx.shape[1] == 0 and plan.column_allowed is None and plan.gk is None and plan.gq is None:
         return (q[..., :1] * 0).expand(*q.shape[:3], v.shape[3]).to(v.dtype).contiguous()
     return block_sparse_attention(q, k, v, mask, scale, pattern, plan=plan)

@@ -23,7 +23,9 @@ from torch import Tensor
 from fastattn.core.masks import Mask
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
-from fastattn.ops.sparse.engine import block_sparse_attention, make_plan, pattern_reference
+from fastattn.ops.sparse.engine import block_sparse_attention
+from fastattn.ops.sparse.plan import cached_plan
+from fastattn.ops.sparse.reference import pattern_reference
 from fastattn.ops.sparse.patterns import DilatedWindow, Pattern, Window
 
 
@@ -103,22 +105,13 @@ class LongformerAttention(PatternMechanism):
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return out.index_select(1, inverse.to(q.device))
 
-    def _group_plan(self, d: int, pattern: Pattern, mask: Mask, device: torch.device):
-        plans = self.__dict__.setdefault("_plans", {})
-        key = (d, mask.lq, mask.lk, mask.causal, str(device))
-        if key not in plans:
-            if len(plans) >= 4 * len(self.head_groups()):
-                plans.pop(next(iter(plans)))
-            plans[key] = make_plan(pattern, mask.lq, mask.lk, mask.causal, device)
-        return plans[key]
-
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         if len(self.head_groups()) == 1:
             return super().forward(q, k, v, mask, scale, dropout_p)
 
         def run(d: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             pat = self.dilation_pattern(d, q.device)
-            plan = self._group_plan(d, pat, mask, q.device)
+            plan = cached_plan(pat, mask.lq, mask.lk, mask.causal, q.device)
             return block_sparse_attention(q, k, v, mask, scale, pat, plan=plan)
 
         return self._per_group(run, q, k, v)

@@ -26,7 +26,7 @@ from torch import Tensor
 from fastattn.core.masks import Mask
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
-from fastattn.ops.sparse.engine import Nodes
+from fastattn.ops.sparse.nodes import Nodes
 from fastattn.ops.sparse.patterns import BlockWindow, Pattern
 
 

@@ -30,8 +30,7 @@ from fastattn.ops.softmax.dense import dense_attention
 from fastattn.core.masks import Mask
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
-from fastattn.ops.sparse.engine import Nodes
-from fastattn.ops.sparse.nodes import MemoryNodes
+from fastattn.ops.sparse.nodes import MemoryNodes, Nodes
 from fastattn.ops.sparse.patterns import Pattern, Window
 
 

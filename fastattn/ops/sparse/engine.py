@@ -15,6 +15,14 @@ Global keys and extra nodes are appended to each query block's gathered keys (on
 Rows of global queries (which see every key) are computed densely and written over their rows.
 Time is O(n * (keys per query)) -- no ``n x n`` tensor exists. Rows with every key masked return zeros.
 
+**Plan and reference.** What does not depend on the tensors' values (block layout, masks) is the
+:class:`~fastattn.ops.sparse.plan.Plan`, built eagerly and cached across calls
+(:mod:`fastattn.ops.sparse.plan`); the literal dense form is :mod:`fastattn.ops.sparse.reference`.
+
+**Partial results.** With ``return_lse=True`` the engine also returns each query's log-sum-exp of its
+allowed scores, ``(B, H, Lq)`` (``-inf`` for rows that see no key), differentiable like the output, so
+a caller can merge this partial result with others (other keys of the same queries) by log-sum-exp.
+
 **Memory.** Query blocks are processed in *groups* whose scores take about :data:`GROUP_BYTES` (a few
 MiB on CPU: the group size depends on ``B * H * keys per query``, never on ``n``); the rows of global
 queries likewise in chunks of rows. Under autograd a custom ``autograd.Function`` saves only q, k, v
@@ -22,8 +30,7 @@ queries likewise in chunks of rows. Under autograd a custom ``autograd.Function`
 accumulates the key/value gradients in place (the adjoint of the gather: slice adds and
 ``index_add_``), so the working set of forward+backward is one group's temporaries plus O(n d) for the
 inputs, output and gradients. Without grad (inference) the same loop runs once and saves nothing.
-Double backward is not supported. :func:`dense_pattern_attention` is the literal dense form used by
-the references and by decoding over a (bounded) cache.
+Double backward is not supported.
 """
 
 from __future__ import annotations
@@ -36,35 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fastattn.ops.softmax.dense import dense_attention
 from fastattn.core.masks import Mask
 from fastattn.ops.softmax.online import compute_dtype, merge_tiles, tile_stats
+from .nodes import Nodes
 from .patterns import Pattern
+from .plan import Plan, cached_plan
 
-__all__ = [
-    "Nodes", "block_sparse_attention", "dense_pattern_attention", "pattern_reference",
-]
-
-
-@dataclass
-class Nodes:
-    """Extra keys/values ``(B, H, m, E)`` / ``(B, H, m, Ev)`` the queries may see; ``allow(qpos)``
-    (``qpos`` with a trailing singleton axis) gives the bool mask (see :meth:`mask`); None = all."""
-
-    k: Tensor
-    v: Tensor
-    allow: Callable[[Tensor], Tensor] | None = None
-
-    def mask(self, qpos: Tensor) -> Tensor:
-        """Bool ``(B|1, 1, *qpos.shape[:-1], m)``; ``allow`` may return it with or without the two
-        leading (batch, head) axes."""
-        m = self.k.shape[2]
-        if self.allow is None:
-            return torch.ones(1, 1, *qpos.shape[:-1], m, dtype=torch.bool, device=qpos.device)
-        out = self.allow(qpos)
-        if out.dim() == qpos.dim():
-            out = out[None, None]
-        return out.expand(*out.shape[:2], *qpos.shape[:-1], m)
+__all__ = ["GROUP_BYTES", "block_sparse_attention"]
 
 
 # ---- rows and blocks of (B, H, L, D) tensors ------------------------------------------------------
@@ -167,11 +152,12 @@ Source = _Gathered | _Shared | _Column
 
 
 def _probs(
-    q: Tensor, sources: list[Source], allowed: Tensor, maybe_dead: bool,
-) -> tuple[Tensor, Tensor | None, list[int]]:
+    q: Tensor, sources: list[Source], allowed: Tensor, maybe_dead: bool, want_lse: bool = False,
+) -> tuple[Tensor, Tensor | None, list[int], Tensor | None]:
     """One softmax over the concatenated scores of ``sources``, ``-inf`` where not ``allowed``; also the
     rows with no allowed key (``dead``, looked for only if ``maybe_dead``: their scores are left
-    unmasked, their output is zeroed) and the width of each source."""
+    unmasked, their output is zeroed), the width of each source and, if ``want_lse``, the rows'
+    log-sum-exp ``(..., 1)`` (``-inf`` for dead rows)."""
     scores = [src.scores(q) for src in sources]
     sizes = [s.shape[-1] for s in scores]
     s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
@@ -179,7 +165,13 @@ def _probs(
     if maybe_dead:
         dead = ~allowed.any(-1, keepdim=True)
         allowed = allowed | dead
-    return torch.softmax(_mask_(s, allowed), dim=-1), dead, sizes
+    s = _mask_(s, allowed)
+    lse = None
+    if want_lse:
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        if dead is not None:
+            lse = lse.masked_fill_(dead, float("-inf"))
+    return torch.softmax(s, dim=-1), dead, sizes, lse
 
 
 def _mask_(s: Tensor, allowed: Tensor | None) -> Tensor:
@@ -194,28 +186,36 @@ def _split(x: Tensor, sizes: list[int]) -> list[Tensor] | tuple[Tensor, ...]:
     return [x] if len(sizes) == 1 else torch.split(x, sizes, dim=-1)
 
 
-def _group_forward(q: Tensor, sources: list[Source], allowed: Tensor, maybe_dead: bool) -> Tensor:
-    """Attention output ``(B, H, g, b, Ev)`` of one query group (the compute dtype)."""
-    p, dead, sizes = _probs(q, sources, allowed, maybe_dead)
+def _group_forward(
+    q: Tensor, sources: list[Source], allowed: Tensor, maybe_dead: bool, want_lse: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Attention output ``(B, H, g, b, Ev)`` of one query group (the compute dtype) and, if
+    ``want_lse``, its log-sum-exp ``(B, H, g, b, 1)``."""
+    p, dead, sizes, lse = _probs(q, sources, allowed, maybe_dead, want_lse)
     parts = _split(p, sizes)
     out = sources[0].apply(parts[0])
     for src, pp in zip(sources[1:], parts[1:]):
         out = out + src.apply(pp)
-    return out if dead is None else out.masked_fill_(dead, 0.0)
+    return (out if dead is None else out.masked_fill_(dead, 0.0)), lse
 
 
 def _group_backward(
     q: Tensor, sources: list[Source], allowed: Tensor, maybe_dead: bool, do: Tensor, skip: Tensor | None,
+    dlse: Tensor | None,
 ) -> Tensor:
-    """Gradient of one query group's (scaled) queries given its output gradient ``do`` (rows in ``skip``
-    get none); the sources accumulate their keys'/values' gradients. The probabilities are recomputed
-    (nothing was saved), ``ds`` is softmax's backward of ``dp = do V^T``."""
-    p, dead, sizes = _probs(q, sources, allowed, maybe_dead)
+    """Gradient of one query group's (scaled) queries given its output gradient ``do`` and log-sum-exp
+    gradient ``dlse`` (None: none; rows in ``skip`` get none); the sources accumulate their
+    keys'/values' gradients. The probabilities are recomputed (nothing was saved), ``ds`` is softmax's
+    backward of ``dp = do V^T`` plus ``p * dlse`` (``d lse / d s = p``)."""
+    p, dead, sizes, _ = _probs(q, sources, allowed, maybe_dead)
     zero = dead if skip is None else skip if dead is None else dead | skip
     if zero is not None:
         do = do.masked_fill(zero, 0.0)
+        dlse = None if dlse is None else dlse.masked_fill(zero, 0.0)
     dps = [src.dp(do) for src in sources]
     ds = torch._softmax_backward_data(dps[0] if len(dps) == 1 else torch.cat(dps, dim=-1), p, -1, p.dtype)
+    if dlse is not None:
+        ds = ds.addcmul_(p, dlse)
     dq = None
     for src, dss, pp in zip(sources, _split(ds, sizes), _split(p, sizes)):
         g = src.backward(dss, pp, q, do)
@@ -223,111 +223,6 @@ def _group_backward(
     assert dq is not None
     return dq
 
-
-# ---- the plan: everything that does not depend on the tensors' values ------------------------------
-@dataclass
-class Plan:
-    """Everything about one call that does not depend on the tensors' values: the query/key block
-    geometry, the gathered layout and the bool masks of each key source (without key padding).
-    Reusable across calls with the same lengths (see ``cache`` in :func:`block_sparse_attention`)."""
-
-    t0: int
-    lpad: int
-    nqb: int
-    nkb: int
-    qblk: Tensor
-    idx: Tensor
-    valid: Tensor
-    block_kpos: Tensor | None = None  # (nqb, 1, S*b)
-    block_allowed: Tensor | None = None  # (nqb, b, S*b)
-    column_kpos: Tensor | None = None  # (1, b, nkb)
-    column_allowed: Tensor | None = None  # (nqb, b, nkb)
-    gk: Tensor | None = None  # (g,)
-    global_allowed: Tensor | None = None  # (nqb, b, g)
-    gq: Tensor | None = None  # global queries inside the call, relative to query 0
-    dead_rows: bool = True  # may some (possibly padded) query row see no key at all?
-
-
-def _by_rows(fn: Callable[[slice], Tensor], nqb: int, bs: int, width: int, device: torch.device) -> Tensor:
-    """The bool ``(nqb, bs, width)`` mask ``fn(slice of query blocks)``, built a few query blocks at a time
-    so that the (int64) temporaries of the predicates stay small."""
-    out = torch.empty(nqb, bs, width, dtype=torch.bool, device=device)
-    step = max(1, (1 << 20) // max(1, bs * width))
-    for a in range(0, nqb, step):
-        out[a:a + step] = fn(slice(a, a + step))
-    return out
-
-
-def make_plan(pattern: Pattern, lq: int, lk: int, causal: bool, device: torch.device) -> Plan:
-    bs = pattern.block
-    off = lk - lq
-    t0 = off // bs
-    lpad = off - t0 * bs
-    nqb, nkb = -(-(lpad + lq) // bs), -(-lk // bs)
-    qblk = t0 + torch.arange(nqb, device=device)
-    ar = torch.arange(bs, device=device)
-    qpos = (qblk[:, None] * bs + ar)[:, :, None]  # (nqb, bs, 1)
-    gk = pattern.global_keys
-    is_gk = None
-    if gk is not None:
-        gk = gk.to(device)
-        gk = gk[(gk >= 0) & (gk < lk)]
-        if gk.numel():
-            is_gk = torch.zeros(nkb * bs, dtype=torch.bool, device=device)
-            is_gk[gk] = True
-        else:
-            gk = None
-
-    def restrict(allowed: Tensor, qpos: Tensor, kpos: Tensor) -> Tensor:
-        allowed = allowed & (kpos < lk)
-        if causal:
-            allowed = allowed & (kpos <= qpos)
-        if is_gk is not None:
-            allowed = allowed & ~is_gk[kpos.clamp(max=nkb * bs - 1)]
-        return allowed
-
-    idx, valid, full = pattern.layout(qblk, nkb, causal)
-    plan = Plan(t0, lpad, nqb, nkb, qblk, idx, valid)
-    if idx.shape[1]:
-        S = idx.shape[1]
-        kpos = (idx[:, :, None] * bs + ar).reshape(nqb, 1, S * bs)
-        full_k = full.repeat_interleave(bs, 1)[:, None, :]
-        valid_k = valid.repeat_interleave(bs, 1)[:, None, :]
-
-        def block_part(r: slice) -> Tensor:
-            tok = pattern.allow(qpos[r], kpos[r])
-            allowed = full_k[r] if tok is None else full_k[r] | tok
-            return restrict(allowed & valid_k[r], qpos[r], kpos[r])
-
-        plan.block_kpos = kpos
-        plan.block_allowed = _by_rows(block_part, nqb, bs, S * bs, device)
-    if pattern.column is not None:
-        column = pattern.column
-        kpos = torch.arange(nkb, device=device)[None, None, :] * bs + ar[None, :, None]
-        covered = torch.zeros(nqb, nkb, dtype=torch.bool, device=device)
-        if idx.shape[1]:
-            rows = torch.arange(nqb, device=device)[:, None].expand_as(idx)
-            covered[rows[valid], idx[valid]] = True
-        plan.column_kpos = kpos
-        plan.column_allowed = _by_rows(
-            lambda r: restrict(column.allow(qpos[r], kpos) & ~covered[r, None, :], qpos[r], kpos), nqb, bs, nkb,
-            device,
-        )
-    if gk is not None:
-        kpos = gk[None, None, :]
-        allowed = (kpos <= qpos) if causal else torch.ones(1, 1, 1, dtype=torch.bool, device=device)
-        plan.gk, plan.global_allowed = gk, allowed.expand(nqb, bs, gk.numel())
-    gq = pattern.global_queries
-    if gq is not None:
-        gq = gq.to(device)
-        gq = gq[(gq >= off) & (gq < off + lq)] - off
-        plan.gq = gq if gq.numel() else None
-    seen = torch.zeros(nqb, bs, dtype=torch.bool, device=device)
-    for a in (plan.block_allowed, plan.column_allowed, plan.global_allowed):
-        if a is not None:
-            seen |= a.any(-1)
-    plan.dead_rows = not bool(seen.all())
-    return plan
 
 
 # ---- one call: query groups, gathers and scatters ---------------------------------------------------
@@ -508,20 +403,24 @@ class _Call:
         return torch.cat([a.expand(*lead, a.shape[-1]) for a in parts], dim=-1)
 
     # ---- dense rows of global queries -----------------------------------------------------------
-    def row_chunks(self) -> list[Tensor]:
-        gq = self.plan.gq
-        return [] if gq is None else list(gq.split(self.row_group))
+    def row_chunks(self) -> list[tuple[Tensor, int]]:
+        """Chunks of the global queries' rows, each with its last query's index (a Python int)."""
+        gq, ints, n = self.plan.gq, self.plan.gq_list, self.row_group
+        if gq is None:
+            return []
+        return [(rows, max(ints[i:i + n])) for i, rows in zip(range(0, len(ints), n), gq.split(n))]
 
     def row_queries(self, q: Tensor, rows: Tensor) -> Tensor:
         return (q.index_select(2, rows) * self.scale)[:, :, None]  # (B, H, 1, c, E)
 
     def row_tiles(
-        self, ops: _Operands, grads: _Grads | None, rows: Tensor,
+        self, ops: _Operands, grads: _Grads | None, rows: Tensor, last: int,
     ) -> Iterator[tuple[_Shared, Tensor | None]]:
-        """Global queries see every key (and every allowed extra node): tiles of ``row_keys`` keys with
-        their bool masks (causally empty tiles skipped), then the extra nodes."""
+        """Global queries (``rows``, the last at index ``last``) see every key (and every allowed extra
+        node): tiles of ``row_keys`` keys with their bool masks (causally empty tiles skipped), then the
+        extra nodes."""
         qpos = rows + (self.Lk - self.Lq)
-        end = min(self.Lk, int(qpos.max()) + 1) if self.causal else self.Lk
+        end = min(self.Lk, last + self.Lk - self.Lq + 1) if self.causal else self.Lk
         for k0 in range(0, end, self.row_keys):
             k1 = min(k0 + self.row_keys, self.Lk)
             a = None
@@ -538,44 +437,65 @@ class _Call:
             yield _Shared(ops.nk, ops.nv, *acc), self.nodes.mask(qpos[None, :, None])
 
     # ---- forward and backward -------------------------------------------------------------------
-    def forward(self, q: Tensor, ops: _Operands) -> tuple[Tensor, Tensor | None]:
-        """The output and the log-sum-exp of the global-query rows (None: there are none)."""
+    def forward(self, q: Tensor, ops: _Operands, want_lse: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The output, the log-sum-exp of the global-query rows as the backward needs it (0 for rows
+        with no key; None: there are none) and, if ``want_lse``, every row's log-sum-exp ``(B, H, Lq,
+        1)`` (``-inf`` for rows with no key)."""
         out = q.new_empty(self.B, self.H, self.Lq, self.Ev)
+        lse = q.new_empty(self.B, self.H, self.Lq, 1) if want_lse else None
         for j0, j1 in self.groups():
-            o = _group_forward(
-                self.queries(q, j0, j1), self.sources(ops, None, j0, j1), self.allowed(j0, j1), self.maybe_dead
+            o, lse_g = _group_forward(
+                self.queries(q, j0, j1), self.sources(ops, None, j0, j1), self.allowed(j0, j1), self.maybe_dead,
+                want_lse,
             )
             _put_rows(out, j0 * self.bs - self.plan.lpad, o.flatten(2, 3))
+            if lse is not None and lse_g is not None:
+                _put_rows(lse, j0 * self.bs - self.plan.lpad, lse_g.flatten(2, 3))
         lses = []
-        for rows in self.row_chunks():
+        for rows, last in self.row_chunks():
             qr = self.row_queries(q, rows)
-            tiles = self.row_tiles(ops, None, rows)
-            o, lse = merge_tiles(tile_stats(_mask_(src.scores(qr), a), src.apply) for src, a in tiles)
+            alive: list[Tensor] = []
+
+            def tiles(rows: Tensor = rows, last: int = last, qr: Tensor = qr, alive: list[Tensor] = alive) -> Iterator:
+                for src, a in self.row_tiles(ops, None, rows, last):
+                    s = _mask_(src.scores(qr), a)
+                    if want_lse:
+                        alive.append(torch.isfinite(s).any(-1, keepdim=True))
+                    yield tile_stats(s, src.apply)
+
+            o, row_lse = merge_tiles(tiles())
             out.index_copy_(2, rows, o[:, :, 0])
-            lses.append(lse)
-        return out, torch.cat(lses, dim=3) if lses else None
+            lses.append(row_lse)
+            if lse is not None:
+                seen = torch.stack(alive).any(0)
+                lse.index_copy_(2, rows, row_lse.masked_fill(~seen, float("-inf"))[:, :, 0])
+        return out, torch.cat(lses, dim=3) if lses else None, lse
 
     def backward(
-        self, q: Tensor, ops: _Operands, out: Tensor, row_lse: Tensor | None, do: Tensor, grads: _Grads,
+        self, q: Tensor, ops: _Operands, out: Tensor, row_lse: Tensor | None, do: Tensor, dlse: Tensor | None,
+        grads: _Grads,
     ) -> Tensor:
-        """dq; the keys'/values' gradients accumulate into ``grads``."""
+        """dq from the output's and the log-sum-exp's (``(B, H, Lq, 1)``, None: none) gradients; the
+        keys'/values' gradients accumulate into ``grads``."""
         dq = q.new_empty(q.shape)
         for j0, j1 in self.groups():
             skip = None if self.skip is None else self.skip[j0:j1]
             g = _group_backward(
                 self.queries(q, j0, j1), self.sources(ops, grads, j0, j1), self.allowed(j0, j1), self.maybe_dead,
-                self._rows_of(do, j0, j1), skip,
+                self._rows_of(do, j0, j1), skip, None if dlse is None else self._rows_of(dlse, j0, j1),
             )
             _put_rows(dq, j0 * self.bs - self.plan.lpad, g.flatten(2, 3), self.scale)
         c0 = 0
-        for rows in self.row_chunks():  # flash-style: p = exp(s - lse) tile by tile
+        for rows, last in self.row_chunks():  # flash-style: p = exp(s - lse) tile by tile
             assert row_lse is not None
             qr, lse = self.row_queries(q, rows), row_lse[:, :, :, c0:c0 + len(rows)]
             c0 += len(rows)
             d_o = do.index_select(2, rows)[:, :, None]
             delta = (d_o * out.index_select(2, rows)[:, :, None]).sum(-1, keepdim=True)
+            if dlse is not None:  # d lse / d s = p: the softmax backward with delta - dlse
+                delta = delta - dlse.index_select(2, rows)[:, :, None]
             dqr = torch.zeros_like(qr)
-            for src, a in self.row_tiles(ops, grads, rows):
+            for src, a in self.row_tiles(ops, grads, rows, last):
                 p = _mask_(src.scores(qr), a).sub_(lse).exp_()
                 dqr += src.backward(src.dp(d_o).sub_(delta).mul_(p), p, qr, d_o)
             dq.index_copy_(2, rows, dqr[:, :, 0] * self.scale)
@@ -587,41 +507,58 @@ class _Call:
 
 
 class _BlockSparse(torch.autograd.Function):
-    """Forward group by group, saving only the inputs and the output; backward recomputes each group's
-    probabilities (flash-style), so no tensor of all scores ever exists."""
+    """Forward group by group, saving only the inputs and the output (and the log-sum-exp of the
+    global-query rows); backward recomputes each group's probabilities (flash-style), so no tensor of
+    all scores ever exists. Returns ``out`` or, with ``want_lse``, ``(out, lse)``."""
 
     @staticmethod
-    def forward(ctx: Any, call: _Call, q: Tensor, k: Tensor, v: Tensor, nk: Tensor | None, nv: Tensor | None) -> Tensor:
-        out, row_lse = call.forward(q, call.operands(k, v, nk, nv))
+    def forward(
+        ctx: Any, call: _Call, want_lse: bool, q: Tensor, k: Tensor, v: Tensor, nk: Tensor | None, nv: Tensor | None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        out, row_lse, lse = call.forward(q, call.operands(k, v, nk, nv), want_lse)
         ctx.call = call
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, nk, nv, out, row_lse)
-        return out
+        return (out, lse) if want_lse else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, do: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, do: Tensor | None, dlse: Tensor | None = None) -> tuple[Tensor | None, ...]:
         call: _Call = ctx.call
         q, k, v, nk, nv, out, row_lse = ctx.saved_tensors
-        nodes_grad = bool(ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
+        if do is None:
+            do = torch.zeros_like(out)
+        nodes_grad = bool(ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
         grads = call.grads(k, v, nk, nodes_grad)
-        dq = call.backward(q, call.operands(k, v, nk, nv), out, row_lse, do, grads)
+        dq = call.backward(q, call.operands(k, v, nk, nv), out, row_lse, do, dlse, grads)
         lk = call.Lk
         dk, dv = grads.dk[:, :, :lk], grads.dv[:, :, :lk]
         if dk.shape[2] != grads.dk.shape[2]:
             dk, dv = dk.contiguous(), dv.contiguous()
-        return None, dq, dk, dv, grads.dnk, grads.dnv
+        return None, None, dq, dk, dv, grads.dnk, grads.dnv
 
 
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, pattern: Pattern, nodes: Nodes | None = None,
-    plan: Plan | None = None, group_bytes: int | None = None,
-) -> Tensor:
+    plan: Plan | None = None, group_bytes: int | None = None, *, return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Sparse attention of ``q (B, H, Lq, E)`` over ``k, v (B, H, Lk, .)`` under ``pattern`` (and the
-    causal / key-padding ``mask``), optionally with extra ``nodes``. ``plan`` (from :func:`make_plan`
-    with the same pattern, lengths and causality) skips rebuilding the masks. ``group_bytes``: the size of
-    one query group's scores (default :data:`GROUP_BYTES` of the device). Returns ``(B, H, Lq, Ev)``."""
+    causal / key-padding ``mask``), optionally with extra ``nodes``.
+
+    ``plan``: the :class:`~fastattn.ops.sparse.plan.Plan` of this pattern, these lengths and causality
+    (default: :func:`~fastattn.ops.sparse.plan.cached_plan`, built once and kept across calls).
+    ``group_bytes``: the size of one query group's scores (default :data:`GROUP_BYTES` of the device).
+    Returns ``out (B, H, Lq, Ev)`` in ``q``'s dtype or, with ``return_lse``, ``(out, lse)`` where ``lse
+    (B, H, Lq)`` (compute dtype: float32 for half inputs) is each query's log-sum-exp of its allowed
+    scores (``-inf`` where it sees no key), differentiable, for merging with other partial results.
+
+    Example::
+
+        pat = Pattern(64, (Window(128),))
+        out, lse = block_sparse_attention(q, k, v, Mask(n, n, causal=True), d ** -0.5, pat, return_lse=True)
+    """
     if plan is None:
-        plan = make_plan(pattern, q.shape[2], k.shape[2], mask.causal, q.device)
+        plan = cached_plan(pattern, q.shape[2], k.shape[2], mask.causal, q.device)
     if group_bytes is None:
         group_bytes = GROUP_BYTES.get(q.device.type, GROUP_BYTES["cuda"])
     dt = compute_dtype(q.dtype)
@@ -632,45 +569,9 @@ def block_sparse_attention(
     call = _Call(plan, pattern, mask, scale, nodes, q_, k_, v_, dt, group_bytes)
     tensors = [t for t in (q_, k_, v_, nk, nv) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        out = _BlockSparse.apply(call, q_, k_, v_, nk, nv)
+        res = _BlockSparse.apply(call, return_lse, q_, k_, v_, nk, nv)
+        out, lse = res if return_lse else (res, None)
     else:  # inference: one pass, nothing saved
-        out = call.forward(q_, call.operands(k_, v_, nk, nv))[0]
-    return out.to(q.dtype)
-
-
-def dense_pattern_attention(
-    q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor, scale: float, pattern: Pattern, *,
-    causal: bool, key_padding: Tensor | None = None, nodes: Nodes | None = None,
-) -> Tensor:
-    """Dense masked softmax with the literal pattern (``Pattern.dense``) on the given absolute query and
-    key positions; the reference, and decoding over a cache whose keys sit at ``kpos``."""
-    allowed = pattern.dense(qpos[:, None], kpos[None, :])
-    if causal:
-        allowed = allowed & (kpos[None, :] <= qpos[:, None])
-    allowed = allowed[None, None]
-    if key_padding is not None:
-        allowed = allowed & ~key_padding[:, None, None, :]
-    if nodes is not None:
-        na = nodes.mask(qpos[:, None])
-        shape = torch.broadcast_shapes(allowed.shape[:-1], na.shape[:-1])
-        allowed = torch.cat([allowed.expand(*shape, -1), na.expand(*shape, -1)], dim=-1)
-        k = torch.cat([k, nodes.k.to(k.dtype)], dim=2)
-        v = torch.cat([v, nodes.v.to(v.dtype)], dim=2)
-    bias = torch.zeros(allowed.shape, dtype=compute_dtype(q.dtype), device=q.device).masked_fill(
-        ~allowed, float("-inf")
-    )
-    dt = compute_dtype(q.dtype)
-    out = dense_attention(q.to(dt), k.to(dt), v.to(dt), Mask(q.shape[2], k.shape[2]), scale, extra_bias=bias)
-    return out.to(q.dtype)
-
-
-def pattern_reference(
-    q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, pattern: Pattern, nodes: Nodes | None = None,
-) -> Tensor:
-    """The reference of a pattern mechanism: dense softmax under the pattern's literal boolean mask."""
-    dev = q.device
-    qpos = mask.offset + torch.arange(q.shape[2], device=dev)
-    return dense_pattern_attention(
-        q, k, v, qpos, torch.arange(k.shape[2], device=dev), scale, pattern,
-        causal=mask.causal, key_padding=mask.key_padding, nodes=nodes,
-    )
+        out, _, lse = call.forward(q_, call.operands(k_, v_, nk, nv), return_lse)
+    out = out.to(q.dtype)
+    return (out, lse[..., 0]) if lse is not None else out

@@ -1,11 +1,16 @@
-"""Learned memory / relay nodes shared by ``gmat`` and ``star``.
+"""Extra key/value nodes of the block-sparse engine: keys that are not sequence positions.
 
-``read_memory`` lets learned memory queries attend to every (unpadded) sequence key, giving each
-memory node a value ``(B, H, m, Ev)``; the sequence then sees the nodes through their learned keys as
-extra :class:`~fastattn.ops.sparse.engine.Nodes` of the engine. O(n m d).
+:class:`Nodes` are the extra keys/values (memory, relay, summary tokens) a pattern's queries may see,
+with a predicate saying which query sees which node. :class:`MemoryNodes` are learned nodes (shared by
+``gmat`` and ``star``): learned memory queries attend to every (unpadded) sequence key, giving each
+memory node a value ``(B, H, m, Ev)``; the sequence then sees the nodes through their learned keys.
+O(n m d).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -13,9 +18,29 @@ from torch import Tensor, nn
 from fastattn.ops.softmax.dense import dense_attention
 from fastattn.core.masks import Mask
 from fastattn.ops.softmax.online import compute_dtype
-from .engine import Nodes
 
-__all__ = ["MemoryNodes"]
+__all__ = ["MemoryNodes", "Nodes"]
+
+
+@dataclass
+class Nodes:
+    """Extra keys/values ``(B, H, m, E)`` / ``(B, H, m, Ev)`` the queries may see; ``allow(qpos)``
+    (``qpos`` with a trailing singleton axis) gives the bool mask (see :meth:`mask`); None = all."""
+
+    k: Tensor
+    v: Tensor
+    allow: Callable[[Tensor], Tensor] | None = None
+
+    def mask(self, qpos: Tensor) -> Tensor:
+        """Bool ``(B|1, 1, *qpos.shape[:-1], m)``; ``allow`` may return it with or without the two
+        leading (batch, head) axes."""
+        m = self.k.shape[2]
+        if self.allow is None:
+            return torch.ones(1, 1, *qpos.shape[:-1], m, dtype=torch.bool, device=qpos.device)
+        out = self.allow(qpos)
+        if out.dim() == qpos.dim():
+            out = out[None, None]
+        return out.expand(*out.shape[:2], *qpos.shape[:-1], m)
 
 
 class MemoryNodes(nn.Module):

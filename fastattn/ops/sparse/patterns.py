@@ -20,7 +20,8 @@ class with ``cover``, ``allow`` and, for decoding, ``needed``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Hashable
 
 import torch
 from torch import Tensor
@@ -209,6 +210,25 @@ class Strided:
         return torch.ones_like(kpos, dtype=torch.bool)
 
 
+def value_key(x: object) -> Hashable:
+    """A hashable key equal for equal values: tensors by dtype, shape and contents; dataclasses (parts,
+    patterns) by type and fields, tensor fields included (their ``compare=False`` does not hide them
+    here); tuples item by item; anything else must be hashable itself (a plain object then counts by
+    identity, which never gives a wrong match: the key keeps the object alive)."""
+    if isinstance(x, Tensor):
+        t = x.detach().to("cpu").contiguous().reshape(-1)
+        return ("tensor", str(x.dtype), tuple(x.shape), t.view(torch.uint8).numpy().tobytes())
+    if is_dataclass(x) and not isinstance(x, type):
+        return (type(x), tuple(value_key(getattr(x, f.name)) for f in fields(x)))
+    if isinstance(x, (tuple, list)):
+        return (type(x), tuple(value_key(i) for i in x))
+    try:
+        hash(x)
+    except TypeError:
+        raise ValueError(f"a pattern's parts must be dataclasses, tensors or hashable; got {type(x).__name__}") from None
+    return x
+
+
 def _isin(x: Tensor, values: Tensor | None) -> Tensor:
     if values is None or values.numel() == 0:
         return torch.zeros_like(x, dtype=torch.bool)
@@ -243,6 +263,11 @@ class Pattern:
             self.block, self.parts + other.parts, self.column or other.column,
             cat(self.global_keys, other.global_keys), cat(self.global_queries, other.global_queries),
         )
+
+    def key(self) -> Hashable:
+        """A hashable key equal for patterns of equal value (parts, parameters, tables and global
+        positions): what the plan cache is keyed on."""
+        return value_key(self)
 
     # ---- token predicates ---------------------------------------------------------------------
     def allow(self, qpos: Tensor, kpos: Tensor) -> Tensor | None:
