@@ -84,6 +84,7 @@ def linear_attention(
         state: a previous :class:`LinearState` to continue from (causal only).
         return_state: also return the state after the last key (causal only).
     """
+    mask.require_only("key_padding", "causal", "bias", op="linear attention")
     if mask.bias is not None:
         raise ValueError("kernel attention cannot apply an arbitrary attn_mask")
     if not mask.causal and (decay is not None or state is not None or return_state):

@@ -620,6 +620,7 @@ def block_sparse_attention(
     causal / key-padding ``mask``), optionally with extra ``nodes``. ``plan`` (from :func:`make_plan`
     with the same pattern, lengths and causality) skips rebuilding the masks. ``group_bytes``: the size of
     one query group's scores (default :data:`GROUP_BYTES` of the device). Returns ``(B, H, Lq, Ev)``."""
+    mask.require_only("key_padding", "causal", op="block-sparse attention")
     if plan is None:
         plan = make_plan(pattern, q.shape[2], k.shape[2], mask.causal, q.device)
     if group_bytes is None:
@@ -668,6 +669,7 @@ def pattern_reference(
     q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, pattern: Pattern, nodes: Nodes | None = None,
 ) -> Tensor:
     """The reference of a pattern mechanism: dense softmax under the pattern's literal boolean mask."""
+    mask.require_only("key_padding", "causal", op="the pattern reference")
     dev = q.device
     qpos = mask.offset + torch.arange(q.shape[2], device=dev)
     return dense_pattern_attention(
