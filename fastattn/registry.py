@@ -93,7 +93,7 @@ class MethodSpec:
 
     def make_options(self, **given: Any) -> Any:
         """Build the typed options; an unknown name is a ``ValueError`` listing the valid ones."""
-        valid = [f.name for f in dataclasses.fields(self.options_type)]
+        valid = list(self.options)  # the Options fields (read at registration: torch.compile traces this)
         unknown = sorted(set(given) - set(valid))
         if unknown:
             hint = ", ".join(valid) if valid else "none"

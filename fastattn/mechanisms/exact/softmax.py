@@ -34,7 +34,7 @@ class SoftmaxAttention(Mechanism):
         pass
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
-        if mask.bias is None and mask.key_padding is None and (not mask.causal or mask.lq == mask.lk):
+        if mask.used() <= {"causal"} and (not mask.causal or mask.lq == mask.lk):
             return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale, dropout_p=dropout_p)
         allowed = mask.allowed(q.device)
         if mask.bias is None and allowed is None:  # e.g. causal decoding: the new tokens see every key

@@ -91,6 +91,7 @@ def linear_attention(
         return_state: also return the state after the last key (causal only).
         log_decay: ``decay`` holds ``log lambda`` / ``log g`` (<= 0, finite where a gate underflows).
     """
+    mask.require_only("key_padding", "causal", "bias", op="linear attention")
     if mask.bias is not None:
         raise ValueError("kernel attention cannot apply an arbitrary attn_mask")
     if not mask.causal and (decay is not None or state is not None or return_state):

@@ -557,6 +557,7 @@ def block_sparse_attention(
         pat = Pattern(64, (Window(128),))
         out, lse = block_sparse_attention(q, k, v, Mask(n, n, causal=True), d ** -0.5, pat, return_lse=True)
     """
+    mask.require_only("key_padding", "causal", op="block-sparse attention")
     if plan is None:
         plan = cached_plan(pattern, q.shape[2], k.shape[2], mask.causal, q.device)
     if group_bytes is None:

@@ -69,6 +69,7 @@ def pattern_reference(
     """The reference of a pattern mechanism: dense softmax under the pattern's literal boolean mask
     (queries bottom-right aligned, ``mask``'s causality and key padding); ``return_lse`` as in
     :func:`dense_pattern_attention`."""
+    mask.require_only("key_padding", "causal", op="the pattern reference")
     dev = q.device
     qpos = mask.offset + torch.arange(q.shape[2], device=dev)
     return dense_pattern_attention(

@@ -1,0 +1,88 @@
+"""The torch.compile contract, on one mechanism per op (the full list is ``benchmarks/compile_check.py``).
+
+Each case is traced with ``fullgraph=True`` (a graph break is an error) through the public entry point,
+forward and backward, and must equal the eager result. The ``aot_eager`` backend traces the forward and the
+backward graphs (what can break) without generating code (what only makes the test slow on 2 cores).
+
+To add an op: append a :class:`Case` to ``CASES`` (one mechanism that runs on it; ``slow=True`` for compiles
+over ~15 s on an idle 2-core machine: they stay in the default run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.core.masks import Mask
+from fastattn.ops.softmax.flash import flash_attention
+from fastattn.ops.softmax.online import merge_partials
+from helpers import qkv
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # the op the mechanism exercises
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    causal: bool = True
+    padding: bool = True
+    slow: bool = False
+
+
+CASES = [
+    Case("softmax.flash", "flash", {"block_q": 8, "block_k": 7}),
+    Case("chunked", "memory_efficient", {"query_chunk": 8, "key_chunk": 7}),
+]
+
+
+def _params() -> list:
+    return [pytest.param(c, id=f"{c.op}:{c.method}", marks=[pytest.mark.slow] if c.slow else []) for c in CASES]
+
+
+def _check(fn, *inputs, atol=1e-5):
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    diff = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    got, want = compiled(*inputs), fn(*inputs)
+    got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+    w = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=t.dtype) for i, t in enumerate(want)]
+    g_got = torch.autograd.grad(sum((t.nan_to_num(neginf=0.0) * wi).sum() for t, wi in zip(got, w)), diff)
+    g_want = torch.autograd.grad(sum((t.nan_to_num(neginf=0.0) * wi).sum() for t, wi in zip(want, w)), diff)
+    for a, b in zip(got + g_got, want + g_want):
+        assert torch.allclose(a, b, atol=atol, equal_nan=False), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("case", _params())
+def test_mechanism_compiles_as_one_graph(case: Case):
+    fastattn.get_method(case.method)  # the registry imports a mechanism on first use: not inside the trace
+    q, k, v = qkv(b=2, h=2, hkv=1, lq=19, dtype=torch.float32, requires_grad=True)
+    kpm = torch.zeros(2, 19, dtype=torch.bool)
+    if case.padding:
+        kpm[1, 13:] = True
+
+    def run(q, k, v, kpm):
+        return fastattn.attention(q, k, v, case.method, is_causal=case.causal,
+                                  key_padding_mask=kpm if case.padding else None, **case.options)
+
+    _check(run, q, k, v, kpm)
+
+
+def test_flash_partials_with_absolute_offsets_compile():
+    """The ring-attention seam: two key blocks placed by ``k_start`` (with segments), merged by lse."""
+    q, k, v = qkv(b=1, h=2, hkv=2, lq=13, dtype=torch.float32, requires_grad=True)
+    seg = torch.tensor([[0] * 6 + [1] * 7])
+
+    def run(q, k, v):
+        parts = [
+            flash_attention(q, k[:, :, a:b], v[:, :, a:b],
+                            Mask(13, b - a, causal=True, q_start=0, k_start=a, q_segments=seg, k_segments=seg[:, a:b]),
+                            0.25, block_q=8, block_k=4, return_lse=True)
+            for a, b in ((0, 5), (5, 13))
+        ]
+        return merge_partials(parts)
+
+    _check(run, q, k, v)
