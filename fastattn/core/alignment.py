@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .masks import Mask, masked_softmax
 
+from .registered import Registered
+
 if TYPE_CHECKING:
-    from ..registry import MethodSpec
+    pass
 
 __all__ = ["AlignmentMechanism", "AlignmentState"]
 
@@ -57,28 +59,16 @@ class AlignmentState:
         return dataclasses.replace(self, length=self.length + steps)
 
 
-class AlignmentMechanism(nn.Module):
+class AlignmentMechanism(Registered):
     """Base class of the alignment mechanisms (kind ``"seq2seq"``). See the module docstring."""
 
-    spec: ClassVar[MethodSpec]
-    # options the contract tests use so that small inputs still exercise the interesting paths
-    test_options: ClassVar[dict[str, Any]] = {}
-    deviations: ClassVar[tuple[str, ...]] = ()  # where the implementation departs from the paper (README)
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
 
     def __init__(self, options: Any = None, *, query_dim: int, key_dim: int, value_dim: int) -> None:
-        super().__init__()
-        self.options = self.spec.resolve_options(options)
+        super().__init__(options)
         self.query_dim, self.key_dim, self.value_dim = query_dim, key_dim, value_dim
-        self.aux_loss: Tensor = torch.zeros(())
 
-    def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
-        dims = f"query_dim={self.query_dim}, key_dim={self.key_dim}, value_dim={self.value_dim}"
-        return f"{self.spec.name}: {dims}" + (f", {opts}" if opts else "")
+    def dims(self) -> str:
+        return f"query_dim={self.query_dim}, key_dim={self.key_dim}, value_dim={self.value_dim}"
 
     # ---- to implement ---------------------------------------------------------------------------
     def prepare(self, keys: Tensor) -> Tensor:

@@ -21,30 +21,28 @@ batch decodes as if it were alone, without its padding.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .checks import build_mask, check_inputs, repeat_kv
 from .dispatch import Call, choose_backend
 from .masks import Mask
+from .registered import Registered
 from .state import DecodingState, KVCache
 
 if TYPE_CHECKING:
-    from ..registry import MethodSpec
+    pass
 
 __all__ = ["Mechanism", "KVCache", "DecodingState", "check_inputs", "repeat_kv", "build_mask"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class Mechanism(nn.Module):
+class Mechanism(Registered):
     """Base class of every attention mechanism. See the module docstring for the contract."""
 
-    spec: ClassVar[MethodSpec]
     native_gqa: ClassVar[bool] = False  # True: forward receives k/v with Hkv heads, not expanded
     # How float16/bfloat16 calls are computed: "upcast" -- ``run`` (and the shipped ``step``s) cast q, k, v
     # to float32 before dispatch and the output back, so implementations only ever see float32/float64;
@@ -54,16 +52,6 @@ class Mechanism(nn.Module):
     # over the keys): the default ``step`` then decodes rows with different padding separately, so that
     # every row's positions start at its first real token. False: masking padded keys is enough.
     positional: ClassVar[bool] = False
-    # Options the contract tests use so that small inputs still exercise the interesting paths
-    # (several blocks/chunks at length 61, few features, ...).
-    test_options: ClassVar[dict[str, Any]] = {}
-    # Where the mechanism knowingly departs from its paper (or the authors' code): one short sentence
-    # each; the README's "Deviations from the papers" section is generated from these.
-    deviations: ClassVar[tuple[str, ...]] = ()
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -79,22 +67,13 @@ class Mechanism(nn.Module):
         num_kv_heads: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
-        if options is None:
-            options = self.spec.make_options()
-        elif isinstance(options, dict):
-            options = self.spec.make_options(**options)
-        self.options = options
+        super().__init__(options)
         self.head_dim = head_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
-        self.aux_loss: Tensor = torch.zeros(())
 
-    def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
-        return f"{self.spec.name}: heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}" + (
-            f", {opts}" if opts else ""
-        )
+    def dims(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
 
     # ---- to implement ---------------------------------------------------------------------------
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:

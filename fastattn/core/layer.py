@@ -32,7 +32,6 @@ The contract (``tests/kinds/test_layer_contract.py`` runs it on every registry e
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -42,8 +41,10 @@ from torch import Tensor, nn
 from ..registry import get_method
 from .base import Mechanism
 
+from .registered import Registered
+
 if TYPE_CHECKING:
-    from ..registry import MethodSpec
+    pass
 
 __all__ = ["LayerConfig", "LayerMechanism", "ProjectedAttention", "make_core"]
 
@@ -104,37 +105,20 @@ def make_core(
     return core.to(config.device)
 
 
-class LayerMechanism(nn.Module):
+class LayerMechanism(Registered):
     """Base class of layer-level mechanisms. See the module docstring for the contract."""
 
-    spec: ClassVar[MethodSpec]
-    # Options the contract tests use (the suite's layers have 6 query / 3 key-value heads).
-    test_options: ClassVar[dict[str, Any]] = {}
-    deviations: ClassVar[tuple[str, ...]] = ()  # where the implementation departs from the paper (README)
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
 
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
-        super().__init__()
         if generator is not None:  # subclasses that draw random numbers consume it and pass None
             raise ValueError(f"method {self.spec.name!r} draws no random numbers; it takes no generator")
-        if options is None:
-            options = self.spec.make_options()
-        elif isinstance(options, dict):
-            options = self.spec.make_options(**options)
-        self.options = options
+        super().__init__(options)
         self.config = config
         self.embed_dim, self.num_heads = config.embed_dim, config.num_heads
         self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
-        self.aux_loss: Tensor = torch.zeros(())
 
-    def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
-        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}" + (
-            f", {opts}" if opts else ""
-        )
+    def dims(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
 
     # ---- to implement ---------------------------------------------------------------------------
     def forward(

@@ -13,15 +13,15 @@ inputs and passes padding pixels through unchanged.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .registered import Registered
 
 if TYPE_CHECKING:
-    from ..registry import MethodSpec
+    pass
 
 __all__ = ["VisionMechanism", "check_feature_map", "check_pixel_mask", "flatten_pixels", "unflatten_pixels"]
 
@@ -62,7 +62,7 @@ def unflatten_pixels(t: Tensor, height: int, width: int) -> Tensor:
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], height, width)
 
 
-class VisionMechanism(nn.Module):
+class VisionMechanism(Registered):
     """Base class of the 2-D-only modules (kind ``"vision"``). See the module docstring.
 
     Subclasses define a frozen dataclass ``Options`` (every field with a default), ``forward`` and,
@@ -70,26 +70,15 @@ class VisionMechanism(nn.Module):
     the paper's score scale; a module without scores rejects it in its constructor.
     """
 
-    spec: ClassVar[MethodSpec]
-    # options the contract tests use so that small inputs still exercise the interesting paths
-    test_options: ClassVar[dict[str, Any]] = {}
-    deviations: ClassVar[tuple[str, ...]] = ()  # where the implementation departs from the paper (README)
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
 
     def __init__(self, options: Any = None, *, channels: int, num_heads: int = 1, scale: float | None = None) -> None:
-        super().__init__()
+        super().__init__(options)
         if channels <= 0 or num_heads <= 0:
             raise ValueError(f"channels ({channels}) and num_heads ({num_heads}) must be positive")
-        self.options = self.spec.resolve_options(options)
         self.channels, self.num_heads, self.scale = channels, num_heads, scale
-        self.aux_loss: Tensor = torch.zeros(())
 
-    def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
-        return f"{self.spec.name}: channels={self.channels}, heads={self.num_heads}" + (f", {opts}" if opts else "")
+    def dims(self) -> str:
+        return f"channels={self.channels}, heads={self.num_heads}"
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x (B, C, H, W)``, ``mask (B, H, W)`` or ``None`` -> ``(B, C, H, W)`` (inputs validated)."""

@@ -9,7 +9,8 @@ import torch
 
 from fastattn.core.masks import MASK_FIELDS, Mask
 from fastattn.ops.linear.engine import linear_attention
-from fastattn.ops.sparse.engine import block_sparse_attention, pattern_reference
+from fastattn.ops.sparse.engine import block_sparse_attention
+from fastattn.ops.sparse.reference import pattern_reference
 from fastattn.ops.sparse.patterns import Pattern, Window
 
 CPU = torch.device("cpu")
