@@ -2,8 +2,9 @@
 
 A subclass implements :meth:`KernelMechanism.features` (and :meth:`decay` if it has one); the base
 class provides the efficient forward (:func:`~fastattn.ops.linear.engine.linear_attention`), the dense
-reference (:func:`~fastattn.ops.linear.engine.dense_kernel_attention`) and constant-state decoding, which
-runs the same chunked scan from the saved state so that ``step`` equals the causal forward.
+reference (:func:`~fastattn.ops.linear.engine.dense_kernel_attention`) and constant-state decoding: prefill
+and steps run the same tiled kernels from the saved :class:`~fastattn.ops.linear.state.LinearState`, so
+``step`` equals the causal forward.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch import Tensor
 
 from fastattn.core.base import Mechanism, repeat_kv
 from fastattn.core.masks import Mask
-from fastattn.ops.linear.engine import LinearState, dense_kernel_attention, linear_attention
+from fastattn.ops.linear.engine import dense_kernel_attention, linear_attention
+from fastattn.ops.linear.state import LinearState
 
 __all__ = ["KernelMechanism"]
 

@@ -24,7 +24,7 @@ from fastattn.core.masks import Mask
 from fastattn.ops.softmax.online import compute_dtype
 from .base import KernelMechanism
 from fastattn.ops.features import elu_plus_one
-from fastattn.ops.linear.engine import LinearState
+from fastattn.ops.linear.state import LinearState
 
 __all__ = ["DecayedLinear", "DecayedOptions", "tnl_decay", "srms_norm", "ACTIVATIONS"]
 

@@ -32,7 +32,8 @@ from fastattn.core.base import repeat_kv
 from fastattn.core.masks import Mask
 from fastattn.ops.softmax.online import compute_dtype
 from fastattn.registry import register
-from fastattn.ops.linear.engine import LinearState, dense_kernel_attention, linear_attention
+from fastattn.ops.linear.engine import dense_kernel_attention, linear_attention
+from fastattn.ops.linear.state import LinearState
 from .random_features import RandomFeatureMechanism
 
 __all__ = ["RFA"]
@@ -88,35 +89,38 @@ class RFA(RandomFeatureMechanism):
         x = x.to(compute_dtype(x.dtype))
         return self.feature_map(x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
-    def gates(self, k: Tensor) -> Tensor | None:
-        """Per-token gates ``(B, H, Lk)`` from the keys, or ``None`` without gating."""
+    def gate_logits(self, k: Tensor) -> Tensor | None:
+        """Per-token gate logits ``w_h . k_t + b_h`` ``(B, H, Lk)`` (``g_t = sigmoid``), or ``None``."""
         if not self.options.gate:
             return None
         dt = compute_dtype(k.dtype)
-        logits = torch.einsum("bhld,hd->bhl", k.to(dt), self.gate_weight.to(dt)) + self.gate_bias.to(dt)[:, None]
-        return torch.sigmoid(logits)
+        # a matmul, not an einsum: under torch.compile the einsum's traced strides differ from eager's
+        logits = torch.matmul(k.to(dt), self.gate_weight.to(dt).unsqueeze(-1)).squeeze(-1)  # (B, H, Lk)
+        return logits + self.gate_bias.to(dt)[:, None]
 
     def _parts(self, q: Tensor, k: Tensor, mask: Mask) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Features and the log-gates ``log g = logsigmoid(logits)`` (exact where ``g`` underflows to 0);
+        the keys are scaled by ``1 - g = sigmoid(-logits)``."""
         fq = self.features(q, is_query=True, scale=1.0, mask=mask)
         fk = self.features(k, is_query=False, scale=1.0, mask=mask)
-        g = self.gates(k)
-        if g is not None:
-            if not mask.causal:
-                raise ValueError("gated rfa is a causal (recurrent) form; use is_causal=True or gate=False")
-            fk = fk * (1 - g).unsqueeze(-1)
-        return fq, fk, g
+        logits = self.gate_logits(k)
+        if logits is None:
+            return fq, fk, None
+        if not mask.causal:
+            raise ValueError("gated rfa is a causal (recurrent) form; use is_causal=True or gate=False")
+        return fq, fk * torch.sigmoid(-logits).unsqueeze(-1), F.logsigmoid(logits)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         fq, fk, g = self._parts(q, k, mask)
-        return linear_attention(fq, fk, v, mask, decay=g, chunk=self.chunk)
+        return linear_attention(fq, fk, v, mask, log_decay=g, chunk=self.chunk)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         fq, fk, g = self._parts(q, k, mask)
-        return dense_kernel_attention(fq, fk, v, mask, decay=g).to(v.dtype)
+        return dense_kernel_attention(fq, fk, v, mask, log_decay=g).to(v.dtype)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float) -> tuple[Tensor, LinearState]:
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         mask = Mask(lq=q.shape[2], lk=k.shape[2], causal=True)
         fq, fk, g = self._parts(q, k, mask)
-        return linear_attention(fq, fk, v, mask, decay=g, chunk=self.chunk, state=state, return_state=True)
+        return linear_attention(fq, fk, v, mask, log_decay=g, chunk=self.chunk, state=state, return_state=True)

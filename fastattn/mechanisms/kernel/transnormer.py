@@ -2,7 +2,7 @@
 
 ``O = SRMSNorm([(phi(Q) phi(K)^T) * M] V)`` with ``phi = swish`` (SiLU), no softmax denominator, the
 per-head exponential decay ``M_ts = lambda_h^(t-s)`` of LRPE-d, and SRMSNorm on the output
-(section 3.1-3.3), computed by the Lightning Attention block scan of :mod:`fastattn.ops.linear.engine`.
+(section 3.1-3.3), computed by the Lightning Attention block split of the tiled kernels (:mod:`fastattn.ops.linear.tiled`).
 O(n d^2) time.
 
 Not here (layer-level parts of the paper's block, outside an attention operator over given q, k, v):

@@ -533,7 +533,7 @@ def _linear_op_backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, 
 @_linear_op_backward.register_fake
 def _(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize, chunk):  # noqa: D103
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            v.new_empty(0) if log_g is None or not causal else torch.empty_like(log_g),
+            v.new_empty(0) if log_g is None or not causal else log_g.new_empty(log_g.shape),
             torch.empty_like(s_n), torch.empty_like(z_n))
 
 
