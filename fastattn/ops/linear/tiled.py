@@ -343,13 +343,15 @@ def _causal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[Ten
             rstate = _carry(later, qg, loglam, reverse=True)
             later = later.view(-1, d, ev)
             dfk = torch.bmm(d_scores(g, g_den, val, dec).transpose(1, 2), fq)
-            tail = torch.bmm(val, later.transpose(1, 2))  # the later chunks' part of dk'
+            # the later chunks' part of dk' (scaled by k_out with gates)
+            tail = dfk.baddbmm_(val, later.transpose(1, 2)) if dec is None else torch.bmm(val, later.transpose(1, 2))
             if g_den is not None:
                 qz = torch.bmm(g_den.transpose(1, 2), qi).view(rows, -1, d)
                 later_z = _exclusive_prefix(qz, rsum, loglam, reverse=True)
                 rsum = _carry(later_z, qz, loglam, reverse=True)
                 tail += later_z.view(-1, 1, d)
-            dfk += tail if dec is None else tail.mul_(dec.k_out)
+            if dec is not None:
+                dfk += tail.mul_(dec.k_out)
             a = torch.bmm(fq, fk.transpose(1, 2))
             a = a.tril_() if dec is None else dec.weigh(a)
             kd = fk if dec is None else fk * dec.k_out
@@ -375,13 +377,16 @@ def _causal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[Ten
             pre = _exclusive_prefix(kv, state, loglam)
             state = _carry(pre, kv, loglam)
             dfq = torch.bmm(d_scores(g, g_den, val, dec), fk)
-            head = torch.bmm(g, pre.view(-1, d, ev).transpose(1, 2))  # the earlier chunks' part of dq'
+            # the earlier chunks' part of dq' (scaled by q_in with gates)
+            prev = pre.view(-1, d, ev).transpose(1, 2)
+            head = dfq.baddbmm_(g, prev) if dec is None else torch.bmm(g, prev)
             if g_den is not None:
                 kz = kd.view(rows, -1, c, d).sum(2)
                 pre = _exclusive_prefix(kz, zsum, loglam)
                 zsum = _carry(pre, kz, loglam)
                 head.addcmul_(g_den, pre.view(-1, 1, d))
-            dfq += head if dec is None else head.mul_(dec.q_in)
+            if dec is not None:
+                dfq += head.mul_(dec.q_in)
             t.put(dq, grp, t0, t1, t.pull(fq_, leaf, dfq, t0, t1))
             if dcum is not None:
                 t.put(dcum, grp, t0, t1, _rowdot(t.chunked(fq_, leaf), dfq))
