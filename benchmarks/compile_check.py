@@ -70,7 +70,7 @@ def _check(name: str, options: dict, causal: bool, backend: str, entry: str) -> 
         try:
             torch._dynamo.reset()
             ex = torch._dynamo.explain(fn)(q, k, v)
-            row.update(graph_breaks=ex.graph_break_count,
+            row.update(graph_breaks=ex.graph_break_count or "n/a",
                        reasons=sorted({str(r.reason).splitlines()[0][:120] for r in ex.break_reasons})[:3])
         except Exception as e2:  # noqa: BLE001
             row["explain_error"] = f"{type(e2).__name__}: {str(e2).splitlines()[0][:200]}"
