@@ -35,7 +35,7 @@ from torch import Tensor
 from fastattn.core.masks import Mask
 from fastattn.ops.softmax.online import compute_dtype
 from .state import LinearState
-from .tiled import FeatureMap, tiled_linear_attention
+from .tiled import FeatureMap, gate_dtype, tiled_linear_attention
 
 __all__ = ["LinearState", "LOG_GATE_FLOOR", "dense_kernel_attention", "linear_attention", "linear_state",
            "log_gates"]
@@ -79,7 +79,7 @@ def linear_state(fk: Tensor, v: Tensor, *, log_g: Tensor | None = None, s0: Tens
     b, h, n, _ = fk.shape
     lam = None
     if log_g is not None:
-        cum = log_g.to(torch.float64).expand(*log_g.shape[:2], n).cumsum(-1)
+        cum = log_g.to(gate_dtype(log_g.device)).expand(*log_g.shape[:2], n).cumsum(-1)
         fk = fk * (cum[..., -1:] - cum).exp().to(fk.dtype).unsqueeze(-1)
         lam = cum[..., -1].exp().to(fk.dtype)  # (B, H)
     kv = torch.matmul(fk.transpose(-1, -2), v)
@@ -186,7 +186,7 @@ def dense_kernel_attention(
     w0 = None
     log_g, _ = log_gates(decay, log_decay, fk, mask.key_keep(fq.dtype))
     if log_g is not None:
-        cum = log_g.to(torch.float64).expand(*log_g.shape[:2], lk).cumsum(-1)  # A_s = sum_{r<=s} log g_r
+        cum = log_g.to(gate_dtype(log_g.device)).expand(*log_g.shape[:2], lk).cumsum(-1)  # A_s = sum_{r<=s} log g_r
         a_t = cum[..., torch.arange(lq, device=fq.device) + mask.offset]  # A at each query's position
         a = a * torch.exp((a_t[..., :, None] - cum[..., None, :]).clamp_max(0)).to(a.dtype)
         w0 = a_t.exp().to(a.dtype).unsqueeze(-1)

@@ -20,7 +20,8 @@ across chunks, the chunk-start states of a span in one batched matmul with a (de
 matrix. Nothing n-sized is allocated except the outputs and the gradients: on CPU a fresh large tensor
 costs page faults that exceed the arithmetic of these kernels, and cache-sized temporaries are reused by
 the allocator. Gate arithmetic (cumulative log-gates, their differences and exponentials) is done in
-float64 -- it is O(n c) per row, not O(n D) -- so no precision is lost to differences of large sums.
+float64 (float32 on MPS) -- it is O(n c) per row, not O(n D) -- so no precision is lost to differences
+of large sums.
 
 With a token-wise feature map ``phi`` the features are computed tile by tile and recomputed in
 backward, so the (often wider than the input) feature tensors are never stored; without it ``q``, ``k``
@@ -57,11 +58,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["FeatureMap", "tiled_linear_attention", "tile_length"]
+__all__ = ["FeatureMap", "gate_dtype", "tiled_linear_attention", "tile_length"]
 
 _TILE_FLOATS = 1 << 18  # CPU: about 1 MiB of float32 per tile-sized temporary (stays in cache)
 _TILE_FLOATS_ACCEL = 1 << 24  # GPU: 64 MiB; small tiles would be kernel-launch bound there
-_F64 = torch.float64
+
+
+def gate_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the O(n c) gate arithmetic, except where the device has none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 FeatureMap = Callable[[Tensor, bool], Tensor]  # phi(x, is_query) for x (..., L, E), token by token
 
@@ -235,13 +240,13 @@ class _Tiles:
             return None
         p, r0, r1 = grp
         rows, c, dt = r1 - r0, self.c, self.v[0].dtype
-        lg = self.lg[p][r0:r1].to(_F64)
+        lg = self.lg[p][r0:r1].to(gate_dtype(self.lg[p].device))
         cum = _to_chunks(lg.expand(rows, t1 - t0, 1) if self.const else lg[:, t0:t1], c).cumsum(1)
         q_in = cum.exp().to(dt)
         k_out = (cum[:, -1:] - cum).exp_().to(dt)
         loglam = cum[:, -1, 0].view(rows, -1)
         if self.const:  # exp((i - j) log lambda): one (c, c) matrix per row, exact
-            idx = torch.arange(c, dtype=_F64, device=lg.device)
+            idx = torch.arange(c, dtype=lg.dtype, device=lg.device)
             w = ((idx[:, None] - idx[None, :]).clamp_min(0) * lg).exp_().to(dt).unsqueeze(1)
         else:
             w = (cum - cum.transpose(1, 2)).clamp_max_(0).to(dt).exp_()
@@ -323,6 +328,14 @@ def _causal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[Ten
             da += g_den
         return da.tril_() if dec is None else dec.weigh(da)
 
+    def tile(grp: tuple[int, int, int], t0: int, t1: int, grad_of_keys: bool) -> tuple:
+        """``(fq, q_leaf, fk, k_leaf, v, G, g, gates)`` of a tile; the features of the side whose gradient
+        is pulled back come unchunked with their leaf (see :meth:`_Tiles.features`)."""
+        fq = t.features(grp, t0, t1, True, grad=not grad_of_keys)
+        fk = t.features(grp, t0, t1, False, grad=grad_of_keys)
+        return (*fq, *fk, t.chunks(t.v, grp, t0, t1), *t.grads(dout, out, den, dden, grp, t0, t1),
+                t.decay(grp, t0, t1))
+
     for grp in t.groups:
         rows = grp[2] - grp[1]
         new = t.v[0].new_zeros
@@ -330,12 +343,8 @@ def _causal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[Ten
         rstate = new(rows, d, ev) if dsn is None else t.rows(dsn, grp)
         rsum = None if not normalize else new(rows, d) if dzn is None else t.rows(dzn, grp)
         for t0, t1 in reversed(t.k_spans):
-            fq = t.features(grp, t0, t1, True)[0]
-            fk_, leaf = t.features(grp, t0, t1, False, grad=True)
+            fq, _, fk_, leaf, val, g, g_den, dec = tile(grp, t0, t1, grad_of_keys=True)
             fk = t.chunked(fk_, leaf)
-            val = t.chunks(t.v, grp, t0, t1)
-            g, g_den = t.grads(dout, out, den, dden, grp, t0, t1)
-            dec = t.decay(grp, t0, t1)
             loglam = None if dec is None else dec.loglam
             qi = fq if dec is None else fq * dec.q_in
             qg = torch.bmm(qi.transpose(1, 2), g).view(rows, -1, d, ev)
@@ -366,11 +375,7 @@ def _causal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[Ten
         state = new(rows, d, ev) if s0 is None else t.rows(s0, grp)
         zsum = None if not normalize else new(rows, d) if z0 is None else t.rows(z0, grp)
         for t0, t1 in t.k_spans:
-            fq_, leaf = t.features(grp, t0, t1, True, grad=True)
-            fk = t.features(grp, t0, t1, False)[0]
-            val = t.chunks(t.v, grp, t0, t1)
-            g, g_den = t.grads(dout, out, den, dden, grp, t0, t1)
-            dec = t.decay(grp, t0, t1)
+            fq_, leaf, fk, _, val, g, g_den, dec = tile(grp, t0, t1, grad_of_keys=False)
             loglam = None if dec is None else dec.loglam
             kd = fk if dec is None else fk * dec.k_out
             kv = torch.bmm(kd.transpose(1, 2), val).view(rows, -1, d, ev)
