@@ -243,5 +243,7 @@ def test_bad_inputs_raise():
         linear_attention(fq, fk, v, Mask(N, N, causal=True), decay=torch.ones(2), log_decay=torch.zeros(2))
     with pytest.raises(ValueError, match="normaliser"):
         linear_attention(fq, fk, v, Mask(N, N, causal=True), state=LinearState(x["s0"].detach()))
+    with pytest.raises(ValueError, match="the state is for"):
+        linear_attention(fq, fk, v, Mask(N, N, causal=True), state=LinearState(x["s0"].detach()[:1], x["z0"][:1]))
     with pytest.raises(ValueError, match="per-token decay"):
         linear_attention(fq, fk, v, Mask(N, N, causal=True), decay=torch.ones(2, 2, 5))

@@ -136,6 +136,8 @@ def linear_attention(
     lq, lk = fq.shape[2], fk.shape[2]
     if mask.causal and lq > lk:
         raise ValueError(f"causal linear attention needs Lq <= Lk, got Lq={lq}, Lk={lk}")
+    if state is not None and tuple(state.kv.shape[:2]) != tuple(fk.shape[:2]):
+        raise ValueError(f"the state is for (B, H) = {tuple(state.kv.shape[:2])}, the keys are {tuple(fk.shape[:2])}")
     if state is not None and normalize and state.z is None:
         raise ValueError("a normalised call cannot continue from a state without its normaliser z")
     dtype = v.dtype
