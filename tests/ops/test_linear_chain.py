@@ -23,10 +23,11 @@ def tiles(request, monkeypatch):
     monkeypatch.setattr(tiled, "_TILE_FLOATS", request.param)
 
 
-def _inputs(h, gates, seed=0, n=N, b=2):
+def _inputs(h, gates, seed=0, n=N, b=2, hq=None):
+    """Features, values, an initial state and gates with ``h`` key/value heads (``hq`` query heads)."""
     g = torch.Generator().manual_seed(seed)
     x = {
-        "fq": torch.rand(b, h, n, D, generator=g, dtype=torch.float64) + 0.1,
+        "fq": torch.rand(b, hq or h, n, D, generator=g, dtype=torch.float64) + 0.1,
         "fk": torch.rand(b, h, n, D, generator=g, dtype=torch.float64) + 0.1,
         "v": torch.randn(b, h, n, EV, generator=g, dtype=torch.float64),
         "s0": torch.randn(b, h, D, EV, generator=g, dtype=torch.float64),
@@ -59,13 +60,14 @@ def _loss_grads(x, out, kv, z, seed=1):
     return dict(zip(names, torch.autograd.grad(loss, [x[k] for k in names], allow_unused=True, retain_graph=True)))
 
 
-@pytest.mark.parametrize("h", [1, 3])
+@pytest.mark.parametrize("hq,h", [(1, 1), (3, 3), (4, 2)], ids=["1head", "3heads", "gqa4-2"])
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("causal,gates", [(True, None), (True, "head"), (True, "token"), (False, None)])
 @pytest.mark.parametrize("chunk", [4, 7])
-def test_dense_scan_tiled_agree(tiles, h, with_state, normalize, causal, gates, chunk):
-    x = _inputs(h, gates)
+def test_dense_scan_tiled_agree(tiles, hq, h, with_state, normalize, causal, gates, chunk):
+    """Grouped-query inputs (``gqa4-2``) run natively: states and gates per key/value head."""
+    x = _inputs(h, gates, hq=hq)
     fq, fk, v = x["fq"], x["fk"], x["v"]
     if not with_state:
         del x["s0"], x["z0"]
@@ -83,11 +85,13 @@ def test_dense_scan_tiled_agree(tiles, h, with_state, normalize, causal, gates, 
                                  z0=None if state is None else state.z, normalize=normalize)
     dense = (ref_out, ref_kv, ref_z)
     chain = [dense, tiled]
-    if causal:
-        s_out, _, s_kv, s_z = scan_linear_attention(fq, fk, v, log_g=log_g, normalize=normalize, chunk=chunk,
-                                                    s0=None if state is None else state.kv,
-                                                    z0=None if state is None else state.z)
-        chain.insert(1, (s_out, s_kv, s_z))
+    if causal:  # the scan knows no grouped-query heads: expanded, its states are copies per query head
+        grp = hq // h
+        rep = (lambda t: t if t is None or grp == 1 else t.repeat_interleave(grp, dim=1))  # noqa: E731
+        s_out, _, s_kv, s_z = scan_linear_attention(fq, rep(fk), rep(v), log_g=rep(log_g), normalize=normalize,
+                                                    chunk=chunk, s0=None if state is None else rep(state.kv),
+                                                    z0=None if state is None else rep(state.z))
+        chain.insert(1, (s_out, s_kv[:, ::grp], None if s_z is None else s_z[:, ::grp]))
     grads = [_loss_grads(x, *vals) for vals in chain]
     for vals, gr in zip(chain[1:], grads[1:]):
         torch.testing.assert_close(vals, dense)
@@ -247,3 +251,41 @@ def test_bad_inputs_raise():
         linear_attention(fq, fk, v, Mask(N, N, causal=True), state=LinearState(x["s0"].detach()[:1], x["z0"][:1]))
     with pytest.raises(ValueError, match="per-token decay"):
         linear_attention(fq, fk, v, Mask(N, N, causal=True), decay=torch.ones(2, 2, 5))
+
+
+@pytest.mark.parametrize("layout", ["BHLE", "BLHE"])
+@pytest.mark.parametrize("causal,gates", [(True, None), (True, "token"), (False, None)])
+def test_grouped_query_heads_with_a_fused_feature_map(tiles, causal, layout, gates):
+    """4 query heads on 2 key/value heads, features computed tile by tile: equals the dense formula on
+    expanded heads (values, final state per key/value head, gradients), and a split sequence continues
+    from the per-key/value-head state."""
+    from fastattn.ops.features import elu_plus_one
+
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, N, 4, D, generator=g, dtype=torch.float64)
+    k = torch.randn(2, N, 2, D, generator=g, dtype=torch.float64)
+    v = torch.randn(2, N, 2, EV, generator=g, dtype=torch.float64)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if layout == "BHLE":
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    logit = torch.randn(2, 2, N, generator=g, dtype=torch.float64, requires_grad=True)
+    kw = {"log_decay": F.logsigmoid(logit)} if gates else {}
+    phi = lambda x, is_query: elu_plus_one(x)  # noqa: E731
+    mask = Mask(N, N, causal=causal)
+    out, st = linear_attention(q, k, v, mask, phi=phi, chunk=4, return_state=True, **kw)
+    assert st.kv.shape == (2, 2, D, EV)
+    ref = dense_kernel_attention(elu_plus_one(q), elu_plus_one(k), v, mask, **kw)
+    torch.testing.assert_close(out, ref)
+    log_g = log_gates(None, kw.get("log_decay"), k)[0]
+    torch.testing.assert_close(st.kv, linear_state(elu_plus_one(k), v, log_g=log_g)[0])
+    go = torch.randn_like(out)
+    inputs = (q, k, v, logit) if gates else (q, k, v)
+    torch.testing.assert_close(torch.autograd.grad(out, inputs, go, retain_graph=True),
+                               torch.autograd.grad(ref, inputs, go, retain_graph=True))
+    if causal:
+        o1, s1 = linear_attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], Mask(30, 30, causal=True), phi=phi,
+                                  chunk=4, return_state=True, **{n: t[..., :30] for n, t in kw.items()})
+        o2 = linear_attention(q[:, :, 30:], k[:, :, 30:], v[:, :, 30:], Mask(N - 30, N - 30, causal=True), phi=phi,
+                              chunk=4, state=s1, **{n: t[..., 30:] for n, t in kw.items()})
+        torch.testing.assert_close(torch.cat([o1, o2], dim=2), out)

@@ -14,12 +14,13 @@ from helpers import make_mech
 
 
 def _args(log_g: str | None, state: bool, causal: bool, normalize: bool):
+    """4 query heads on 2 key/value heads (native grouped-query attention)."""
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
-    q, k, v = r(2, 3, 13, 4), r(2, 3, 13, 4), r(2, 3, 13, 5)
-    lg = None if log_g is None else (-r(2, 3, 13 if log_g == "token" else 1)).detach().requires_grad_()
-    s0 = r(2, 3, 4, 5) if state else None
-    z0 = r(2, 3, 4) if state and normalize else None
+    q, k, v = r(2, 4, 13, 4), r(2, 2, 13, 4), r(2, 2, 13, 5)
+    lg = None if log_g is None else (-r(2, 2, 13 if log_g == "token" else 1)).detach().requires_grad_()
+    s0 = r(2, 2, 4, 5) if state else None
+    z0 = r(2, 2, 4) if state and normalize else None
     return q, k, v, lg, s0, z0, causal, normalize, 4
 
 

@@ -37,13 +37,26 @@ def tnl_decay(num_heads: int, decay_base: float, layer_ratio: float) -> Tensor:
     return torch.exp(-(decay_base * h / num_heads) * (1.0 - layer_ratio))
 
 
+class _SRMSNorm(torch.autograd.Function):
+    # out = y r with r = (mean(y^2) + eps)^(-1/2); dy = r (g - out mean(g out)) -- two passes each way,
+    # where autograd's division and power take about twice as many over the whole output.
+    @staticmethod
+    def forward(ctx, y: Tensor, eps: float) -> Tensor:  # noqa: D102
+        r = torch.rsqrt(y.square().mean(dim=-1, keepdim=True).add_(eps))
+        out = y * r
+        ctx.save_for_backward(out, r)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: D102
+        out, r = ctx.saved_tensors
+        return (g - out * (g * out).mean(dim=-1, keepdim=True)).mul_(r), None
+
+
 def srms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """``x / (|x|_2 / sqrt(d))`` over the last axis, computed in float32 for half inputs; a zero row
     stays zero."""
-    dt = compute_dtype(x.dtype)
-    y = x.to(dt)
-    rms = y.pow(2).mean(dim=-1, keepdim=True).add(eps).sqrt()
-    return (y / rms).to(x.dtype)
+    return _SRMSNorm.apply(x.to(compute_dtype(x.dtype)), eps).to(x.dtype)
 
 
 def activate(x: Tensor, name: str) -> Tensor:

@@ -32,6 +32,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastattn.core.checks import repeat_kv
 from fastattn.core.masks import Mask
 from fastattn.ops.softmax.online import compute_dtype
 from .state import LinearState
@@ -134,6 +135,8 @@ def linear_attention(
     if (decay is not None or log_decay is not None) and not mask.causal:
         raise ValueError("decay and gates need the causal form")
     lq, lk = fq.shape[2], fk.shape[2]
+    if fq.shape[1] % fk.shape[1]:
+        raise ValueError(f"query heads ({fq.shape[1]}) must be a multiple of key/value heads ({fk.shape[1]})")
     if mask.causal and lq > lk:
         raise ValueError(f"causal linear attention needs Lq <= Lk, got Lq={lq}, Lk={lk}")
     if state is not None and tuple(state.kv.shape[:2]) != tuple(fk.shape[:2]):
@@ -182,11 +185,19 @@ def dense_kernel_attention(
     log_decay: Tensor | None = None, normalize: bool = True, state: LinearState | None = None,
 ) -> Tensor:
     """The reference: ``A = phi(Q) phi(K)^T`` (times ``prod_{s<r<=t} g_r``), masked, ``A V`` plus the
-    initial state's ``prod_{r<=t} g_r q'_t S_0``, row-normalised. Dense O(n^2), written as the formula."""
-    a = torch.matmul(fq, fk.transpose(-1, -2))
+    initial state's ``prod_{r<=t} g_r q'_t S_0``, row-normalised. Dense O(n^2), written as the formula.
+    Grouped-query inputs (fewer key/value heads; gates and state per key/value head) are expanded."""
     lq, lk = fq.shape[2], fk.shape[2]
     w0 = None
     log_g, _ = log_gates(decay, log_decay, fk, mask.key_keep(fq.dtype))
+    groups = fq.shape[1] // fk.shape[1]
+    if groups > 1:
+        fk, v = repeat_kv(fk, groups), repeat_kv(v, groups)
+        log_g = None if log_g is None else log_g.repeat_interleave(groups, dim=1)
+        if state is not None:
+            z = None if state.z is None else state.z.repeat_interleave(groups, dim=1)
+            state = LinearState(repeat_kv(state.kv, groups), z, state.length)
+    a = torch.matmul(fq, fk.transpose(-1, -2))
     if log_g is not None:
         cum = log_g.to(gate_dtype(log_g.device)).expand(*log_g.shape[:2], lk).cumsum(-1)  # A_s = sum_{r<=s} log g_r
         a_t = cum[..., torch.arange(lq, device=fq.device) + mask.offset]  # A at each query's position

@@ -143,13 +143,17 @@ class _Decay(NamedTuple):
     k_out: Tensor
     loglam: Tensor
 
-    def weigh(self, a: Tensor) -> Tensor:
-        """``a`` ``(G*m, c, c)`` times the intra-chunk weights, lower triangle kept, in place."""
+    def weigh(self, a: Tensor, gq: int) -> Tensor:
+        """Chunk scores ``a`` ``(G*m, gq * c, c)`` times the intra-chunk weights, lower triangle kept, in
+        place (``gq`` query heads share a key/value head's gates)."""
+        n, c = a.shape[0], a.shape[-1]
+        a4 = a.view(n, gq, c, c)
         if self.w.dim() == 4:
-            a.view(self.w.shape[0], -1, *a.shape[1:]).mul_(self.w)
+            a4.view(self.w.shape[0], -1, gq, c, c).mul_(self.w.unsqueeze(2))
         else:
-            a.mul_(self.w)
-        return a.tril_()
+            a4.mul_(self.w.unsqueeze(1))
+        a4.tril_()
+        return a
 
 
 class _Tiles:
@@ -164,14 +168,16 @@ class _Tiles:
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, phi: FeatureMap | None, chunk: int | None,
                  log_g: Tensor | None = None) -> None:
         self.phi = phi
-        self.b, self.h = q.shape[:2]
+        self.b, self.h = k.shape[:2]  # rows are key/value heads
+        self.gq = q.shape[1] // self.h  # query heads per key/value head (grouped-query attention)
+        q = q.unflatten(1, (self.h, self.gq))  # (B, Hkv, gq, L, E)
         self.flat = self.b == 1 or all(x.stride(0) == self.h * x.stride(1) for x in (q, k, v))
         self.c = None if chunk is None else max(1, min(chunk, k.shape[2]))
-        self.d = q.shape[-1] if phi is None else phi(q[:1, :1, :1], True).shape[-1]
+        self.d = q.shape[-1] if phi is None else phi(q[:1, :1, :1, :1], True).shape[-1]
         self.ev = v.shape[-1]
-        width = max(self.d, self.ev, self.c or 1)
+        width = max(self.d, self.ev, self.c or 1) * self.gq
         rows = self.b * self.h if self.flat else self.h
-        n = max(q.shape[2], k.shape[2])
+        n = max(q.shape[3], k.shape[2])
         budget = _budget(q.device)
         per_group = max(1, budget // (n * width))  # rows whose whole sequence fits a tile
         if per_group > 1 or n * width <= budget:
@@ -180,7 +186,7 @@ class _Tiles:
             size, span = 1, tile_length(1, self.c or 1, width, budget)
         self.groups = [(p, r0, min(rows, r0 + size)) for p in range(1 if self.flat else self.b)
                        for r0 in range(0, rows, size)]
-        self.q_spans = [(t0, min(q.shape[2], t0 + span)) for t0 in range(0, q.shape[2], span)]
+        self.q_spans = [(t0, min(q.shape[3], t0 + span)) for t0 in range(0, q.shape[3], span)]
         self.k_spans = [(t0, min(k.shape[2], t0 + span)) for t0 in range(0, k.shape[2], span)]
         self.q, self.k, self.v = self.planes(q), self.planes(k), self.planes(v)
         # log-gates as planes (rows, L, 1), or (rows, 1, 1) for one constant gate per row
@@ -188,27 +194,56 @@ class _Tiles:
         self.const = log_g is not None and log_g.shape[-1] == 1
 
     def planes(self, x: Tensor) -> list[Tensor]:
+        """Planes of a per-row tensor ``(B, Hkv, ...)``: ``(rows, ...)``."""
         return [x.reshape(-1, *x.shape[2:])] if self.flat else list(x.unbind(0))
+
+    def qplanes(self, x: Tensor) -> list[Tensor]:
+        """Planes of a query-side tensor ``(B, H, L, w)``: ``(rows, gq, L, w)``."""
+        return self.planes(x.unflatten(1, (self.h, self.gq)))
 
     def rows(self, planes: list[Tensor] | None, grp: tuple[int, int, int]) -> Tensor | None:
         """The rows of a group in a per-row tensor's planes (a state ``(rows, D, Ev)``)."""
         return None if planes is None else planes[grp[0]][grp[1]:grp[2]]
 
     def chunks(self, planes: list[Tensor], grp: tuple[int, int, int], t0: int, t1: int) -> Tensor:
+        """Key-side rows ``t0:t1`` of a group as chunks ``(rows * chunks, c, w)``."""
         p, r0, r1 = grp
         return _to_chunks(planes[p][r0:r1, t0:t1], self.c or (t1 - t0))
+
+    def qchunks(self, planes: list[Tensor], grp: tuple[int, int, int], t0: int, t1: int) -> Tensor:
+        """Query-side rows ``t0:t1`` of a group as chunks ``(rows * chunks, gq * c, w)``: a chunk's
+        tokens of all query heads of a key/value head together (head-major)."""
+        p, r0, r1 = grp
+        return self._fold(planes[p][r0:r1, :, t0:t1])
+
+    def _fold(self, x: Tensor) -> Tensor:
+        c = self.c or x.shape[2]
+        if self.gq == 1:
+            return _to_chunks(x[:, 0], c)
+        pad = -x.shape[2] % c
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        x = x.unflatten(2, (-1, c)).transpose(1, 2)  # (rows, chunks, gq, c, w)
+        return x.reshape(-1, self.gq * c, x.shape[-1])
+
+    def _unfold(self, val: Tensor, rows: int, length: int) -> Tensor:
+        """The inverse of :meth:`_fold`: ``(rows, gq, length, w)``."""
+        w = val.shape[-1]
+        c = self.c or length
+        val = val.view(rows, -1, self.gq, c, w).transpose(1, 2).reshape(rows, self.gq, -1, w)
+        return val[:, :, :length]
 
     def features(self, grp: tuple[int, int, int], t0: int, t1: int, is_query: bool,
                  grad: bool = False) -> tuple[Tensor, Tensor | None]:
         """Chunked features of rows ``t0:t1`` of q (or k); with ``grad`` and a ``phi``, the unchunked
         features and the leaf they were computed from (to pull a gradient back through ``phi``)."""
         p, r0, r1 = grp
-        x = (self.q if is_query else self.k)[p][r0:r1, t0:t1]
-        c = self.c or (t1 - t0)
+        x = self.q[p][r0:r1, :, t0:t1] if is_query else self.k[p][r0:r1, t0:t1]
+        chunk = self._fold if is_query else (lambda y: _to_chunks(y, self.c or (t1 - t0)))
         if self.phi is None:
-            return _to_chunks(x, c), None
+            return chunk(x), None
         if not grad:
-            return _to_chunks(self.phi(x, is_query), c), None
+            return chunk(self.phi(x, is_query)), None
         leaf = x.detach().requires_grad_()
         with torch.enable_grad():
             f = self.phi(leaf, is_query)
@@ -216,11 +251,18 @@ class _Tiles:
 
     def chunked(self, f: Tensor, leaf: Tensor | None) -> Tensor:
         """The chunked, detached features of a :meth:`features` ``(f, leaf)`` pair."""
-        return f if leaf is None else _to_chunks(f.detach(), self.c or f.shape[1])
+        if leaf is None:
+            return f
+        return self._fold(f.detach()) if f.dim() == 4 else _to_chunks(f.detach(), self.c or f.shape[1])
 
-    def pull(self, f: Tensor, leaf: Tensor | None, df: Tensor, t0: int, t1: int) -> Tensor:
-        """The gradient w.r.t. the raw rows given ``df`` w.r.t. their chunked features."""
-        df = df.view(-1, self._padded(t1 - t0), df.shape[-1])[:, : t1 - t0]
+    def pull(self, f: Tensor, leaf: Tensor | None, df: Tensor, grp: tuple[int, int, int], t0: int, t1: int,
+             is_query: bool) -> Tensor:
+        """The gradient w.r.t. the raw rows given ``df`` w.r.t. their chunked features (``(rows, gq, T,
+        E)`` for queries, ``(rows, T, E)`` for keys)."""
+        if is_query:
+            df = self._unfold(df, grp[2] - grp[1], t1 - t0)
+        else:
+            df = df.view(-1, self._padded(t1 - t0), df.shape[-1])[:, : t1 - t0]
         return df if leaf is None else torch.autograd.grad(f, leaf, df)[0]
 
     def _padded(self, length: int) -> int:
@@ -228,11 +270,31 @@ class _Tiles:
         return -(-length // c) * c
 
     def put(self, planes: list[Tensor], grp: tuple[int, int, int], t0: int, t1: int, val: Tensor) -> None:
-        """Write a tile result (chunked, or ``(G, L, w)``) into rows ``t0:t1`` of a group."""
+        """Write a key-side tile result (chunked, or ``(rows, L, w)``) into rows ``t0:t1`` of a group."""
         p, r0, r1 = grp
         if val.shape[:2] != (r1 - r0, t1 - t0):
             val = val.view(r1 - r0, self._padded(t1 - t0), val.shape[-1])[:, : t1 - t0]
         planes[p][r0:r1, t0:t1] = val
+
+    def qput(self, planes: list[Tensor], grp: tuple[int, int, int], t0: int, t1: int, val: Tensor) -> None:
+        """Write a query-side tile result (chunked, or ``(rows, gq, L, w)``) into rows ``t0:t1``."""
+        p, r0, r1 = grp
+        if val.dim() == 3:
+            val = self._unfold(val, r1 - r0, t1 - t0)
+        planes[p][r0:r1, :, t0:t1] = val
+
+    def tril(self, a: Tensor) -> Tensor:
+        """Keep the causal lower triangle of chunk scores ``(N, gq * c, c)``, in place."""
+        return a.view(a.shape[0], self.gq, -1, a.shape[-1]).tril_().view(a.shape)
+
+    def qscale(self, x: Tensor, s: Tensor, inplace: bool = False) -> Tensor:
+        """Query-side chunks ``(N, gq * c, w)`` times a per-token ``(N, c, 1)`` factor."""
+        v4 = x.view(x.shape[0], self.gq, -1, x.shape[-1])
+        return (v4.mul_(s.unsqueeze(1)) if inplace else v4 * s.unsqueeze(1)).view(x.shape)
+
+    def qsum(self, x: Tensor) -> Tensor:
+        """Query-side chunks ``(N, gq * c, w)`` summed over the query heads: ``(N, c, w)``."""
+        return x if self.gq == 1 else x.view(x.shape[0], self.gq, -1, x.shape[-1]).sum(1)
 
     def decay(self, grp: tuple[int, int, int], t0: int, t1: int) -> _Decay | None:
         """The gates of a span in chunk form (None without gates). Padding to whole chunks has gate 1."""
@@ -257,16 +319,16 @@ class _Tiles:
         """``G = dout / den`` ``(G*chunks, c, Ev)`` and the denominator's gradient ``g = -(dout . out) /
         den (+ dden)`` ``(G*chunks, c, 1)`` (None if not normalised); zero where ``den == 0`` (the
         output there is the numerator)."""
-        g_out = self.chunks(dout, grp, t0, t1)
+        g_out = self.qchunks(dout, grp, t0, t1)
         if den is None:
             return g_out, None
-        d = self.chunks(den, grp, t0, t1)
+        d = self.qchunks(den, grp, t0, t1)
         zero = d == 0
         d = torch.where(zero, torch.ones_like(d), d)
-        g_den = -(g_out * self.chunks(out, grp, t0, t1)).sum(-1, keepdim=True) / d
+        g_den = -(g_out * self.qchunks(out, grp, t0, t1)).sum(-1, keepdim=True) / d
         g_den.masked_fill_(zero, 0)
         if dden is not None:
-            g_den += self.chunks(dden, grp, t0, t1)
+            g_den += self.qchunks(dden, grp, t0, t1)
         return g_out / d, g_den
 
 
@@ -289,10 +351,10 @@ def _causal_forward(t: _Tiles, out: list[Tensor], den: list[Tensor] | None, s0: 
             dec = t.decay(grp, t0, t1)
             loglam = None if dec is None else dec.loglam
             a = torch.bmm(fq, fk.transpose(1, 2))
-            a = a.tril_() if dec is None else dec.weigh(a)
+            a = t.tril(a) if dec is None else dec.weigh(a, t.gq)
             num = torch.bmm(a, val)
             kd = fk if dec is None else fk * dec.k_out
-            qi = fq if dec is None else fq * dec.q_in
+            qi = fq if dec is None else t.qscale(fq, dec.q_in)
             kv = torch.bmm(kd.transpose(1, 2), val).view(rows, -1, d, ev)
             pre = _exclusive_prefix(kv, state, loglam)
             num.baddbmm_(qi, pre.view(-1, d, ev))
@@ -303,8 +365,8 @@ def _causal_forward(t: _Tiles, out: list[Tensor], den: list[Tensor] | None, s0: 
                 dn = a.sum(-1).unsqueeze(-1).baddbmm_(qi, pre.view(-1, d, 1))
                 zsum = _carry(pre, kz, loglam)
                 _divide(num, dn)
-                t.put(den, grp, t0, t1, dn)
-            t.put(out, grp, t0, t1, num)
+                t.qput(den, grp, t0, t1, dn)
+            t.qput(out, grp, t0, t1, num)
         t.rows(s_n, grp).copy_(state)
         if normalize:
             t.rows(z_n, grp).copy_(zsum)
@@ -326,7 +388,7 @@ def _causal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[Ten
         da = torch.bmm(g, val.transpose(1, 2))
         if g_den is not None:
             da += g_den
-        return da.tril_() if dec is None else dec.weigh(da)
+        return t.tril(da) if dec is None else dec.weigh(da, t.gq)
 
     def tile(grp: tuple[int, int, int], t0: int, t1: int, grad_of_keys: bool) -> tuple:
         """``(fq, q_leaf, fk, k_leaf, v, G, g, gates)`` of a tile; the features of the side whose gradient
@@ -346,7 +408,7 @@ def _causal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[Ten
             fq, _, fk_, leaf, val, g, g_den, dec = tile(grp, t0, t1, grad_of_keys=True)
             fk = t.chunked(fk_, leaf)
             loglam = None if dec is None else dec.loglam
-            qi = fq if dec is None else fq * dec.q_in
+            qi = fq if dec is None else t.qscale(fq, dec.q_in)
             qg = torch.bmm(qi.transpose(1, 2), g).view(rows, -1, d, ev)
             later = _exclusive_prefix(qg, rstate, loglam, reverse=True)
             rstate = _carry(later, qg, loglam, reverse=True)
@@ -362,10 +424,10 @@ def _causal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[Ten
             if dec is not None:
                 dfk += tail.mul_(dec.k_out)
             a = torch.bmm(fq, fk.transpose(1, 2))
-            a = a.tril_() if dec is None else dec.weigh(a)
+            a = t.tril(a) if dec is None else dec.weigh(a, t.gq)
             kd = fk if dec is None else fk * dec.k_out
             t.put(dv, grp, t0, t1, torch.bmm(a.transpose(1, 2), g).baddbmm_(kd, later))
-            t.put(dk, grp, t0, t1, t.pull(fk_, leaf, dfk, t0, t1))
+            t.put(dk, grp, t0, t1, t.pull(fk_, leaf, dfk, grp, t0, t1, False))
             if dcum_k is not None:
                 t.put(dcum_k, grp, t0, t1, _rowdot(fk, dfk))
         t.rows(ds0, grp).copy_(rstate)
@@ -391,10 +453,10 @@ def _causal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[Ten
                 zsum = _carry(pre, kz, loglam)
                 head.addcmul_(g_den, pre.view(-1, 1, d))
             if dec is not None:
-                dfq += head.mul_(dec.q_in)
-            t.put(dq, grp, t0, t1, t.pull(fq_, leaf, dfq, t0, t1))
+                dfq += t.qscale(head, dec.q_in, inplace=True)
+            t.qput(dq, grp, t0, t1, t.pull(fq_, leaf, dfq, grp, t0, t1, True))
             if dcum is not None:
-                t.put(dcum, grp, t0, t1, _rowdot(t.chunked(fq_, leaf), dfq))
+                t.put(dcum, grp, t0, t1, t.qsum(_rowdot(t.chunked(fq_, leaf), dfq)))
     if dcum is not None:
         for x, y in zip(dcum, dcum_k):
             x -= y
@@ -421,8 +483,8 @@ def _noncausal_forward(t: _Tiles, out: list[Tensor], den: list[Tensor] | None, s
             if normalize:
                 dn = torch.bmm(fq, z)
                 _divide(num, dn)
-                t.put(den, grp, t0, t1, dn)
-            t.put(out, grp, t0, t1, num)
+                t.qput(den, grp, t0, t1, dn)
+            t.qput(out, grp, t0, t1, num)
 
 
 def _noncausal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[Tensor], ds0: list[Tensor],
@@ -448,7 +510,7 @@ def _noncausal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[
             if g_den is not None:
                 dfq.baddbmm_(g_den, z.transpose(1, 2))
                 dz.baddbmm_(fq.transpose(1, 2), g_den)
-            t.put(dq, grp, t0, t1, t.pull(f, leaf, dfq, t0, t1))
+            t.qput(dq, grp, t0, t1, t.pull(f, leaf, dfq, grp, t0, t1, True))
         for t0, t1 in t.k_spans:
             f, leaf = t.features(grp, t0, t1, False, grad=True)
             fk = t.chunked(f, leaf)
@@ -456,20 +518,21 @@ def _noncausal_backward(t: _Tiles, dq: list[Tensor], dk: list[Tensor], dv: list[
             if normalize:
                 dfk += dz.transpose(1, 2)
             t.put(dv, grp, t0, t1, torch.bmm(fk, dkv))
-            t.put(dk, grp, t0, t1, t.pull(f, leaf, dfk, t0, t1))
+            t.put(dk, grp, t0, t1, t.pull(f, leaf, dfk, grp, t0, t1, False))
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, s0: Tensor | None, z0: Tensor | None,
              phi: FeatureMap | None, causal: bool, normalize: bool, chunk: int) -> tuple[Tensor, ...]:
     t = _Tiles(q, k, v, phi, chunk if causal else None, log_g if causal else None)
     b, h, lq = q.shape[:3]
+    hkv = k.shape[1]
     out = v.new_empty(b, h, lq, t.ev)
     den = v.new_empty(b, h, lq, 1) if normalize else v.new_empty(0)
-    s_n = v.new_empty(b, h, t.d, t.ev)
-    z_n = v.new_empty(b, h, t.d) if normalize else v.new_empty(0)
-    opt = t.planes if normalize else (lambda x: None)
+    s_n = v.new_empty(b, hkv, t.d, t.ev)
+    z_n = v.new_empty(b, hkv, t.d) if normalize else v.new_empty(0)
     inp = (None if s0 is None else t.planes(s0), None if z0 is None or not normalize else t.planes(z0))
-    (_causal_forward if causal else _noncausal_forward)(t, t.planes(out), opt(den), *inp, t.planes(s_n), opt(z_n))
+    dens = (t.qplanes(den), t.planes(z_n)) if normalize else (None, None)
+    (_causal_forward if causal else _noncausal_forward)(t, t.qplanes(out), dens[0], *inp, t.planes(s_n), dens[1])
     return out, den, s_n, z_n
 
 
@@ -486,16 +549,16 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, s0: Tensor 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     ds0 = torch.empty_like(s_n)
     dz0 = torch.empty_like(z_n)
-    P = t.planes
-    opt = (lambda x: None if x is None else P(x)) if normalize else (lambda x: None)
-    grads = P(dq), P(dk), P(dv), P(ds0), opt(dz0)
-    tail = opt(den), P(dout), opt(dden), None if dsn is None else P(dsn), opt(dzn)
+    P, Q = t.planes, t.qplanes  # per-row (key/value head) and query-side tensors
+    opt = (lambda x, f=P: None if x is None else f(x)) if normalize else (lambda x, f=P: None)
+    grads = Q(dq), P(dk), P(dv), P(ds0), opt(dz0)
+    tail = opt(den, Q), Q(dout), opt(dden, Q), None if dsn is None else P(dsn), opt(dzn)
     if not causal:
-        _noncausal_backward(t, *grads, P(s_n), opt(z_n), P(out), *tail)
+        _noncausal_backward(t, *grads, P(s_n), opt(z_n), Q(out), *tail)
         return dq, dk, dv, v.new_empty(0), ds0, dz0
     dcum = None if log_g is None else v.new_empty(*k.shape[:3], 1)
     inp = (None if s0 is None else P(s0), None if z0 is None else opt(z0))
-    _causal_backward(t, *grads, None if dcum is None else P(dcum), *inp, P(out), *tail)
+    _causal_backward(t, *grads, None if dcum is None else P(dcum), *inp, Q(out), *tail)
     if dcum is None:
         return dq, dk, dv, v.new_empty(0), ds0, dz0
     dcum = dcum.squeeze(-1)
@@ -528,9 +591,9 @@ def _linear_op(q, k, v, log_g, s0, z0, causal, normalize, chunk):  # noqa: D103
 @_linear_op.register_fake
 def _(q, k, v, log_g, s0, z0, causal, normalize, chunk):  # noqa: D103
     b, h, lq, d = q.shape
-    ev = v.shape[-1]
+    hkv, ev = k.shape[1], v.shape[-1]
     return (v.new_empty(b, h, lq, ev), v.new_empty(b, h, lq, 1) if normalize else v.new_empty(0),
-            v.new_empty(b, h, d, ev), v.new_empty(b, h, d) if normalize else v.new_empty(0))
+            v.new_empty(b, hkv, d, ev), v.new_empty(b, hkv, d) if normalize else v.new_empty(0))
 
 
 @torch.library.custom_op("fastattn::linear_attention_backward", mutates_args=(), schema=_BWD)
