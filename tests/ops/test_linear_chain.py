@@ -289,3 +289,40 @@ def test_grouped_query_heads_with_a_fused_feature_map(tiles, causal, layout, gat
         o2 = linear_attention(q[:, :, 30:], k[:, :, 30:], v[:, :, 30:], Mask(N - 30, N - 30, causal=True), phi=phi,
                               chunk=4, state=s1, **{n: t[..., 30:] for n, t in kw.items()})
         torch.testing.assert_close(torch.cat([o1, o2], dim=2), out)
+
+
+def _native_gqa_specs():
+    import fastattn
+    from fastattn.mechanisms.kernel.base import KernelMechanism
+    from helpers import make_mech
+
+    return [s for s in fastattn.methods() if issubclass(s.cls, KernelMechanism) and make_mech(s).native_gqa]
+
+
+@pytest.mark.parametrize("spec", _native_gqa_specs(), ids=lambda s: s.name)
+@pytest.mark.parametrize("causal", [True, False])
+def test_native_gqa_mechanisms_equal_expanded_heads(spec, causal, monkeypatch):
+    """Kernel mechanisms that take grouped-query heads natively hand the op 2 key/value heads (not 4)
+    and equal the run on expanded heads, values and gradients."""
+    from fastattn.core.checks import repeat_kv
+    from fastattn.ops.linear import tiled
+    from helpers import make_mech, qkv
+
+    seen = []
+    real = tiled._forward
+
+    def spy(q, k, *rest):
+        seen.append((q.shape[1], k.shape[1]))
+        return real(q, k, *rest)
+
+    monkeypatch.setattr(tiled, "_forward", spy)
+    mech = make_mech(spec, h=4, hkv=2).double()
+    wide = make_mech(spec, h=4, hkv=4).double()
+    wide.load_state_dict(mech.state_dict())
+    q, k, v = qkv(h=4, hkv=2, requires_grad=True)
+    out = mech.run(q, k, v, is_causal=causal)
+    assert seen == [(4, 2)]
+    ref = wide.run(q, repeat_kv(k, 2), repeat_kv(v, 2), is_causal=causal)
+    torch.testing.assert_close(out, ref)
+    go = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go))

@@ -28,6 +28,15 @@ class KernelMechanism(Mechanism):
     # feature tensors are never stored (see :mod:`fastattn.ops.linear.tiled`).
     tokenwise: ClassVar[bool] = False
 
+    @property
+    def native_gqa(self) -> bool:  # type: ignore[override]
+        """Grouped-query key/value heads reach :meth:`forward` unexpanded -- the op keeps one state per
+        key/value head -- where that is the same computation: a token-wise feature map (the same in
+        every head), no per-head decay, and this class's own ``forward`` / ``reference``."""
+        cls = type(self)
+        return (self.tokenwise and self.decay() is None and cls.forward is KernelMechanism.forward
+                and cls.reference is KernelMechanism.reference)
+
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
         """``phi(x)`` ``(B, H, L, D)``. ``mask`` lets key features ignore padded keys where a feature
         map looks across positions; under a causal mask a key's features may depend on that key only
