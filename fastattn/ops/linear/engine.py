@@ -20,6 +20,9 @@ code path, and a sequence split in two equals the whole. ``partial=True`` return
 ``(numerator, denominator)`` (float32 for half inputs) so that callers can combine pieces (sequence
 parallelism, prefill); with ``normalize=False`` the denominator is None.
 
+Grouped-query heads are native: ``fk``, ``v``, the decay / gates and the state may have ``Hkv`` heads
+(``H`` a multiple of ``Hkv``); the state is then kept per key/value head.
+
 ``normalize=False`` drops the denominator (Lightning / TransNormer use a norm after instead). Padding
 keys are removed by zeroing their features and values (and their per-token gates become 1; a per-head
 decay is positional and counts every position). Half-precision inputs are computed in float32.
@@ -110,15 +113,15 @@ def linear_attention(
     """Linear attention over feature maps; see the module docstring.
 
     Args:
-        fq, fk: query/key features ``(B, H, Lq, D)``, ``(B, H, Lk, D)`` -- or, with ``phi``, the raw
+        fq, fk: query/key features ``(B, H, Lq, D)``, ``(B, Hkv, Lk, D)`` -- or, with ``phi``, the raw
             queries and keys.
-        v: values ``(B, H, Lk, Ev)``.
+        v: values ``(B, Hkv, Lk, Ev)``.
         mask: only ``key_padding`` and ``causal`` are honoured (``bias`` is an error); causal needs
             ``Lq <= Lk``.
         phi: a token-wise, parameter-free feature map ``phi(x, is_query)``; where it can, the op
             applies it tile by tile inside the kernels (full feature tensors never exist), else it
             computes the features first.
-        decay: per-head ``lambda`` ``(H,)`` or per-token gates ``(B, H, Lk)``, in [0, 1] (causal only).
+        decay: per-head ``lambda`` ``(Hkv,)`` or per-token gates ``(B, Hkv, Lk)``, in [0, 1] (causal only).
         log_decay: the same as logs (``<= 0``), instead of ``decay``.
         normalize: divide by ``q' . z`` (True) or not.
         chunk: chunk length of the causal kernel.

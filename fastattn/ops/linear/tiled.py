@@ -23,6 +23,10 @@ the allocator. Gate arithmetic (cumulative log-gates, their differences and expo
 float64 (float32 on MPS) -- it is O(n c) per row, not O(n D) -- so no precision is lost to differences
 of large sums.
 
+Grouped-query attention is native: ``k``, ``v``, the gates and the states have ``Hkv`` heads, ``q`` has
+``H = g Hkv``; a tile's rows are key/value heads, and the ``g`` query heads of a row are folded into the
+chunk's query axis (``(g c) x c`` scores, masked per head), so key-side work and states are not repeated.
+
 With a token-wise feature map ``phi`` the features are computed tile by tile and recomputed in
 backward, so the (often wider than the input) feature tensors are never stored; without it ``q``, ``k``
 are the features.
@@ -657,14 +661,15 @@ def tiled_linear_attention(
     """Linear attention, tiled, with the hand-written backward: ``(out, den, S_n, z_n)``.
 
     Args:
-        q, k: ``(B, H, L, E)`` features, or with ``phi`` the raw inputs of a token-wise feature map
+        q, k: ``(B, H, L, E)``, ``(B, Hkv, L, E)`` (``H`` a multiple of ``Hkv``: grouped-query heads, one
+            state per key/value head) features, or with ``phi`` the raw inputs of a token-wise feature map
             ``phi(x, is_query)`` applied tile by tile (and recomputed in backward) so the full feature
             tensors never exist. ``phi`` must map each token on its own, the same way in every head,
             and hold no trainable parameters (their gradients would be lost). Causal: equal lengths.
-        v: values ``(B, H, Lk, Ev)``.
-        log_g: causal only; log-gates ``<= 0`` per token ``(B, H, Lk)``, or ``(B, H, 1)`` one per row
-            (a per-head decay); finite (the caller floors them).
-        s0, z0: initial state ``(B, H, D, Ev)`` and normaliser ``(B, H, D)`` (``z0`` only when
+        v: values ``(B, Hkv, Lk, Ev)``.
+        log_g: causal only; log-gates ``<= 0`` per token ``(B, Hkv, Lk)``, or ``(B, Hkv, 1)`` one per
+            row (a per-head decay); finite (the caller floors them).
+        s0, z0: initial state ``(B, Hkv, D, Ev)`` and normaliser ``(B, Hkv, D)`` (``z0`` only when
             normalised); None is zero.
         normalize: divide by the denominator; ``den`` and ``z_n`` are None otherwise.
 
