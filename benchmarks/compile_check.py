@@ -24,8 +24,9 @@ import torch
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]  # this checkout, not an installed fastattn
 
-import fastattn  # noqa: E402
-from helpers import make_mech  # noqa: E402
+from helpers import make_mech
+
+import fastattn
 
 # extra (label, mechanism, options) cases per family: forms the test options do not reach
 EXTRA = {

@@ -18,7 +18,7 @@ import time
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, _ROOT)  # this checkout, not an installed fastattn
 
-from fastattn.bench.measure import Case, build  # noqa: E402
+from fastattn.bench.measure import Case, build
 
 TARGET = 1.5
 

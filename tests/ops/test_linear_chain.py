@@ -8,10 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from linear_scan import scan_linear_attention
 
 from fastattn.core.masks import Mask
-from fastattn.ops.linear.engine import LinearState, dense_kernel_attention, linear_attention, linear_state, log_gates
-from linear_scan import scan_linear_attention
+from fastattn.ops.linear.engine import (
+    LinearState,
+    dense_kernel_attention,
+    linear_attention,
+    linear_state,
+    log_gates,
+)
 
 N, D, EV = 61, 6, 5
 
@@ -87,7 +93,7 @@ def test_dense_scan_tiled_agree(tiles, hq, h, with_state, normalize, causal, gat
     chain = [dense, tiled]
     if causal:  # the scan knows no grouped-query heads: expanded, its states are copies per query head
         grp = hq // h
-        rep = (lambda t: t if t is None or grp == 1 else t.repeat_interleave(grp, dim=1))  # noqa: E731
+        rep = (lambda t: t if t is None or grp == 1 else t.repeat_interleave(grp, dim=1))
         s_out, _, s_kv, s_z = scan_linear_attention(fq, rep(fk), rep(v), log_g=rep(log_g), normalize=normalize,
                                                     chunk=chunk, s0=None if state is None else rep(state.kv),
                                                     z0=None if state is None else rep(state.z))
@@ -146,6 +152,11 @@ def test_fewer_queries_than_keys_with_state(gates):
         out, st = linear_attention(fq[:, :, -lq:], fk, v, mask, chunk=4, state=state, return_state=True, **kw)
         ref = dense_kernel_attention(fq[:, :, -lq:], fk, v, mask, state=state, **kw)
         torch.testing.assert_close(out, ref)
+        keep = mask.key_keep(fk.dtype)
+        log_g = log_gates(kw.get("decay"), kw.get("log_decay"), fk, keep)[0]
+        ref_kv, ref_z = linear_state(fk * keep, v * keep, log_g=log_g, s0=state.kv, z0=state.z)
+        torch.testing.assert_close((st.kv, st.z), (ref_kv, ref_z))
+        assert st.length == N
         go = torch.randn_like(out)
         names = list(x)
         torch.testing.assert_close(
@@ -271,7 +282,7 @@ def test_grouped_query_heads_with_a_fused_feature_map(tiles, causal, layout, gat
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     logit = torch.randn(2, 2, N, generator=g, dtype=torch.float64, requires_grad=True)
     kw = {"log_decay": F.logsigmoid(logit)} if gates else {}
-    phi = lambda x, is_query: elu_plus_one(x)  # noqa: E731
+    phi = lambda x, is_query: elu_plus_one(x)
     mask = Mask(N, N, causal=causal)
     out, st = linear_attention(q, k, v, mask, phi=phi, chunk=4, return_state=True, **kw)
     assert st.kv.shape == (2, 2, D, EV)
@@ -292,9 +303,10 @@ def test_grouped_query_heads_with_a_fused_feature_map(tiles, causal, layout, gat
 
 
 def _native_gqa_specs():
+    from helpers import make_mech
+
     import fastattn
     from fastattn.mechanisms.kernel.base import KernelMechanism
-    from helpers import make_mech
 
     return [s for s in fastattn.methods() if issubclass(s.cls, KernelMechanism) and make_mech(s).native_gqa]
 
@@ -304,9 +316,10 @@ def _native_gqa_specs():
 def test_native_gqa_mechanisms_equal_expanded_heads(spec, causal, monkeypatch):
     """Kernel mechanisms that take grouped-query heads natively hand the op 2 key/value heads (not 4)
     and equal the run on expanded heads, values and gradients."""
+    from helpers import make_mech, qkv
+
     from fastattn.core.checks import repeat_kv
     from fastattn.ops.linear import tiled
-    from helpers import make_mech, qkv
 
     seen = []
     real = tiled._forward

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_mech
 
 import fastattn
-import fastattn.ops.linear.tiled  # noqa: F401 -- registers the custom ops
-from helpers import make_mech
+import fastattn.ops.linear.tiled
 
 
 def _args(log_g: str | None, state: bool, causal: bool, normalize: bool):
     """4 query heads on 2 key/value heads (native grouped-query attention)."""
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    r = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64).requires_grad_()
     q, k, v = r(2, 4, 13, 4), r(2, 2, 13, 4), r(2, 2, 13, 5)
     lg = None if log_g is None else (-r(2, 2, 13 if log_g == "token" else 1)).detach().requires_grad_()
     s0 = r(2, 2, 4, 5) if state else None

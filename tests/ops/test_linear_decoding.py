@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_mech, qkv
 
 import fastattn
 from fastattn.core.masks import Mask
 from fastattn.mechanisms.kernel.base import KernelMechanism
 from fastattn.ops.linear import tiled
 from fastattn.ops.linear.state import LinearState
-from helpers import make_mech, qkv
 
 
 def _decoding_kernel_specs():
@@ -23,7 +23,7 @@ def _decoding_kernel_specs():
 def test_step_state_is_typed_and_selectable(spec):
     mech = make_mech(spec).double()
     q, k, v = qkv(b=3, lq=19)
-    out, st = mech.step(q[:, :, :11], k[:, :, :11], v[:, :, :11], None, 16 ** -0.5)
+    _, st = mech.step(q[:, :, :11], k[:, :, :11], v[:, :, :11], None, 16 ** -0.5)
     assert isinstance(st, LinearState) and st.length == 11
     beams = torch.tensor([2, 0, 2])
     picked = st.select(beams)

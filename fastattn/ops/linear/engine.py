@@ -38,11 +38,18 @@ from torch import Tensor
 from fastattn.core.checks import repeat_kv
 from fastattn.core.masks import Mask
 from fastattn.ops.softmax.online import compute_dtype
+
 from .state import LinearState
 from .tiled import FeatureMap, gate_dtype, tiled_linear_attention
 
-__all__ = ["LinearState", "LOG_GATE_FLOOR", "dense_kernel_attention", "linear_attention", "linear_state",
-           "log_gates"]
+__all__ = [
+    "LOG_GATE_FLOOR",
+    "LinearState",
+    "dense_kernel_attention",
+    "linear_attention",
+    "linear_state",
+    "log_gates",
+]
 
 LOG_GATE_FLOOR = -60.0  # log-gates below this act as this: exp(-60) ~ 1e-26 (no -inf, no NaN)
 
@@ -80,7 +87,7 @@ def linear_state(fk: Tensor, v: Tensor, *, log_g: Tensor | None = None, s0: Tens
     """The state after keys ``fk`` ``(B, H, n, D)`` and values ``v``, in closed form (autograd):
     ``S = exp(A_n) S_0 + sum_s exp(A_n - A_s) k'_s v_s^T`` and ``z`` alike (None unless ``normalize``);
     ``log_g`` as returned by :func:`log_gates`."""
-    b, h, n, _ = fk.shape
+    n = fk.shape[2]
     lam = None
     if log_g is not None:
         cum = log_g.to(gate_dtype(log_g.device)).expand(*log_g.shape[:2], n).cumsum(-1)

@@ -55,14 +55,15 @@ Entry points: :func:`tiled_linear_attention` (autograd-aware; without ``phi`` it
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["FeatureMap", "gate_dtype", "tiled_linear_attention", "tile_length"]
+__all__ = ["FeatureMap", "gate_dtype", "tile_length", "tiled_linear_attention"]
 
 _TILE_FLOATS = 1 << 18  # CPU: about 1 MiB of float32 per tile-sized temporary (stays in cache)
 _TILE_FLOATS_ACCEL = 1 << 24  # GPU: 64 MiB; small tiles would be kernel-launch bound there
@@ -588,12 +589,12 @@ _BWD = ("(Tensor q, Tensor k, Tensor v, Tensor? log_g, Tensor? s0, Tensor? z0, T
 
 
 @torch.library.custom_op("fastattn::linear_attention", mutates_args=(), schema=_FWD)
-def _linear_op(q, k, v, log_g, s0, z0, causal, normalize, chunk):  # noqa: D103
+def _linear_op(q, k, v, log_g, s0, z0, causal, normalize, chunk):
     return _forward(q, k, v, log_g, s0, z0, None, causal, normalize, chunk)
 
 
 @_linear_op.register_fake
-def _(q, k, v, log_g, s0, z0, causal, normalize, chunk):  # noqa: D103
+def _(q, k, v, log_g, s0, z0, causal, normalize, chunk):
     b, h, lq, d = q.shape
     hkv, ev = k.shape[1], v.shape[-1]
     return (v.new_empty(b, h, lq, ev), v.new_empty(b, h, lq, 1) if normalize else v.new_empty(0),
@@ -602,13 +603,13 @@ def _(q, k, v, log_g, s0, z0, causal, normalize, chunk):  # noqa: D103
 
 @torch.library.custom_op("fastattn::linear_attention_backward", mutates_args=(), schema=_BWD)
 def _linear_op_backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize,
-                        chunk):  # noqa: D103
+                        chunk):
     return _backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, None, causal,
                      normalize, chunk)
 
 
 @_linear_op_backward.register_fake
-def _(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize, chunk):  # noqa: D103
+def _(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize, chunk):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             v.new_empty(0) if log_g is None or not causal else log_g.new_empty(log_g.shape),
             torch.empty_like(s_n), torch.empty_like(z_n))
@@ -639,7 +640,7 @@ class _FusedPhi(torch.autograd.Function):
     which a custom op cannot take)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_g, s0, z0, phi, causal, normalize, chunk):  # noqa: D102
+    def forward(ctx, q, k, v, log_g, s0, z0, phi, causal, normalize, chunk):
         ctx.set_materialize_grads(False)
         output = _forward(q, k, v, log_g, s0, z0, phi, causal, normalize, chunk)
         _setup_context(ctx, (q, k, v, log_g, s0, z0, causal, normalize, chunk), output)
@@ -648,7 +649,7 @@ class _FusedPhi(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dout, dden, dsn, dzn):  # noqa: D102
+    def backward(ctx, dout, dden, dsn, dzn):
         grads = _backward(*ctx.saved_tensors, dout, dden, dsn, dzn, ctx.phi, *ctx.args)
         return *_to_input_grads(grads, ctx.has), None, None, None, None
 
