@@ -107,6 +107,8 @@ def _exclusive_prefix(per_chunk: Tensor, carry: Tensor, loglam: Tensor | None = 
     g, m = per_chunk.shape[:2]
     dt, dev = per_chunk.dtype, per_chunk.device
     base = carry.reshape(g, 1, -1)
+    if m == 1:  # one chunk (a decoding step, a short span): nothing before it but the carry
+        return base.expand(g, 1, base.shape[-1]).reshape(per_chunk.shape)
     if loglam is None:
         ones = torch.ones(m, m, dtype=dt, device=dev)
         tri = (ones.triu(1) if reverse else ones.tril(-1)).expand(g, m, m)
