@@ -127,6 +127,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default="aot_eager")
     ap.add_argument("--only", default="", help="comma-separated mechanism ids")
+    ap.add_argument("--family", default="", help="comma-separated families (exact, kernel, sparse, ...)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -135,6 +136,9 @@ def main() -> int:
     if args.only:
         keep = set(args.only.split(","))
         specs = [s for s in specs if s.name in keep]
+    if args.family:
+        families = set(args.family.split(","))
+        specs = [s for s in specs if s.family in families]
     rows = []
     for spec in specs:
         build = CASES.get(spec.kind)
@@ -150,7 +154,7 @@ def main() -> int:
                   f"breaks={r.get('breaks')} {r['status']:8s} {r['compile_s']}s {r.get('error', '')}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"compile_check_{args.backend}.json"
+    path = out / (f"compile_check_{args.backend}" + (f"_{args.family.replace(',', '_')}" if args.family else "") + ".json")
     meta = {"torch": torch.__version__, "backend": args.backend, "device": "cpu", "threads": 1}
     path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     bad = sorted({r["name"] for r in rows if r["status"] != "pass"})

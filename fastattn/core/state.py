@@ -20,10 +20,12 @@ __all__ = ["DecodingState", "KVCache", "batch_index"]
 S = TypeVar("S", bound="DecodingState")
 
 
-def batch_index(index: Tensor | Sequence[int], batch: int, device: torch.device) -> Tensor:
-    """``index`` as a 1-D long tensor of batch rows (a bool tensor selects where True); a
-    ``ValueError`` for anything else or a row outside ``[0, batch)``."""
+def batch_index(index: Tensor | Sequence[int] | int, batch: int, device: torch.device) -> Tensor:
+    """``index`` as a 1-D long tensor of batch rows (a bool tensor selects where True; an int is one
+    row, the batch axis kept); a ``ValueError`` for anything else or a row outside ``[0, batch)``."""
     idx = torch.as_tensor(index, device=device)
+    if idx.dim() == 0 and not idx.is_floating_point() and idx.dtype != torch.bool:
+        idx = idx.reshape(1)
     if idx.dtype == torch.bool:
         if idx.shape != (batch,):
             raise ValueError(f"a bool batch index must have shape ({batch},), got {tuple(idx.shape)}")
@@ -58,7 +60,7 @@ class DecodingState:
                 setattr(new, name, batched(value) if name in self.batched else other(value))
         return new
 
-    def select(self: S, index: Tensor | Sequence[int]) -> S:
+    def select(self: S, index: Tensor | Sequence[int] | int) -> S:
         """The state of batch rows ``index`` (in that order; rows may repeat): reorders or subsets the
         batch, e.g. the surviving hypotheses of a beam search. The original state is unchanged."""
         first = getattr(self, self.batched[0])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastattn
-from helpers import EV, HKV, B, E, H, L, grads, ids, make_mech, padding_mask, qkv, rel_err, sequence_specs
+from helpers import EV, B, E, H, L, grads, ids, make_mech, padding_mask, qkv, rel_err, sequence_specs
 
 SPECS = sequence_specs()
 CAUSAL = [s for s in SPECS if s.causal]

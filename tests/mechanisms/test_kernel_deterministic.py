@@ -6,7 +6,6 @@ in the test, and against the property the paper is about."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

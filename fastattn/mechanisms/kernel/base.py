@@ -2,8 +2,9 @@
 
 A subclass implements :meth:`KernelMechanism.features` (and :meth:`decay` if it has one); the base
 class provides the efficient forward (:func:`~fastattn.ops.linear.engine.linear_attention`), the dense
-reference (:func:`~fastattn.ops.linear.engine.dense_kernel_attention`) and constant-state decoding, which
-runs the same chunked scan from the saved state so that ``step`` equals the causal forward.
+reference (:func:`~fastattn.ops.linear.engine.dense_kernel_attention`) and constant-state decoding: prefill
+and steps run the same tiled kernels from the saved :class:`~fastattn.ops.linear.state.LinearState`, so
+``step`` equals the causal forward.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch import Tensor
 
 from fastattn.core.base import Mechanism, repeat_kv
 from fastattn.core.masks import Mask
-from fastattn.ops.linear.engine import LinearState, dense_kernel_attention, linear_attention
+from fastattn.ops.linear.engine import dense_kernel_attention, linear_attention
+from fastattn.ops.linear.state import LinearState
 
 __all__ = ["KernelMechanism"]
 
@@ -27,6 +29,15 @@ class KernelMechanism(Mechanism):
     tokenwise: ClassVar[bool] = False
     log_decay: ClassVar[bool] = False  # True: decay() returns log lambda (finite where lambda underflows)
 
+    @property
+    def native_gqa(self) -> bool:  # type: ignore[override]
+        """Grouped-query key/value heads reach :meth:`forward` unexpanded -- the op keeps one state per
+        key/value head -- where that is the same computation: a token-wise feature map (the same in
+        every head), no per-head decay, and this class's own ``forward`` / ``reference``."""
+        cls = type(self)
+        return (self.tokenwise and self.decay() is None and cls.forward is KernelMechanism.forward
+                and cls.reference is KernelMechanism.reference)
+
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
         """``phi(x)`` ``(B, H, L, D)``. ``mask`` lets key features ignore padded keys where a feature
         map looks across positions; under a causal mask a key's features may depend on that key only
@@ -36,6 +47,10 @@ class KernelMechanism(Mechanism):
     def decay(self) -> Tensor | None:
         """Per-head decay ``(H,)`` in (0, 1] of the causal form (its log where ``log_decay``), or ``None``."""
         return None
+
+    def _decay(self, decay: Tensor | None) -> dict[str, Tensor | None]:
+        """The op's keyword for what :meth:`decay` returned (rates, or their logs where ``log_decay``)."""
+        return {"log_decay" if self.log_decay else "decay": decay}
 
     @property
     def chunk(self) -> int:
@@ -47,18 +62,17 @@ class KernelMechanism(Mechanism):
             def phi(x: Tensor, is_query: bool) -> Tensor:
                 return self.features(x, is_query=is_query, scale=scale, mask=mask)
 
-            return linear_attention(q, k, v, mask, phi=phi, decay=decay, normalize=self.normalize, chunk=self.chunk,
-                                    log_decay=self.log_decay)
+            return linear_attention(q, k, v, mask, phi=phi, normalize=self.normalize, chunk=self.chunk,
+                                    **self._decay(decay))
         fq = self.features(q, is_query=True, scale=scale, mask=mask)
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
-        return linear_attention(fq, fk, v, mask, decay=decay, normalize=self.normalize, chunk=self.chunk,
-                                log_decay=self.log_decay)
+        return linear_attention(fq, fk, v, mask, normalize=self.normalize, chunk=self.chunk, **self._decay(decay))
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         fq = self.features(q, is_query=True, scale=scale, mask=mask)
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
         decay = self.decay() if mask.causal else None
-        return dense_kernel_attention(fq, fk, v, mask, decay=decay, normalize=self.normalize, log_decay=self.log_decay)
+        return dense_kernel_attention(fq, fk, v, mask, normalize=self.normalize, **self._decay(decay))
 
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
@@ -76,7 +90,7 @@ class KernelMechanism(Mechanism):
         fq = self.features(q, is_query=True, scale=scale, mask=mask)
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
         out, new_state = linear_attention(
-            fq, fk, v, mask, decay=decay, normalize=self.normalize, chunk=self.chunk,
-            state=state, return_state=True, log_decay=self.log_decay,
+            fq, fk, v, mask, normalize=self.normalize, chunk=self.chunk, state=state, return_state=True,
+            **self._decay(decay),
         )
         return out.to(dtype), new_state

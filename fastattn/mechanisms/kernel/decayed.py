@@ -36,7 +36,7 @@ from torch import Tensor
 from fastattn.core.masks import Mask
 from .base import KernelMechanism
 from fastattn.ops.features import elu_plus_one
-from fastattn.ops.linear.engine import LinearState
+from fastattn.ops.linear.state import LinearState
 
 __all__ = [
     "DecayedLinear", "DecayedOptions", "tnl_decay", "tnl_log_decay", "alibi_slopes", "srms_norm", "ACTIVATIONS",
@@ -74,11 +74,27 @@ def tnl_decay(num_heads: int, decay_base: float, layer_ratio: float) -> Tensor:
     return torch.exp(tnl_log_decay(num_heads, "paper", decay_base, layer_ratio))
 
 
+class _SRMSNorm(torch.autograd.Function):
+    # out = y r with r = (mean(y^2) + eps)^(-1/2) over ``dims``; dy = r (g - out mean(g out)) -- two passes
+    # each way, where autograd's division and power take about twice as many over the whole output.
+    @staticmethod
+    def forward(ctx, y: Tensor, eps: float, dims: tuple[int, ...]) -> Tensor:  # noqa: D102
+        r = torch.rsqrt(y.square().mean(dim=dims, keepdim=True).add_(eps))
+        out = y * r
+        ctx.save_for_backward(out, r)
+        ctx.dims = dims
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: D102
+        out, r = ctx.saved_tensors
+        return (g - out * (g * out).mean(dim=ctx.dims, keepdim=True)).mul_(r), None, None
+
+
 def srms_norm(x: Tensor, eps: float = 1e-6, dims: tuple[int, ...] = (-1,)) -> Tensor:
     """``x / (|x|_2 / sqrt(d))`` over ``dims`` (the last axis by default); a zero row stays zero.
     (Mechanisms compute half precision in float32: ``Mechanism.half_precision``.)"""
-    rms = x.pow(2).mean(dim=dims, keepdim=True).add(eps).sqrt()
-    return x / rms
+    return _SRMSNorm.apply(x, eps, tuple(dims))
 
 
 def activate(x: Tensor, name: str) -> Tensor:

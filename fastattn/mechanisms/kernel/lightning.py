@@ -2,7 +2,7 @@
 
 Causal linear attention with decay, ``O = [(Q K^T) * M] V``, ``M_ts = lambda^(t-s)`` (s <= t), computed
 tile-wise: the masked quadratic form inside a block and a recurrent ``d x d`` state across blocks
-(the intra/inter-block split that :mod:`fastattn.ops.linear.engine`'s chunked scan implements). There is
+(the intra/inter-block split of the tiled kernels in :mod:`fastattn.ops.linear.tiled`). There is
 no softmax denominator; as in the TransNormerLLM models it was built for, the output is normalised by
 SRMSNorm over the concatenated heads (``norm="none"`` gives the raw operator). The per-head decay rates
 and the norm follow the authors' released code (ALiBi-style slopes; see :mod:`.decayed`), which differs

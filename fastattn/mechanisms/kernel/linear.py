@@ -2,7 +2,7 @@
 
 ``V'_i = phi(Q_i)^T sum_j phi(K_j) V_j^T / phi(Q_i)^T sum_j phi(K_j)`` with ``phi(x) = elu(x) + 1``
 (eq. 4-7). O(n d^2) time and O(n d) memory; the causal form is an RNN with a ``d x d`` state
-(computed here by the chunked scan of :mod:`fastattn.ops.linear.engine`).
+(computed here by the tiled kernels of :mod:`fastattn.ops.linear.tiled`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from fastattn.core.base import repeat_kv
 from fastattn.core.masks import Mask
 from fastattn.registry import register
-from fastattn.ops.linear.engine import LinearState, dense_kernel_attention, linear_attention
+from fastattn.ops.linear.engine import dense_kernel_attention, linear_attention
+from fastattn.ops.linear.state import LinearState
 from .random_features import RandomFeatureMechanism
 
 __all__ = ["RFA"]
@@ -94,22 +95,17 @@ class RFA(RandomFeatureMechanism):
         return self.feature_map(x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
     def gate_logits(self, k: Tensor) -> Tensor | None:
-        """Per-token gate logits ``(B, H, Lk)`` from the keys (``g = sigmoid(logits)``), or ``None``
-        without gating."""
+        """Per-token gate logits ``w_h . k_t + b_h`` ``(B, H, Lk)`` (``g_t = sigmoid``), or ``None``."""
         if not self.options.gate:
             return None
         dt = k.dtype
-        return torch.einsum("bhld,hd->bhl", k.to(dt), self.gate_weight.to(dt)) + self.gate_bias.to(dt)[:, None]
-
-    def gates(self, k: Tensor) -> Tensor | None:
-        """Per-token gates ``(B, H, Lk)`` from the keys, or ``None`` without gating."""
-        logits = self.gate_logits(k)
-        return None if logits is None else torch.sigmoid(logits)
+        # a matmul, not an einsum: under torch.compile the einsum's traced strides differ from eager's
+        logits = torch.matmul(k.to(dt), self.gate_weight.to(dt).unsqueeze(-1)).squeeze(-1)  # (B, H, Lk)
+        return logits + self.gate_bias.to(dt)[:, None]
 
     def _parts(self, q: Tensor, k: Tensor, mask: Mask) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Query and key features and ``log g`` (``None`` without gating). The gate enters the engine as
-        ``log sigmoid(logits)`` and ``1 - g`` as ``sigmoid(-logits)``: both stay exact (finite) where the
-        gate itself underflows to 0 or rounds to 1."""
+        """Features and the log-gates ``log g = logsigmoid(logits)`` (exact where ``g`` underflows to 0);
+        the keys are scaled by ``1 - g = sigmoid(-logits)``."""
         fq = self.features(q, is_query=True, scale=1.0, mask=mask)
         fk = self.features(k, is_query=False, scale=1.0, mask=mask)
         logits = self.gate_logits(k)
@@ -117,16 +113,15 @@ class RFA(RandomFeatureMechanism):
             return fq, fk, None
         if not mask.causal:
             raise ValueError("gated rfa is a causal (recurrent) form; use is_causal=True or gate=False")
-        fk = fk * torch.sigmoid(-logits).unsqueeze(-1)
-        return fq, fk, F.logsigmoid(logits)
+        return fq, fk * torch.sigmoid(-logits).unsqueeze(-1), F.logsigmoid(logits)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
-        fq, fk, log_g = self._parts(q, k, mask)
-        return linear_attention(fq, fk, v, mask, decay=log_g, log_decay=True, chunk=self.chunk)
+        fq, fk, g = self._parts(q, k, mask)
+        return linear_attention(fq, fk, v, mask, log_decay=g, chunk=self.chunk)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
-        fq, fk, log_g = self._parts(q, k, mask)
-        return dense_kernel_attention(fq, fk, v, mask, decay=log_g, log_decay=True).to(v.dtype)
+        fq, fk, g = self._parts(q, k, mask)
+        return dense_kernel_attention(fq, fk, v, mask, log_decay=g).to(v.dtype)
 
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
@@ -136,7 +131,6 @@ class RFA(RandomFeatureMechanism):
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         mask = Mask(lq=q.shape[2], lk=k.shape[2], key_padding=key_padding_mask, causal=True)  # padded gates: 1
-        fq, fk, log_g = self._parts(q, k, mask)
-        out, state = linear_attention(fq, fk, v, mask, decay=log_g, log_decay=True, chunk=self.chunk, state=state,
-                                      return_state=True)
+        fq, fk, g = self._parts(q, k, mask)
+        out, state = linear_attention(fq, fk, v, mask, log_decay=g, chunk=self.chunk, state=state, return_state=True)
         return out.to(dtype), state

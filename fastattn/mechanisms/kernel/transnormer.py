@@ -2,10 +2,11 @@
 
 ``O = SRMSNorm([(phi(Q) phi(K)^T) * M] V)`` with ``phi = swish`` (SiLU), no softmax denominator, the
 per-head exponential decay ``M_ts = lambda_h^(t-s)`` of LRPE-d, and SRMSNorm on the output
-(section 3.1-3.3), computed by the Lightning Attention block scan of :mod:`fastattn.ops.linear.engine`.
-O(n d^2) time. The decay rates and the norm follow the authors' released code (ALiBi-style slopes, one
-SRMSNorm over the concatenated heads; see :mod:`.decayed`); ``decay="paper", norm="srms"`` gives the
-paper's text (``lambda_h = exp(-(8 h / H)(1 - l / L))``, a norm per head).
+(section 3.1-3.3), computed by the Lightning Attention block split of the tiled kernels
+(:mod:`fastattn.ops.linear.tiled`). O(n d^2) time. The decay rates and the norm follow the authors'
+released code (ALiBi-style slopes, one SRMSNorm over the concatenated heads; see :mod:`.decayed`);
+``decay="paper", norm="srms"`` gives the paper's text (``lambda_h = exp(-(8 h / H)(1 - l / L))``, a
+norm per head).
 
 Not here (layer-level parts of the paper's block, outside an attention operator over given q, k, v):
 the output gate ``O * swish(X W_u)``, and LRPE's rotation ``exp(i theta (t - s))``.

@@ -16,7 +16,7 @@ from fastattn.ops.softmax.dense import dense_attention
 from fastattn.ops.sparse.engine import block_sparse_attention
 from fastattn.ops.sparse.nodes import Nodes
 from fastattn.ops.sparse.plan import Plan, cached_plan, eager
-from fastattn.ops.sparse.reference import dense_pattern_attention, pattern_reference
+from fastattn.ops.sparse.reference import pattern_reference
 from fastattn.ops.sparse.patterns import Pattern
 
 __all__ = ["PatternMechanism", "PrunedCache", "check_positive"]

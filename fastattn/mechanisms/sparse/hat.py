@@ -67,4 +67,4 @@ class HATAttention(PatternMechanism):
         alive = keep.any(-1)  # (b, m)
         # cross-segment attention between representatives
         rep_v = dense_attention(rep_k, rep_k, rep_v, Mask(m, m, key_padding=~alive), scale)
-        return Nodes(rep_k, rep_v, lambda qpos: alive[:, None, *(None,) * (qpos.dim() - 1), :])
+        return Nodes(rep_k, rep_v, lambda qpos: alive[(slice(None), None) + (None,) * (qpos.dim() - 1) + (slice(None),)])

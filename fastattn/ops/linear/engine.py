@@ -1,52 +1,57 @@
-"""The linear-attention engine shared by every kernel mechanism.
+"""Linear attention: the op every kernel mechanism calls, its dense reference, and the closed-form state.
 
-Given feature maps ``Q' = phi(Q)`` ``(B, H, Lq, D)`` and ``K' = phi(K)`` ``(B, H, Lk, D)``, it computes
+Given feature maps ``Q' = phi(Q)`` ``(B, H, Lq, D)`` and ``K' = phi(K)`` ``(B, H, Lk, D)``,
+:func:`linear_attention` computes
 
-* non-causal: ``out = Q' (K'^T V) / (Q' K'^T 1)`` -- two matrix products, O(n D Ev);
-* causal, with an optional per-head decay ``lambda`` in (0, 1]:
-  ``out_t = sum_{s<=t} lambda^(t-s) (q'_t . k'_s) v_s  /  sum_{s<=t} lambda^(t-s) q'_t . k'_s``,
-  or per-token gates ``g_s`` in (0, 1] (``decay`` of shape ``(B, H, Lk)``; RFA's gated form): the weight
-  of key ``s`` for query ``t`` is ``prod_{s<r<=t} g_r``, i.e. the state recursion ``S_t = g_t S_{t-1} +
-  k'_t v_t^T``; a per-head ``lambda`` is the constant gate. A padded key's per-token gate counts as 1.
-  by a **chunked scan** (Lightning Attention-2's intra/inter-block split): inside a chunk of ``chunk``
-  tokens the masked (decayed) quadratic form; across chunks a running ``D x Ev`` state. Memory is
-  O(n chunk + (n / chunk) D Ev), never the O(n D Ev) of a cumulative sum over outer products, and there
-  is no Python loop over tokens;
-* recurrent decoding: the same scan started from a saved :class:`LinearState` -- ``step`` and the
-  parallel causal forward are one code path.
+* non-causal: ``out = Q' (S_0 + K'^T V) / Q' (z_0 + K'^T 1)`` -- two matrix products, O(n D Ev);
+* causal, bottom-right aligned, with an optional per-head decay ``lambda_h`` or per-token gates ``g_t``
+  in [0, 1]: the recurrence ``S_t = g_t S_{t-1} + k'_t v_t^T`` (the same for ``z``) read out as
+  ``out_t = q'_t S_t / q'_t z_t``, i.e. query ``t`` weighs key ``s <= t`` by ``prod_{s<r<=t} g_r``; a
+  per-head ``lambda`` is the constant gate. Gates may be given as logs (``log_decay``, e.g. from
+  ``logsigmoid``), which is exact where a gate underflows to 0. Log-gates are floored at
+  :data:`LOG_GATE_FLOOR` (a gate below ``exp(-60)`` acts as ``exp(-60)``), so a gate of exactly 0 gives
+  finite values and gradients.
+
+Every case runs on the tiled kernels of :mod:`fastattn.ops.linear.tiled` (one implementation of the
+recurrence, with its hand-written backward). Keys before the first query (``Lq < Lk``, causal) are
+folded into the initial state by :func:`linear_state`. A previous :class:`LinearState` may be given
+(``state``) and the final one returned (``return_state``): ``step`` and the parallel forward are one
+code path, and a sequence split in two equals the whole. ``partial=True`` returns the unnormalised
+``(numerator, denominator)`` (float32 for half inputs) so that callers can combine pieces (sequence
+parallelism, prefill); with ``normalize=False`` the denominator is None.
+
+Grouped-query heads are native: ``fk``, ``v``, the decay / gates and the state may have ``Hkv`` heads
+(``H`` a multiple of ``Hkv``); the state is then kept per key/value head.
 
 ``normalize=False`` drops the denominator (Lightning / TransNormer use a norm after instead). Padding
-keys are removed by zeroing their features and values. Half-precision inputs are computed in float32.
+keys are removed by zeroing their features and values (and their per-token gates become 1; a per-head
+decay is positional and counts every position). Half-precision inputs are computed in float32.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from fastattn.core.checks import repeat_kv
 from fastattn.core.masks import Mask
-from fastattn.core.state import DecodingState
 from fastattn.ops.softmax.online import compute_dtype
-from .tiled import FeatureMap, causal_linear_attention, noncausal_linear_attention
 
-__all__ = ["LinearState", "linear_attention", "dense_kernel_attention"]
+from .state import LinearState
+from .tiled import FeatureMap, gate_dtype, tiled_linear_attention
 
+__all__ = [
+    "LOG_GATE_FLOOR",
+    "LinearState",
+    "dense_kernel_attention",
+    "linear_attention",
+    "linear_state",
+    "log_gates",
+]
 
-@dataclass
-class LinearState(DecodingState):
-    """Constant-size decoding state: ``S = sum lambda^(t-s) k'_s v_s^T`` ``(B, H, D, Ev)``, the
-    normaliser ``z = sum lambda^(t-s) k'_s`` ``(B, H, D)`` and the positions seen (``length``). Padded
-    keys enter it as zeros."""
-
-    kv: Tensor
-    z: Tensor
-    length: int = 0
-
-    batched = ("kv", "z")
+LOG_GATE_FLOOR = -60.0  # log-gates below this act as this: exp(-60) ~ 1e-26 (no -inf, no NaN)
 
 
 def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
@@ -55,9 +60,46 @@ def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
     return num / torch.where(zero, torch.ones_like(den), den)
 
 
-def _finish(num: Tensor, den: Tensor | None, dtype: torch.dtype) -> Tensor:
-    out = num if den is None else _safe_divide(num, den.unsqueeze(-1))
-    return out.to(dtype)
+def log_gates(decay: Tensor | None, log_decay: Tensor | None, fk: Tensor,
+              keep: Tensor | None = None) -> tuple[Tensor | None, bool]:
+    """Floored log-gates for the kernels and whether they are per token: ``(B, H, Lk)`` from per-token
+    ``decay`` / ``log_decay`` (padded keys' gates become 1), ``(B, H, 1)`` from a per-head ``(H,)`` one."""
+    if decay is not None and log_decay is not None:
+        raise ValueError("give decay or log_decay, not both")
+    x = decay if log_decay is None else log_decay
+    if x is None:
+        return None, False
+    b, h, n = fk.shape[:3]
+    per_token = x.dim() != 1
+    if not per_token and x.shape[0] != h:
+        raise ValueError(f"per-head decay must have shape ({h},), got {tuple(x.shape)}")
+    if per_token and tuple(x.shape) != (b, h, n):
+        raise ValueError(f"per-token decay must have shape (B, H, Lk) = ({b}, {h}, {n}), got {tuple(x.shape)}")
+    x = x.to(fk.dtype)
+    lg = x.clamp_min(LOG_GATE_FLOOR) if log_decay is not None else torch.log(x.clamp_min(math.exp(LOG_GATE_FLOOR)))
+    if not per_token:
+        return lg.view(1, h, 1).expand(b, h, 1), False
+    return (lg if keep is None else lg * keep[..., 0]), True
+
+
+def linear_state(fk: Tensor, v: Tensor, *, log_g: Tensor | None = None, s0: Tensor | None = None,
+                 z0: Tensor | None = None, normalize: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The state after keys ``fk`` ``(B, H, n, D)`` and values ``v``, in closed form (autograd):
+    ``S = exp(A_n) S_0 + sum_s exp(A_n - A_s) k'_s v_s^T`` and ``z`` alike (None unless ``normalize``);
+    ``log_g`` as returned by :func:`log_gates`."""
+    n = fk.shape[2]
+    lam = None
+    if log_g is not None:
+        cum = log_g.to(gate_dtype(log_g.device)).expand(*log_g.shape[:2], n).cumsum(-1)
+        fk = fk * (cum[..., -1:] - cum).exp().to(fk.dtype).unsqueeze(-1)
+        lam = cum[..., -1].exp().to(fk.dtype)  # (B, H)
+    kv = torch.matmul(fk.transpose(-1, -2), v)
+    z = fk.sum(dim=2) if normalize else None
+    if s0 is not None:
+        kv = kv + (s0 if lam is None else s0 * lam[..., None, None])
+    if z0 is not None and normalize:
+        z = z + (z0 if lam is None else z0 * lam[..., None])
+    return kv, z
 
 
 def linear_attention(
@@ -68,167 +110,118 @@ def linear_attention(
     *,
     phi: FeatureMap | None = None,
     decay: Tensor | None = None,
+    log_decay: Tensor | None = None,
     normalize: bool = True,
     chunk: int = 64,
     state: LinearState | None = None,
     return_state: bool = False,
-    log_decay: bool = False,
-) -> Tensor | tuple[Tensor, LinearState]:
+    partial: bool = False,
+) -> Tensor | tuple:
     """Linear attention over feature maps; see the module docstring.
 
     Args:
-        fq, fk: query/key features ``(B, H, Lq, D)``, ``(B, H, Lk, D)`` -- or, with ``phi``, the raw
+        fq, fk: query/key features ``(B, H, Lq, D)``, ``(B, Hkv, Lk, D)`` -- or, with ``phi``, the raw
             queries and keys.
-        v: values ``(B, H, Lk, Ev)``.
-        mask: only ``key_padding`` and ``causal`` are honoured (``bias`` is an error).
-        phi: a token-wise, parameter-free feature map ``phi(x, is_query)``; where it can, the engine
-            applies it tile by tile inside :mod:`fastattn.ops.linear.tiled` (full feature tensors never
-            exist), else it computes the features first.
-        decay: per-head ``lambda`` ``(H,)`` or per-token gates ``(B, H, Lk)``, in (0, 1] (causal only).
-        normalize: divide by ``q' . sum k'`` (True) or not.
-        chunk: chunk length of the causal scan.
-        state: a previous :class:`LinearState` to continue from (causal only).
-        return_state: also return the state after the last key (causal only).
-        log_decay: ``decay`` holds ``log lambda`` / ``log g`` (<= 0, finite where a gate underflows).
+        v: values ``(B, Hkv, Lk, Ev)``.
+        mask: only ``key_padding`` and ``causal`` are honoured (``bias`` is an error); causal needs
+            ``Lq <= Lk``.
+        phi: a token-wise, parameter-free feature map ``phi(x, is_query)``; where it can, the op
+            applies it tile by tile inside the kernels (full feature tensors never exist), else it
+            computes the features first.
+        decay: per-head ``lambda`` ``(Hkv,)`` or per-token gates ``(B, Hkv, Lk)``, in [0, 1] (causal only).
+        log_decay: the same as logs (``<= 0``), instead of ``decay``.
+        normalize: divide by ``q' . z`` (True) or not.
+        chunk: chunk length of the causal kernel.
+        state: a previous :class:`LinearState` to continue from (its tokens precede these keys).
+        return_state: also return the state after the last key.
+        partial: return ``(numerator, denominator)`` unnormalised instead of the output.
+
+    Returns:
+        the output ``(B, H, Lq, Ev)`` (or ``(num, den)``), followed by the :class:`LinearState` if
+        ``return_state``.
     """
     mask.require_only("key_padding", "causal", "bias", op="linear attention")
     if mask.bias is not None:
         raise ValueError("kernel attention cannot apply an arbitrary attn_mask")
-    if not mask.causal and (decay is not None or state is not None or return_state):
-        raise ValueError("decay and decoding state need the causal form")
+    if (decay is not None or log_decay is not None) and not mask.causal:
+        raise ValueError("decay and gates need the causal form")
+    lq, lk = fq.shape[2], fk.shape[2]
+    if fq.shape[1] % fk.shape[1]:
+        raise ValueError(f"query heads ({fq.shape[1]}) must be a multiple of key/value heads ({fk.shape[1]})")
+    if mask.causal and lq > lk:
+        raise ValueError(f"causal linear attention needs Lq <= Lk, got Lq={lq}, Lk={lk}")
+    if state is not None and tuple(state.kv.shape[:2]) != tuple(fk.shape[:2]):
+        raise ValueError(f"the state is for (B, H) = {tuple(state.kv.shape[:2])}, the keys are {tuple(fk.shape[:2])}")
+    if state is not None and normalize and state.z is None:
+        raise ValueError("a normalised call cannot continue from a state without its normaliser z")
     dtype = v.dtype
     dt = compute_dtype(dtype)
     fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
     keep = mask.key_keep(dt)
-    lq, lk = fq.shape[2], fk.shape[2]
-    tiled = decay is None and state is None and not return_state and (not mask.causal or lq == lk)
-    if phi is not None and not (tiled and keep is None):
+    log_g, per_token = log_gates(decay, log_decay, fk, keep)
+    if phi is not None and keep is not None:
         fq, fk, phi = phi(fq, True), phi(fk, False), None
     if keep is not None:
         fk, v = fk * keep, v * keep
-    if tiled:
-        if mask.causal:
-            return causal_linear_attention(fq, fk, v, phi=phi, normalize=normalize, chunk=chunk).to(dtype)
-        return noncausal_linear_attention(fq, fk, v, phi=phi, normalize=normalize).to(dtype)
-
-    if lq < lk:  # bottom-right alignment: the queries are the last lq positions
-        fq = F.pad(fq, (0, 0, lk - lq, 0))
-    log_g = _log_gates(decay, fk, keep, log_decay)
-    out, new_state = _causal_scan(fq, fk, v, log_g, normalize, chunk, state, want_state=return_state)
-    out = _finish(out[0], out[1], dtype)[:, :, lk - lq:].contiguous()  # the last lq rows, not a view
-    return (out, new_state) if return_state else out
-
-
-def _log_gates(decay: Tensor | None, fk: Tensor, keep: Tensor | None, is_log: bool = False) -> Tensor | None:
-    """``log g`` ``(B|1, H, Lk)`` from a per-head ``(H,)`` or per-token ``(B, H, Lk)`` decay; padded keys'
-    per-token gates become 1 (they never act on the state). A per-head decay is positional: it counts
-    every position, padded or not."""
-    if decay is None:
-        return None
-    log = (lambda x: x) if is_log else torch.log  # noqa: E731
-    b, h, n, _ = fk.shape
-    if decay.dim() == 1:
-        if decay.shape[0] != h:
-            raise ValueError(f"per-head decay must have shape ({h},), got {tuple(decay.shape)}")
-        return log(decay.to(fk.dtype)).view(1, h, 1).expand(1, h, n)
-    if tuple(decay.shape) != (b, h, n):
-        raise ValueError(f"per-token decay must have shape (B, H, Lk) = ({b}, {h}, {n}), got {tuple(decay.shape)}")
-    log_g = log(decay.to(fk.dtype))
-    return log_g if keep is None else log_g * keep[..., 0]
-
-
-def _causal_scan(
-    fq: Tensor, fk: Tensor, v: Tensor, log_g: Tensor | None, normalize: bool, chunk: int,
-    state: LinearState | None, want_state: bool = True,
-) -> tuple[tuple[Tensor, Tensor | None], LinearState | None]:
-    b, h, n, d = fq.shape
-    ev = v.shape[-1]
-    c = max(1, min(chunk, n))
-    m = math.ceil(n / c)
-    pad = m * c - n
-    if pad:
-        fq, fk, v = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v))
-    qc = fq.view(b, h, m, c, d)
-    kc = fk.view(b, h, m, c, d)
-    vc = v.view(b, h, m, c, ev)
-    idx = torch.arange(c, device=fq.device)
-    causal = idx[:, None] >= idx[None, :]
-    if log_g is None:
-        intra_w = causal.to(fq.dtype)  # (c, c)
-        q_in = k_out = None
-    else:
-        if pad:
-            log_g = F.pad(log_g, (0, pad))
-        cum = torch.cumsum(log_g.reshape(log_g.shape[0], h, m, c), dim=-1)  # G_i: gates 0..i of the chunk
-        diff = cum[..., :, None] - cum[..., None, :]  # G_i - G_j = log prod_{j<r<=i} g_r
-        intra_w = torch.exp(diff.masked_fill(~causal, float("-inf")))  # (B|1, h, m, c, c)
-        q_in = torch.exp(cum).unsqueeze(-1)  # decay of the chunk-start state up to query i
-        k_out = torch.exp(cum[..., -1:] - cum).unsqueeze(-1)  # key j to the chunk's end
-        lam_c = torch.exp(cum[..., -1])  # (B|1, h, m): the whole chunk
-    # intra-chunk: masked quadratic form
-    a = torch.matmul(qc, kc.transpose(-1, -2)) * intra_w
-    num = torch.matmul(a, vc)
-    den = a.sum(dim=-1) if normalize else None
-    # inter-chunk: states at each chunk's start
-    kd = kc if k_out is None else kc * k_out
-    kv_c = torch.matmul(kd.transpose(-1, -2), vc)  # (b, h, m, d, ev)
-    z_c = kd.sum(dim=3)  # (b, h, m, d)
-    init_kv = state.kv.to(fq.dtype) if state is not None else torch.zeros(b, h, d, ev, dtype=fq.dtype, device=fq.device)
-    init_z = state.z.to(fq.dtype) if state is not None else torch.zeros(b, h, d, dtype=fq.dtype, device=fq.device)
-    if log_g is None:
-        kv_start = torch.cumsum(kv_c, dim=2) - kv_c + init_kv[:, :, None]
-        z_start = torch.cumsum(z_c, dim=2) - z_c + init_z[:, :, None]
-    else:
-        starts_kv, starts_z = [], []
-        s_kv, s_z = init_kv, init_z
-        for j in range(m):  # a loop over chunks (n / chunk steps), not tokens
-            starts_kv.append(s_kv)
-            starts_z.append(s_z)
-            s_kv = s_kv * lam_c[:, :, j, None, None] + kv_c[:, :, j]
-            s_z = s_z * lam_c[:, :, j, None] + z_c[:, :, j]
-        kv_start = torch.stack(starts_kv, dim=2)
-        z_start = torch.stack(starts_z, dim=2)
-    qi = qc if q_in is None else qc * q_in
-    num = num + torch.matmul(qi, kv_start)
-    if normalize:
-        den = den + torch.matmul(qi, z_start.unsqueeze(-1)).squeeze(-1)
-    num = num.reshape(b, h, m * c, ev)[:, :, :n]
-    den = den.reshape(b, h, m * c)[:, :, :n] if den is not None else None
-    if not want_state:
-        return (num, den), None
-    # state after the last real token: lambda^n S_init + sum_s lambda^(n-1-s) k'_s v_s^T
-    fk_r, v_r = fk[:, :, :n], v[:, :, :n]
-    if log_g is None:
-        new_kv = init_kv + torch.matmul(fk_r.transpose(-1, -2), v_r)
-        new_z = init_z + fk_r.sum(dim=2)
-    else:
-        cum_n = torch.cumsum(log_g[..., :n], dim=-1)
-        w = torch.exp(cum_n[..., -1:] - cum_n).unsqueeze(-1)  # prod_{s<r<n} g_r
-        lam_n = torch.exp(cum_n[..., -1]).view(cum_n.shape[0], h, 1, 1)
-        new_kv = init_kv * lam_n + torch.matmul((fk_r * w).transpose(-1, -2), v_r)
-        new_z = init_z * lam_n.squeeze(-1) + (fk_r * w).sum(dim=2)
-    return (num, den), LinearState(new_kv, new_z, n + (state.length if state is not None else 0))
+    s0 = None if state is None else state.kv.to(dt)
+    z0 = None if state is None or not normalize else state.z.to(dt)
+    augment = partial and normalize  # the denominator as one more value column of ones
+    if augment:
+        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+        if s0 is not None:
+            s0, z0 = torch.cat([s0, z0.unsqueeze(-1)], dim=-1), None
+    norm = normalize and not augment
+    if mask.causal and lq < lk:  # keys before the first query: fold them into the initial state
+        p = lk - lq
+        kp = fk[:, :, :p] if phi is None else phi(fk[:, :, :p], False)
+        lp = log_g if log_g is None or not per_token else log_g[..., :p]
+        s0, z0 = linear_state(kp, v[:, :, :p], log_g=lp, s0=s0, z0=z0, normalize=norm)
+        fk, v = fk[:, :, p:], v[:, :, p:]
+        if per_token:
+            log_g = log_g[..., p:]
+    out, den, s_n, z_n = tiled_linear_attention(fq, fk, v, phi=phi, log_g=log_g, s0=s0, z0=z0,
+                                                causal=mask.causal, normalize=norm, chunk=chunk)
+    if augment:
+        out, den, s_n, z_n = out[..., :-1], out[..., -1], s_n[..., :-1], s_n[..., -1]
+    elif den is not None:
+        den = den.squeeze(-1)
+    result = (out, den if normalize else None) if partial else out.to(dtype)
+    if not return_state:
+        return result
+    return result, LinearState(s_n, z_n, (0 if state is None else state.length) + lk)
 
 
 def dense_kernel_attention(
-    fq: Tensor, fk: Tensor, v: Tensor, mask: Mask, *, decay: Tensor | None = None, normalize: bool = True,
-    log_decay: bool = False,
+    fq: Tensor, fk: Tensor, v: Tensor, mask: Mask, *, decay: Tensor | None = None,
+    log_decay: Tensor | None = None, normalize: bool = True, state: LinearState | None = None,
 ) -> Tensor:
-    """The reference: ``A = phi(Q) phi(K)^T`` (times ``lambda^(t-s)``), masked, row-normalised, ``A V``.
-    Dense O(n^2), written as the formula."""
-    a = torch.matmul(fq, fk.transpose(-1, -2))
+    """The reference: ``A = phi(Q) phi(K)^T`` (times ``prod_{s<r<=t} g_r``), masked, ``A V`` plus the
+    initial state's ``prod_{r<=t} g_r q'_t S_0``, row-normalised. Dense O(n^2), written as the formula.
+    Grouped-query inputs (fewer key/value heads; gates and state per key/value head) are expanded."""
     lq, lk = fq.shape[2], fk.shape[2]
-    if decay is not None:
-        keep = mask.key_keep(fq.dtype)
-        cum = torch.cumsum(_log_gates(decay, fk, keep, log_decay), dim=-1)  # (B|1, H, Lk): G_s = sum_{r<=s} log g_r
-        t = torch.arange(lq, device=fq.device) + mask.offset
-        g_t = cum[..., t]  # G at each query's position
-        diff = (g_t[..., :, None] - cum[..., None, :]).clamp_max(0)  # log prod_{s<r<=t} g_r (s <= t)
-        a = a * torch.exp(diff)
+    w0 = None
+    log_g, _ = log_gates(decay, log_decay, fk, mask.key_keep(fq.dtype))
+    groups = fq.shape[1] // fk.shape[1]
+    if groups > 1:
+        fk, v = repeat_kv(fk, groups), repeat_kv(v, groups)
+        log_g = None if log_g is None else log_g.repeat_interleave(groups, dim=1)
+        if state is not None:
+            z = None if state.z is None else state.z.repeat_interleave(groups, dim=1)
+            state = LinearState(repeat_kv(state.kv, groups), z, state.length)
+    a = torch.matmul(fq, fk.transpose(-1, -2))
+    if log_g is not None:
+        cum = log_g.to(gate_dtype(log_g.device)).expand(*log_g.shape[:2], lk).cumsum(-1)  # A_s = sum_{r<=s} log g_r
+        a_t = cum[..., torch.arange(lq, device=fq.device) + mask.offset]  # A at each query's position
+        a = a * torch.exp((a_t[..., :, None] - cum[..., None, :]).clamp_max(0)).to(a.dtype)
+        w0 = a_t.exp().to(a.dtype).unsqueeze(-1)
     allowed = mask.allowed(fq.device)
     if allowed is not None:
         a = a * allowed.to(a.dtype)
     out = torch.matmul(a, v)
-    if normalize:
-        out = _safe_divide(out, a.sum(dim=-1, keepdim=True))
-    return out
+    den = a.sum(dim=-1, keepdim=True)
+    if state is not None:
+        out_0 = torch.matmul(fq, state.kv)
+        den_0 = torch.matmul(fq, state.z.unsqueeze(-1)) if normalize else 0
+        out = out + (out_0 if w0 is None else w0 * out_0)
+        den = den + (den_0 if w0 is None else w0 * den_0)
+    return _safe_divide(out, den) if normalize else out
