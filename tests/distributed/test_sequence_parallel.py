@@ -1,0 +1,145 @@
+"""Sequence parallelism (fastattn.distributed) on gloo with spawned processes: every strategy equals the
+single process on values and on the gradients of q, k, v (float64), and bad input is a ValueError on
+every rank. One spawn per world size runs every case (process start-up dominates the time)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastattn
+from fastattn import distributed as fad
+
+B, H, E, N = 2, 4, 8, 16
+TOL = 1e-9
+
+# (method, strategy, causal, layout, padding, kv heads, options)
+CASES = [
+    ("linear", "lasp2", True, "contiguous", False, H, {"chunk": 4}),
+    ("linear", "lasp2", False, "contiguous", True, H, {}),
+    ("linear", "lasp2", True, "zigzag", True, 2, {"chunk": 4}),
+    ("lightning", "lasp2", True, "contiguous", False, H, {"chunk": 4}),
+    ("lightning", "lasp2", True, "zigzag", True, H, {"chunk": 4, "norm": "srms"}),
+    ("lightning", "lasp2", False, "contiguous", False, H, {}),
+    ("performer", "lasp2", True, "contiguous", False, H, {"num_features": 16}),
+    ("softmax", "ring", True, "contiguous", False, H, {}),
+    ("softmax", "ring", False, "contiguous", True, H, {}),
+    ("softmax", "ring", True, "zigzag", True, 2, {}),
+    ("flash", "ring", True, "zigzag", False, H, {"block_q": 2, "block_k": 3}),
+    ("local", "ulysses", True, "contiguous", True, H, {}),
+    ("local", "ulysses", True, "zigzag", False, H, {}),
+    ("softmax", "ulysses", False, "zigzag", False, H, {}),
+    ("linear", "auto", True, "zigzag", False, H, {}),
+]
+
+
+def _inputs(hkv: int, padding: bool, seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, E, dtype=torch.float64, generator=g)
+    k = torch.randn(B, hkv, N, E, dtype=torch.float64, generator=g)
+    v = torch.randn(B, hkv, N, E, dtype=torch.float64, generator=g)
+    grad = torch.randn(B, H, N, E, dtype=torch.float64, generator=g)
+    kp = None
+    if padding:
+        kp = torch.zeros(B, N, dtype=torch.bool)
+        kp[0, 3] = kp[1, -2:] = kp[1, 9] = True  # some in every region (early, middle, late)
+    return q, k, v, grad, kp
+
+
+def _case(case: tuple, seed: int, group=None) -> None:
+    method, strategy, causal, layout, padding, hkv, options = case
+    q, k, v, grad, kp = _inputs(hkv, padding, seed)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(seed)  # randomised mechanisms draw their features from here, both sides
+    want = fastattn.attention(*leaves, method, is_causal=causal, key_padding_mask=kp, **options)
+    (want * grad).sum().backward()
+    mine = [t.clone() for t in fad.shard_sequence((q, k, v), layout=layout)]
+    for t in mine:
+        t.requires_grad_()
+    kp_l = None if kp is None else fad.shard_sequence(kp, layout=layout, dim=1)
+    torch.manual_seed(seed + dist.get_rank())  # rank 0 draws as the single process; the others differ
+    out = fad.sequence_parallel_attention(*mine, method, is_causal=causal, strategy=strategy, layout=layout,
+                                          key_padding_mask=kp_l, group=group, **options)
+    (out * fad.shard_sequence(grad, layout=layout)).sum().backward()
+    checks = [("out", out, want)] + [(f"d{n}", t.grad, w.grad) for n, t, w in zip("qkv", mine, leaves)]
+    for name, got, full in checks:
+        ref = fad.shard_sequence(full.detach(), layout=layout)
+        err = (got.detach() - ref).abs().max().item()
+        assert err < TOL, f"{case}: {name} differs by {err:.3g}"
+    back = fad.unshard_sequence(out.detach(), layout=layout)
+    assert (back - want.detach()).abs().max().item() < TOL, f"{case}: unshard_sequence"
+
+
+def _raises(fn, *words: str) -> None:
+    try:
+        fn()
+    except ValueError as e:
+        missing = [w for w in words if w not in str(e)]
+        assert not missing, f"error {e!r} does not name {missing}"
+        return
+    raise AssertionError(f"no ValueError (expected one naming {words})")
+
+
+def _errors() -> None:
+    q, k, v, _, _ = _inputs(H, False, 0)
+    s = fad.shard_sequence((q, k, v))
+    _raises(lambda: fad.sequence_parallel_attention(*s, "softmax", strategy="bogus"), "strategy", "bogus")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "softmax", strategy="lasp2"), "lasp2", "softmax")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "linear", strategy="ring"), "ring", "linear")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "efficient", strategy="lasp2"), "efficient",
+            "token-wise")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "lightning", is_causal=True, strategy="ulysses"),
+            "ulysses", "lightning", "heads")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "softmax", layout="diagonal"), "layout", "diagonal")
+    _raises(lambda: fad.shard_sequence(q[:, :, :N - 1]), "divisible", str(N - 1))
+    rank = dist.get_rank()
+    uneven = (q[:, :, : 4 + 2 * rank], k[:, :, : 4 + 2 * rank], v[:, :, : 4 + 2 * rank])
+    _raises(lambda: fad.sequence_parallel_attention(*uneven, "softmax"), "ranks disagree")
+    assert fad.choose_strategy("softmax") == "ring"
+    assert fad.choose_strategy("lightning") == "lasp2"
+    assert fad.choose_strategy("efficient") == "ulysses"
+    assert fad.choose_strategy("local") == "ulysses"
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    failures = []
+    try:
+        for i, case in enumerate(CASES):
+            try:
+                _case(case, seed=100 + i)
+            except Exception:  # collect: every rank runs every case (collectives stay in step)
+                failures.append(traceback.format_exc())
+        try:
+            _errors()
+        except Exception:
+            failures.append(traceback.format_exc())
+    finally:
+        dist.destroy_process_group()
+    if failures:
+        raise AssertionError(f"rank {rank} of {world}:\n" + "\n".join(failures))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_equals_single_process(world: int) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+
+
+def test_needs_initialised_group() -> None:
+    q = torch.randn(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="init_process_group"):
+        fad.sequence_parallel_attention(q, q, q, "softmax")
