@@ -38,7 +38,8 @@ LASP-2's intra-chunk computation with the state exchange, per-token gates (gated
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -269,35 +270,45 @@ def _wait(works: list) -> None:
         w.wait()
 
 
+def _ring_steps(k: Tensor, v: Tensor, kp: Tensor | None, info: dict) -> Iterator[list]:
+    """The steps of the ring: at each, the tiles ``(i, j, keys, values, mask)`` (local query chunk ``i``,
+    chunk ``j`` of the block now held, its :class:`Mask` at the global positions; causally future pairs
+    left out), yielded while the block travels on to the next rank and the previous rank's arrives."""
+    group, layout, causal = info["group"], info["layout"], info["causal"]
+    rank, world = _group(group)
+    ids = _chunk_ids(layout, rank, world)
+    n, e = k.shape[2] // len(ids), k.shape[-1]
+    block = torch.cat([k, v] + ([] if kp is None else [_pad_channel(kp, k)]), dim=-1).contiguous()
+    for step in range(world):
+        src = (rank - step) % world
+        if step < world - 1:
+            nxt, works = _exchange(block, group, rank, world, tag=2 * step)
+        tiles = []
+        for i, gi in enumerate(ids):
+            for j, gj in enumerate(_chunk_ids(layout, src, world)):
+                if causal and gj > gi:
+                    continue  # entirely in the future
+                kb, vb, kpb = _unpack(block, j, n, e, kp is not None)
+                mask = Mask(n, n, key_padding=kpb, causal=causal, q_start=gi * n, k_start=gj * n)
+                tiles.append((slice(i * n, (i + 1) * n), slice(j * n, (j + 1) * n), kb, vb, mask))
+        yield tiles
+        if step < world - 1:
+            _wait(works)
+            block = nxt
+
+
 class _Ring(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, info: dict) -> Tensor:
-        group, layout, causal, scale = info["group"], info["layout"], info["causal"], info["scale"]
-        bq, bk = info["block_q"], info["block_k"]
-        rank, world = _group(group)
-        ids = _chunk_ids(layout, rank, world)
-        n = q.shape[2] // len(ids)
-        e = k.shape[-1]
-        block = torch.cat([k, v] + ([] if kp is None else [_pad_channel(kp, k)]), dim=-1).contiguous()
-        partials: list[tuple[Tensor, Tensor] | None] = [None] * len(ids)
-        for step in range(world):
-            src = (rank - step) % world
-            if step < world - 1:
-                nxt, works = _exchange(block, group, rank, world, tag=step)
-            for i, gi in enumerate(ids):
-                for j, gj in enumerate(_chunk_ids(layout, src, world)):
-                    if causal and gj > gi:
-                        continue  # entirely in the future
-                    kb, vb, kpb = _unpack(block, j, n, e, kp is not None)
-                    mask = Mask(n, n, key_padding=kpb, causal=causal, q_start=gi * n, k_start=gj * n)
-                    part = flash_block_forward(q[:, :, i * n:(i + 1) * n], kb, vb, mask, scale,
-                                               block_q=bq, block_k=bk)
-                    partials[i] = part if partials[i] is None else merge_partials([partials[i], part])
-            if step < world - 1:
-                _wait(works)
-                block = nxt
-        out = torch.cat([p[0] for p in partials], dim=2)  # type: ignore[index]
-        lse = torch.cat([p[1] for p in partials], dim=2)  # type: ignore[index]
+        scale, bq, bk = info["scale"], info["block_q"], info["block_k"]
+        partials: dict[int, tuple[Tensor, Tensor]] = {}
+        for tiles in _ring_steps(k, v, kp, info):
+            for qs, _, kb, vb, mask in tiles:
+                part = flash_block_forward(q[:, :, qs], kb, vb, mask, scale, block_q=bq, block_k=bk)
+                i = qs.start
+                partials[i] = part if i not in partials else merge_partials([partials[i], part])
+        out = torch.cat([partials[i][0] for i in sorted(partials)], dim=2)
+        lse = torch.cat([partials[i][1] for i in sorted(partials)], dim=2)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.kp, ctx.info = kp, info
         return out.to(q.dtype)
@@ -305,44 +316,27 @@ class _Ring(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, d_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        kp, info = ctx.kp, ctx.info
-        group, layout, causal, scale = info["group"], info["layout"], info["causal"], info["scale"]
-        bq, bk = info["block_q"], info["block_k"]
-        rank, world = _group(group)
-        ids = _chunk_ids(layout, rank, world)
-        n = q.shape[2] // len(ids)
-        e = k.shape[-1]
+        info = ctx.info
+        scale, bq, bk = info["scale"], info["block_q"], info["block_k"]
+        rank, world = _group(info["group"])
         dt = compute_dtype(q.dtype)
         d_out = d_out.to(dt)
         delta = (d_out * out.to(dt)).sum(dim=-1, keepdim=True)
         dq = torch.zeros(q.shape, dtype=dt, device=q.device)
-        block = torch.cat([k, v] + ([] if kp is None else [_pad_channel(kp, k)]), dim=-1).contiguous()
         d_block = torch.zeros(*k.shape[:3], k.shape[-1] + v.shape[-1], dtype=dt, device=k.device)
-        for step in range(world):
-            src = (rank - step) % world
-            if step < world - 1:
-                nxt, works = _exchange(block, group, rank, world, tag=2 * step)
-            for i, gi in enumerate(ids):
-                qs = slice(i * n, (i + 1) * n)
-                for j, gj in enumerate(_chunk_ids(layout, src, world)):
-                    if causal and gj > gi:
-                        continue
-                    kb, vb, kpb = _unpack(block, j, n, e, kp is not None)
-                    mask = Mask(n, n, key_padding=kpb, causal=causal, q_start=gi * n, k_start=gj * n)
-                    dqi, dk, dv = flash_block_backward(
-                        q[:, :, qs], kb, vb, out[:, :, qs], lse[:, :, qs], d_out[:, :, qs], mask, scale,
-                        block_q=bq, block_k=bk, delta=delta[:, :, qs],
-                    )
-                    dq[:, :, qs] += dqi
-                    d_block[:, :, j * n:(j + 1) * n] += torch.cat([dk, dv], dim=-1)
+        for step, tiles in enumerate(_ring_steps(k, v, ctx.kp, info)):
+            for qs, ks, kb, vb, mask in tiles:
+                dqi, dk, dv = flash_block_backward(
+                    q[:, :, qs], kb, vb, out[:, :, qs], lse[:, :, qs], d_out[:, :, qs], mask, scale,
+                    block_q=bq, block_k=bk, delta=delta[:, :, qs],
+                )
+                dq[:, :, qs] += dqi
+                d_block[:, :, ks] += torch.cat([dk, dv], dim=-1)
             # the block's gradient travels on with it; after W hops it is back with its owner
-            d_block, d_works = _exchange(d_block.contiguous(), group, rank, world, tag=2 * step + 1)
-            _wait(d_works)
-            if step < world - 1:
-                _wait(works)
-                block = nxt
-        dk, dv = d_block[..., :e], d_block[..., e:]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+            d_block, works = _exchange(d_block.contiguous(), info["group"], rank, world, tag=2 * step + 1)
+            _wait(works)
+        e = k.shape[-1]
+        return dq.to(q.dtype), d_block[..., :e].to(k.dtype), d_block[..., e:].to(v.dtype), None, None
 
 
 def _pad_channel(kp: Tensor, k: Tensor) -> Tensor:
@@ -487,8 +481,6 @@ def sequence_parallel_attention(
     rank, world = _group(group)
     if world < 2:
         raise ValueError("sequence parallelism needs a group of at least 2 ranks; call fastattn.attention instead")
-    if not isinstance(method, str):
-        raise ValueError(f"method must be a registry id (a string), got {type(method).__name__}")
     spec = get_method(method)
     if spec.kind != "sequence" or spec.level != "sequence":
         raise ValueError(f"method {method!r} is not a sequence mechanism; sequence parallelism runs those only")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -109,17 +110,18 @@ def _errors() -> None:
 
 def _worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))  # a collective out of step fails, never hangs
     failures = []
     try:
         for i, case in enumerate(CASES):
             try:
                 _case(case, seed=100 + i)
-            except Exception:  # collect: every rank runs every case (collectives stay in step)
+            except Exception:  # noqa: BLE001 -- collect: every rank runs every case (collectives in step)
                 failures.append(traceback.format_exc())
         try:
             _errors()
-        except Exception:
+        except Exception:  # noqa: BLE001
             failures.append(traceback.format_exc())
     finally:
         dist.destroy_process_group()
