@@ -47,6 +47,7 @@ from torch import Tensor
 
 from fastattn.core.base import Mechanism
 from fastattn.core.checks import check_inputs, repeat_kv
+from fastattn.core.layer import ProjectedAttention
 from fastattn.core.masks import Mask
 from fastattn.ops.linear.engine import linear_attention, linear_state, log_gates
 from fastattn.ops.linear.state import LinearState
@@ -54,7 +55,7 @@ from fastattn.ops.softmax.flash import flash_block_backward, flash_block_forward
 from fastattn.ops.softmax.online import compute_dtype, merge_partials
 from fastattn.registry import get_method
 
-__all__ = ["LAYOUTS", "STRATEGIES", "choose_strategy", "sequence_parallel_attention", "shard_sequence",
+__all__ = ["LAYOUTS", "STRATEGIES", "SequenceParallelAttention", "choose_strategy", "sequence_parallel_attention", "shard_sequence",
            "unshard_sequence"]
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -397,17 +398,25 @@ def _ulysses_capable(mech: Mechanism) -> str | None:
     return None
 
 
-def _ulysses(spec: Any, opts: Any, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool,
+def _ulysses(full: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool,
              scale: float, group: Any, layout: str) -> Tensor:
     _, world = _group(group)
     h, hkv = q.shape[1], k.shape[1]
     if h % world or hkv % world:
         raise ValueError(f"ulysses shards heads: query heads ({h}) and key/value heads ({hkv}) must be "
                          f"divisible by the group size ({world})")
-    why = _ulysses_capable(_build(spec, opts, q, k, group, broadcast=False))
+    why = _ulysses_capable(full)
+    if any(True for _ in full.parameters()):
+        why = "the module has learned parameters"
     if why:
-        raise ValueError(f"strategy 'ulysses' cannot run method {spec.name!r}: {why}")
-    mech = _build(spec, opts, q, k, group, heads=(h // world, hkv // world))
+        raise ValueError(f"strategy 'ulysses' cannot run method {full.spec.name!r}: {why}")
+    # the same mechanism on H / W heads, with the full module's buffers (none of them per head)
+    mech = type(full)(full.options, head_dim=full.head_dim, num_heads=h // world,
+                      num_kv_heads=hkv // world).to(q.device)
+    mine = dict(full.named_buffers())
+    with torch.no_grad():
+        for name, b in mech.named_buffers():
+            b.copy_(mine[name])
 
     def to_heads(x: Tensor) -> Tensor:
         return _natural_order(_AllToAll.apply(x, group, 1, 2), layout, world, dim=2)
@@ -423,16 +432,13 @@ def _ulysses(spec: Any, opts: Any, q: Tensor, k: Tensor, v: Tensor, kp: Tensor |
 
 
 # ----- the entry point --------------------------------------------------------------------------------
-def _build(spec: Any, opts: Any, q: Tensor, k: Tensor, group: Any, heads: tuple[int, int] | None = None,
-           broadcast: bool = True) -> Mechanism:
-    """The mechanism module for this call (for ``heads = (H, Hkv)`` other than the inputs'); its random
-    parts (buffers) broadcast from the group's first rank, so that every rank computes with the same
-    features."""
-    h, hkv = heads or (q.shape[1], k.shape[1])
-    mech = spec.cls(opts, head_dim=q.shape[-1], num_heads=h, num_kv_heads=hkv).to(q.device)
+def _build(spec: Any, opts: Any, q: Tensor, k: Tensor, group: Any) -> Mechanism:
+    """The mechanism module for this call; its random parts (buffers) broadcast from the group's first
+    rank, so that every rank computes with the same features."""
+    mech = spec.cls(opts, head_dim=q.shape[-1], num_heads=q.shape[1], num_kv_heads=k.shape[1]).to(q.device)
     if any(True for _ in mech.parameters()):
-        raise ValueError(f"method {spec.name!r} with options {opts} has learned parameters")
-    if broadcast and spec.randomized:
+        raise ValueError(f"method {spec.name!r} with options {opts} has learned parameters; pass the module")
+    if spec.randomized:
         for b in mech.buffers():
             dist.broadcast(b, _global(group, 0), group=group)
     return mech
@@ -451,9 +457,9 @@ def choose_strategy(method: str, strategy: str = "auto") -> str:
 
 
 def sequence_parallel_attention(
-    q: Tensor, k: Tensor, v: Tensor, method: str = "softmax", *, group: Any = None, is_causal: bool = False,
-    strategy: str = "auto", layout: str = "contiguous", key_padding_mask: Tensor | None = None,
-    scale: float | None = None, **options: Any,
+    q: Tensor, k: Tensor, v: Tensor, method: str | Mechanism = "softmax", *, group: Any = None,
+    is_causal: bool = False, strategy: str = "auto", layout: str = "contiguous",
+    key_padding_mask: Tensor | None = None, scale: float | None = None, **options: Any,
 ) -> Tensor:
     """Attention of this rank's queries over the whole sequence, each rank holding a shard.
 
@@ -461,7 +467,10 @@ def sequence_parallel_attention(
         q, k, v: this rank's shards ``(B, H, n, E)``, ``(B, Hkv, n, E)``, ``(B, Hkv, n, Ev)`` (as given by
             :func:`shard_sequence` with the same ``layout``); self-attention, so ``q`` and ``k`` have the
             same length; every rank the same shapes.
-        method: a registry id of a functional sequence mechanism.
+        method: a registry id of a functional sequence mechanism, or a built mechanism module (e.g. a
+            layer's core, with its learned parameters: their gradients are this rank's share, to be
+            summed over the group as data-parallel gradients are; its random buffers must agree across
+            ranks, which ``MultiheadAttention(..., sequence_parallel_group=g)`` ensures).
         group: the process group (default: the world).
         is_causal: causal masking over the global positions.
         strategy: ``"auto"``, ``"lasp2"``, ``"ring"`` or ``"ulysses"`` (see the module docstring).
@@ -469,7 +478,7 @@ def sequence_parallel_attention(
         key_padding_mask: this rank's shard ``(B, n)`` of the padding mask (True = padding), sharded like
             the keys.
         scale: score scale (default ``E ** -0.5``).
-        **options: the mechanism's options.
+        **options: the mechanism's options (with a method id only).
 
     Returns:
         this rank's output shard ``(B, H, n, Ev)``, equal to the single-process result's (values and
@@ -481,10 +490,13 @@ def sequence_parallel_attention(
     rank, world = _group(group)
     if world < 2:
         raise ValueError("sequence parallelism needs a group of at least 2 ranks; call fastattn.attention instead")
-    spec = get_method(method)
+    given = method if isinstance(method, Mechanism) else None
+    if given is not None and options:
+        raise ValueError(f"options {sorted(options)} given with a built mechanism module (it has its own)")
+    spec = given.spec if given is not None else get_method(method)
     if spec.kind != "sequence" or spec.level != "sequence":
-        raise ValueError(f"method {method!r} is not a sequence mechanism; sequence parallelism runs those only")
-    opts = spec.make_options(**options)
+        raise ValueError(f"method {spec.name!r} is not a sequence mechanism; sequence parallelism runs those only")
+    opts = given.options if given is not None else spec.make_options(**options)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be (B, H, n, E) shards")
     check_inputs(spec, q, k, v, key_padding_mask=key_padding_mask, attn_mask=None, is_causal=is_causal,
@@ -498,20 +510,71 @@ def sequence_parallel_attention(
                          f"is not divisible by {per_rank}")
     codes = [STRATEGIES.index(strategy), LAYOUTS.index(layout), int(is_causal), int(key_padding_mask is not None)]
     _check_same(group, "sequence_parallel_attention", [*q.shape, *k.shape, *v.shape, *codes])
-    chosen = choose_strategy(method, strategy)
+    chosen = choose_strategy(spec.name, strategy)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = q.dtype
+    mech = given if given is not None else _build(spec, opts, q, k, group)
     if chosen == "ulysses":
-        return _ulysses(spec, opts, q, k, v, key_padding_mask, is_causal, scale, group, layout).to(dtype)
-    mech = _build(spec, opts, q, k, group)
+        return _ulysses(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout).to(dtype)
     q, k, v = mech.upcast(q, k, v)
     if chosen == "ring":
         if not spec.exact:
-            raise ValueError(f"strategy 'ring' runs exact softmax attention; method {method!r} is not exact")
+            raise ValueError(f"strategy 'ring' runs exact softmax attention; method {spec.name!r} is not exact")
         out = _ring(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout)
     else:
         why = _lasp2_capable(type(mech))
         if why:
-            raise ValueError(f"strategy 'lasp2' cannot run method {method!r}: {why}")
+            raise ValueError(f"strategy 'lasp2' cannot run method {spec.name!r}: {why}")
         out = _lasp2(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout)
     return out.to(dtype)
+
+
+# ----- the layer ----------------------------------------------------------------------------------------
+class SequenceParallelAttention(ProjectedAttention):
+    """The standard layer (:class:`~fastattn.core.layer.ProjectedAttention`) on a sequence sharded over
+    ``group``: the projections act on this rank's tokens, the core runs through
+    :func:`sequence_parallel_attention`. ``MultiheadAttention(..., sequence_parallel_group=g)`` builds it.
+
+    At construction the parameters and buffers (random features included) are broadcast from the group's
+    first rank, so every rank holds the same layer. The gradients of the parameters are then this rank's
+    share: sum them over the group (as data parallelism does). Self-attention only; no ``attn_mask``,
+    attention dropout, attention weights, reference backend or decoding.
+    """
+
+    def __init__(self, options: Any, config: Any, *, generator: torch.Generator | None = None, group: Any = None,
+                 strategy: str = "auto", layout: str = "contiguous") -> None:
+        super().__init__(options, config, generator=generator)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+        _check_layout(layout)
+        if config.dropout > 0:
+            raise ValueError("sequence parallelism does not run attention dropout; use dropout=0")
+        if config.backend == "reference":
+            raise ValueError("the reference backend is single-process; use backend='auto' or 'torch'")
+        choose_strategy(self.options.core, strategy)  # an unknown combination fails here, not at forward
+        self.group, self.strategy, self.layout = group, strategy, layout
+        _group(group)
+        with torch.no_grad():
+            for t in [*self.parameters(), *self.buffers()]:
+                dist.broadcast(t.data, _global(group, 0), group=group)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, reference: bool = False, **masks: Any) -> Tensor:
+        if reference:
+            raise ValueError("the reference is single-process; it does not run under sequence parallelism")
+        if masks.get("attn_mask") is not None:
+            raise ValueError("sequence parallelism cannot apply an attn_mask (only key_padding_mask)")
+        return sequence_parallel_attention(
+            q, k, v, self.core, group=self.group, is_causal=masks.get("is_causal", False), strategy=self.strategy,
+            layout=self.layout, key_padding_mask=masks.get("key_padding_mask"),
+        )
+
+    def forward(self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,
+                need_weights: bool = False, **masks: Any) -> tuple[Tensor, Tensor | None]:
+        if context is not None or value is not None:
+            raise ValueError("sequence parallelism shards self-attention; cross-attention is not supported")
+        if need_weights:
+            raise ValueError("need_weights: the attention matrix is not formed under sequence parallelism")
+        return super().forward(x, **masks)
+
+    def step(self, x: Tensor, state: Any, *, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Any]:
+        raise ValueError("decoding (step) is not sequence-parallel; decode with an ordinary layer")

@@ -77,6 +77,33 @@ def _case(case: tuple, seed: int, group=None) -> None:
     assert (back - want.detach()).abs().max().item() < TOL, f"{case}: unshard_sequence"
 
 
+def _layer(method: str, causal: bool, seed: int, **options) -> None:
+    """MultiheadAttention(..., sequence_parallel_group=g) on shards equals the layer on the whole sequence:
+    outputs, input gradients, and parameter gradients summed over the ranks."""
+    d = H * E
+    torch.manual_seed(seed)
+    ref = fastattn.MultiheadAttention(d, H, method, batch_first=True, dtype=torch.float64, **options)
+    torch.manual_seed(seed + dist.get_rank())  # rank 0 builds ref's layer; the others differ until broadcast
+    sp = fastattn.MultiheadAttention(d, H, method, batch_first=True, dtype=torch.float64,
+                                     sequence_parallel_group=dist.group.WORLD, **options)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, d, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(B, N, d, dtype=torch.float64, generator=g)
+    want, _ = ref(x, is_causal=causal)
+    (want * grad).sum().backward()
+    x_l = fad.shard_sequence(x.detach(), dim=1).requires_grad_()
+    out, _ = sp(x_l, is_causal=causal)
+    (out * fad.shard_sequence(grad, dim=1)).sum().backward()
+    errs = {"out": (out.detach() - fad.shard_sequence(want.detach(), dim=1)).abs().max().item(),
+            "dx": (x_l.grad - fad.shard_sequence(x.grad, dim=1)).abs().max().item()}
+    for (name, p), (_, p_ref) in zip(sp.named_parameters(), ref.named_parameters()):
+        total = p.grad.clone()
+        dist.all_reduce(total)
+        errs[name] = (total - p_ref.grad).abs().max().item()
+    bad = {k: v for k, v in errs.items() if not v < TOL}
+    assert not bad, f"layer {method} causal={causal}: {bad}"
+
+
 def _raises(fn, *words: str) -> None:
     try:
         fn()
@@ -118,6 +145,13 @@ def _worker(rank: int, world: int, port: int) -> None:
             try:
                 _case(case, seed=100 + i)
             except Exception:  # noqa: BLE001 -- collect: every rank runs every case (collectives in step)
+                failures.append(traceback.format_exc())
+        for j, (method, causal, options) in enumerate(
+            [("linear", True, {}), ("lightning", True, {"chunk": 4}), ("softmax", False, {})]
+        ):
+            try:
+                _layer(method, causal, seed=200 + j, **options)
+            except Exception:  # noqa: BLE001
                 failures.append(traceback.format_exc())
         try:
             _errors()
