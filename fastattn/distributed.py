@@ -159,26 +159,23 @@ def unshard_sequence(t: Tensor, group: Any = None, layout: str = "contiguous", d
     tensor (as ``torch.distributed.nn.all_gather``)."""
     _check_layout(layout)
     _, world = _group(group)
-    _check_same(group, "unshard_sequence", [*t.shape, t.dim(), dim])
+    _agree(group, "unshard_sequence", [*t.shape, dim])
     gathered = _AllGather.apply(t, group)
     return _natural_order(torch.cat(gathered.unbind(0), dim=dim), layout, world, dim)
 
 
-def _check_same(group: Any, what: str, values: Sequence[int]) -> None:
-    """A ``ValueError`` on every rank unless every rank passed the same ``values`` (shapes, flags)."""
+def _agree(group: Any, what: str, values: Sequence[Any], error: str | None = None) -> None:
+    """Raise the same ``ValueError`` on every rank when any rank found its input bad (``error``) or the ranks
+    passed different ``values`` (shapes, flags): one rank's bad input must not leave the others waiting in a
+    collective."""
     _, world = _group(group)
-    mine = torch.tensor([len(values), *values], dtype=torch.int64)
-    width = torch.tensor([mine.numel()], dtype=torch.int64)
-    widths = [torch.empty_like(width) for _ in range(world)]
-    dist.all_gather(widths, width, group=group)
-    top = int(max(int(w) for w in widths))
-    padded = torch.full((top,), -1, dtype=torch.int64)
-    padded[: mine.numel()] = mine
-    every = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(every, padded, group=group)
-    if any(not torch.equal(e, every[0]) for e in every):
-        raise ValueError(f"{what}: the ranks disagree on the shard shapes or arguments: "
-                         f"{[e[1:int(e[0]) + 1].tolist() for e in every]}")
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, (error, list(values)), group=group)
+    errors = [f"rank {r}: {e}" for r, (e, _) in enumerate(everyone) if e]
+    if errors:
+        raise ValueError(f"{what}: " + "; ".join(errors))
+    if any(v != everyone[0][1] for _, v in everyone):
+        raise ValueError(f"{what}: the ranks disagree on the shard shapes or arguments: {[v for _, v in everyone]}")
 
 
 # ----- LASP-2 -----------------------------------------------------------------------------------------
@@ -456,6 +453,19 @@ def choose_strategy(method: str, strategy: str = "auto") -> str:
     return "lasp2" if _lasp2_capable(spec.cls) is None else "ulysses"
 
 
+def _check_shard(spec: Any, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, per_rank: int,
+                 layout: str) -> None:
+    if not all(isinstance(t, Tensor) and t.dim() == 4 for t in (q, k, v)):
+        raise ValueError("q, k, v must be (B, H, n, E) shards")
+    check_inputs(spec, q, k, v, key_padding_mask=kp, attn_mask=None, is_causal=causal, dropout_p=0.0)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"sequence parallelism shards self-attention: q and k must have the same local "
+                         f"length, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[2] % per_rank:
+        raise ValueError(f"the {layout} layout holds {per_rank} chunks per rank: the local length {q.shape[2]} "
+                         f"is not divisible by {per_rank}")
+
+
 def sequence_parallel_attention(
     q: Tensor, k: Tensor, v: Tensor, method: str | Mechanism = "softmax", *, group: Any = None,
     is_causal: bool = False, strategy: str = "auto", layout: str = "contiguous",
@@ -484,32 +494,27 @@ def sequence_parallel_attention(
         this rank's output shard ``(B, H, n, Ev)``, equal to the single-process result's (values and
         gradients). Every rank must call it (collectives); bad input is a ``ValueError`` on every rank.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    _check_layout(layout)
     rank, world = _group(group)
     if world < 2:
         raise ValueError("sequence parallelism needs a group of at least 2 ranks; call fastattn.attention instead")
     given = method if isinstance(method, Mechanism) else None
-    if given is not None and options:
-        raise ValueError(f"options {sorted(options)} given with a built mechanism module (it has its own)")
-    spec = given.spec if given is not None else get_method(method)
-    if spec.kind != "sequence" or spec.level != "sequence":
-        raise ValueError(f"method {spec.name!r} is not a sequence mechanism; sequence parallelism runs those only")
-    opts = given.options if given is not None else spec.make_options(**options)
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k, v must be (B, H, n, E) shards")
-    check_inputs(spec, q, k, v, key_padding_mask=key_padding_mask, attn_mask=None, is_causal=is_causal,
-                 dropout_p=0.0)
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"sequence parallelism shards self-attention: q and k must have the same local "
-                         f"length, got {q.shape[2]} and {k.shape[2]}")
-    per_rank = len(_chunk_ids(layout, rank, world))
-    if q.shape[2] % per_rank:
-        raise ValueError(f"the {layout} layout holds {per_rank} chunks per rank: the local length {q.shape[2]} "
-                         f"is not divisible by {per_rank}")
-    codes = [STRATEGIES.index(strategy), LAYOUTS.index(layout), int(is_causal), int(key_padding_mask is not None)]
-    _check_same(group, "sequence_parallel_attention", [*q.shape, *k.shape, *v.shape, *codes])
+    spec = opts = error = None
+    try:  # this rank's own arguments and input: an error is raised on every rank (below), none waits
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+        _check_layout(layout)
+        if given is not None and options:
+            raise ValueError(f"options {sorted(options)} given with a built mechanism module (it has its own)")
+        spec = given.spec if given is not None else get_method(method)
+        if spec.kind != "sequence" or spec.level != "sequence":
+            raise ValueError(f"method {spec.name!r} is not a sequence mechanism; sequence parallelism runs those only")
+        opts = given.options if given is not None else spec.make_options(**options)
+        _check_shard(spec, q, k, v, key_padding_mask, is_causal, len(_chunk_ids(layout, rank, world)), layout)
+    except ValueError as e:
+        error = str(e)
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else None for t in (q, k, v, key_padding_mask)]
+    _agree(group, "sequence_parallel_attention", [*shapes, str(strategy), str(layout), is_causal], error)
+    assert spec is not None
     chosen = choose_strategy(spec.name, strategy)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = q.dtype

@@ -129,6 +129,11 @@ def _errors() -> None:
     rank = dist.get_rank()
     uneven = (q[:, :, : 4 + 2 * rank], k[:, :, : 4 + 2 * rank], v[:, :, : 4 + 2 * rank])
     _raises(lambda: fad.sequence_parallel_attention(*uneven, "softmax"), "ranks disagree")
+    odd = [t[:, :, : 4 - (rank == 1)] for t in s]  # only rank 1 has an odd length: every rank raises, none hangs
+    _raises(lambda: fad.sequence_parallel_attention(*odd, "softmax", layout="zigzag"), "rank 1", "divisible")
+    alone = dist.new_group([0])  # every rank creates it
+    if rank == 0:
+        _raises(lambda: fad.sequence_parallel_attention(*s, "softmax", group=alone), "at least 2 ranks")
     assert fad.choose_strategy("softmax") == "ring"
     assert fad.choose_strategy("lightning") == "lasp2"
     assert fad.choose_strategy("efficient") == "ulysses"
