@@ -163,6 +163,7 @@ def _worker(rank: int, world: int, port: int) -> None:
         except Exception:  # noqa: BLE001
             failures.append(traceback.format_exc())
     finally:
+        dist.barrier()  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()
     if failures:
         raise AssertionError(f"rank {rank} of {world}:\n" + "\n".join(failures))
