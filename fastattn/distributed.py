@@ -31,6 +31,11 @@ Strategies (:func:`sequence_parallel_attention`):
   computation on ``H / W`` heads, ``all_to_all`` back.
 * ``"auto"``: ring for exact mechanisms, lasp2 for kernel mechanisms it can run, ulysses otherwise.
 
+:class:`SequenceParallelAttention` is the standard layer around it
+(``fastattn.MultiheadAttention(..., sequence_parallel_group=g)``). Every rank must make the same calls
+(they are collectives, and every rank must run backward); a rank's bad input is a ``ValueError`` on every
+rank, never a wait.
+
 Not here (yet): a halo exchange for windowed sparse patterns (they run through Ulysses), the overlap of
 LASP-2's intra-chunk computation with the state exchange, per-token gates (gated ``rfa``) under LASP-2,
 ``attn_mask`` and dropout.
