@@ -80,9 +80,12 @@ def test_two_dimensional_query(spec):
     kpm = key_padding()
     ctx, w = a(q[:, 2], k, v, key_padding_mask=kpm)
     assert ctx.shape == (B, DV) and w.shape == (B, LK)
-    full_ctx, full_w = a(q, k, v, key_padding_mask=kpm)
-    torch.testing.assert_close(ctx, full_ctx[:, 2], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(w, full_w[:, 2], rtol=1e-12, atol=1e-12)
+    # a 2-D query is a one-query call: row 2 of the full call, or (query-recurrent mechanisms, whose
+    # query t depends on the queries before it) the only row of the one-query sequence
+    full_ctx, full_w = a(q[:, 2:3] if a.attn.recurrent else q, k, v, key_padding_mask=kpm)
+    row = 0 if a.attn.recurrent else 2
+    torch.testing.assert_close(ctx, full_ctx[:, row], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w, full_w[:, row], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
@@ -171,7 +174,10 @@ def test_steps_equal_the_forward(spec):
     # beam search: select reorders the batch of the state
     idx = torch.tensor([2, 0])
     c_sel, _, _ = a.step(q[idx, 0], k[idx], state.select(idx), kpm[idx], values=v[idx])
-    torch.testing.assert_close(c_sel, ctx[idx, 0], rtol=1e-12, atol=1e-12)
+    c_next, _, _ = a.step(q[:, 0], k, state, kpm, values=v)  # the same step on the whole batch
+    torch.testing.assert_close(c_sel, c_next[idx], rtol=1e-12, atol=1e-12)
+    if not a.attn.recurrent:  # no position state: any step is a one-query forward
+        torch.testing.assert_close(c_sel, ctx[idx, 0], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="state was made for keys"):
         a.step(q[:, 0], k[:, :4], state, values=v[:, :4])
 
@@ -193,9 +199,18 @@ def test_causal_use_never_sees_the_future(spec):
     torch.testing.assert_close(ctx[:, :t + 1], ctx2[:, :t + 1], rtol=0, atol=1e-13)
     assert (w.triu(1) == 0).all()
     assert not torch.allclose(ctx[:, t + 1:], ctx2[:, t + 1:])
-    # bottom-right alignment: the last Lq queries over Lk keys are the last rows of the square call
-    c_last, _ = a(q[:, -3:], k, v, is_causal=True)
-    torch.testing.assert_close(c_last, ctx[:, -3:], rtol=1e-12, atol=1e-12)
+    if a.attn.recurrent:
+        # query t depends on the queries before it: a suffix call is not a slice of the square call; the
+        # causal call is the non-causal one with the future keys' weights zeroed
+        _, w_all = a(q, k, v)
+        torch.testing.assert_close(w, w_all.tril(), rtol=1e-12, atol=1e-13)
+        _, w_last = a(q[:, -3:], k, v, is_causal=True)
+        _, w_last_all = a(q[:, -3:], k, v)
+        torch.testing.assert_close(w_last, w_last_all.tril(LK - 3), rtol=1e-12, atol=1e-13)
+    else:
+        # bottom-right alignment: the last Lq queries over Lk keys are the last rows of the square call
+        c_last, _ = a(q[:, -3:], k, v, is_causal=True)
+        torch.testing.assert_close(c_last, ctx[:, -3:], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="query length <= key length"):
         a(q, k[:, :3], v[:, :3], is_causal=True)
 

@@ -68,11 +68,11 @@ class Luong(AlignmentMechanism):
 
     test_options = {"score": "concat", "attention_dim": 5, "chunk_bytes": 4096}
     deviations = (
-        "luong: the 'location' score (a_t = softmax(W_a h_t), tied to a fixed source length) and local-m "
+        "The 'location' score (a_t = softmax(W_a h_t), tied to a fixed source length) and local-m "
         "alignment are not offered; local-p and global are.",
-        "luong: the attentional output h~_t = tanh(W_c [c_t; h_t]) and input feeding belong to the caller's "
+        "The attentional output h~_t = tanh(W_c [c_t; h_t]) and input feeding belong to the caller's "
         "decoder; the layer returns the context c_t and the alignment weights.",
-        "luong: source positions are 0-based (s = 0 .. S-1) and p_t = S sigmoid(.) lies in (0, S).",
+        "Source positions are 0-based (s = 0 .. S-1) and p_t = S sigmoid(.) lies in (0, S).",
     )
 
     @dataclass(frozen=True)
