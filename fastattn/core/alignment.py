@@ -71,10 +71,14 @@ class AlignmentMechanism(Registered):
       (position state carried from step to step, e.g. a window whose centre only moves forward). A
       forward over ``Lq`` queries then equals ``Lq`` decoder steps from a fresh state, not ``Lq``
       independent one-query calls.
+    * ``query_free`` -- the mechanism learns its ``num_queries`` queries (Lin et al.'s r hops) and is
+      called with ``query=None`` (its ``query`` argument is then None).
     """
 
     normalized: bool = True
     recurrent: ClassVar[bool] = False
+    query_free: ClassVar[bool] = False
+    num_queries: int = 0  # the learned queries of a query-free mechanism
 
     def __init__(self, options: Any = None, *, query_dim: int, key_dim: int, value_dim: int) -> None:
         super().__init__(options)

@@ -17,6 +17,23 @@ IDS = [s.name for s in SPECS]
 DECODING = [s for s in SPECS if s.decoding]
 
 
+class QueryFree:
+    """A query-free mechanism (``structured``: it learns its ``r = LQ`` queries, API section 3.3) under
+    the contract: the contract's query is dropped and ``query=None`` passed instead."""
+
+    def __init__(self, a: fastattn.AlignmentAttention) -> None:
+        self.a = a
+
+    def __getattr__(self, name):
+        return getattr(self.a, name)
+
+    def __call__(self, q, k, v=None, key_padding_mask=None, **kw):
+        return self.a(None, k, v, key_padding_mask, **kw)
+
+    def reference(self, q, k, v=None, key_padding_mask=None, **kw):
+        return self.a.reference(None, k, v, key_padding_mask, **kw)
+
+
 def make(spec, seed: int = 0, value_dim: int | None = DV, dtype=torch.float64, **options) -> fastattn.AlignmentAttention:
     opts = {**spec.cls.test_options, **options}
     a = fastattn.AlignmentAttention(DQ, DK, spec.name, value_dim=value_dim, dtype=dtype, **opts)
@@ -24,6 +41,9 @@ def make(spec, seed: int = 0, value_dim: int | None = DV, dtype=torch.float64, *
     with torch.no_grad():
         for p in a.parameters():
             p.copy_(0.6 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    if a.attn.query_free:
+        assert a.attn.num_queries == LQ, "a query-free mechanism's test_options must give LQ learned queries"
+        return QueryFree(a)
     return a
 
 
@@ -78,6 +98,10 @@ def test_two_dimensional_query(spec):
     a = make(spec)
     q, k, v = inputs()
     kpm = key_padding()
+    if a.attn.query_free:  # a query is refused, and query=None is refused by the others
+        with pytest.raises(ValueError, match="query=None"):
+            a.a(q[:, 2], k, v, key_padding_mask=kpm)
+        return
     ctx, w = a(q[:, 2], k, v, key_padding_mask=kpm)
     assert ctx.shape == (B, DV) and w.shape == (B, LK)
     # a 2-D query is a one-query call: row 2 of the full call, or (query-recurrent mechanisms, whose
@@ -239,8 +263,16 @@ def test_float32_agrees_with_float64(spec):
 def test_bad_inputs_raise(spec):
     a = make(spec)
     q, k, v = inputs()
-    with pytest.raises(ValueError, match="query has"):
-        a(q[..., :-1], k, v)
+    if a.attn.query_free:
+        with pytest.raises(ValueError, match="query=None"):
+            a.a(q, k, v)
+    else:
+        with pytest.raises(ValueError, match="query has"):
+            a(q[..., :-1], k, v)
+        with pytest.raises(ValueError, match="batch"):
+            a(q[:-1], k, v)
+        with pytest.raises(ValueError, match="query is required"):
+            a(None, k, v)
     with pytest.raises(ValueError, match="keys has"):
         a(q, k[..., :-1], v)
     with pytest.raises(ValueError, match="values has"):
@@ -248,7 +280,7 @@ def test_bad_inputs_raise(spec):
     with pytest.raises(ValueError, match="same length"):
         a(q, k, v[:, :-1])
     with pytest.raises(ValueError, match="batch"):
-        a(q[:-1], k, v)
+        a(q, k, v[:-1])
     with pytest.raises(ValueError, match="keys must be"):
         a(q, k[0], v)
     with pytest.raises(ValueError, match="key_padding_mask must have shape"):
@@ -256,7 +288,7 @@ def test_bad_inputs_raise(spec):
     with pytest.raises(TypeError, match="bool"):
         a(q, k, v, key_padding_mask=key_padding().float())
     with pytest.raises(TypeError, match="dtype"):
-        a(q.float(), k, v)
+        a(q.float(), k.float(), v) if a.attn.query_free else a(q.float(), k, v)
     with pytest.raises(ValueError, match="values default to the keys"):
         a(q, k)  # value_dim (4) != key_dim (7)
     with pytest.raises(ValueError, match="unknown option"):
