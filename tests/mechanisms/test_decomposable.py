@@ -12,18 +12,13 @@ import pytest
 import torch
 
 import fastattn
-from helpers import grads
+from helpers import alignment, grads
 
 B, LA, LB, D, H = 3, 5, 7, 4, 6
 
 
 def make(seed: int = 0, da: int = D, db: int = D, **options):
-    layer = fastattn.AlignmentAttention(da, db, "decomposable", dtype=torch.float64, **{"hidden": H, **options})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(0.7 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return layer
+    return alignment("decomposable", da, db, seed=seed, **{"hidden": H, **options})
 
 
 def sentences(seed: int = 0, da: int = D, db: int = D, requires_grad: bool = False):

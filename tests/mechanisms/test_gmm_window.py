@@ -12,18 +12,13 @@ import torch
 
 import fastattn
 from fastattn.mechanisms.classic.gmm_window import GMMWindowState
-from helpers import grads
+from helpers import alignment, grads
 
 B, LQ, LK, DQ, DK, K = 3, 7, 10, 5, 4, 3
 
 
 def make(seed: int = 0, **options):
-    a = fastattn.AlignmentAttention(DQ, DK, "gmm_window", dtype=torch.float64, **{"components": K, **options})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in a.parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return a
+    return alignment("gmm_window", DQ, DK, seed=seed, init_scale=0.5, **{"components": K, **options})
 
 
 def inputs(seed: int = 0, requires_grad: bool = False):
@@ -119,6 +114,7 @@ def test_softplus_parameterisation_matches_its_reference_and_differs_from_exp():
     c, w = a(q, k, key_padding_mask=padding())
     cr, wr = a.reference(q, k, key_padding_mask=padding())
     torch.testing.assert_close(w, wr, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(c, cr, rtol=1e-12, atol=1e-13)
     assert not torch.allclose(w, e(q, k, key_padding_mask=padding())[1])
 
 

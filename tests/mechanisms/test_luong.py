@@ -14,18 +14,13 @@ import pytest
 import torch
 
 import fastattn
-from helpers import grads
+from helpers import alignment, grads
 
 B, LQ, LK, D = 3, 6, 11, 5
 
 
-def make(seed: int = 0, qd: int = D, kd: int = D, value_dim: int | None = None, **options):
-    a = fastattn.AlignmentAttention(qd, kd, "luong", value_dim=value_dim, dtype=torch.float64, **options)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in a.parameters():
-            p.copy_(0.7 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return a
+def make(seed: int = 0, qd: int = D, kd: int = D, **options):
+    return alignment("luong", qd, kd, seed=seed, **options)
 
 
 def inputs(seed: int = 0, qd: int = D, kd: int = D, lq: int = LQ, requires_grad: bool = False):

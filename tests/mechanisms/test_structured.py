@@ -13,18 +13,13 @@ import torch
 
 import fastattn
 from fastattn.mechanisms.classic.structured import hop_penalty
-from helpers import grads
+from helpers import alignment, grads
 
 B, N, D, R, DA = 3, 8, 6, 4, 5
 
 
 def make(seed: int = 0, **options):
-    a = fastattn.AlignmentAttention(D, D, "structured", dtype=torch.float64, **{"hops": R, "attention_dim": DA, **options})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in a.parameters():
-            p.copy_(0.8 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return a
+    return alignment("structured", D, D, seed=seed, init_scale=0.8, **{"hops": R, "attention_dim": DA, **options})
 
 
 def sentence(seed: int = 0, n: int = N, requires_grad: bool = False):

@@ -101,7 +101,7 @@ class GMMWindow(AlignmentMechanism):
 
     def _run(self, query: Tensor, values: Tensor, mask: Mask, kappa0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         alpha, beta, kappa = self.parameters_of(query, kappa0)
-        b, lq, k = alpha.shape
+        b, _, k = alpha.shape
         lk = mask.lk
         positions = torch.arange(1, lk + 1, dtype=query.dtype, device=query.device)
         params = torch.stack([alpha, beta, kappa], dim=-2)[:, None]  # (B, 1, Lq, 3, K)
