@@ -150,3 +150,40 @@ def test_bad_options():
     for bad in ({"align": "local-m"}, {"window": 0}, {"attention_dim": 0}, {"chunk_bytes": 0}):
         with pytest.raises(ValueError):
             fastattn.AlignmentAttention(4, 4, "luong", **bad)
+
+
+# ---- peers (numerical cross-checks; skipped when the package is absent) ------------------------------
+@pytest.mark.parametrize("score", ["dot", "general"])
+def test_peer_pytorch_nlp_attention(score):
+    """``torchnlp.nn.Attention`` (pytorch-nlp 0.5.0): ``general`` is ``linear_in(q) . k`` (``W_a =
+    linear_in.weight^T``); its output is ``tanh(linear_out([c; q']))``, rebuilt here from our context."""
+    peer_nn = pytest.importorskip("torchnlp.nn")
+    peer = peer_nn.Attention(D, attention_type=score).double()
+    a = make(score=score)
+    if score == "general":
+        with torch.no_grad():
+            a.attn.w_a.weight.copy_(peer.linear_in.weight.T)
+    q, k = inputs()
+    out, w_peer = peer(q, k)
+    ctx, w = a(q, k)
+    torch.testing.assert_close(w, w_peer, rtol=1e-12, atol=1e-13)
+    q_used = peer.linear_in(q) if score == "general" else q
+    torch.testing.assert_close(torch.tanh(peer.linear_out(torch.cat([ctx, q_used], -1))), out, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("score", ["dot", "general"])
+def test_peer_opennmt_global_attention(score):
+    """``onmt.modules.GlobalAttention`` (OpenNMT-py 3.5.1) with source lengths: its weights, and its
+    ``tanh(linear_out([c; h_t]))`` rebuilt from our context."""
+    peer_mod = pytest.importorskip("onmt.modules.global_attention")
+    peer = peer_mod.GlobalAttention(D, attn_type=score).double()
+    a = make(score=score)
+    if score == "general":
+        with torch.no_grad():
+            a.attn.w_a.weight.copy_(peer.linear_in.weight.T)
+    q, k = inputs()
+    kpm = padding()
+    attn_h, w_peer = peer(q, k, src_len=(~kpm).sum(-1))
+    ctx, w = a(q, k, key_padding_mask=kpm)
+    torch.testing.assert_close(w, w_peer, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(torch.tanh(peer.linear_out(torch.cat([ctx, q], -1))), attn_h, rtol=1e-12, atol=1e-13)
