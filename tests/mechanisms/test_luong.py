@@ -153,16 +153,21 @@ def test_bad_options():
 
 
 # ---- peers (numerical cross-checks; skipped when the package is absent) ------------------------------
-@pytest.mark.parametrize("score", ["dot", "general"])
-def test_peer_pytorch_nlp_attention(score):
-    """``torchnlp.nn.Attention`` (pytorch-nlp 0.5.0): ``general`` is ``linear_in(q) . k`` (``W_a =
-    linear_in.weight^T``); its output is ``tanh(linear_out([c; q']))``, rebuilt here from our context."""
-    peer_nn = pytest.importorskip("torchnlp.nn")
-    peer = peer_nn.Attention(D, attention_type=score).double()
+def like_peer(peer, score: str):
+    """Our layer with the peer's ``general`` matrix: both score ``linear_in(q) . k`` (``W_a = linear_in.weight^T``)."""
     a = make(score=score)
     if score == "general":
         with torch.no_grad():
             a.attn.w_a.weight.copy_(peer.linear_in.weight.T)
+    return a
+
+
+@pytest.mark.parametrize("score", ["dot", "general"])
+def test_peer_pytorch_nlp_attention(score):
+    """``torchnlp.nn.Attention`` (pytorch-nlp 0.5.0): its weights, and its ``tanh(linear_out([c; q']))``
+    (``q'`` the transformed query) rebuilt from our context."""
+    peer = pytest.importorskip("torchnlp.nn").Attention(D, attention_type=score).double()
+    a = like_peer(peer, score)
     q, k = inputs()
     out, w_peer = peer(q, k)
     ctx, w = a(q, k)
@@ -175,12 +180,8 @@ def test_peer_pytorch_nlp_attention(score):
 def test_peer_opennmt_global_attention(score):
     """``onmt.modules.GlobalAttention`` (OpenNMT-py 3.5.1) with source lengths: its weights, and its
     ``tanh(linear_out([c; h_t]))`` rebuilt from our context."""
-    peer_mod = pytest.importorskip("onmt.modules.global_attention")
-    peer = peer_mod.GlobalAttention(D, attn_type=score).double()
-    a = make(score=score)
-    if score == "general":
-        with torch.no_grad():
-            a.attn.w_a.weight.copy_(peer.linear_in.weight.T)
+    peer = pytest.importorskip("onmt.modules.global_attention").GlobalAttention(D, attn_type=score).double()
+    a = like_peer(peer, score)
     q, k = inputs()
     kpm = padding()
     attn_h, w_peer = peer(q, k, src_len=(~kpm).sum(-1))
