@@ -54,6 +54,17 @@ def padding_mask(b: int = B, lk: int = L, valid: tuple[int, ...] = (L, 40)) -> t
     return m
 
 
+def alignment(method: str, query_dim: int, key_dim: int, *, seed: int = 0, init_scale: float = 0.7,
+              value_dim: int | None = None, **options) -> fastattn.AlignmentAttention:
+    """A float64 ``AlignmentAttention`` whose parameters are ``init_scale * randn`` from ``seed``."""
+    a = fastattn.AlignmentAttention(query_dim, key_dim, method, value_dim=value_dim, dtype=torch.float64, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.copy_(init_scale * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return a
+
+
 def grads(out: torch.Tensor, inputs, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out.shape, generator=g, dtype=out.dtype)
