@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastattn
+from helpers import load_torch_mha, torch_mha
 
 D, H = 24, 6
 
@@ -30,30 +31,12 @@ def _causal_mask(n):
     return torch.nn.Transformer.generate_square_subsequent_mask(n, dtype=torch.bool)
 
 
-def _torch_mha(h, scale_out=1.0):
-    torch.manual_seed(0)
-    mha = torch.nn.MultiheadAttention(D, h, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        mha.out_proj.bias.normal_()
-        mha.in_proj_bias.normal_()
-    return mha
-
-
-def _load(m, mha, scale_out=1.0):
-    with torch.no_grad():
-        for i, lin in enumerate((m.q_proj, m.k_proj, m.v_proj)):
-            lin.weight.copy_(mha.in_proj_weight[i * D:(i + 1) * D])
-            lin.bias.copy_(mha.in_proj_bias[i * D:(i + 1) * D])
-        m.out_proj.weight.copy_(mha.out_proj.weight * scale_out)
-        m.out_proj.bias.copy_(mha.out_proj.bias)
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_one_expert_is_standard_attention(causal):
     """E = k = 1: the gate is exactly 1 and MoA is single-head attention (torch's, 1 head)."""
-    mha = _torch_mha(1)
+    mha = torch_mha(D, 1)
     layer = _moa(h=1, active_heads=1)
-    _load(layer.mechanism, mha)
+    load_torch_mha(layer.mechanism, mha)
     x = _x()
     _, r = layer.mechanism.routing(x)
     assert torch.equal(r.gates, torch.ones_like(r.gates))
@@ -65,10 +48,10 @@ def test_one_expert_is_standard_attention(causal):
 def test_every_expert_with_uniform_gates_is_multihead_attention(causal):
     """k = E, router zero: every gate is 1/E, so MoA is multi-head attention whose heads are the experts,
     out-projections summed, with W_o scaled by 1/E."""
-    mha = _torch_mha(H)
+    mha = torch_mha(D, H)
     layer = _moa(active_heads=H)
     m = layer.mechanism
-    _load(m, mha, scale_out=H)
+    load_torch_mha(m, mha, out_scale=H)
     with torch.no_grad():
         m.w_gate.weight.zero_()
     x = _x()
