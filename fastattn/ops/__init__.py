@@ -15,5 +15,7 @@ Nothing here imports a mechanism or a family; a mechanism module is a thin compo
 * :mod:`.routing` -- top-k routing of tokens over experts (softmax / renormalised / sigmoid gates), the
   load-balance, z and selection-entropy auxiliary losses, and the gates applied to head outputs or to
   batched expert projections;
-* :mod:`.cluster` -- deterministic k-means over a few vectors (heads) and the cosine distance.
+* :mod:`.cluster` -- deterministic k-means over a few vectors (heads) and the cosine distance;
+* :mod:`.constant` -- attention by constant (input-independent) tables in probability space: looked up at
+  absolute positions, masked, rows renormalised.
 """
