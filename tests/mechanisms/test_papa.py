@@ -208,3 +208,17 @@ def test_bad_options():
         _papa().mechanism.load_table(torch.zeros(H, 3, 3))
     with pytest.raises(ValueError, match="attention weights"):
         calibrate(fastattn.MultiheadAttention(D, H, "linear"), [_x()], max_length=NMAX)
+
+
+def test_per_head_attn_mask_reaches_the_right_heads():
+    layer = _papa(static_heads=(0, 3))
+    m = layer.mechanism
+    x = _x()
+    g = torch.Generator().manual_seed(4)
+    masked = (torch.rand(2, H, N, N, generator=g) < 0.4) & ~torch.eye(N, dtype=torch.bool)  # True = may not attend
+    out, _ = layer(x, attn_mask=masked.reshape(2 * H, N, N))
+    q, k, v = m.project(x, None, None)
+    heads = fastattn.attention(q, k, v, attn_mask=masked)
+    a = m.table[:, :N, :N] * ~masked[:, [0, 3]]
+    heads[:, [0, 3]] = (a / a.sum(-1, keepdim=True)) @ v[:, [0, 3]]
+    torch.testing.assert_close(out, m.out_proj(heads.transpose(1, 2).reshape(2, N, D)), rtol=1e-12, atol=1e-12)
