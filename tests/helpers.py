@@ -99,3 +99,25 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.bytes = max(self.bytes, t.numel() * t.element_size())
         return out
+
+
+def torch_mha(embed_dim: int, num_heads: int, *, seed: int = 0) -> torch.nn.MultiheadAttention:
+    """torch's float64 MultiheadAttention in eval mode with random (non-zero) biases."""
+    torch.manual_seed(seed)
+    mha = torch.nn.MultiheadAttention(embed_dim, num_heads, batch_first=True, dtype=torch.float64).eval()
+    with torch.no_grad():
+        mha.out_proj.bias.normal_()
+        mha.in_proj_bias.normal_()
+    return mha
+
+
+@torch.no_grad()
+def load_torch_mha(mechanism, mha: torch.nn.MultiheadAttention, *, out_scale: float = 1.0) -> None:
+    """Copy torch's projections into a layer mechanism's ``q_proj, k_proj, v_proj, out_proj`` (the output
+    weight times ``out_scale``)."""
+    d = mha.embed_dim
+    for i, lin in enumerate((mechanism.q_proj, mechanism.k_proj, mechanism.v_proj)):
+        lin.weight.copy_(mha.in_proj_weight[i * d:(i + 1) * d])
+        lin.bias.copy_(mha.in_proj_bias[i * d:(i + 1) * d])
+    mechanism.out_proj.weight.copy_(mha.out_proj.weight * out_scale)
+    mechanism.out_proj.bias.copy_(mha.out_proj.bias)

@@ -12,6 +12,10 @@ Nothing here imports a mechanism or a family; a mechanism module is a thin compo
 * :mod:`.gather` -- attention over an explicit per-query list of key indices (grouped, recomputing);
 * :mod:`.permute` -- sort / unsort per (batch, head) by a content key, carrying the original positions;
 * :mod:`.features` -- named feature maps and the padding helpers kernel mechanisms share;
-* :mod:`.routing` -- top-k routing of tokens over experts (softmax / renormalised / sigmoid gates) and the
-  load-balance and z auxiliary losses.
+* :mod:`.routing` -- top-k routing of tokens over experts (softmax / renormalised / sigmoid gates), the
+  load-balance, z and selection-entropy auxiliary losses, and the gates applied to head outputs or to
+  batched expert projections;
+* :mod:`.cluster` -- deterministic k-means over a few vectors (heads) and the cosine distance;
+* :mod:`.constant` -- attention by constant (input-independent) tables in probability space: looked up at
+  absolute positions, masked, rows renormalised.
 """
