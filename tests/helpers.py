@@ -88,3 +88,17 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.bytes = max(self.bytes, t.numel() * t.element_size())
         return out
+
+
+def largest_saved_tensor(fn, *args) -> int:
+    """The element count of the largest tensor autograd saves for backward while running ``fn(*args)``
+    (memory tests: an efficient path must save no ``n x n`` tensor)."""
+    sizes = [0]
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return max(sizes)
