@@ -14,30 +14,17 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from helpers import grads, largest_saved_tensor
+from helpers import feature_map, grads, largest_saved_tensor, pixel_mask, randomized
 
 C, B, HH, WW = 8, 2, 5, 7
 
 
 def make(seed: int = 0, channels: int = C, **options) -> fastattn.Attention2d:
-    m = fastattn.Attention2d(channels, "nonlocal", dtype=torch.float64, **{"block": 8, **options})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(0.4 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return m.eval()
+    return randomized(fastattn.Attention2d(channels, "nonlocal", dtype=torch.float64, **{"block": 8, **options}), seed)
 
 
 def image(b=B, h=HH, w=WW, seed=0, channels=C, requires_grad=False):
-    x = torch.randn(b, channels, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return x.requires_grad_(requires_grad)
-
-
-def pixel_mask(b=B, h=HH, w=WW):
-    m = torch.zeros(b, h, w, dtype=torch.bool)
-    m[1, h - 2:, :] = True
-    m[1, :, w - 3:] = True
-    return m
+    return feature_map(b, channels, h, w, seed, requires_grad=requires_grad)
 
 
 def flat(t):  # (B, C, H, W) -> (B, 1, HW, C): one head over the pixels
