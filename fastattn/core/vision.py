@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "VisionMechanism", "check_feature_map", "check_pixel_mask", "flatten_pixels", "unflatten_pixels",
-    "pixel_heads", "unpixel_heads", "key_padding", "pooled_mean_max", "masked_max_pool2",
+    "pixel_heads", "unpixel_heads", "key_padding", "pooled_mean_max", "masked_max_pool2", "batch_norm",
 ]
 
 
@@ -113,6 +113,18 @@ def masked_max_pool2(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Ten
     pad = torch.nn.functional.pad(mask, (0, pw, 0, ph), value=True)
     cell = pad.unflatten(1, (-1, 2)).unflatten(3, (-1, 2)).all(dim=4).all(dim=2)  # (B, H', W')
     return torch.where(cell[:, None], torch.zeros_like(pooled), pooled), cell
+
+
+def batch_norm(bn: torch.nn.Module, t: Tensor, mask: Tensor | None, owner: str) -> Tensor:
+    """``bn(t)`` for a module's optional BatchNorm (the papers' choice in several blocks). In eval mode it
+    is a per-channel affine map; in training mode its statistics mix the images of the batch and would
+    include padding pixels, so a padding mask is then a ``ValueError``."""
+    if mask is not None and bn.training:
+        raise ValueError(
+            f"{owner}: its BatchNorm in training mode takes no padding mask (the batch statistics would "
+            f"include padding pixels); use eval mode or the option without BatchNorm"
+        )
+    return bn(t)
 
 
 class VisionMechanism(Registered):

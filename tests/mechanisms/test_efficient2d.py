@@ -29,7 +29,7 @@ def image(b=B, h=HH, w=WW, seed=0, channels=C, requires_grad=False):
 def literal(m: fastattn.Attention2d, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The module written as in the paper, head by head on (channels, positions) matrices."""
     blk, h = m.block, m.block.num_heads
-    b, c, hh, ww = x.shape
+    b, _, hh, ww = x.shape
     keys = blk.keys(x).reshape(b, blk.key_channels, hh * ww)
     queries = blk.queries(x).reshape(b, blk.key_channels, hh * ww)
     values = blk.values(x).reshape(b, blk.value_channels, hh * ww)

@@ -57,7 +57,8 @@ def test_scale_fusion_multiplies_by_the_sigmoid():
     blk = m.block
     x = feature_map(channels=C)
     context = (x.flatten(2) * blk.pooling_weights(x)[:, None]).sum(-1)
-    torch.testing.assert_close(m(x), x * torch.sigmoid(blk.transform(context))[:, :, None, None], rtol=1e-12, atol=1e-12)
+    want = x * torch.sigmoid(blk.transform(context))[:, :, None, None]
+    torch.testing.assert_close(m(x), want, rtol=1e-12, atol=1e-12)
 
 
 def test_zero_initialised_last_conv_is_the_identity():

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastattn.core.vision import VisionMechanism, pooled_mean_max
+from fastattn.core.vision import VisionMechanism, batch_norm, pooled_mean_max
 from fastattn.registry import register
 
 __all__ = ["CBAM"]
@@ -50,8 +50,10 @@ class CBAM(VisionMechanism):
 
     test_options = {"reduction": 4, "spatial_kernel": 3}
     deviations = (
-        "Spatial gate without BatchNorm by default (the paper's equation; the authors' code has one: "
-        "spatial_bn=True); channel maps concatenated in the paper's [avg; max] order, not the code's [max; mean].",
+        (
+            "Spatial gate without BatchNorm by default (the paper's equation; the authors' code has one: "
+            "spatial_bn=True); channel maps concatenated in the paper's [avg; max] order, not the code's [max; mean]."
+        ),
     )
 
     @dataclass(frozen=True)
@@ -96,12 +98,7 @@ class CBAM(VisionMechanism):
             maps = maps.masked_fill(mask[:, None], 0.0)  # as the convolution's zero padding of the crop
         s = self.spatial(maps)
         if self.bn is not None:
-            if mask is not None and self.bn.training:
-                raise ValueError(
-                    "cbam: spatial_bn=True in training mode takes no padding mask (its batch statistics "
-                    "would include padding pixels); use eval mode or spatial_bn=False"
-                )
-            s = self.bn(s)
+            s = batch_norm(self.bn, s, mask, "cbam (spatial_bn=True)")
         return torch.sigmoid(s)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -12,7 +12,8 @@ query-independent context for the whole image and adds it to every pixel::
 ``W_v2`` is initialised to zero (the paper: the block then starts as the identity under fusion "add").
 The LayerNorm normalises the ``C / reduction`` values of the 1x1 bottleneck, per image (no batch
 statistics). ``W_k`` has no bias: the softmax over positions cancels one (the authors' convolution has
-a bias that never receives a gradient; drop it when porting weights). Padding pixels (``mask``) take no share of the pooling softmax.
+a bias that never receives a gradient; drop it when porting weights). Padding pixels (``mask``) take
+no share of the pooling softmax.
 
 Attention pooling is softmax attention with a single query: ``alpha`` is the softmax of the logits
 ``W_k x`` (no query, no scale). The efficient path computes it with a masked softmax over positions and
@@ -94,5 +95,6 @@ class GlobalContext(VisionMechanism):
         b, _, hh, ww = x.shape
         logits = flatten_pixels(self.key(x))[:, None]  # (B, 1, HW, 1): keys of width 1
         one = torch.ones(b, 1, 1, 1, dtype=x.dtype, device=x.device)  # the single query
-        context = dense_attention(one, logits, flatten_pixels(x)[:, None], Mask(1, hh * ww, key_padding=key_padding(mask)), 1.0)
+        pool = Mask(1, hh * ww, key_padding=key_padding(mask))
+        context = dense_attention(one, logits, flatten_pixels(x)[:, None], pool, 1.0)
         return self._fuse(x, context[:, 0, 0])

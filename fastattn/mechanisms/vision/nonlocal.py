@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from fastattn.core.masks import Mask
-from fastattn.core.vision import VisionMechanism, key_padding, masked_max_pool2, pixel_heads, unpixel_heads
+from fastattn.core.vision import VisionMechanism, batch_norm, key_padding, masked_max_pool2, pixel_heads, unpixel_heads
 from fastattn.ops.features import real_key_count
 from fastattn.ops.linear.engine import linear_attention
 from fastattn.ops.softmax.dense import dense_attention
@@ -64,8 +64,10 @@ class NonLocal(VisionMechanism):
 
     test_options = {"block": 8}  # several softmax tiles at the tests' 5 x 7 maps
     deviations = (
-        "No BatchNorm after W_z by default (norm='none', W_z zero-initialised, the block starts as the "
-        "identity as with the paper's zero-scale BN); norm='batch' is the paper's, batch-dependent in training.",
+        (
+            "No BatchNorm after W_z by default (norm='none', W_z zero-initialised, the block starts as the "
+            "identity as with the paper's zero-scale BN); norm='batch' is the paper's, batch-dependent in training."
+        ),
         "The concatenation pairwise function is not implemented; sub-sampling pools odd edges as 1-wide cells.",
     )
 
@@ -128,12 +130,7 @@ class NonLocal(VisionMechanism):
     def _out(self, y: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
         z = self.w_z(unpixel_heads(y, x.shape[2], x.shape[3]))
         if self.options.norm == "batch":
-            if mask is not None and self.bn.training:
-                raise ValueError(
-                    "nonlocal: norm='batch' in training mode takes no padding mask (its batch statistics "
-                    "would include padding pixels); use norm='none' or eval mode"
-                )
-            z = self.bn(z)
+            z = batch_norm(self.bn, z, mask, "nonlocal (norm='batch')")
         return x + z
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
