@@ -47,6 +47,7 @@ class GlobalContext(VisionMechanism):
     """Attention pooling, bottleneck transform, broadcast fusion (see the module docstring)."""
 
     test_options = {"reduction": 4}
+    deviations = ("W_k (the attention-map conv) has no bias: a bias cancels in the softmax over positions.",)
 
     @dataclass(frozen=True)
     class Options:
