@@ -121,3 +121,42 @@ def load_torch_mha(mechanism, mha: torch.nn.MultiheadAttention, *, out_scale: fl
         lin.bias.copy_(mha.in_proj_bias[i * d:(i + 1) * d])
     mechanism.out_proj.weight.copy_(mha.out_proj.weight * out_scale)
     mechanism.out_proj.bias.copy_(mha.out_proj.bias)
+
+
+def largest_saved_tensor(fn, *args) -> int:
+    """The element count of the largest tensor autograd saves for backward while running ``fn(*args)``
+    (memory tests: an efficient path must save no ``n x n`` tensor)."""
+    sizes = [0]
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return max(sizes)
+
+
+def feature_map(b: int = 2, channels: int = 8, h: int = 5, w: int = 7, seed: int = 0, dtype=torch.float64,
+                requires_grad: bool = False) -> torch.Tensor:
+    """A random ``(B, C, H, W)`` image for the vision tests."""
+    x = torch.randn(b, channels, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def pixel_mask(b: int = 2, h: int = 5, w: int = 7) -> torch.Tensor:
+    """Image 0 unpadded; image 1 padded to its top-left ``(h - 2) x (w - 3)`` region (True = padding)."""
+    m = torch.zeros(b, h, w, dtype=torch.bool)
+    m[1, h - 2:, :] = True
+    m[1, :, w - 3:] = True
+    return m
+
+
+def randomized(m: torch.nn.Module, seed: int = 0, std: float = 0.4) -> torch.nn.Module:
+    """``m`` in eval mode with every parameter drawn at random (zero-initialised gates and output
+    convolutions would make a block the identity and its tests trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(std * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return m.eval()
