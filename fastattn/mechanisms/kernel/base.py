@@ -47,8 +47,9 @@ class KernelMechanism(Mechanism):
     def key_log_scale(self, k: Tensor, *, scale: float, mask: Mask) -> Tensor | None:
         """Per-key log-scales ``c`` ``(B, H, Lk)`` or None (the default). A feature map whose key features
         can underflow (exponentials) returns them shifted, ``phi(k) exp(-c)``, from :meth:`features`,
-        and ``c`` here (each ``c_s`` from key ``s`` alone, no gradient needed); the op carries a
-        running maximum of ``c`` (see :mod:`fastattn.ops.linear.engine`)."""
+        and ``c`` here (each ``c_s`` from key ``s`` alone; ``c`` is part of the features, so its
+        gradient counts); the op carries a running maximum of ``c`` (see
+        :mod:`fastattn.ops.linear.engine`)."""
         return None
 
     def decay(self) -> Tensor | None:

@@ -94,12 +94,13 @@ class Performer(RandomFeatureMechanism):
             return F.relu(a)
         return torch.exp(a - a.amax(dim=-1, keepdim=True).detach())
 
-    @torch.no_grad()
     def key_log_scale(self, k: Tensor, *, scale: float, mask: Mask) -> Tensor | None:
         """``c_s = max_j w_j . k_s - |k_s|^2 / 2`` (``k`` pre-scaled by ``scale ** 0.5``): the positive
-        features of key ``s`` are ``exp(c_s)`` times :meth:`features`. None for the relu kernel."""
+        features of key ``s`` are ``exp(c_s)`` times :meth:`features`. None for the relu kernel. The
+        maximum is a constant for autograd (as in :meth:`features`, where it cancels); ``-|k|^2 / 2``
+        is differentiable."""
         if self.options.kernel == "relu":
             return None
-        blocks = [self._projected(x, scale).amax(dim=-1) - 0.5 * scale * (x * x).sum(dim=-1)
-                  for x in k.split(_LOG_SCALE_BLOCK, dim=-2)]
-        return torch.cat(blocks, dim=-1) if len(blocks) != 1 else blocks[0]
+        with torch.no_grad():
+            top = [self._projected(x, scale).amax(dim=-1) for x in k.split(_LOG_SCALE_BLOCK, dim=-2)]
+        return (torch.cat(top, dim=-1) if len(top) != 1 else top[0]) - 0.5 * scale * (k * k).sum(dim=-1)

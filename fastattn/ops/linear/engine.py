@@ -25,13 +25,14 @@ Grouped-query heads are native: ``fk``, ``v``, the decay / gates and the state m
 
 Key log-scales (``key_log_scale``): feature maps whose features are exponentials (Performer's positive
 random features) underflow in float32 for keys of moderate norm, and 0 / 0 then reads as 0. Such a map
-gives its key features shifted, ``k'_s exp(-c_s)``, with per-token log-scales ``c_s`` (no gradient:
-the output does not depend on them mathematically). The op keeps the state in units of ``exp(M)``,
+gives its key features shifted, ``k'_s exp(-c_s)``, with per-token log-scales ``c_s`` (part of the features: gradients reach
+them). The op keeps the state in units of ``exp(M)``,
 ``M_t = max_{s <= t} c_s`` the running maximum (the state's own ``log_scale`` included), as online
 softmax does with its row maximum: keys enter as ``k'_s exp(-c_s) exp(c_s - M_s)`` (at most their shifted
 size) and the state is rescaled by ``exp(M_{t-1} - M_t)`` when the maximum grows -- exactly a per-token
 log-gate, so the gated kernels do it, and query ``t`` reads ``num_t, den_t`` in units of ``exp(M_t)``,
-a factor common to both that cancels. Every factor depends only on keys ``<= t``: no leak, not even
+a factor common to both that cancels (so ``M`` is a constant for autograd, as online softmax treats its
+maximum: exact gradients). Every factor depends only on keys ``<= t``: no leak, not even
 numerically (a later key's chunk enters an earlier query's sums with weight exactly 0). Non-causal:
 one maximum over the keys. Needs ``normalize``; with ``partial`` the per-query ``M_t`` is returned too.
 
@@ -99,11 +100,12 @@ def _key_shift(c: Tensor, keep: Tensor | None, state: LinearState | None,
     """The running maximum of key log-scales ``c`` ``(B, H, n)``: ``(log_k, M, log_g, m0)`` with
     ``log_k = c - M`` ``(<= 0``, -inf on padding) the log-factor each key's shifted features are multiplied
     by, ``M`` per key (causal: ``max`` up to and including it and the state's; non-causal: one maximum,
-    ``(B, H, 1)``), ``log_g`` the per-token log-gates ``M_{t-1} - M_t`` (causal; None otherwise), ``m0``
+    ``(B, H, 1)``; no gradient), ``log_g`` the per-token log-gates ``M_{t-1} - M_t`` (causal; None otherwise), ``m0``
     ``(B, H)`` the state's scale (0: natural units). All in the gate dtype (float64)."""
-    c = c.detach().to(gate_dtype(c.device))
+    c_grad = c.to(gate_dtype(c.device))
     if keep is not None:
-        c = c.masked_fill(keep[..., 0] == 0, float("-inf"))
+        c_grad = c_grad.masked_fill(keep[..., 0] == 0, float("-inf"))
+    c = c_grad.detach()
     if causal and not c.shape[-1]:
         m0 = c.new_zeros(c.shape[:2]) if state is None or state.log_scale is None else state.log_scale.to(c)
         return c, c, c, m0
@@ -119,12 +121,12 @@ def _key_shift(c: Tensor, keep: Tensor | None, state: LinearState | None,
             m = torch.where(torch.isfinite(m), m, first)
             m0 = m[..., 0]
         prev = torch.cat([m0[..., None], m[..., :-1]], dim=-1)
-        return c - m, m, prev - m, m0
+        return c_grad - m, m, prev - m, m0
     m = c.amax(-1, keepdim=True) if c.shape[-1] else c.new_full((*c.shape[:2], 1), float("-inf"))
     if has_m0:
         m = torch.maximum(m, m0[..., None])
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return c - m, m, None, m0
+    return c_grad - m, m, None, m0
 
 
 def _scaled_keys(phi: FeatureMap) -> FeatureMap:
@@ -195,7 +197,7 @@ def linear_attention(
             ``key_log_scale``: ``(num, den, M)``, both in units of ``exp(M)``, ``M`` ``(B, H, Lq)``).
         key_log_scale: per-token log-scales ``c`` ``(B, Hkv, Lk)`` of shifted key features: the true
             features are ``fk * exp(c)`` (or ``phi(k, False) * exp(c)``); see the module docstring.
-            Needs ``normalize``. No gradient reaches ``c``.
+            Needs ``normalize``. Gradients reach ``c`` (the running maximum is a constant).
 
     Returns:
         the output ``(B, H, Lq, Ev)`` (or ``(num, den)``), followed by the :class:`LinearState` if
@@ -306,10 +308,10 @@ def dense_kernel_attention(
     allowed = mask.allowed(fq.device)
     shift = shift0 = None
     if key_log_scale is not None:  # exp(c_s - m_t) per (query, key), exp(m0 - m_t) for the state
-        c = key_log_scale.detach().to(gate_dtype(fq.device))[..., None, :].expand(*fk.shape[:2], lq, lk)
+        c = key_log_scale.to(gate_dtype(fq.device))[..., None, :].expand(*fk.shape[:2], lq, lk)
         if allowed is not None:
             c = c.masked_fill(~allowed, float("-inf"))
-        m = c.amax(-1, keepdim=True) if lk else c.new_full((*c.shape[:3], 1), float("-inf"))
+        m = c.detach().amax(-1, keepdim=True) if lk else c.new_full((*c.shape[:3], 1), float("-inf"))
         if state is not None:
             m0 = c.new_zeros(c.shape[:2]) if state.log_scale is None else state.log_scale.to(c)
             m = torch.maximum(m, m0[..., None, None])
