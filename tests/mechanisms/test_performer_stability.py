@@ -68,16 +68,22 @@ def test_fused_and_unfused_half_inputs_agree():
 
 @pytest.mark.parametrize("chunk", [16, 128])
 def test_huge_future_key_changes_no_past_output(chunk):
-    """A global maximum over keys would let a later key rescale (and underflow) earlier outputs: with a
-    running maximum, the outputs before a key of norm 1000 are bit-identical with and without it."""
+    """A global maximum over keys would let a later key rescale earlier outputs (and underflow them):
+    with a running maximum the outputs before it are bit-identical with and without it. The keys of
+    largest log-scale are those at ``k = w_j / sqrt(scale)`` (``c = |w_j|^2 / 2``), ~150 above the
+    log-scales of the issue's keys of norm ~57 -- ``exp(-150)`` underflows in float32."""
     spec = fastattn.get_method("performer")
-    mech = make_mech(spec, h=2, hkv=2, e=64, num_features=64, chunk=chunk)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 300, 64, generator=g) * 3 for _ in range(3))
+    mech = make_mech(spec, h=1, hkv=1, e=128, num_features=256, chunk=chunk)
+    q, k, v = _issue_inputs()
+    scale = 128 ** -0.5
+    w = mech.projection[mech.projection.norm(dim=-1).argmax()]
     out = mech.run(q, k, v, is_causal=True)
-    for pos in (299, 250, 130):
+    for pos in (256, 200, 130):
         k2 = k.clone()
-        k2[:, :, pos] *= 1000.0 / k2[:, :, pos].norm(dim=-1, keepdim=True)
+        k2[:, :, pos] = w / math.sqrt(scale)
+        c = mech.key_log_scale(k2, scale=scale, mask=Mask(257, 257))
+        others = torch.cat([c[..., :pos], c[..., pos + 1:]], dim=-1).amax(-1)
+        assert (c[..., pos] - others > 100).all()  # it dominates every other key
         out2 = mech.run(q, k2, v, is_causal=True)
         assert torch.equal(out[:, :, :pos], out2[:, :, :pos]), pos
         assert torch.isfinite(out2).all() and not (out2.abs().sum(-1) == 0).any()
