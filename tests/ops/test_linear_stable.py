@@ -113,7 +113,8 @@ def test_fewer_queries_padding_and_fused_feature_map(tiles, causal):
     log-scale, however large, is ignored) and a token-wise ``phi`` applied inside the kernels."""
     x, c, _ = _inputs(2, 2, None, spread=25.0)
     c.requires_grad_()
-    raw = torch.randn(2, 2, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    raw = torch.randn(2, 2, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    raw.requires_grad_()
     pad = torch.zeros(2, N, dtype=torch.bool)
     pad[1, 30:] = True
     c_pad = c.clone()
@@ -151,8 +152,9 @@ def test_split_sequence_and_partial():
     parts, state = [], None
     for a, b in ((0, cut), (cut, N)):
         gk = {"log_decay": kw["log_decay"][..., a:b]}
-        o, state = linear_attention(x["fq"][:, :, a:b], fk[:, :, a:b], x["v"][:, :, a:b], Mask(b - a, b - a, causal=True),
-                                    chunk=4, key_log_scale=c[..., a:b], state=state, return_state=True, **gk)
+        o, state = linear_attention(x["fq"][:, :, a:b], fk[:, :, a:b], x["v"][:, :, a:b],
+                                    Mask(b - a, b - a, causal=True), chunk=4, key_log_scale=c[..., a:b],
+                                    state=state, return_state=True, **gk)
         parts.append(o)
         assert state.length == b
     torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=1e-12, atol=1e-12)

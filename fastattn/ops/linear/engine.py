@@ -25,16 +25,19 @@ Grouped-query heads are native: ``fk``, ``v``, the decay / gates and the state m
 
 Key log-scales (``key_log_scale``): feature maps whose features are exponentials (Performer's positive
 random features) underflow in float32 for keys of moderate norm, and 0 / 0 then reads as 0. Such a map
-gives its key features shifted, ``k'_s exp(-c_s)``, with per-token log-scales ``c_s`` (part of the features: gradients reach
-them). The op keeps the state in units of ``exp(M)``,
-``M_t = max_{s <= t} c_s`` the running maximum (the state's own ``log_scale`` included), as online
-softmax does with its row maximum: keys enter as ``k'_s exp(-c_s) exp(c_s - M_s)`` (at most their shifted
-size) and the state is rescaled by ``exp(M_{t-1} - M_t)`` when the maximum grows -- exactly a per-token
-log-gate, so the gated kernels do it, and query ``t`` reads ``num_t, den_t`` in units of ``exp(M_t)``,
-a factor common to both that cancels (so ``M`` is a constant for autograd, as online softmax treats its
-maximum: exact gradients). Every factor depends only on keys ``<= t``: no leak, not even
-numerically (a later key's chunk enters an earlier query's sums with weight exactly 0). Non-causal:
-one maximum over the keys. Needs ``normalize``; with ``partial`` the per-query ``M_t`` is returned too.
+gives its key features shifted, ``k'_s exp(-c_s)``, with per-token log-scales ``c_s`` (part of the
+features: gradients reach them). The op keeps the state in units of ``exp(M)``, ``M_t = max_{s <= t}
+c_s`` the running maximum (the state's own ``log_scale`` included), as online softmax does with its row
+maximum: keys enter as ``k'_s exp(-c_s) exp(c_s - M_s)`` (at most their shifted size) and the state is
+rescaled by ``exp(M_{t-1} - M_t)`` when the maximum grows -- exactly a per-token log-gate (float64, not
+floored), so the gated kernels do it, and query ``t`` reads ``num_t, den_t`` in units of ``exp(M_t)``, a
+factor common to both that cancels (so ``M`` is a constant for autograd, as online softmax treats its
+maximum: the gradients are exact). Inside a chunk each query uses its own ``M_t`` (the gate weights
+``exp(A_t - A_s)``), so every factor a query sees depends only on keys ``<= t``: no leak, not even at
+rounding level -- a later key enters an earlier query's sums with weight exactly 0, and past outputs are
+bit-identical whatever the future keys (tested). Non-causal: one maximum over the (unpadded) keys and
+the state. Needs ``normalize``; with ``partial`` each query's ``M_t`` is returned too. Cost: the
+per-token gated kernels instead of the plain ones.
 
 ``normalize=False`` drops the denominator (Lightning / TransNormer use a norm after instead). Padding
 keys are removed by zeroing their features and values (and their per-token gates become 1; a per-head
@@ -97,36 +100,35 @@ def log_gates(decay: Tensor | None, log_decay: Tensor | None, fk: Tensor,
 
 def _key_shift(c: Tensor, keep: Tensor | None, state: LinearState | None,
                causal: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """The running maximum of key log-scales ``c`` ``(B, H, n)``: ``(log_k, M, log_g, m0)`` with
-    ``log_k = c - M`` ``(<= 0``, -inf on padding) the log-factor each key's shifted features are multiplied
-    by, ``M`` per key (causal: ``max`` up to and including it and the state's; non-causal: one maximum,
-    ``(B, H, 1)``; no gradient), ``log_g`` the per-token log-gates ``M_{t-1} - M_t`` (causal; None otherwise), ``m0``
-    ``(B, H)`` the state's scale (0: natural units). All in the gate dtype (float64)."""
+    """The running maximum of key log-scales ``c`` ``(B, H, n)``: ``(log_k, M, log_g, m0)``.
+
+    ``log_k = c - M`` (``<= 0``, -inf on padding, differentiable in ``c``) is the log-factor each key's
+    shifted features are multiplied by; ``M`` (no gradient) is per key, the maximum up to and including
+    it and the state's (non-causal: one maximum ``(B, H, 1)``); ``log_g = M_{t-1} - M_t`` the per-token
+    log-gates (causal; None otherwise); ``m0`` ``(B, H)`` the state's scale (0: natural units; without a
+    state, the first maximum). All in the gate dtype (float64)."""
     c_grad = c.to(gate_dtype(c.device))
     if keep is not None:
         c_grad = c_grad.masked_fill(keep[..., 0] == 0, float("-inf"))
     c = c_grad.detach()
-    if causal and not c.shape[-1]:
-        m0 = c.new_zeros(c.shape[:2]) if state is None or state.log_scale is None else state.log_scale.to(c)
-        return c, c, c, m0
-    has_m0 = state is not None
     m0 = c.new_zeros(c.shape[:2]) if state is None or state.log_scale is None else state.log_scale.to(c)
-    if causal:
-        m = torch.cummax(c, dim=-1).values
-        if has_m0:
+    if not causal:
+        m = c.amax(-1, keepdim=True) if c.shape[-1] else c.new_full((*c.shape[:2], 1), float("-inf"))
+        if state is not None:
             m = torch.maximum(m, m0[..., None])
-        else:  # no key yet (leading padding): the first finite maximum (nothing to rescale before it)
-            first = torch.where(torch.isfinite(m), m, float("inf")).amin(-1, keepdim=True)
-            first = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
-            m = torch.where(torch.isfinite(m), m, first)
-            m0 = m[..., 0]
-        prev = torch.cat([m0[..., None], m[..., :-1]], dim=-1)
-        return c_grad - m, m, prev - m, m0
-    m = c.amax(-1, keepdim=True) if c.shape[-1] else c.new_full((*c.shape[:2], 1), float("-inf"))
-    if has_m0:
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        return c_grad - m, m, None, m0
+    if not c.shape[-1]:
+        return c_grad, c, c, m0
+    m = torch.cummax(c, dim=-1).values
+    if state is not None:
         m = torch.maximum(m, m0[..., None])
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return c_grad - m, m, None, m0
+    else:  # no key yet (leading padding): the first finite maximum (nothing to rescale before it)
+        first = torch.where(torch.isfinite(m), m, float("inf")).amin(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.where(torch.isfinite(first), first, torch.zeros_like(first)))
+        m0 = m[..., 0]
+    prev = torch.cat([m0[..., None], m[..., :-1]], dim=-1)
+    return c_grad - m, m, prev - m, m0
 
 
 def _scaled_keys(phi: FeatureMap) -> FeatureMap:
