@@ -41,7 +41,8 @@ class KernelMechanism(Mechanism):
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
         """``phi(x)`` ``(B, H, L, D)``. ``mask`` lets key features ignore padded keys where a feature
         map looks across positions; under a causal mask a key's features may depend on that key only
-        (anything else leaks the future)."""
+        (anything else leaks the future). Where :meth:`key_log_scale` gives ``c``, key features are
+        returned divided by ``exp(c)``."""
         raise NotImplementedError
 
     def key_log_scale(self, k: Tensor, *, scale: float, mask: Mask) -> Tensor | None:

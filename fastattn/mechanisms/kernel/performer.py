@@ -21,6 +21,8 @@ Numerics (exact, no leak): features are computed up to per-token factors that th
   does. Nothing underflows for keys of any norm: before, a fixed shift left ``exp(w . k - |k|^2 / 2)``
   to underflow in float32 once ``|k|^2 / 2`` exceeded ~90, and 0 / 0 rows came out as zeros. Each
   ``c_s`` and each shift depends on keys ``<= s`` only: a future key never changes a past output.
+  Cost: the keys' projection ``W k`` is computed once more for ``c`` (without autograd, in blocks), and
+  the causal form runs the op's per-token gated kernels. Float64 results are unchanged (to rounding).
 
 The random matrix is a registered buffer drawn from the ``generator`` given at construction;
 :meth:`Performer.redraw` draws a new one explicitly (the paper redraws periodically during training).
