@@ -35,8 +35,9 @@ def test_custom_op_opcheck(causal, log_g, state, normalize):
     ("linear", True, {}),  # fused feature map: applied outside the custom op under compile
     ("lightning", True, {}),  # per-head decay
     ("performer", False, {}),  # non-causal kernel
+    ("performer", True, {}),  # key log-scales: their running maximum as float64 per-token log-gates
     ("rfa", True, {"gate": True}),  # per-token log-gates with learned parameters
-], ids=["linear-causal", "lightning-decay", "performer-noncausal", "rfa-gated"])
+], ids=["linear-causal", "lightning-decay", "performer-noncausal", "performer-causal", "rfa-gated"])
 def test_kernel_mechanism_compiles_fullgraph(name, causal, options):
     mech = make_mech(fastattn.get_method(name), h=4, hkv=2, e=16, **options)
     g = torch.Generator().manual_seed(1)
