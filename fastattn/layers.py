@@ -26,7 +26,9 @@ class MultiheadAttention(nn.Module):
 
     The layer is a façade over one :class:`~fastattn.core.layer.LayerMechanism` (``self.mechanism``):
     for a sequence-level method it is :class:`~fastattn.core.layer.ProjectedAttention` -- projections,
-    the method as the attention core (``self.attn``), output projection; for a layer-level method
+    the method as the attention core (``self.attn``), output projection -- or the method's own
+    ``layer_form`` where its paper's layer does more (rfa's gate from the layer input, transnormer's
+    output gate, interlaced's two attention stages); for a layer-level method
     (registry ``level="layer"``: mixture of heads, memories, ...) it is that mechanism, which sees the
     layer input and owns its projections. The façade handles the layout (``batch_first``, unbatched
     input), checks shapes, and forwards.
@@ -85,7 +87,8 @@ class MultiheadAttention(nn.Module):
         if spec.level == "layer":
             mechanism = spec.cls(spec.make_options(**options), config, generator=generator)  # type: ignore[misc]
         else:
-            mechanism = ProjectedAttention(
+            layer_cls = getattr(spec.cls, "layer_form", None) or ProjectedAttention  # the paper's layer, if any
+            mechanism = layer_cls(
                 ProjectedAttention.Options(core=method, core_options=options), config, generator=generator
             )
         self.mechanism: LayerMechanism = mechanism

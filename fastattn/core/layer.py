@@ -120,6 +120,12 @@ class LayerMechanism(Registered):
     def dims(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
 
+    @property
+    def requires_causal(self) -> bool:
+        """True when this layer, with its options, has only a causal form (gated rfa's recurrence): a
+        call without ``is_causal=True`` is then a ``ValueError``."""
+        return False
+
     # ---- to implement ---------------------------------------------------------------------------
     def forward(
         self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,
