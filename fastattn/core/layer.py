@@ -102,7 +102,9 @@ def make_core(
         spec.make_options(**options), head_dim=config.head_dim, num_heads=config.num_heads,
         num_kv_heads=config.num_kv_heads, **kwargs,
     )
-    return core.to(config.device)
+    # the core's own parameters and buffers (rfa's random features, transnormer's LRPE angles) follow the
+    # layer's device and dtype, as the projections do
+    return core.to(config.device) if config.dtype is None else core.to(device=config.device, dtype=config.dtype)
 
 
 class LayerMechanism(Registered):

@@ -208,3 +208,51 @@ def test_interlaced_operator_stages_and_layer_refuses_a_stage():
         fastattn.MultiheadAttention(D, H, "interlaced", stage="long")
     with pytest.raises(ValueError, match="stage must be"):
         fastattn.attention(q, k, v, "interlaced", stage="middle")
+
+
+# ---- transnormer's LRPE: a_ts = sum_d phi(q_t)_d phi(k_s)_d cos(theta_d (t - s)) lambda^(t - s) --------
+def _lrpe(scale=40.0):
+    from helpers import make_mech
+
+    m = make_mech(fastattn.get_method("transnormer"), lrpe=True).double()
+    with torch.no_grad():
+        m.theta.mul_(scale)  # angles of order 1 per step: the rotation matters
+    return m
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lk", [21, 29])
+def test_transnormer_lrpe_fast_path_equals_the_cosine_form(causal, lk):
+    from helpers import qkv
+
+    m = _lrpe()
+    q, k, v = qkv(lq=21, lk=lk, requires_grad=True)
+    kpm = torch.zeros(q.shape[0], lk, dtype=torch.bool)
+    kpm[1, 15:] = True
+    fast = m.run(q, k, v, is_causal=causal, key_padding_mask=kpm)
+    ref = m.run(q, k, v, is_causal=causal, key_padding_mask=kpm, reference=True)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fast.square().sum(), (q, k, v, m.theta)),
+                    torch.autograd.grad(ref.square().sum(), (q, k, v, m.theta))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_transnormer_lrpe_rotation_matters_decodes_and_is_learned():
+    from helpers import make_mech, qkv
+
+    m = _lrpe()
+    plain = make_mech(fastattn.get_method("transnormer")).double()
+    q, k, v = qkv(lq=23)
+    full = m.run(q, k, v, is_causal=True)
+    assert not torch.allclose(full, plain.run(q, k, v, is_causal=True))
+    outs, state = [], None
+    for a, b in ((0, 1), (1, 9), (9, 23)):  # decoding rotates the new tokens at their absolute positions
+        o, state = m.step(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, 0.25)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        m.theta.zero_()  # no rotation: LRPE-d is the decay alone
+    torch.testing.assert_close(m.run(q, k, v, is_causal=True), plain.run(q, k, v, is_causal=True))
+    with pytest.raises(ValueError, match="learned parameters"):
+        fastattn.attention(q, k, v, method="transnormer", lrpe=True)
+    assert fastattn.get_method("transnormer").functional  # lrpe is off by default

@@ -19,9 +19,17 @@ activation on ``U``, as in the paper's formula and the authors' code). ``fastatt
 "transnormer")`` is the operator inside the gate, ``SRMSNorm((Q K^T * M) V)``; a layer-level mechanism
 given ``core="transnormer"`` wraps that operator too, without the gate.
 
-Not here: LRPE's rotation. LRPE-d multiplies each score by ``cos(theta (t - s))`` as well as by the decay;
-the authors' code doubles the features (``[phi(q_t) cos(theta t), phi(q_t) sin(theta t)]``, likewise for
-``k``) with a learned ``theta`` per head and channel, and switches it on per model (``linear_use_lrpe``).
+**LRPE** (``lrpe=True``): LRPE-d is the decay times a rotation, ``a_ts = Re[q_t^T k_s e^(i theta (t - s))]
+lambda^(t-s)`` (section 3.1.1), i.e. with real features
+
+    a_ts = sum_d phi(q_t)_d phi(k_s)_d cos(theta_d (t - s)) lambda^(t - s),
+
+``theta`` learned per head and channel (initialised, as in the authors' code, to ``10000^(-2 i / (H E))``
+over the ``H E`` channels of all heads). The fast path doubles the features, ``[phi(x_t) cos(theta t),
+phi(x_t) sin(theta t)]`` at absolute positions (decoding continues from the state's length), whose dot
+products are those cosines; :meth:`TransNormer.reference` writes the cosine sum. With ``theta`` learned the
+operator owns parameters: ``lrpe=True`` is a layer option (``MultiheadAttention``); the default is off, as
+in the authors' code, which switches it per model (``linear_use_lrpe``).
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from fastattn.core.layer import LayerConfig, ProjectedAttention
+from fastattn.core.masks import Mask
+from fastattn.ops.linear.engine import dense_kernel_attention
 from fastattn.registry import register
 from .decayed import DecayedLinear, DecayedOptions
 
@@ -77,18 +87,51 @@ class TransNormer(DecayedLinear):
 
     test_options = {"chunk": 16}
     layer_form = TransNormerLayer
+    layer_test_options = {"chunk": 16, "lrpe": True}  # the layer contract suite runs the full GLA + LRPE-d
     deviations = (
         (
             "Decay rates and output norm follow the authors' released code (ALiBi slopes, SRMSNorm over the "
             "concatenated heads), not the paper's text; decay='paper', norm='srms' give the text's form."
         ),
         (
-            "LRPE's rotation cos(theta (t - s)) (a learned theta, features doubled) is not implemented; only "
-            "its decay lambda^(t - s) is. The output gate X W_u is the layer's (MultiheadAttention), not the "
-            "operator's (fastattn.attention)."
+            "LRPE's rotation is off by default (lrpe=False: only LRPE-d's decay), as in the authors' code; the "
+            "output gate X W_u is the layer's (MultiheadAttention), not the operator's (fastattn.attention)."
         ),
     )
 
     @dataclass(frozen=True)
     class Options(DecayedOptions):
         activation: str = "silu"  # feature map on q and k: none | silu | elu1 | relu
+        lrpe: bool = False  # LRPE's learned rotation cos(theta (t - s)) on top of the decay (layer only)
+
+    def __init__(self, options: Any = None, **kw: Any) -> None:
+        super().__init__(options, **kw)
+        if self.options.lrpe:
+            h, e = self.num_heads, self.head_dim
+            theta = 10000.0 ** (-2.0 / (h * e) * torch.arange(h * e, dtype=torch.float64))
+            self.theta = nn.Parameter(theta.view(h, e).to(torch.get_default_dtype()))
+
+    def _angles(self, pos: Tensor, dtype: torch.dtype) -> Tensor:
+        """``theta_hd * pos`` ``(B|1, H, L, E)`` from positions ``(B|1, H|1, L)``."""
+        return self.theta.to(dtype)[None, :, None, :] * pos.to(dtype)[..., None]
+
+    def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
+        x = super().features(x, is_query=is_query, scale=scale, mask=mask)
+        if not self.options.lrpe:
+            return x
+        ang = self._angles((mask.q_pos if is_query else mask.k_pos)(x.device), x.dtype)
+        return torch.cat([x * torch.cos(ang), x * torch.sin(ang)], dim=-1)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
+        """With LRPE: ``a_ts = sum_d phi(q_t)_d phi(k_s)_d cos(theta_d (t - s))``, decayed and masked as
+        without it (:func:`~fastattn.ops.linear.engine.dense_kernel_attention` given the scores)."""
+        if not self.options.lrpe:
+            return super().reference(q, k, v, mask, scale)
+        fq = DecayedLinear.features(self, q, is_query=True, scale=scale, mask=mask)
+        fk = DecayedLinear.features(self, k, is_query=False, scale=scale, mask=mask)
+        dist = mask.q_pos(q.device)[..., :, None] - mask.k_pos(q.device)[..., None, :]  # (1, 1, Lq, Lk)
+        cos = torch.cos(self.theta.to(q.dtype)[None, :, None, None, :] * dist.to(q.dtype)[..., None])
+        scores = torch.einsum("bhtd,bhsd,bhtsd->bhts", fq, fk, cos)
+        out = dense_kernel_attention(fq, fk, v, mask, normalize=False, scores=scores,
+                                     **self._decay(self.decay() if mask.causal else None))
+        return self._norm(out)

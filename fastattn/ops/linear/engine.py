@@ -194,10 +194,13 @@ def linear_attention(
 def dense_kernel_attention(
     fq: Tensor, fk: Tensor, v: Tensor, mask: Mask, *, decay: Tensor | None = None,
     log_decay: Tensor | None = None, normalize: bool = True, state: LinearState | None = None,
+    scores: Tensor | None = None,
 ) -> Tensor:
     """The reference: ``A = phi(Q) phi(K)^T`` (times ``prod_{s<r<=t} g_r``), masked, ``A V`` plus the
     initial state's ``prod_{r<=t} g_r q'_t S_0``, row-normalised. Dense O(n^2), written as the formula.
-    Grouped-query inputs (fewer key/value heads; gates and state per key/value head) are expanded."""
+    Grouped-query inputs (fewer key/value heads; gates and state per key/value head) are expanded.
+    ``scores`` ``(B, H, Lq, Lk)``: ``A`` itself where it is written otherwise than as a product of
+    features (a positional rotation written as ``cos(theta (s - t))``); ``fq, fk`` then only give shapes."""
     lq, lk = fq.shape[2], fk.shape[2]
     w0 = None
     log_g, _ = log_gates(decay, log_decay, fk, mask.key_keep(fq.dtype))
@@ -208,7 +211,7 @@ def dense_kernel_attention(
         if state is not None:
             z = None if state.z is None else state.z.repeat_interleave(groups, dim=1)
             state = LinearState(repeat_kv(state.kv, groups), z, state.length)
-    a = torch.matmul(fq, fk.transpose(-1, -2))
+    a = torch.matmul(fq, fk.transpose(-1, -2)) if scores is None else scores
     if log_g is not None:
         cum = log_g.to(gate_dtype(log_g.device)).expand(*log_g.shape[:2], lk).cumsum(-1)  # A_s = sum_{r<=s} log g_r
         a_t = cum[..., torch.arange(lq, device=fq.device) + mask.offset]  # A at each query's position
