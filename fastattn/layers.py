@@ -215,6 +215,11 @@ class MultiheadAttention(nn.Module):
             mha.embed_dim, mha.num_heads, method, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
             batch_first=mha.batch_first, device=w.device, dtype=w.dtype, **options,
         )
+        if not isinstance(layer.mechanism, ProjectedAttention):
+            raise ValueError(
+                f"from_torch needs a method whose layer is one set of q, k, v and output projections; "
+                f"{method!r} builds another layer ({type(layer.mechanism).__name__})"
+            )
         e = mha.embed_dim
         with torch.no_grad():
             for i, lin in enumerate((layer.q_proj, layer.k_proj, layer.v_proj)):

@@ -256,3 +256,11 @@ def test_transnormer_lrpe_rotation_matters_decodes_and_is_learned():
     with pytest.raises(ValueError, match="learned parameters"):
         fastattn.attention(q, k, v, method="transnormer", lrpe=True)
     assert fastattn.get_method("transnormer").functional  # lrpe is off by default
+
+
+def test_from_torch_refuses_the_two_module_interlaced_layer():
+    mha = torch.nn.MultiheadAttention(D, H)
+    with pytest.raises(ValueError, match="from_torch"):
+        fastattn.MultiheadAttention.from_torch(mha, "interlaced", group=4)
+    layer = fastattn.MultiheadAttention.from_torch(mha, "transnormer")  # one set of projections, plus W_u
+    torch.testing.assert_close(layer.q_proj.weight, mha.in_proj_weight[:D])

@@ -13,6 +13,8 @@ first one's output::
 
     Z = A_long(X W_q1, X W_k1) (X W_v1) W_o1,     O = A_short(Z W_q2, Z W_k2) (Z W_v2) W_o2.
 
+(The self-attention block of the authors' code, from OCNet/openseg, shares one transform for queries
+and keys, ``f_query = f_key``; here each module has separate ``W_q``, ``W_k`` as in the paper's equations.)
 In cross-attention (the paper has none) the long-range step takes its queries from ``x`` and its keys and
 values from the context, and the short-range step is self-attention over its output.
 
@@ -127,6 +129,10 @@ class InterlacedAttention(PatternMechanism):
         (
             "The causal form is this library's (the paper is non-causal): the short-range step also sees the "
             "whole previous block, so every earlier position is reached."
+        ),
+        (
+            "Each module of the layer has its own query and key projections, as in the paper's self-attention; "
+            "the authors' code (the OCNet/openseg self-attention block) shares one transform, f_query = f_key."
         ),
     )
 
