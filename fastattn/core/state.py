@@ -164,8 +164,8 @@ class StackedState(DecodingState):
     def batch_size(self) -> int:
         return self.states[0].batch_size
 
-    def select(self, index: Tensor | Sequence[int] | int) -> "StackedState":
+    def select(self, index: Tensor | Sequence[int] | int) -> StackedState:
         return StackedState([s.select(index) for s in self.states])
 
-    def to(self, device: torch.device | str) -> "StackedState":
+    def to(self, device: torch.device | str) -> StackedState:
         return StackedState([s.to(device) for s in self.states])

@@ -66,7 +66,7 @@ def _only_causal(spec, core) -> bool:
     return _requires_causal(spec.name, core)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _requires_causal(name, core) -> bool:
     return _layer(fastattn.get_method(name), core).mechanism.requires_causal
 

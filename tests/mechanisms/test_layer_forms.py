@@ -49,7 +49,10 @@ def test_rfa_gated_layer_is_the_papers_recurrence_on_the_layer_input():
     x = _x()
     out, _ = layer(x, is_causal=True)
     q, k, v = _heads(m.q_proj(x)), _heads(m.k_proj(x)), _heads(m.v_proj(x))
-    unit = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
+
+    def unit(t):
+        return t / t.norm(dim=-1, keepdim=True)
+
     fq, fk = m.core.feature_map(unit(q)), m.core.feature_map(unit(k))
     g = torch.sigmoid(x @ m.gate_proj.weight.t() + m.gate_proj.bias).transpose(1, 2)  # (B, H, L)
     s = torch.zeros(2, H, fk.shape[-1], E, dtype=torch.float64)
@@ -264,3 +267,17 @@ def test_from_torch_refuses_the_two_module_interlaced_layer():
         fastattn.MultiheadAttention.from_torch(mha, "interlaced", group=4)
     layer = fastattn.MultiheadAttention.from_torch(mha, "transnormer")  # one set of projections, plus W_u
     torch.testing.assert_close(layer.q_proj.weight, mha.in_proj_weight[:D])
+
+
+def test_interlaced_layer_state_selects_beams():
+    """The two modules' states travel together (StackedState): select reorders both."""
+    torch.manual_seed(0)
+    layer = fastattn.MultiheadAttention(D, H, "interlaced", group=4, batch_first=True, dtype=torch.float64).eval()
+    x = _x(b=3, n=11)
+    full, _ = layer(x, is_causal=True)
+    _, state = layer.step(x[:, :7], None)
+    assert state.length == 7 and state.batch_size == 3
+    beams = torch.tensor([2, 0, 2])
+    out, state = layer.step(x[beams, 7:], state.select(beams).to("cpu"))
+    torch.testing.assert_close(out, full[beams, 7:], rtol=1e-10, atol=1e-12)
+    assert state.length == 11
