@@ -23,6 +23,13 @@ def layer_specs() -> list[MethodSpec]:
     return [s for s in fastattn.methods() if s.kind == "sequence" and s.level == "layer"]
 
 
+def layer_form_specs() -> list[MethodSpec]:
+    """Sequence-level mechanisms whose ``MultiheadAttention`` layer is their own (``layer_form``: a gate
+    from the layer input, two attention stages): they run ``tests/kinds/test_layer_contract.py`` too."""
+    return [s for s in fastattn.methods() if s.kind == "sequence" and s.level == "sequence"
+            and getattr(s.cls, "layer_form", None) is not None]
+
+
 def ids(specs: list[MethodSpec]) -> list[str]:
     return [s.name for s in specs]
 

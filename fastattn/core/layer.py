@@ -102,7 +102,9 @@ def make_core(
         spec.make_options(**options), head_dim=config.head_dim, num_heads=config.num_heads,
         num_kv_heads=config.num_kv_heads, **kwargs,
     )
-    return core.to(config.device)
+    # the core's own parameters and buffers (rfa's random features, transnormer's LRPE angles) follow the
+    # layer's device and dtype, as the projections do
+    return core.to(config.device) if config.dtype is None else core.to(device=config.device, dtype=config.dtype)
 
 
 class LayerMechanism(Registered):
@@ -119,6 +121,12 @@ class LayerMechanism(Registered):
 
     def dims(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+
+    @property
+    def requires_causal(self) -> bool:
+        """True when this layer, with its options, has only a causal form (gated rfa's recurrence): a
+        call without ``is_causal=True`` is then a ``ValueError``."""
+        return False
 
     # ---- to implement ---------------------------------------------------------------------------
     def forward(

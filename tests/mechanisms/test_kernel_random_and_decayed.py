@@ -220,10 +220,11 @@ def test_rfa_gaussian_unbiased_over_draws():
 
 
 def test_gated_rfa_decays_the_state():
-    mech = _rfa(gate=True, gate_init=0.5, num_features=8)
+    mech = _rfa(gate=True, num_features=8)
     q, k, v = qkv(h=2, hkv=2, e=8, ev=3, b=1, lq=30)
-    out, state = mech.step(q, k, v, None, scale=1.0)
-    # literal recurrence S_t = g S_{t-1} + (1 - g) phi(k_t) v_t^T with g = 0.5 (zero gate weights)
+    logits = torch.zeros(1, 2, 30, dtype=torch.float64, requires_grad=True)  # g = sigmoid(0) = 0.5
+    out, state = mech.step_gated(q, k, v, logits, None)
+    # literal recurrence S_t = g S_{t-1} + (1 - g) phi(k_t) v_t^T with g = 0.5
     mask = Mask(lq=30, lk=30, causal=True)
     fk = mech.features(k, is_query=False, scale=1.0, mask=mask)
     w = 0.5 ** torch.arange(29, -1, -1, dtype=torch.float64)[:, None] * 0.5
@@ -231,18 +232,21 @@ def test_gated_rfa_decays_the_state():
     # the influence of the first token on later outputs falls geometrically
     v2 = v.clone()
     v2[:, :, 0] += 10.0
-    delta = (mech.run(q, k, v2, is_causal=True) - mech.run(q, k, v, is_causal=True)).norm(dim=-1)
+    delta = (mech.run_gated(q, k, v2, logits) - mech.run_gated(q, k, v, logits)).norm(dim=-1)
     assert (delta[..., 20] < 1e-3 * delta[..., 1]).all()
     ungated = _rfa(num_features=8)
     d0 = (ungated.run(q, k, v2, is_causal=True) - ungated.run(q, k, v, is_causal=True)).norm(dim=-1)
     assert (d0[..., 20] > 1e-2 * d0[..., 1]).all()
-    # learned: gradients reach the gate; and it needs the layer / the causal form
-    mech.run(q, k, v, is_causal=True).sum().backward()
-    assert mech.gate_weight.grad is not None and mech.gate_weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="learned parameters"):
+    # gradients reach the gate logits; the gate needs the layer input (not an operator) and the causal form
+    (g,) = torch.autograd.grad(mech.run_gated(q, k, v, logits).sum(), logits)
+    assert g.abs().sum() > 0
+    with pytest.raises(ValueError, match="layer input"):
         fastattn.attention(q, k, v, method="rfa", is_causal=True, gate=True)
+    with pytest.raises(ValueError, match="layer input"):
+        mech.run(q, k, v, is_causal=True)
+    layer = fastattn.MultiheadAttention(16, 2, "rfa", gate=True, num_features=8, batch_first=True)
     with pytest.raises(ValueError, match="causal"):
-        mech.run(q, k, v)
+        layer(torch.randn(1, 5, 16))
 
 
 # ---------------------------------------------------------------- hedgehog

@@ -100,8 +100,13 @@ class KernelMechanism(Mechanism):
         decay = self.decay()
         if decay is not None and key_padding_mask is not None and decay.dim() == 1:
             decay = decay.view(1, -1, 1).expand(q.shape[0], -1, q.shape[2])
-        fq = self.features(q, is_query=True, scale=scale, mask=mask)
-        fk = self.features(k, is_query=False, scale=scale, mask=mask)
+        # features that depend on positions (transnormer's LRPE) see the new tokens' absolute positions
+        start = 0 if state is None else state.length
+        at = mask if start == 0 else Mask(
+            lq=q.shape[2], lk=k.shape[2], key_padding=key_padding_mask, causal=True, k_start=start
+        )
+        fq = self.features(q, is_query=True, scale=scale, mask=at)
+        fk = self.features(k, is_query=False, scale=scale, mask=at)
         out, new_state = linear_attention(
             fq, fk, v, mask, normalize=self.normalize, chunk=self.chunk, state=state, return_state=True,
             key_log_scale=self.key_log_scale(k, scale=scale, mask=mask), **self._decay(decay),

@@ -286,13 +286,17 @@ def dense_kernel_attention(
     fq: Tensor, fk: Tensor, v: Tensor, mask: Mask, *, decay: Tensor | None = None,
     log_decay: Tensor | None = None, normalize: bool = True, state: LinearState | None = None,
     key_log_scale: Tensor | None = None,
+    scores: Tensor | None = None,
 ) -> Tensor:
     """The reference: ``A = phi(Q) phi(K)^T`` (times ``prod_{s<r<=t} g_r``), masked, ``A V`` plus the
     initial state's ``prod_{r<=t} g_r q'_t S_0``, row-normalised. Dense O(n^2), written as the formula.
     Grouped-query inputs (fewer key/value heads; gates and state per key/value head) are expanded.
     With ``key_log_scale`` ``c`` the key features are ``fk exp(c_s)``: row ``t`` is computed with the
     factor ``exp(c_s - m_t)`` (``m_t`` its largest visible ``c``, and the state's ``log_scale``), which
-    cancels in the normalisation."""
+    cancels in the normalisation.
+
+    ``scores`` ``(B, H, Lq, Lk)``: ``A`` itself where it is written otherwise than as a product of
+    features (a positional rotation written as ``cos(theta (s - t))``); ``fq, fk`` then only give shapes."""
     lq, lk = fq.shape[2], fk.shape[2]
     w0 = None
     log_g, _ = log_gates(decay, log_decay, fk, mask.key_keep(fq.dtype))
@@ -322,7 +326,7 @@ def dense_kernel_attention(
         shift = (c - m).exp().to(fq.dtype)
     elif state is not None and state.log_scale is not None:
         raise ValueError("the state is in shifted units (log_scale); continue it with key_log_scale")
-    a = torch.matmul(fq, fk.transpose(-1, -2))
+    a = torch.matmul(fq, fk.transpose(-1, -2)) if scores is None else scores
     if shift is not None:
         a = a * shift
     if log_g is not None:
