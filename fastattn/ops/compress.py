@@ -105,7 +105,7 @@ class BlockMemory(DecodingState):
         new = lambda n, x: x.new_zeros(b, h, n, x.shape[3])  # noqa: E731
         count = lambda: torch.zeros(b, dtype=torch.long, device=k.device)  # noqa: E731
         self.c, self.window, self.length = c, window, 0
-        self.node_k, self.node_v, self.nodes = new(0, k), new(0, v), count()
+        self.node_k, self.node_v, self.nodes = new(16, k), new(16, v), count()  # spare slots, grown on demand
         self.buf_k, self.buf_v, self.filled = new(c, k), new(c, v), count()
         self.loc_k, self.loc_v, self.local = new(window, k), new(window, v), count()
         self.seen = count()
