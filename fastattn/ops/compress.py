@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fastattn.core.state import DecodingState
 
-__all__ = ["BlockMemory", "block_compress", "block_view", "node_ends", "span_means", "FNS"]
+__all__ = ["FNS", "BlockMemory", "block_compress", "block_view", "node_ends", "span_means"]
 
 FNS = ("conv", "mean", "max")
 
@@ -102,8 +102,8 @@ class BlockMemory(DecodingState):
 
     def __init__(self, k: Tensor, v: Tensor, c: int, window: int) -> None:
         b, h = k.shape[:2]
-        new = lambda n, x: x.new_zeros(b, h, n, x.shape[3])  # noqa: E731
-        count = lambda: torch.zeros(b, dtype=torch.long, device=k.device)  # noqa: E731
+        new = lambda n, x: x.new_zeros(b, h, n, x.shape[3])
+        count = lambda: torch.zeros(b, dtype=torch.long, device=k.device)
         self.c, self.window, self.length = c, window, 0
         self.node_k, self.node_v, self.nodes = new(16, k), new(16, v), count()  # spare slots, grown on demand
         self.buf_k, self.buf_v, self.filled = new(c, k), new(c, v), count()

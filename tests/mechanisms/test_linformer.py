@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import HKV, H, L, grads, make_mech, padding_mask, qkv
 
 import fastattn
-from helpers import H, HKV, L, grads, make_mech, padding_mask, qkv
 
 SPEC = fastattn.get_method("linformer")
 
@@ -79,7 +79,7 @@ def test_sharing_modes_and_grouped_heads():
     with torch.no_grad():
         full.e.copy_(per_head.e.repeat_interleave(H // HKV, 0))
         full.f.copy_(per_head.f.repeat_interleave(H // HKV, 0))
-    rep = lambda x: x.repeat_interleave(H // HKV, 1)  # noqa: E731
+    rep = lambda x: x.repeat_interleave(H // HKV, 1)
     torch.testing.assert_close(per_head.run(q, k, v), full.run(q, rep(k), rep(v)), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="share"):
         make_mech(SPEC, share="layer")

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    L,
+    assert_fast_equals_reference,
+    decode_in_chunks,
+    grads,
+    make_mech,
+    padding_mask,
+    qkv,
+)
 
 import fastattn
 from fastattn.ops.compress import block_compress, node_ends
-from helpers import E, L, grads, make_mech, padding_mask, qkv
 
 SPEC = fastattn.get_method("memory_compressed")
 VARIANTS = [
@@ -50,15 +58,7 @@ def test_compression_one_with_identity_conv_is_softmax():
 @pytest.mark.parametrize("options", VARIANTS, ids=lambda o: "-".join(map(str, o.values())))
 def test_fast_path_equals_the_formula(options):
     mech = _mech(**options)
-    for causal in (False, True):
-        for kpm in (None, padding_mask()):
-            for lq in (1, L):
-                q, k, v = qkv(lq=lq, lk=L, requires_grad=True)
-                fast = mech.run(q, k, v, is_causal=causal, key_padding_mask=kpm)
-                ref = mech.run(q, k, v, is_causal=causal, key_padding_mask=kpm, reference=True)
-                torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-11)
-                for a, b in zip(grads(fast, (q, k, v)), grads(ref, (q, k, v))):
-                    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert_fast_equals_reference(mech)
 
 
 @pytest.mark.parametrize("options", VARIANTS, ids=lambda o: "-".join(map(str, o.values())))
@@ -83,13 +83,9 @@ def test_step_equals_causal_forward(options):
     mech = _mech(**options)
     q, k, v = qkv()
     full = mech.run(q, k, v, is_causal=True)
-    outs, state, t = [], None, 0
-    for size in (1, 2, 3, 8, 1, 19, 27):
-        o, state = mech.step(q[:, :, t:t + size], k[:, :, t:t + size], v[:, :, t:t + size], state, E ** -0.5)
-        outs.append(o)
-        t += size
-    assert t == L and state.length == L
-    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-9, atol=1e-11)
+    out, state = decode_in_chunks(mech, q, k, v, (1, 2, 3, 8, 1, 19, 27))
+    assert state.length == L
+    torch.testing.assert_close(out, full, rtol=1e-9, atol=1e-11)
     # the buffer holds the tokens of the incomplete block; the completed nodes are the forward's
     c = options["compression"]
     assert (state.filled == L % c).all() and (state.nodes == L // c).all()

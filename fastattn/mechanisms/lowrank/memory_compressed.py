@@ -57,11 +57,15 @@ class MemoryCompressedAttention(Mechanism):
     positional = True
     test_options = {"compression": 3, "mode": "both", "block": 8}
     deviations = (
-        "The strided convolution has one weight per (head, tap), shared by the feature channels (a learned "
-        "weighted pooling of each block), not a full channel-mixing convolution: a sequence-level mechanism "
-        "does not know the value width.",
-        "mode='both' puts the local block and the compressed nodes in one softmax; the paper interleaves "
-        "local and compressed layers.",
+        (
+            "The strided convolution has one weight per (head, tap), shared by the feature channels (a learned "
+            "weighted pooling of each block), not a full channel-mixing convolution: a sequence-level mechanism "
+            "does not know the value width."
+        ),
+        (
+            "mode='both' puts the local block and the compressed nodes in one softmax; the paper interleaves "
+            "local and compressed layers."
+        ),
     )
 
     @dataclass(frozen=True)
