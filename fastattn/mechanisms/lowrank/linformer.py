@@ -20,6 +20,7 @@ time and O(n k) memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +49,7 @@ class Linformer(Mechanism):
     """Keys and values projected to ``k`` rows along the length by learned ``E, F``."""
 
     native_gqa = True
-    test_options = {"k": 8, "max_length": 64}
+    test_options: ClassVar[dict[str, Any]] = {"k": 8, "max_length": 64}
 
     @dataclass(frozen=True)
     class Options:

@@ -26,7 +26,7 @@ through its node, as when the two kinds of layer are stacked).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +55,7 @@ class MemoryCompressedAttention(Mechanism):
 
     native_gqa = True
     positional = True
-    test_options = {"compression": 3, "mode": "both", "block": 8}
+    test_options: ClassVar[dict[str, Any]] = {"compression": 3, "mode": "both", "block": 8}
     deviations = (
         (
             "The strided convolution has one weight per (head, tap), shared by the feature channels (a learned "

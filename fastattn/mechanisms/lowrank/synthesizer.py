@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,7 @@ class Synthesizer(Mechanism):
     """Softmax over synthesized logits: a per-token MLP (dense) or a learned matrix (random)."""
 
     positional = True
-    test_options = {"max_length": 64, "query_chunk": 16}
+    test_options: ClassVar[dict[str, Any]] = {"max_length": 64, "query_chunk": 16}
     deviations = (
         (
             "Dense synthesizer rows are predicted from the per-head query q_i rather than from the layer "
