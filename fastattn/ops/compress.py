@@ -110,6 +110,27 @@ class BlockMemory(DecodingState):
         self.loc_k, self.loc_v, self.local = new(window, k), new(window, v), count()
         self.seen = count()
 
+    @classmethod
+    def from_prefix(cls, k: Tensor, v: Tensor, c: int, window: int, node_k: Tensor, node_v: Tensor) -> BlockMemory:
+        """The state after a prefix ``k, v (B, H, T, .)`` without padding whose complete blocks were already
+        compressed into ``node_k, node_v (B, H, >= T // c, .)`` (a prefill run in one parallel call)."""
+        s = cls(k, v, c, window)
+        t = k.shape[2]
+        full, rest = t // c, t % c
+        cap = max(16, full)
+        s.node_k = F.pad(node_k[:, :, :full], (0, 0, 0, cap - full))
+        s.node_v = F.pad(node_v[:, :, :full], (0, 0, 0, cap - full))
+        s.buf_k[:, :, :rest], s.buf_v[:, :, :rest] = k[:, :, full * c:], v[:, :, full * c:]
+        s.nodes.fill_(full)
+        s.filled.fill_(rest)
+        if window:
+            start = (t - 1) // window * window  # the local block of the last token
+            s.loc_k[:, :, :t - start], s.loc_v[:, :, :t - start] = k[:, :, start:], v[:, :, start:]
+            s.local.fill_(t - start)
+        s.seen.fill_(t)
+        s.length = t
+        return s
+
     @staticmethod
     def _put(store: Tensor, index: Tensor, rows: Tensor, x: Tensor) -> Tensor:
         """``store (B, H, S, D)`` with ``x (B, H, D)`` written at slot ``index[b]`` of the rows ``rows``."""

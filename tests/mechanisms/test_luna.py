@@ -119,3 +119,18 @@ def test_refused_inputs():
         fastattn.MultiheadAttention(D, H, "luna", dropout=0.1)
     with pytest.raises(ValueError, match="pack_heads"):
         _layer(pack_heads=5)
+
+
+def test_causal_chunks_do_not_change_values_or_gradients():
+    x = _x().requires_grad_(True)
+    w = _x(seed=4)
+    results = []
+    for chunk in (1, 3, 256):
+        layer = _layer(chunk=chunk).train()
+        out, _ = layer(x, is_causal=True)
+        params = list(layer.parameters())
+        results.append((out, torch.autograd.grad((out * w).sum(), [x, *params])))
+    for out, gs in results[1:]:
+        torch.testing.assert_close(out, results[0][0], rtol=1e-10, atol=1e-12)
+        for a, b in zip(gs, results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

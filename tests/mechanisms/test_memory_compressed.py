@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    E,
     L,
     assert_fast_equals_reference,
     decode_in_chunks,
@@ -130,3 +131,24 @@ def test_options_are_checked():
             make_mech(SPEC, **bad)
     assert not list(make_mech(SPEC, fn="mean").parameters())
     assert not SPEC.functional  # the default (conv) owns its taps
+
+
+@pytest.mark.parametrize("options", VARIANTS[::2], ids=lambda o: "-".join(map(str, o.values())))
+def test_prefill_then_token_by_token(options):
+    """Without autograd and padding, a first chunk is prefilled by the parallel forward; the state it builds
+    continues exactly like token-by-token decoding."""
+    mech = _mech(**options)
+    q, k, v = qkv()
+    full = mech.run(q, k, v, is_causal=True)
+    for first in (8, 9, 25):
+        with torch.no_grad():
+            out, _ = decode_in_chunks(mech, q, k, v, (first, 1, 2, 1, L - first - 4))
+            _, pre = mech.step(q[:, :, :first], k[:, :, :first], v[:, :, :first], None, E ** -0.5)
+            _, tok = decode_in_chunks(mech, q[:, :, :first], k[:, :, :first], v[:, :, :first], [1] * first)
+        torch.testing.assert_close(out, full, rtol=1e-9, atol=1e-11)
+        for count, stores in (("nodes", ("node_k", "node_v")), ("filled", ("buf_k", "buf_v")), ("local", ("loc_k", "loc_v"))):
+            n = int(getattr(tok, count)[0])
+            assert torch.equal(getattr(pre, count), getattr(tok, count)), count
+            for name in stores:
+                torch.testing.assert_close(getattr(pre, name)[:, :, :n], getattr(tok, name)[:, :, :n])
+        assert pre.length == tok.length == first and torch.equal(pre.seen, tok.seen)

@@ -50,6 +50,12 @@ class Linformer(Mechanism):
 
     native_gqa = True
     test_options: ClassVar[dict[str, Any]] = {"k": 8, "max_length": 64}
+    deviations = (
+        (
+            "Padding, which the paper does not define: padded keys and values are zeroed before the length "
+            "projection (they never matter, but left padding is not equivalent to a shorter sequence)."
+        ),
+    )
 
     @dataclass(frozen=True)
     class Options:

@@ -179,8 +179,14 @@ class MemoryCompressedAttention(Mechanism):
         dtype = q.dtype
         q, k, v = self.upcast(q, k, v)
         o = self.options
+        window = o.block if o.mode == "both" else 0
+        if state is None and key_padding_mask is None and not torch.is_grad_enabled():
+            # prefill: the parallel causal forward, and the state built from the same nodes
+            out = self.forward(q, k, v, Mask(q.shape[2], k.shape[2], causal=True), scale)
+            nk, nv, _ = self.compress(k, v, None)
+            return out.to(dtype), BlockMemory.from_prefix(k, v, o.compression, window, nk, nv)
         if state is None:
-            state = BlockMemory(k, v, o.compression, o.block if o.mode == "both" else 0)
+            state = BlockMemory(k, v, o.compression, window)
         groups = q.shape[1] // k.shape[1]
 
         def compress(bk: Tensor, bv: Tensor) -> tuple[Tensor, Tensor]:
