@@ -26,19 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from fastattn.core.base import Mechanism, repeat_kv
+from fastattn.core.checks import check_table_length
 from fastattn.core.masks import Mask
 from fastattn.ops.softmax.dense import dense_attention
 from fastattn.registry import register
 
-__all__ = ["Linformer", "check_table_length"]
+__all__ = ["Linformer"]
 
 SHARES = ("headwise", "key_value", "none")
-
-
-def check_table_length(n: int, max_length: int, what: str) -> None:
-    """A ``ValueError`` naming the option ``max_length`` when a length ``n`` exceeds a length-tied table."""
-    if n > max_length:
-        raise ValueError(f"{what} {n} exceeds max_length={max_length}; build the mechanism with max_length >= {n}")
 
 
 @register(

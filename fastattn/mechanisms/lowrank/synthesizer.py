@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from fastattn.core.base import Mechanism
+from fastattn.core.checks import check_table_length
 from fastattn.core.masks import Mask, masked_softmax
-from fastattn.mechanisms.lowrank.linformer import check_table_length
 from fastattn.ops.chunked import query_chunked
 from fastattn.registry import register
 
