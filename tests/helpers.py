@@ -167,3 +167,27 @@ def randomized(m: torch.nn.Module, seed: int = 0, std: float = 0.4) -> torch.nn.
         for p in m.parameters():
             p.copy_(std * torch.randn(p.shape, generator=g, dtype=torch.float64))
     return m.eval()
+
+
+def assert_fast_equals_reference(mech: Mechanism, causal=(False, True), lqs=(1, L), rtol=1e-9, atol=1e-11) -> None:
+    """``mech``'s efficient path equals its reference (float64), values and gradients, with and without
+    padding, causal or not, for each query length (``Lk = L``)."""
+    for is_causal in causal:
+        for kpm in (None, padding_mask()):
+            for lq in lqs:
+                q, k, v = qkv(lq=lq, lk=L, requires_grad=True)
+                fast = mech.run(q, k, v, is_causal=is_causal, key_padding_mask=kpm)
+                ref = mech.run(q, k, v, is_causal=is_causal, key_padding_mask=kpm, reference=True)
+                torch.testing.assert_close(fast, ref, rtol=rtol, atol=atol)
+                for a, b in zip(grads(fast, (q, k, v)), grads(ref, (q, k, v))):
+                    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def decode_in_chunks(mech: Mechanism, q, k, v, sizes):
+    """``mech.step`` over consecutive chunks of ``sizes`` tokens: the concatenated outputs and the last state."""
+    outs, state, t = [], None, 0
+    for size in sizes:
+        o, state = mech.step(q[:, :, t:t + size], k[:, :, t:t + size], v[:, :, t:t + size], state, E ** -0.5)
+        outs.append(o)
+        t += size
+    return torch.cat(outs, dim=2), state
