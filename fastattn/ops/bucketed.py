@@ -11,7 +11,10 @@ sees (its *selection* ``S_r(i)``):
   ``u - 1`` and ``u`` (no cyclic wrap: the first chunk has no look-back), whatever their label;
 * **causal window** (``causal=True``): query ``i`` sees the last ``window`` keys ``j`` with ``hk_j = hq_i``
   and ``pos_j <= pos_i`` -- decided by past tokens only, so changing the future never changes the past
-  (a chunk boundary after a global sort would depend on how many future tokens sort before ``i``).
+  (a chunk boundary after a global sort would depend on how many future tokens sort before ``i``);
+* **label window** (``same_label=True``, not causal): query ``i`` sees the keys with ``hk_j = hq_i`` among
+  the ``window`` key slots around its own place in the key order (``window >= 2 Lk``: every key of its
+  label -- exact cluster attention).
 
 Causality, padding and the optional ``self_penalty`` (added to the score of the key at the query's own
 position) are decided on the ORIGINAL positions the permutation carries (the ``Mask``'s ``q_pos`` /
@@ -75,17 +78,19 @@ class _Round:
     sees and its label ``qlabel`` (``(B, H, Lq)`` each)."""
 
     def __init__(self, hq: Tensor, hk: Tensor, qp: Tensor, kp: Tensor, real: Tensor, n_labels: int,
-                 causal: bool, chunk: int, window: int) -> None:
+                 causal: bool, chunk: int, window: int, same_label: bool) -> None:
         lq, lk = hq.shape[-1], hk.shape[-1]
         span = int(max(int(qp.max()), int(kp.max())) + 1)
         self.klabel = torch.where(real, hk, torch.full_like(hk, n_labels))
         composite = self.klabel * span + kp
         kperm = sort_by(composite)
-        self.inverse, self.order, self.qlabel, self.causal = kperm.inverse, kperm.order, hq, causal
-        if causal:
-            self.hi = torch.searchsorted(kperm.sort(composite[..., None])[..., 0].contiguous(),
-                                         (hq * span + qp).contiguous(), right=True)
-            self.lo = self.hi - window
+        self.inverse, self.order, self.qlabel = kperm.inverse, kperm.order, hq
+        self.same_label = causal or same_label
+        if self.same_label:
+            at = torch.searchsorted(kperm.sort(composite[..., None])[..., 0].contiguous(),
+                                    (hq * span + qp).contiguous(), right=True)
+            self.lo = at - (window if causal else window // 2)
+            self.hi = self.lo + window
         else:
             qslot = sort_by(hq * span + qp).inverse
             u = torch.div(qslot * lk, lq, rounding_mode="floor") // chunk
@@ -97,7 +102,7 @@ class _Round:
         flat = idx.reshape(B, H, -1)
         slot = self.inverse.gather(-1, flat).view(idx.shape)
         inside = (slot >= self.lo[..., None]) & (slot < self.hi[..., None])
-        if self.causal:
+        if self.same_label:
             inside = inside & (self.klabel.gather(-1, flat).view(idx.shape) == self.qlabel[..., None])
         return inside
 
@@ -105,10 +110,12 @@ class _Round:
 def bucketed_attention(
     q: Tensor, k: Tensor, v: Tensor, hq: Tensor, hk: Tensor, n_labels: int, mask: Mask, scale: float, *,
     chunk: int, window: int | None = None, dedup: bool = True, self_penalty: float | None = None,
+    same_label: bool = False,
 ) -> Tensor:
     """Attention of ``q (B, H, Lq, E)`` over ``k, v (B, H, Lk, .)`` within label-sorted neighbourhoods,
     ``hq (R, B, H, Lq)`` / ``hk (R, B, H, Lk)`` the labels of ``R`` rounds (see the module docstring).
-    ``mask.causal`` picks the causal window (``window``, default ``2 chunk``); ``self_penalty`` is added to
+    ``mask.causal`` picks the causal window (``window``, default ``2 chunk``), ``same_label`` the label window
+    when not causal, else chunks; ``self_penalty`` is added to
     the score of the key at the query's own position. Returns ``(B, H, Lq, Ev)``; rows that see no key
     return zeros."""
     window = 2 * chunk if window is None else window
@@ -116,18 +123,21 @@ def bucketed_attention(
     B, H, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     causal = mask.causal
     qp, kp, real = _positions(mask, B, H, q.device)
-    rounds = [_Round(hq[r], hk[r], qp, kp, real, n_labels, causal, chunk, window) for r in range(hq.shape[0])]
-    width = min(window if causal else 2 * chunk, lk + (0 if causal else chunk))
+    rounds = [_Round(hq[r], hk[r], qp, kp, real, n_labels, causal, chunk, window, same_label)
+              for r in range(hq.shape[0])]
+    width = min(window if (causal or same_label) else 2 * chunk, lk)
     offs = torch.arange(width, device=q.device)
     parts = []
     for rd in rounds:
-        slot = (rd.hi[..., None] - width if causal else rd.lo[..., None]) + offs  # (B, H, Lq, K)
-        inrange = (slot >= 0) & (slot < lk)
-        idx = rd.order.gather(-1, slot.clamp(0, lk - 1).view(B, H, -1)).view(B, H, lq, width)
+        slot = rd.lo.clamp_min(0)[..., None] + offs  # (B, H, Lq, K): the selection's slot range, clipped
+        inrange = (slot < rd.hi[..., None]) & (slot < lk)
+        idx = rd.order.gather(-1, slot.clamp_max(lk - 1).view(B, H, -1)).view(B, H, lq, width)
         kpos = kp.gather(-1, idx.view(B, H, -1)).view(idx.shape)
         valid = inrange & real.gather(-1, idx.view(B, H, -1)).view(idx.shape)
+        if rd.same_label:
+            valid = valid & rd.member(idx)
         if causal:
-            valid = valid & rd.member(idx) & (kpos <= qp[..., None])
+            valid = valid & (kpos <= qp[..., None])
         bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device)
         if self_penalty is not None:
             bias = bias.masked_fill(kpos == qp[..., None], self_penalty)
@@ -148,6 +158,7 @@ def _rank(label: Tensor, pos: Tensor) -> Tensor:
 
 def selection_mask(
     hq: Tensor, hk: Tensor, n_labels: int, mask: Mask, *, chunk: int, window: int | None = None,
+    same_label: bool = False,
 ) -> Tensor:
     """The selections of every round as a dense bool ``(R, B, H, Lq, Lk)`` (True = query ``i`` sees key
     ``j`` in round ``r``; padding and causality included), computed by counting: the sorted slot of a
@@ -170,6 +181,12 @@ def selection_mask(
                   & real[..., None, :]).sum(-1)  # (R, B, H, Lk)
         return seen & (upto_i - upto_j[..., None, :] < window)
     kslot = _rank(hk, kp.expand_as(hk))
+    if same_label:  # the keys of the query's label among the window of slots around its place in key order
+        at = ((hk[..., None, :] < hq[..., :, None]) | ((hk[..., None, :] == hq[..., :, None])
+                                                      & (kp[..., None, :] <= qp[..., :, None]))).sum(-1)
+        lo = at - window // 2
+        near = (kslot[..., None, :] >= lo[..., None]) & (kslot[..., None, :] < lo[..., None] + window)
+        return near & (hk[..., None, :] == hq[..., :, None]) & real[..., None, :]
     u = torch.div(_rank(hq, qp.expand_as(hq)) * lk, lq, rounding_mode="floor") // chunk
     lo, hi = (u - 1) * chunk, (u + 1) * chunk
     return (kslot[..., None, :] >= lo[..., None]) & (kslot[..., None, :] < hi[..., None]) & real[..., None, :]
