@@ -86,38 +86,101 @@ class _Round:
         kperm = sort_by(composite)
         self.inverse, self.order, self.qlabel = kperm.inverse, kperm.order, hq
         self.same_label = causal or same_label
+        qorder = sort_by(hq * span + qp)
+        # the queries sort exactly like the keys (self-attention, same labels, no padding): the blocked path
+        self.shared = lq == lk and torch.equal(qorder.order, kperm.order)
         if self.same_label:
             at = torch.searchsorted(kperm.sort(composite[..., None])[..., 0].contiguous(),
                                     (hq * span + qp).contiguous(), right=True)
             self.lo = at - (window if causal else window // 2)
             self.hi = self.lo + window
         else:
-            qslot = sort_by(hq * span + qp).inverse
-            u = torch.div(qslot * lk, lq, rounding_mode="floor") // chunk
+            u = torch.div(qorder.inverse * lk, lq, rounding_mode="floor") // chunk
             self.lo, self.hi = (u - 1) * chunk, (u + 1) * chunk
 
-    def member(self, idx: Tensor) -> Tensor:
-        """Whether the keys ``idx (B, H, Lq, K)`` (original indices) are in their queries' selection."""
-        B, H, lq, K = idx.shape
+    def member(self, idx: Tensor, at: Tensor | None = None) -> Tensor:
+        """Whether the keys ``idx (B, H, ..., K)`` (original indices) are in the selection of their queries:
+        the queries ``0 .. Lq-1`` (``idx (B, H, Lq, K)``), or the original queries ``at (B, H, ...)``
+        (``idx`` may have size-1 axes that broadcast against ``at``)."""
+        B, H = idx.shape[0], idx.shape[1]
+        lo, hi, lab = self.lo, self.hi, self.qlabel
+        if at is not None:
+            lo, hi, lab = (x.gather(-1, at.reshape(B, H, -1)).view(at.shape) for x in (lo, hi, lab))
         flat = idx.reshape(B, H, -1)
         slot = self.inverse.gather(-1, flat).view(idx.shape)
-        inside = (slot >= self.lo[..., None]) & (slot < self.hi[..., None])
+        inside = (slot >= lo[..., None]) & (slot < hi[..., None])
         if self.same_label:
-            inside = inside & (self.klabel.gather(-1, flat).view(idx.shape) == self.qlabel[..., None])
+            inside = inside & (self.klabel.gather(-1, flat).view(idx.shape) == lab[..., None])
         return inside
+
+
+def _blocked_round(
+    q: Tensor, k: Tensor, v: Tensor, rd: _Round, rounds: list[_Round], qp: Tensor, kp: Tensor, real: Tensor,
+    scale: float, chunk: int, causal: bool, dedup: bool, self_penalty: float | None,
+) -> tuple[Tensor, Tensor]:
+    """One round when queries and keys share the sorted order: chunks of ``chunk`` sorted queries against
+    the contiguous run of sorted keys covering their selections (dense tiles, no per-query gather).
+    Returns the partial ``(out, lse)`` in the original query order."""
+    B, H, n, E = q.shape
+    order, inverse = rd.order, rd.inverse
+    nc = -(-n // chunk)
+    pad = nc * chunk - n
+
+    def srt(x: Tensor) -> Tensor:  # (B, H, n, ...) in sorted order
+        return x.gather(2, order.view(B, H, n, *(1,) * (x.dim() - 3)).expand(B, H, n, *x.shape[3:]))
+
+    def blocks(x: Tensor, fill: float | int | bool = 0) -> Tensor:  # (B, H, nc, chunk, ...) sorted, padded
+        xs = srt(x)
+        if pad:
+            xs = torch.cat([xs, xs.new_full((B, H, pad, *xs.shape[3:]), fill)], dim=2)
+        return xs.view(B, H, nc, chunk, *xs.shape[3:])
+
+    lo, hi = blocks(rd.lo), blocks(rd.hi)
+    start = lo[..., 0].clamp_min(0)  # (B, H, nc): the selections' slot ranges start no earlier
+    wb = max(1, int((hi.amax(-1) - start).clamp(max=n).max()))
+    kslot = start[..., None] + torch.arange(wb, device=q.device)  # (B, H, nc, wb)
+    inrange = kslot < n
+    kidx = order.gather(-1, kslot.clamp_max(n - 1).view(B, H, -1)).view(B, H, nc, wb)  # original key indices
+    take = lambda x: x.gather(2, kidx.view(B, H, -1, 1).expand(B, H, nc * wb, x.shape[3])).view(  # noqa: E731
+        B, H, nc, wb, x.shape[3])
+    kb, vb = take(k), take(v)
+    qidx = blocks(torch.arange(n, device=q.device).expand(B, H, n))  # original query index of each row
+    s = torch.matmul(blocks(q), kb.transpose(-1, -2)) * scale  # (B, H, nc, chunk, wb)
+    ks = kslot[..., None, :]
+    valid = (ks >= lo[..., None]) & (ks < hi[..., None]) & inrange[..., None, :]
+    valid = valid & real.gather(-1, kidx.view(B, H, -1)).view(B, H, nc, 1, wb)
+    if pad:
+        valid = valid & (torch.arange(nc * chunk, device=q.device) < n).view(1, 1, nc, chunk, 1)
+    kpos = kp.gather(-1, kidx.view(B, H, -1)).view(B, H, nc, 1, wb)
+    qpos = blocks(qp)[..., None]
+    kfull = kidx[..., None, :]  # (B, H, nc, 1, wb): broadcast over the chunk's queries in member()
+    if rd.same_label:
+        valid = valid & rd.member(kfull, qidx)
+    if causal:
+        valid = valid & (kpos <= qpos)
+    if self_penalty is not None:
+        s = s + (kpos == qpos).to(s.dtype) * self_penalty
+    if dedup and len(rounds) > 1:
+        count = sum(other.member(kfull, qidx).to(s.dtype) for other in rounds)
+        s = s - torch.log(count.clamp_min(1))
+    out, lse = tile_partial(s.masked_fill(~valid, NEG_INF), lambda e: torch.matmul(e, vb.to(e.dtype)))
+    out = out.reshape(B, H, nc * chunk, -1)[:, :, :n]
+    lse = lse.reshape(B, H, nc * chunk)[:, :, :n]
+    return (out.gather(2, inverse[..., None].expand(B, H, n, out.shape[-1])), lse.gather(2, inverse))
 
 
 def bucketed_attention(
     q: Tensor, k: Tensor, v: Tensor, hq: Tensor, hk: Tensor, n_labels: int, mask: Mask, scale: float, *,
     chunk: int, window: int | None = None, dedup: bool = True, self_penalty: float | None = None,
-    same_label: bool = False,
+    same_label: bool = False, blocked: bool = True,
 ) -> Tensor:
     """Attention of ``q (B, H, Lq, E)`` over ``k, v (B, H, Lk, .)`` within label-sorted neighbourhoods,
     ``hq (R, B, H, Lq)`` / ``hk (R, B, H, Lk)`` the labels of ``R`` rounds (see the module docstring).
     ``mask.causal`` picks the causal window (``window``, default ``2 chunk``), ``same_label`` the label window
     when not causal, else chunks; ``self_penalty`` is added to
     the score of the key at the query's own position. Returns ``(B, H, Lq, Ev)``; rows that see no key
-    return zeros."""
+    return zeros. A round whose queries sort exactly like its keys (self-attention with equal labels,
+    e.g. shared-QK) runs on dense tiles (``blocked``) instead of per-query key lists; same result."""
     window = 2 * chunk if window is None else window
     _check(hq, hk, mask, chunk, window)
     B, H, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -129,6 +192,9 @@ def bucketed_attention(
     offs = torch.arange(width, device=q.device)
     parts = []
     for rd in rounds:
+        if rd.shared and blocked:
+            parts.append(_blocked_round(q, k, v, rd, rounds, qp, kp, real, scale, chunk, causal, dedup, self_penalty))
+            continue
         slot = rd.lo.clamp_min(0)[..., None] + offs  # (B, H, Lq, K): the selection's slot range, clipped
         inrange = (slot < rd.hi[..., None]) & (slot < lk)
         idx = rd.order.gather(-1, slot.clamp_max(lk - 1).view(B, H, -1)).view(B, H, lq, width)

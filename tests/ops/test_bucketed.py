@@ -81,3 +81,27 @@ def test_memory_is_bounded_by_query_groups():
         out.sum().backward()
     gathered = 1 * 2 * n * 2 * chunk * e * 4  # bytes of every query's keys at once
     assert max(fwd.bytes, bwd.bytes) < gathered / 8
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["chunks", "label-window", "causal"])
+@pytest.mark.parametrize("n,chunk,window", [(37, 5, 7), (40, 8, 16), (23, 64, 128)])
+def test_blocked_path_for_a_shared_order_equals_dense_formula(mode, n, chunk, window):
+    """Equal query and key labels in self-attention: the dense-tile path, against the formula and the
+    per-query-list path, values and gradients, several rounds with duplicates."""
+    from fastattn.ops import bucketed
+
+    q, k, v, hq, _ = _inputs(n, n, seed=7, n_labels=3, rounds=3)
+    mask = Mask(n, n, causal=mode["causal"])
+    kw = dict(chunk=chunk, window=window, self_penalty=-5e4, same_label=mode["same_label"])
+    rd = bucketed._Round(hq[0], hq[0], *bucketed._positions(mask, 2, 2, q.device), 3, mode["causal"], chunk,
+                         window, mode["same_label"])
+    assert rd.shared
+    fast = bucketed_attention(q, k, v, hq, hq, 3, mask, 0.3, **kw)
+    lists = bucketed_attention(q, k, v, hq, hq, 3, mask, 0.3, blocked=False, **kw)
+    allowed = selection_mask(hq, hq, 3, mask, chunk=chunk, window=window, same_label=mode["same_label"])
+    ref = bucketed_reference(q, k, v, allowed, mask, 0.3, self_penalty=-5e4)
+    gf = grads(fast, (q, k, v))
+    for other in (lists, ref):
+        torch.testing.assert_close(fast, other, rtol=1e-9, atol=1e-11)
+        for a, b in zip(grads(other, (q, k, v)), gf):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
