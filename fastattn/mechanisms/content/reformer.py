@@ -76,7 +76,7 @@ class Reformer(Mechanism):
 
     def _prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         kn = k / k.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(k.dtype).tiny)
-        hq, hk = self.buckets(q, kn)
+        hq, hk = self.buckets(q, k)  # the direction of k: with k = q the labels are identical (shared-QK)
         return kn, hq, hk
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
