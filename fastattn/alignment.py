@@ -36,7 +36,10 @@ class AlignmentAttention(nn.Module):
         and ``weights (B, Lq, Lk)`` (``(B, Dv)`` and ``(B, Lk)`` for a 2-D query); each weight row sums
         to 1 over the real keys and is 0 on padding keys (all zeros when every key is padding).
         ``is_causal=True`` (mechanisms with ``causal=True``; self-attention use) lets query ``i`` see keys
-        ``0 .. Lk - Lq + i`` only.
+        ``0 .. Lk - Lq + i`` only. Mechanisms that learn their queries (``structured``: ``query_free``)
+        are called with ``query=None`` and return ``(B, r, Dv)`` and ``(B, r, Lk)`` for their ``r``
+        queries. Mechanisms with ``normalized = False`` (``gmm_window``, luong's ``local-p``) return
+        unnormalised rows, still 0 on padding.
 
     Decoding:
         ``context, weights, state = a.step(query_t, keys, state, key_padding_mask=None)`` with ``state =
@@ -94,8 +97,8 @@ class AlignmentAttention(nn.Module):
 
     # ---- validation ---------------------------------------------------------------------------
     def _inputs(
-        self, query: Tensor, keys: Tensor, values: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
-    ) -> tuple[Tensor, Tensor, bool, Mask]:
+        self, query: Tensor | None, keys: Tensor, values: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
+    ) -> tuple[Tensor | None, Tensor, bool, Mask]:
         for name, t in (("query", query), ("keys", keys), ("values", values)):
             if t is None:
                 continue
@@ -103,13 +106,21 @@ class AlignmentAttention(nn.Module):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        squeeze = query.dim() == 2
+        if self.attn.query_free != (query is None):
+            if query is None:
+                raise ValueError(f"query is required: method {self.method!r} scores the queries it is given "
+                                 f"(query=None is for methods that learn their queries, such as 'structured')")
+            raise ValueError(f"method {self.method!r} learns its {self.attn.num_queries} queries: call it with "
+                             f"query=None, got a query of shape {_shape(query)}")
+        if keys.dim() != 3:
+            raise ValueError(f"keys must be (batch, key_length, key_dim), got {_shape(keys)}")
+        squeeze = query is not None and query.dim() == 2
+        if query is None:  # the mechanism's learned queries: a stand-in for the shape checks, never used
+            query = keys.new_empty(keys.shape[0], self.attn.num_queries, self.query_dim)
         if squeeze:
             query = query[:, None]
         if query.dim() != 3:
             raise ValueError(f"query must be (batch, length, query_dim) or (batch, query_dim), got {_shape(query)}")
-        if keys.dim() != 3:
-            raise ValueError(f"keys must be (batch, key_length, key_dim), got {_shape(keys)}")
         if values is None:
             if self.value_dim != self.key_dim:
                 raise ValueError(
@@ -150,7 +161,7 @@ class AlignmentAttention(nn.Module):
             if query.shape[1] > lk:
                 raise ValueError(f"is_causal needs query length <= key length, got {query.shape[1]} > {lk}")
         mask = Mask(lq=query.shape[1], lk=lk, key_padding=key_padding_mask, causal=is_causal)
-        return query, values, squeeze, mask
+        return (None if self.attn.query_free else query), values, squeeze, mask
 
     @staticmethod
     def _out(context: Tensor, weights: Tensor, squeeze: bool) -> tuple[Tensor, Tensor]:
@@ -158,14 +169,14 @@ class AlignmentAttention(nn.Module):
 
     # ---- calls --------------------------------------------------------------------------------
     def forward(
-        self, query: Tensor, keys: Tensor, values: Tensor | None = None, key_padding_mask: Tensor | None = None,
+        self, query: Tensor | None, keys: Tensor, values: Tensor | None = None, key_padding_mask: Tensor | None = None,
         *, is_causal: bool = False,
     ) -> tuple[Tensor, Tensor]:
         query, values, squeeze, mask = self._inputs(query, keys, values, key_padding_mask, is_causal)
         return self._out(*self.attn(query, keys, values, mask), squeeze)
 
     def reference(
-        self, query: Tensor, keys: Tensor, values: Tensor | None = None, key_padding_mask: Tensor | None = None,
+        self, query: Tensor | None, keys: Tensor, values: Tensor | None = None, key_padding_mask: Tensor | None = None,
         *, is_causal: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """The same call computed by the mechanism's literal reference (for tests and checks)."""

@@ -26,7 +26,9 @@ class MultiheadAttention(nn.Module):
 
     The layer is a façade over one :class:`~fastattn.core.layer.LayerMechanism` (``self.mechanism``):
     for a sequence-level method it is :class:`~fastattn.core.layer.ProjectedAttention` -- projections,
-    the method as the attention core (``self.attn``), output projection; for a layer-level method
+    the method as the attention core (``self.attn``), output projection -- or the method's own
+    ``layer_form`` where its paper's layer does more (rfa's gate from the layer input, transnormer's
+    output gate, interlaced's two attention stages); for a layer-level method
     (registry ``level="layer"``: mixture of heads, memories, ...) it is that mechanism, which sees the
     layer input and owns its projections. The façade handles the layout (``batch_first``, unbatched
     input), checks shapes, and forwards.
@@ -102,7 +104,8 @@ class MultiheadAttention(nn.Module):
         elif spec.level == "layer":
             mechanism = spec.cls(spec.make_options(**options), config, generator=generator)  # type: ignore[misc]
         else:
-            mechanism = ProjectedAttention(
+            layer_cls = getattr(spec.cls, "layer_form", None) or ProjectedAttention  # the paper's layer, if any
+            mechanism = layer_cls(
                 ProjectedAttention.Options(core=method, core_options=options), config, generator=generator
             )
         self.mechanism: LayerMechanism = mechanism
@@ -229,6 +232,11 @@ class MultiheadAttention(nn.Module):
             mha.embed_dim, mha.num_heads, method, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
             batch_first=mha.batch_first, device=w.device, dtype=w.dtype, **options,
         )
+        if not isinstance(layer.mechanism, ProjectedAttention):
+            raise ValueError(
+                f"from_torch needs a method whose layer is one set of q, k, v and output projections; "
+                f"{method!r} builds another layer ({type(layer.mechanism).__name__})"
+            )
         e = mha.embed_dim
         with torch.no_grad():
             for i, lin in enumerate((layer.q_proj, layer.k_proj, layer.v_proj)):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -60,8 +60,25 @@ class AlignmentState:
 
 
 class AlignmentMechanism(Registered):
-    """Base class of the alignment mechanisms (kind ``"seq2seq"``). See the module docstring."""
+    """Base class of the alignment mechanisms (kind ``"seq2seq"``). See the module docstring.
 
+    Flags (class attributes; an instance may set ``normalized`` from its options):
+
+    * ``normalized`` -- each weight row sums to 1 over the allowed keys. False for mechanisms whose
+      weights are unnormalised by design (Graves' GMM window, Luong's local-p Gaussian factor); their
+      rows are still 0 on padding keys.
+    * ``recurrent`` -- query-recurrent: the result for query ``t`` depends on the queries before it
+      (position state carried from step to step, e.g. a window whose centre only moves forward). A
+      forward over ``Lq`` queries then equals ``Lq`` decoder steps from a fresh state, not ``Lq``
+      independent one-query calls.
+    * ``query_free`` -- the mechanism learns its ``num_queries`` queries (Lin et al.'s r hops) and is
+      called with ``query=None`` (its ``query`` argument is then None).
+    """
+
+    normalized: bool = True
+    recurrent: ClassVar[bool] = False
+    query_free: ClassVar[bool] = False
+    num_queries: int = 0  # the learned queries of a query-free mechanism
 
     def __init__(self, options: Any = None, *, query_dim: int, key_dim: int, value_dim: int) -> None:
         super().__init__(options)

@@ -52,6 +52,14 @@ class Mechanism(Registered):
     # over the keys): the default ``step`` then decodes rows with different padding separately, so that
     # every row's positions start at its first real token. False: masking padded keys is enough.
     positional: ClassVar[bool] = False
+    # The layer ``MultiheadAttention(method=<this id>)`` builds, where the paper's layer does more than
+    # project, attend and project back (a gate computed from the layer input, two attention stages with
+    # their own projections): a :class:`~fastattn.core.layer.ProjectedAttention` subclass taking the same
+    # ``Options(core=<this id>, core_options=...)``. ``None``: the standard layer. The id stays
+    # sequence-level (and functional where it owns no parameters); the layer contract suite also runs
+    # on these layers, with ``layer_test_options``.
+    layer_form: ClassVar[type | None] = None
+    layer_test_options: ClassVar[dict[str, Any] | None] = None  # None: the class's test_options
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

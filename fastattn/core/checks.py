@@ -13,7 +13,7 @@ from .masks import Mask
 if TYPE_CHECKING:
     from ..registry import MethodSpec
 
-__all__ = ["check_inputs", "check_key_padding", "repeat_kv", "build_mask"]
+__all__ = ["check_inputs", "check_key_padding", "check_table_length", "repeat_kv", "build_mask"]
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -118,6 +118,13 @@ def check_key_padding(
         )
     if not spec.padding:
         raise ValueError(f"method {spec.name!r} does not support key_padding_mask")
+
+
+def check_table_length(n: int, max_length: int, what: str) -> None:
+    """A ``ValueError`` naming the option ``max_length`` when a length ``n`` exceeds a length-tied table
+    (learned length projections, synthesized rows): never a silent slice past the table's end."""
+    if n > max_length:
+        raise ValueError(f"{what} {n} exceeds max_length={max_length}; build the mechanism with max_length >= {n}")
 
 
 def build_mask(

@@ -102,7 +102,9 @@ def make_core(
         spec.make_options(**options), head_dim=config.head_dim, num_heads=config.num_heads,
         num_kv_heads=config.num_kv_heads, **kwargs,
     )
-    return core.to(config.device)
+    # the core's own parameters and buffers (rfa's random features, transnormer's LRPE angles) follow the
+    # layer's device and dtype, as the projections do
+    return core.to(config.device) if config.dtype is None else core.to(device=config.device, dtype=config.dtype)
 
 
 class LayerMechanism(Registered):
@@ -119,6 +121,12 @@ class LayerMechanism(Registered):
 
     def dims(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+
+    @property
+    def requires_causal(self) -> bool:
+        """True when this layer, with its options, has only a causal form (gated rfa's recurrence): a
+        call without ``is_causal=True`` is then a ``ValueError``."""
+        return False
 
     # ---- to implement ---------------------------------------------------------------------------
     def forward(
@@ -147,8 +155,9 @@ class ProjectedAttention(LayerMechanism):
     ``Options(core=<id>, core_options=options)``; its parameters are ``q_proj``, ``k_proj``, ``v_proj``,
     ``out_proj`` (Xavier-uniform, zero biases, as torch's) and the core's, under ``core``.
 
-    Subclasses change what happens around the core through :meth:`project` (the per-head ``q, k, v``)
-    and :meth:`mix` (the per-head outputs, before the output projection, and an auxiliary loss).
+    Subclasses change what happens around the core through :meth:`project` (the per-head ``q, k, v``;
+    :meth:`project_loss`, its auxiliary loss), :meth:`mix` (the per-head outputs, before the output
+    projection, and an auxiliary loss) or :meth:`output` (the output projection itself).
     """
 
     # Whether ``need_weights`` returns the core's attention matrix; a subclass whose output is not an
@@ -216,6 +225,27 @@ class ProjectedAttention(LayerMechanism):
         The standard layer passes the heads through."""
         return heads, None
 
+    def output(self, x: Tensor, heads: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The layer output ``(B, Lq, D)`` from the head outputs ``(B, H, Lq, E)``, and the auxiliary loss
+        of this stage (arguments as :meth:`mix`). The standard layer: :meth:`mix`, then the output
+        projection of the concatenated heads; a subclass whose output projection depends on the token
+        (experts) overrides this instead."""
+        heads, aux = self.mix(x, heads, valid)
+        return self.out_proj(self.merge(heads)), aux
+
+    def project_loss(
+        self, x: Tensor, context: Tensor | None, value: Tensor | None, valid_keys: Tensor | None
+    ) -> Tensor | None:
+        """The auxiliary loss of :meth:`project` (routers on the key/value side), computed in training
+        mode only; ``valid_keys`` ``(B, Lk)`` marks the real key tokens where padding is known. The
+        standard layer has none."""
+        return None
+
+    @staticmethod
+    def _sum_losses(*losses: Tensor | None) -> Tensor | None:
+        present = [a for a in losses if a is not None]
+        return sum(present[1:], present[0]) if present else None
+
     def _attn_mask(self, attn_mask: Tensor | None, b: int, lq: int, lk: int) -> Tensor | None:
         """torch's 3-D ``(B * H, Lq, Lk)`` attention mask as ``(B, H, Lq, Lk)``."""
         if attn_mask is None or attn_mask.dim() != 3:
@@ -243,9 +273,11 @@ class ProjectedAttention(LayerMechanism):
             "key_padding_mask": key_padding_mask, "is_causal": is_causal,
             "attn_mask": self._attn_mask(attn_mask, x.shape[0], q.shape[2], k.shape[2]),
         }
-        heads, aux = self.mix(x, self.attend(q, k, v, **masks), self._valid_queries(context, key_padding_mask))
+        out, aux = self.output(x, self.attend(q, k, v, **masks), self._valid_queries(context, key_padding_mask))
+        if self.training:
+            valid_keys = None if key_padding_mask is None else ~key_padding_mask
+            aux = self._sum_losses(aux, self.project_loss(x, context, value, valid_keys))
         self.aux_loss = self.core.aux_loss if aux is None else self.core.aux_loss + aux
-        out = self.out_proj(self.merge(heads))
         weights = None
         if need_weights and self.returns_core_weights:
             weights = self.core.attention_weights(q, k, **masks)
@@ -270,8 +302,7 @@ class ProjectedAttention(LayerMechanism):
         heads = self.reference_heads(
             x, context, value, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal
         )
-        heads, _ = self.mix(x, heads, self._valid_queries(context, key_padding_mask))
-        return self.out_proj(self.merge(heads))
+        return self.output(x, heads, self._valid_queries(context, key_padding_mask))[0]
 
     def step(self, x: Tensor, state: Any, *, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Any]:
         """Decode the tokens ``x (B, T, D)`` (self-attention) after ``state``; ``key_padding_mask (B, T)``
@@ -280,6 +311,9 @@ class ProjectedAttention(LayerMechanism):
             raise ValueError(f"method {self.options.core!r} does not support incremental decoding")
         q, k, v = self.project(x, None, None)
         heads, state = self.core.step(q, k, v, state, self.head_dim ** -0.5, key_padding_mask)
-        heads, aux = self.mix(x, heads, None if key_padding_mask is None else ~key_padding_mask)
+        valid = None if key_padding_mask is None else ~key_padding_mask
+        out, aux = self.output(x, heads, valid)
+        if self.training:
+            aux = self._sum_losses(aux, self.project_loss(x, None, None, valid))
         self.aux_loss = self.core.aux_loss if aux is None else self.core.aux_loss + aux
-        return self.out_proj(self.merge(heads)), state
+        return out, state

@@ -15,7 +15,7 @@ from typing import ClassVar, Sequence, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["DecodingState", "KVCache", "batch_index"]
+__all__ = ["DecodingState", "KVCache", "StackedState", "batch_index"]
 
 S = TypeVar("S", bound="DecodingState")
 
@@ -146,3 +146,26 @@ class KVCache(DecodingState):
         out = super().to(device)
         out._buffer = None
         return out
+
+
+class StackedState(DecodingState):
+    """The decoding state of a layer made of sub-layers run one after the other (each decodes its own
+    input): one state per sub-layer, in order. ``length`` is the first one's; ``select`` and ``to``
+    apply to every one."""
+
+    def __init__(self, states: Sequence[DecodingState]) -> None:
+        self.states = tuple(states)
+
+    @property
+    def length(self) -> int:  # type: ignore[override]
+        return self.states[0].length
+
+    @property
+    def batch_size(self) -> int:
+        return self.states[0].batch_size
+
+    def select(self, index: Tensor | Sequence[int] | int) -> StackedState:
+        return StackedState([s.select(index) for s in self.states])
+
+    def to(self, device: torch.device | str) -> StackedState:
+        return StackedState([s.to(device) for s in self.states])

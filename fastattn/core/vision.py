@@ -23,7 +23,10 @@ from .registered import Registered
 if TYPE_CHECKING:
     pass
 
-__all__ = ["VisionMechanism", "check_feature_map", "check_pixel_mask", "flatten_pixels", "unflatten_pixels"]
+__all__ = [
+    "VisionMechanism", "check_feature_map", "check_pixel_mask", "flatten_pixels", "unflatten_pixels",
+    "pixel_heads", "unpixel_heads", "key_padding", "pooled_mean_max", "masked_max_pool2", "batch_norm",
+]
 
 
 def check_feature_map(x: Tensor, channels: int) -> None:
@@ -60,6 +63,68 @@ def flatten_pixels(x: Tensor) -> Tensor:
 def unflatten_pixels(t: Tensor, height: int, width: int) -> Tensor:
     """``(B, H * W, C) -> (B, C, H, W)``, the inverse of :func:`flatten_pixels`."""
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], height, width)
+
+
+def pixel_heads(t: Tensor, num_heads: int) -> Tensor:
+    """``(B, h * d, H, W) -> (B, h, H * W, d)``: a 1x1 projection's channels split into heads, pixels as
+    the positions of a sequence (row-major), ready for the sequence ops."""
+    b, c, hh, ww = t.shape
+    return t.reshape(b, num_heads, c // num_heads, hh * ww).transpose(2, 3)
+
+
+def unpixel_heads(t: Tensor, height: int, width: int) -> Tensor:
+    """``(B, h, H * W, d) -> (B, h * d, H, W)``, the inverse of :func:`pixel_heads`."""
+    b, h, _, d = t.shape
+    return t.transpose(2, 3).reshape(b, h * d, height, width)
+
+
+def key_padding(mask: Tensor | None) -> Tensor | None:
+    """A pixel mask ``(B, H, W)`` as the ``key_padding_mask`` ``(B, H * W)`` of the flattened pixels."""
+    return None if mask is None else mask.flatten(1)
+
+
+def pooled_mean_max(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Global average and max pooling of ``x (B, C, H, W)`` over the **real** pixels (``mask`` True =
+    padding): two ``(B, C)`` tensors. An image with no real pixel gives zeros (never NaN)."""
+    if mask is None:
+        return x.mean(dim=(2, 3)), x.amax(dim=(2, 3))
+    pad = mask[:, None]
+    count = (~mask).sum(dim=(1, 2)).clamp_min(1).to(x.dtype)[:, None]
+    mean = x.masked_fill(pad, 0.0).sum(dim=(2, 3)) / count
+    mx = x.masked_fill(pad, float("-inf")).amax(dim=(2, 3))
+    return mean, torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+
+
+def masked_max_pool2(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """2x2 max pooling with stride 2 of ``x (B, C, H, W)`` over real pixels only, ``ceil`` sized (an odd
+    edge keeps its last row / column as a 1-wide cell): returns the pooled map ``(B, C, ceil(H/2),
+    ceil(W/2))`` and its mask (a cell is padding when all of its pixels are; such cells hold zeros).
+
+    Because cells never straddle the top-left real region of a padded image and its padding, a padded
+    image pools to the pooled crop plus padding cells."""
+    hh, ww = x.shape[2], x.shape[3]
+    ph, pw = hh % 2, ww % 2
+    fill = x if mask is None else x.masked_fill(mask[:, None], float("-inf"))
+    if ph or pw:
+        fill = torch.nn.functional.pad(fill, (0, pw, 0, ph), value=float("-inf"))
+    pooled = torch.nn.functional.max_pool2d(fill, 2)
+    if mask is None:
+        return pooled, None  # every cell holds at least one real pixel
+    pad = torch.nn.functional.pad(mask, (0, pw, 0, ph), value=True)
+    cell = pad.unflatten(1, (-1, 2)).unflatten(3, (-1, 2)).all(dim=4).all(dim=2)  # (B, H', W')
+    return torch.where(cell[:, None], torch.zeros_like(pooled), pooled), cell
+
+
+def batch_norm(bn: torch.nn.Module, t: Tensor, mask: Tensor | None, owner: str) -> Tensor:
+    """``bn(t)`` for a module's optional BatchNorm (the papers' choice in several blocks). In eval mode it
+    is a per-channel affine map; in training mode its statistics mix the images of the batch and would
+    include padding pixels, so a padding mask is then a ``ValueError``."""
+    if mask is not None and bn.training:
+        raise ValueError(
+            f"{owner}: its BatchNorm in training mode takes no padding mask (the batch statistics would "
+            f"include padding pixels); use eval mode or the option without BatchNorm"
+        )
+    return bn(t)
 
 
 class VisionMechanism(Registered):

@@ -11,7 +11,16 @@ Nothing here imports a mechanism or a family; a mechanism module is a thin compo
   the dense reference, extra / memory nodes;
 * :mod:`.gather` -- attention over an explicit per-query list of key indices (grouped, recomputing);
 * :mod:`.permute` -- sort / unsort per (batch, head) by a content key, carrying the original positions;
+* :mod:`.bucketed` -- attention within label-sorted neighbourhoods (hash buckets, clusters): chunks, causal
+  and label windows on original positions, rounds merged with duplicates counted once; dense selection
+  masks and the dense formula for references;
+* :mod:`.clustering` -- k-means over the tokens of every (batch, head) row (farthest-point start, Lloyd
+  steps, differentiable centroid means);
 * :mod:`.features` -- named feature maps and the padding helpers kernel mechanisms share;
-* :mod:`.routing` -- top-k routing of tokens over experts (softmax / renormalised / sigmoid gates) and the
-  load-balance and z auxiliary losses.
+* :mod:`.routing` -- top-k routing of tokens over experts (softmax / renormalised / sigmoid gates), the
+  load-balance, z and selection-entropy auxiliary losses, and the gates applied to head outputs or to
+  batched expert projections;
+* :mod:`.cluster` -- deterministic k-means over a few vectors (heads) and the cosine distance;
+* :mod:`.constant` -- attention by constant (input-independent) tables in probability space: looked up at
+  absolute positions, masked, rows renormalised.
 """

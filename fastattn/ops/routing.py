@@ -14,7 +14,17 @@ The auxiliary losses read the routing of a batch of tokens (optionally only the 
 * :func:`load_balance_loss` -- Switch-style ``E * sum_e f_e P_e`` with ``f_e`` the fraction of tokens
   that select expert ``e`` and ``P_e`` the mean router probability of ``e``: ``k`` when routing is
   uniform, larger when a few experts take most tokens;
-* :func:`z_loss` -- ``mean(logsumexp(logits)^2)``, which keeps the router's logits small.
+* :func:`z_loss` -- ``mean(logsumexp(logits)^2)``, which keeps the router's logits small;
+* :func:`entropy_loss` -- minus the entropy of the token-averaged selection distribution (per group of
+  experts, averaged over groups): ``log E`` below zero when the batch uses every expert equally.
+
+Applying the gates, batched over experts (one einsum / matmul each, no loop over experts; every expert
+is computed and unselected ones weigh 0):
+
+* :func:`gate_heads` -- head outputs ``(B, H, L, E)`` times per-token head gates ``(B, L, H)``;
+* :func:`experts_in` -- ``sum_e g_e x W^{g,e}``: a mixture-of-experts linear map into ``G`` groups (heads);
+* :func:`experts_out` -- ``sum_{g,e} g_{g,e} h_g W^{g,e}``: a mixture-of-experts linear map out of ``G``
+  groups, summed into one output.
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "load_balance_loss", "route", "z_loss"]
+__all__ = [
+    "Routing", "entropy_loss", "experts_in", "experts_out", "gate_heads", "load_balance_loss", "route", "z_loss",
+]
 
 GATES = ("softmax", "sigmoid")
 
@@ -83,3 +95,41 @@ def load_balance_loss(probs: Tensor, mask: Tensor, valid: Tensor | None = None) 
 def z_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:
     """Router z-loss ``mean over tokens of logsumexp(logits)^2``."""
     return _token_mean(torch.logsumexp(logits, dim=-1, keepdim=True).pow(2), valid)[0]
+
+
+def entropy_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``mean_g sum_e pbar_{g,e} log pbar_{g,e}`` for ``logits (B, L, G, E)`` (``G`` independent routers,
+    e.g. one per head), ``pbar_g`` the mean over the (``valid`` ``(B, L)``) tokens of ``softmax(logits_g)``:
+    minus the entropy of the batch's average selection distribution, minimal (``-log E``) when the batch
+    spreads evenly over the experts."""
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be (B, L, G, E), got shape {tuple(logits.shape)}")
+    p = torch.softmax(logits, dim=-1)
+    if valid is None:
+        pbar = p.mean(dim=(0, 1))
+    else:
+        if valid.shape != logits.shape[:2]:
+            raise ValueError(f"valid must be (B, L) = {tuple(logits.shape[:2])}, got {tuple(valid.shape)}")
+        w = valid.to(p.dtype)[..., None, None]
+        pbar = (p * w).sum(dim=(0, 1)) / w.sum().clamp_min(1.0)
+    return (pbar * torch.log(pbar.clamp_min(torch.finfo(pbar.dtype).tiny))).sum(-1).mean()
+
+
+def gate_heads(heads: Tensor, gates: Tensor) -> Tensor:
+    """Head outputs ``(B, H, L, E)`` scaled by per-token gates ``(B, L, H)``."""
+    return heads * gates.transpose(1, 2).unsqueeze(-1)
+
+
+def experts_in(x: Tensor, weight: Tensor, gates: Tensor) -> Tensor:
+    """``y[..., g, :] = sum_e gates[..., g, e] * x W[g, e]``: ``x (..., Din)``, ``weight (G, E, Din, Dout)``,
+    ``gates (..., G, E)`` (zero for unselected experts) -> ``(..., G, Dout)``."""
+    y = torch.einsum("...i,geio->...geo", x, weight)
+    return (y * gates.unsqueeze(-1)).sum(-2)
+
+
+def experts_out(h: Tensor, weight: Tensor, gates: Tensor) -> Tensor:
+    """``y = sum_{g, e} gates[..., g, e] * h[..., g, :] W[g, e]``: ``h (..., G, Din)``, ``weight (G, E, Din,
+    Dout)``, ``gates (..., G, E)`` -> ``(..., Dout)``; one matmul over the gated, concatenated inputs."""
+    g, e, din, dout = weight.shape
+    gated = h.unsqueeze(-2) * gates.unsqueeze(-1)  # (..., G, E, Din)
+    return gated.flatten(-3) @ weight.reshape(g * e * din, dout)

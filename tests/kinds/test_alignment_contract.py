@@ -17,6 +17,23 @@ IDS = [s.name for s in SPECS]
 DECODING = [s for s in SPECS if s.decoding]
 
 
+class QueryFree:
+    """A query-free mechanism (``structured``: it learns its ``r = LQ`` queries, API section 3.3) under
+    the contract: the contract's query is dropped and ``query=None`` passed instead."""
+
+    def __init__(self, a: fastattn.AlignmentAttention) -> None:
+        self.a = a
+
+    def __getattr__(self, name):
+        return getattr(self.a, name)
+
+    def __call__(self, q, k, v=None, key_padding_mask=None, **kw):
+        return self.a(None, k, v, key_padding_mask, **kw)
+
+    def reference(self, q, k, v=None, key_padding_mask=None, **kw):
+        return self.a.reference(None, k, v, key_padding_mask, **kw)
+
+
 def make(spec, seed: int = 0, value_dim: int | None = DV, dtype=torch.float64, **options) -> fastattn.AlignmentAttention:
     opts = {**spec.cls.test_options, **options}
     a = fastattn.AlignmentAttention(DQ, DK, spec.name, value_dim=value_dim, dtype=dtype, **opts)
@@ -24,6 +41,9 @@ def make(spec, seed: int = 0, value_dim: int | None = DV, dtype=torch.float64, *
     with torch.no_grad():
         for p in a.parameters():
             p.copy_(0.6 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    if a.attn.query_free:
+        assert a.attn.num_queries == LQ, "a query-free mechanism's test_options must give LQ learned queries"
+        return QueryFree(a)
     return a
 
 
@@ -60,7 +80,10 @@ def test_shapes_and_weight_rows_are_distributions_over_real_keys(spec):
     ctx, w = a(q, k, v, key_padding_mask=kpm)
     assert ctx.shape == (B, LQ, DV) and w.shape == (B, LQ, LK)
     assert torch.isfinite(ctx).all() and (w >= 0).all()
-    torch.testing.assert_close(w.sum(-1), torch.ones(B, LQ, dtype=w.dtype))
+    if a.attn.normalized:
+        torch.testing.assert_close(w.sum(-1), torch.ones(B, LQ, dtype=w.dtype))
+    else:  # unnormalised by design (its own tests check what its rows are); not secretly normalised
+        assert not torch.allclose(w.sum(-1), torch.ones(B, LQ, dtype=w.dtype))
     assert (w.masked_select(kpm[:, None, :].expand_as(w)) == 0).all()
     torch.testing.assert_close(ctx, w @ v)  # the context is the weighted sum of the values
     # values default to the keys
@@ -75,11 +98,18 @@ def test_two_dimensional_query(spec):
     a = make(spec)
     q, k, v = inputs()
     kpm = key_padding()
+    if a.attn.query_free:  # a query is refused, and query=None is refused by the others
+        with pytest.raises(ValueError, match="query=None"):
+            a.a(q[:, 2], k, v, key_padding_mask=kpm)
+        return
     ctx, w = a(q[:, 2], k, v, key_padding_mask=kpm)
     assert ctx.shape == (B, DV) and w.shape == (B, LK)
-    full_ctx, full_w = a(q, k, v, key_padding_mask=kpm)
-    torch.testing.assert_close(ctx, full_ctx[:, 2], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(w, full_w[:, 2], rtol=1e-12, atol=1e-12)
+    # a 2-D query is a one-query call: row 2 of the full call, or (query-recurrent mechanisms, whose
+    # query t depends on the queries before it) the only row of the one-query sequence
+    full_ctx, full_w = a(q[:, 2:3] if a.attn.recurrent else q, k, v, key_padding_mask=kpm)
+    row = 0 if a.attn.recurrent else 2
+    torch.testing.assert_close(ctx, full_ctx[:, row], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w, full_w[:, row], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
@@ -168,7 +198,10 @@ def test_steps_equal_the_forward(spec):
     # beam search: select reorders the batch of the state
     idx = torch.tensor([2, 0])
     c_sel, _, _ = a.step(q[idx, 0], k[idx], state.select(idx), kpm[idx], values=v[idx])
-    torch.testing.assert_close(c_sel, ctx[idx, 0], rtol=1e-12, atol=1e-12)
+    c_next, _, _ = a.step(q[:, 0], k, state, kpm, values=v)  # the same step on the whole batch
+    torch.testing.assert_close(c_sel, c_next[idx], rtol=1e-12, atol=1e-12)
+    if not a.attn.recurrent:  # no position state: any step is a one-query forward
+        torch.testing.assert_close(c_sel, ctx[idx, 0], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="state was made for keys"):
         a.step(q[:, 0], k[:, :4], state, values=v[:, :4])
 
@@ -190,9 +223,18 @@ def test_causal_use_never_sees_the_future(spec):
     torch.testing.assert_close(ctx[:, :t + 1], ctx2[:, :t + 1], rtol=0, atol=1e-13)
     assert (w.triu(1) == 0).all()
     assert not torch.allclose(ctx[:, t + 1:], ctx2[:, t + 1:])
-    # bottom-right alignment: the last Lq queries over Lk keys are the last rows of the square call
-    c_last, _ = a(q[:, -3:], k, v, is_causal=True)
-    torch.testing.assert_close(c_last, ctx[:, -3:], rtol=1e-12, atol=1e-12)
+    if a.attn.recurrent:
+        # query t depends on the queries before it: a suffix call is not a slice of the square call; the
+        # causal call is the non-causal one with the future keys' weights zeroed
+        _, w_all = a(q, k, v)
+        torch.testing.assert_close(w, w_all.tril(), rtol=1e-12, atol=1e-13)
+        _, w_last = a(q[:, -3:], k, v, is_causal=True)
+        _, w_last_all = a(q[:, -3:], k, v)
+        torch.testing.assert_close(w_last, w_last_all.tril(LK - 3), rtol=1e-12, atol=1e-13)
+    else:
+        # bottom-right alignment: the last Lq queries over Lk keys are the last rows of the square call
+        c_last, _ = a(q[:, -3:], k, v, is_causal=True)
+        torch.testing.assert_close(c_last, ctx[:, -3:], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="query length <= key length"):
         a(q, k[:, :3], v[:, :3], is_causal=True)
 
@@ -221,8 +263,16 @@ def test_float32_agrees_with_float64(spec):
 def test_bad_inputs_raise(spec):
     a = make(spec)
     q, k, v = inputs()
-    with pytest.raises(ValueError, match="query has"):
-        a(q[..., :-1], k, v)
+    if a.attn.query_free:
+        with pytest.raises(ValueError, match="query=None"):
+            a.a(q, k, v)
+    else:
+        with pytest.raises(ValueError, match="query has"):
+            a(q[..., :-1], k, v)
+        with pytest.raises(ValueError, match="batch"):
+            a(q[:-1], k, v)
+        with pytest.raises(ValueError, match="query is required"):
+            a(None, k, v)
     with pytest.raises(ValueError, match="keys has"):
         a(q, k[..., :-1], v)
     with pytest.raises(ValueError, match="values has"):
@@ -230,7 +280,7 @@ def test_bad_inputs_raise(spec):
     with pytest.raises(ValueError, match="same length"):
         a(q, k, v[:, :-1])
     with pytest.raises(ValueError, match="batch"):
-        a(q[:-1], k, v)
+        a(q, k, v[:-1])
     with pytest.raises(ValueError, match="keys must be"):
         a(q, k[0], v)
     with pytest.raises(ValueError, match="key_padding_mask must have shape"):
@@ -238,7 +288,7 @@ def test_bad_inputs_raise(spec):
     with pytest.raises(TypeError, match="bool"):
         a(q, k, v, key_padding_mask=key_padding().float())
     with pytest.raises(TypeError, match="dtype"):
-        a(q.float(), k, v)
+        a(q.float(), k.float(), v) if a.attn.query_free else a(q.float(), k, v)
     with pytest.raises(ValueError, match="values default to the keys"):
         a(q, k)  # value_dim (4) != key_dim (7)
     with pytest.raises(ValueError, match="unknown option"):

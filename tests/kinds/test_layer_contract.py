@@ -10,15 +10,18 @@ default core and with a kernel core (``linear``), so ``core=`` is exercised, not
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from helpers import layer_specs
+from helpers import layer_form_specs, layer_specs
 
 import fastattn
 from fastattn.core.layer import LayerMechanism
 
 B, D, H, HKV, L = 2, 36, 6, 3, 13  # GQA, odd length, head_dim 6
 SPECS = layer_specs()
+FORMS = layer_form_specs()  # sequence-level ids whose layer is their own (layer_form)
 OTHER_CORE = "linear"
 
 
@@ -31,7 +34,7 @@ def _configs(specs):
     return out
 
 
-CONFIGS = _configs(SPECS)
+CONFIGS = _configs(SPECS) + [pytest.param(s, None, id=f"{s.name}-layer_form") for s in FORMS]
 
 
 def _flag(spec, core, name):
@@ -41,7 +44,10 @@ def _flag(spec, core, name):
 
 
 def _layer(spec, core=None, *, batch_first=True, seed=0, dtype=torch.float64, **kwargs):
-    options = dict(spec.cls.test_options)
+    if spec.level == "layer":
+        options = dict(spec.cls.test_options)
+    else:  # a sequence id's layer form
+        options = dict(spec.cls.layer_test_options or spec.cls.test_options)
     if core is not None:
         options.update(core=core, core_options=dict(fastattn.get_method(core).cls.test_options))
     torch.manual_seed(seed)
@@ -55,7 +61,19 @@ def _x(b=B, n=L, d=D, seed=1, dtype=torch.float64):
     return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+def _only_causal(spec, core) -> bool:
+    """The layer has only a causal form (gated rfa): every call of the suite is then causal."""
+    return _requires_causal(spec.name, core)
+
+
+@functools.cache
+def _requires_causal(name, core) -> bool:
+    return _layer(fastattn.get_method(name), core).mechanism.requires_causal
+
+
 def _causal_flags(spec, core):
+    if _only_causal(spec, core):
+        return [True]
     return [False, True] if _flag(spec, core, "causal") else [False]
 
 
@@ -74,6 +92,18 @@ def test_metadata(spec):
     assert set(spec.options) == set(spec.make_options().__dataclass_fields__)
     with pytest.raises(ValueError, match="has learned parameters"):
         fastattn.attention(*(torch.randn(1, 2, 5, 4) for _ in range(3)), method=spec.name)
+
+
+@pytest.mark.parametrize("spec", FORMS, ids=[s.name for s in FORMS])
+def test_layer_form_metadata(spec):
+    """A sequence id with its own layer: the id stays sequence-level (functional where the operator owns
+    no parameters), MultiheadAttention builds the layer form."""
+    assert spec.level == "sequence" and spec.kind == "sequence"
+    assert spec.functional == (not any(True for _ in spec.cls(
+        None, head_dim=4, num_heads=2, **({"generator": torch.Generator()} if spec.randomized else {})
+    ).parameters()))
+    layer = _layer(spec)
+    assert type(layer.mechanism) is spec.cls.layer_form and isinstance(layer.mechanism, LayerMechanism)
 
 
 def test_registry_checks_the_level():
@@ -110,7 +140,7 @@ def test_shapes_in_both_layouts_and_unbatched(spec, core):
         torch.testing.assert_close(one, a[0], rtol=1e-12, atol=1e-12)
     # cross-attention over another sequence of another length and width
     cross = _layer(spec, core, kdim=10, vdim=7)
-    out, _ = cross(x, _x(n=L + 4, d=10, seed=2), _x(n=L + 4, d=7, seed=3))
+    out, _ = cross(x, _x(n=L + 4, d=10, seed=2), _x(n=L + 4, d=7, seed=3), is_causal=_only_causal(spec, core))
     assert out.shape == (B, L, D) and torch.isfinite(out).all()
 
 
@@ -193,8 +223,8 @@ def test_padding_does_not_matter(spec, core):
         torch.testing.assert_close(aux_a, layer.aux_loss, rtol=1e-10, atol=1e-12)
     layer.eval()
     q = _x(n=7, seed=4)
-    a, _ = layer(q, x, x, key_padding_mask=kpm)
-    b, _ = layer(q, y, y, key_padding_mask=kpm)
+    a, _ = layer(q, x, x, key_padding_mask=kpm, is_causal=_only_causal(spec, core))
+    b, _ = layer(q, y, y, key_padding_mask=kpm, is_causal=_only_causal(spec, core))
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -253,9 +283,10 @@ def test_state_dict_round_trip(spec, core):
     a = _layer(spec, core, seed=0)
     b = _layer(spec, core, seed=1)
     x = _x()
-    assert not torch.allclose(a(x)[0], b(x)[0])
+    c = _only_causal(spec, core)
+    assert not torch.allclose(a(x, is_causal=c)[0], b(x, is_causal=c)[0])
     b.load_state_dict(a.state_dict())
-    torch.testing.assert_close(a(x)[0], b(x)[0], rtol=0, atol=0)
+    torch.testing.assert_close(a(x, is_causal=c)[0], b(x, is_causal=c)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("spec,core", CONFIGS)
@@ -265,7 +296,7 @@ def test_float32_and_float64(spec, core):
         out, _ = layer(_x(dtype=dtype), is_causal=_flag(spec, core, "causal"))
         assert out.dtype == dtype and torch.isfinite(out).all()
     layer = _layer(spec, core, dtype=torch.float32).double()
-    assert layer(_x())[0].dtype == torch.float64
+    assert layer(_x(), is_causal=_only_causal(spec, core))[0].dtype == torch.float64
 
 
 @pytest.mark.parametrize("spec,core", CONFIGS)
@@ -274,6 +305,6 @@ def test_aux_loss_is_a_scalar_tensor(spec, core):
     assert isinstance(layer.aux_loss, torch.Tensor) and layer.aux_loss.dim() == 0
     for mode in (layer.train, layer.eval):
         mode()
-        layer(_x())
+        layer(_x(), is_causal=_only_causal(spec, core))
         aux = layer.aux_loss
         assert isinstance(aux, torch.Tensor) and aux.dim() == 0 and torch.isfinite(aux)

@@ -147,3 +147,27 @@ def test_attention_dim_defaults_to_the_query_width_as_in_the_paper():
         fastattn.AlignmentAttention(DQ, DK, "additive", attention_dim=0)
     with pytest.raises(ValueError, match="chunk_bytes"):
         fastattn.AlignmentAttention(DQ, DK, "additive", chunk_bytes=0)
+
+
+def test_peer_opennmt_mlp_attention():
+    """``onmt.modules.GlobalAttention(attn_type="mlp")`` (OpenNMT-py 3.5.1, skipped when absent) is
+    Bahdanau's score with a bias on ``W_a``: its weights, and its ``linear_out([c; h_t])`` rebuilt from our
+    context."""
+    peer_mod = pytest.importorskip("onmt.modules.global_attention")
+    d = 5
+    peer = peer_mod.GlobalAttention(d, attn_type="mlp").double()
+    a = fastattn.AlignmentAttention(d, d, "additive", attention_dim=d, bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        a.attn.w_a.weight.copy_(peer.linear_query.weight)
+        a.attn.w_a.bias.copy_(peer.linear_query.bias)
+        a.attn.u_a.weight.copy_(peer.linear_context.weight)
+        a.attn.v_a.weight.copy_(peer.v.weight)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, LQ, d, generator=g, dtype=torch.float64)
+    k = torch.randn(B, LK, d, generator=g, dtype=torch.float64)
+    kpm = torch.zeros(B, LK, dtype=torch.bool)
+    kpm[1, 5:] = True
+    attn_h, w_peer = peer(q, k, src_len=(~kpm).sum(-1))
+    ctx, w = a(q, k, key_padding_mask=kpm)
+    torch.testing.assert_close(w, w_peer, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(peer.linear_out(torch.cat([ctx, q], -1)), attn_h, rtol=1e-12, atol=1e-13)

@@ -11,7 +11,6 @@ import fastattn
 from fastattn.core.masks import Mask
 from fastattn.mechanisms.kernel.decayed import srms_norm, tnl_decay
 from fastattn.mechanisms.kernel.fastmax import fastmax_normalize, taylor_features
-from fastattn.mechanisms.kernel.performer import MARGIN
 from fastattn.mechanisms.kernel.random_features import draw_gaussian_projection
 
 from helpers import grads, make_mech, qkv, rel_err
@@ -53,10 +52,11 @@ def test_performer_kernel_estimate_uses_its_features():
     want = torch.exp(q @ w.T - 0.5 * (q * q).sum(-1, keepdim=True)) @ torch.exp(
         k @ w.T - 0.5 * (k * k).sum(-1, keepdim=True)).T / 16
     torch.testing.assert_close(mech.kernel_estimate(q, k), want)
-    # the stabilised features give the same estimate up to a per-query factor
+    # the stabilised features, keys times exp(key_log_scale), give the estimate up to a per-query factor
     mask = Mask(lq=3, lk=4)
     fq = mech.features(q, is_query=True, scale=1.0, mask=mask)
     fk = mech.features(k, is_query=False, scale=1.0, mask=mask)
+    fk = fk * mech.key_log_scale(k, scale=1.0, mask=mask).exp()[:, None]
     ratio = (fq @ fk.T) / want
     torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))
 
@@ -118,11 +118,10 @@ def test_performer_no_overflow_at_65536_and_no_future_dependence():
     q, k, v = (torch.randn(1, 1, n, 16, generator=g) * 3 for _ in range(3))
     out = mech.run(q, k, v, is_causal=True)
     assert torch.isfinite(out).all()
-    # key features are bounded by exp(MARGIN) whatever the key, even the worst one (x = w / sqrt(scale))
+    # shifted key features are at most 1 (each key's largest is 1), whatever the key
     worst = mech.projection[None, None] / math.sqrt(0.25)
-    fk = mech.features(torch.cat([worst, k[:, :, :100]], dim=2), is_query=False, scale=0.25, mask=Mask(1, 1))
-    bound = math.exp(min(0.5 * mech.projection.pow(2).sum(-1).max().item(), MARGIN))  # reached at x = w_i
-    assert fk.max() <= math.exp(MARGIN) and abs(fk.max().item() / bound - 1) < 1e-3
+    fk = mech.features(torch.cat([worst, k[:, :, :100] * 100], dim=2), is_query=False, scale=0.25, mask=Mask(1, 1))
+    torch.testing.assert_close(fk.amax(-1), torch.ones(fk.shape[:-1]))
     # a huge future key changes nothing in the past (no global max over keys), even numerically
     k2 = k.clone()
     k2[:, :, -1] = 40.0
@@ -221,10 +220,11 @@ def test_rfa_gaussian_unbiased_over_draws():
 
 
 def test_gated_rfa_decays_the_state():
-    mech = _rfa(gate=True, gate_init=0.5, num_features=8)
+    mech = _rfa(gate=True, num_features=8)
     q, k, v = qkv(h=2, hkv=2, e=8, ev=3, b=1, lq=30)
-    out, state = mech.step(q, k, v, None, scale=1.0)
-    # literal recurrence S_t = g S_{t-1} + (1 - g) phi(k_t) v_t^T with g = 0.5 (zero gate weights)
+    logits = torch.zeros(1, 2, 30, dtype=torch.float64, requires_grad=True)  # g = sigmoid(0) = 0.5
+    out, state = mech.step_gated(q, k, v, logits, None)
+    # literal recurrence S_t = g S_{t-1} + (1 - g) phi(k_t) v_t^T with g = 0.5
     mask = Mask(lq=30, lk=30, causal=True)
     fk = mech.features(k, is_query=False, scale=1.0, mask=mask)
     w = 0.5 ** torch.arange(29, -1, -1, dtype=torch.float64)[:, None] * 0.5
@@ -232,18 +232,21 @@ def test_gated_rfa_decays_the_state():
     # the influence of the first token on later outputs falls geometrically
     v2 = v.clone()
     v2[:, :, 0] += 10.0
-    delta = (mech.run(q, k, v2, is_causal=True) - mech.run(q, k, v, is_causal=True)).norm(dim=-1)
+    delta = (mech.run_gated(q, k, v2, logits) - mech.run_gated(q, k, v, logits)).norm(dim=-1)
     assert (delta[..., 20] < 1e-3 * delta[..., 1]).all()
     ungated = _rfa(num_features=8)
     d0 = (ungated.run(q, k, v2, is_causal=True) - ungated.run(q, k, v, is_causal=True)).norm(dim=-1)
     assert (d0[..., 20] > 1e-2 * d0[..., 1]).all()
-    # learned: gradients reach the gate; and it needs the layer / the causal form
-    mech.run(q, k, v, is_causal=True).sum().backward()
-    assert mech.gate_weight.grad is not None and mech.gate_weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="learned parameters"):
+    # gradients reach the gate logits; the gate needs the layer input (not an operator) and the causal form
+    (g,) = torch.autograd.grad(mech.run_gated(q, k, v, logits).sum(), logits)
+    assert g.abs().sum() > 0
+    with pytest.raises(ValueError, match="layer input"):
         fastattn.attention(q, k, v, method="rfa", is_causal=True, gate=True)
+    with pytest.raises(ValueError, match="layer input"):
+        mech.run(q, k, v, is_causal=True)
+    layer = fastattn.MultiheadAttention(16, 2, "rfa", gate=True, num_features=8, batch_first=True)
     with pytest.raises(ValueError, match="causal"):
-        mech.run(q, k, v)
+        layer(torch.randn(1, 5, 16))
 
 
 # ---------------------------------------------------------------- hedgehog

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastattn
+from helpers import load_torch_mha, torch_mha
 
 D, H = 24, 6
 
@@ -51,18 +52,11 @@ def _heads(m, x, causal=False):
 @pytest.mark.parametrize("shared", [0, 1, 2, H])
 @pytest.mark.parametrize("causal", [False, True])
 def test_uniform_routers_with_every_head_on_is_torch_multihead_attention(shared, causal):
-    torch.manual_seed(0)
-    mha = torch.nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        mha.out_proj.bias.normal_()
-        mha.in_proj_bias.normal_()
+    mha = torch_mha(D, H)
     layer = _moh(shared_heads=shared, active_heads=H - shared)
     m = layer.mechanism
+    load_torch_mha(m, mha)
     with torch.no_grad():
-        for i, lin in enumerate((m.q_proj, m.k_proj, m.v_proj)):
-            lin.weight.copy_(mha.in_proj_weight[i * D:(i + 1) * D])
-            lin.bias.copy_(mha.in_proj_bias[i * D:(i + 1) * D])
-        m.out_proj.load_state_dict(mha.out_proj.state_dict())
         for router in (m.w_route, m.w_shared, m.w_mix):
             if router is not None:
                 router.weight.zero_()

@@ -46,28 +46,27 @@ def test_jukebox_test_options_cover_previous_row():
 def test_rfa_gate_underflow_stays_finite(dtype):
     """A gate of (numerically) 0 forgets everything before the current token: out_t = v_t exactly."""
     mech = make_mech(_spec("rfa"), gate=True).to(dtype)
-    with torch.no_grad():
-        mech.gate_bias.fill_(-1000.0)
     q, k, v = qkv(dtype=dtype)
+    logits = torch.full((q.shape[0], q.shape[1], k.shape[2]), -1000.0, dtype=dtype)
     for reference in (False, True):
-        out = mech.run(q, k, v, is_causal=True, reference=reference)
+        out = mech.run_gated(q, k, v, logits, reference=reference)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, fastattn.core.base.repeat_kv(v, 2), rtol=1e-4, atol=1e-4)
-    out, state = mech.step(q[:, :, :5], k[:, :, :5], v[:, :, :5], None, 0.25)
-    out2, _ = mech.step(q[:, :, 5:6], k[:, :, 5:6], v[:, :, 5:6], state, 0.25)
+    out, state = mech.step_gated(q[:, :, :5], k[:, :, :5], v[:, :, :5], logits[..., :5], None)
+    out2, _ = mech.step_gated(q[:, :, 5:6], k[:, :, 5:6], v[:, :, 5:6], logits[..., 5:6], state)
     assert torch.isfinite(out).all() and torch.isfinite(out2).all()
 
 
 def test_rfa_gated_forward_equals_reference_with_strong_gates():
     mech = make_mech(_spec("rfa"), gate=True).double()
-    with torch.no_grad():
-        mech.gate_bias.copy_(torch.tensor([-40.0, 0.0, 3.0, -800.0]))
     q, k, v = qkv(requires_grad=True)
-    fast = mech.run(q, k, v, is_causal=True)
-    ref = mech.run(q, k, v, is_causal=True, reference=True)
+    bias = torch.tensor([-40.0, 0.0, 3.0, -800.0], dtype=torch.float64)
+    logits = (bias[:, None] + torch.randn(q.shape[0], 4, k.shape[2], dtype=torch.float64)).requires_grad_(True)
+    fast = mech.run_gated(q, k, v, logits)
+    ref = mech.run_gated(q, k, v, logits, reference=True)
     torch.testing.assert_close(fast, ref, rtol=1e-7, atol=1e-9)
-    g1 = torch.autograd.grad(fast.sum(), (q, k, v))
-    g2 = torch.autograd.grad(ref.sum(), (q, k, v))
+    g1 = torch.autograd.grad(fast.sum(), (q, k, v, logits))
+    g2 = torch.autograd.grad(ref.sum(), (q, k, v, logits))
     for a, b in zip(g1, g2):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)

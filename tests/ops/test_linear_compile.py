@@ -35,8 +35,9 @@ def test_custom_op_opcheck(causal, log_g, state, normalize):
     ("linear", True, {}),  # fused feature map: applied outside the custom op under compile
     ("lightning", True, {}),  # per-head decay
     ("performer", False, {}),  # non-causal kernel
-    ("rfa", True, {"gate": True}),  # per-token log-gates with learned parameters
-], ids=["linear-causal", "lightning-decay", "performer-noncausal", "rfa-gated"])
+    ("performer", True, {}),  # key log-scales: their running maximum as float64 per-token log-gates
+    ("rfa", True, {"gate": True}),  # per-token log-gates (logits from the layer input, learned)
+], ids=["linear-causal", "lightning-decay", "performer-noncausal", "performer-causal", "rfa-gated"])
 def test_kernel_mechanism_compiles_fullgraph(name, causal, options):
     mech = make_mech(fastattn.get_method(name), h=4, hkv=2, e=16, **options)
     g = torch.Generator().manual_seed(1)
@@ -44,14 +45,21 @@ def test_kernel_mechanism_compiles_fullgraph(name, causal, options):
     k = torch.randn(2, 2, 21, 16, generator=g, requires_grad=True)
     v = torch.randn(2, 2, 21, 8, generator=g, requires_grad=True)
 
-    def fn(q, k, v):
-        return mech.run(q, k, v, is_causal=causal)
+    params = [p for p in mech.parameters()]
+    if options.get("gate"):
+        logits = torch.randn(2, 4, 21, generator=g, requires_grad=True)
+        params.append(logits)
+
+        def fn(q, k, v):
+            return mech.run_gated(q, k, v, logits)
+    else:
+        def fn(q, k, v):
+            return mech.run(q, k, v, is_causal=causal)
 
     ref = fn(q, k, v)
     torch._dynamo.reset()
     out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
     torch.testing.assert_close(out, ref)
-    params = [p for p in mech.parameters()]
     got = torch.autograd.grad(out.square().sum(), (q, k, v, *params))
     want = torch.autograd.grad(ref.square().sum(), (q, k, v, *params))
     torch.testing.assert_close(got, want)

@@ -44,11 +44,14 @@ def test_prefill_and_steps_run_the_tiled_kernels(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(tiled, "_forward", counted)
-    for name in ("lightning", "rfa"):
-        mech = make_mech(fastattn.get_method(name), **({"gate": True} if name == "rfa" else {})).double()
-        q, k, v = qkv(lq=9)
-        _, st = mech.step(q[:, :, :8], k[:, :, :8], v[:, :, :8], None, 0.25)
-        mech.step(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], st, 0.25)
+    mech = make_mech(fastattn.get_method("lightning")).double()
+    q, k, v = qkv(lq=9)
+    _, st = mech.step(q[:, :, :8], k[:, :, :8], v[:, :, :8], None, 0.25)
+    mech.step(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], st, 0.25)
+    rfa = make_mech(fastattn.get_method("rfa"), gate=True).double()
+    logits = torch.randn(q.shape[0], q.shape[1], 9, dtype=torch.float64)
+    _, st = rfa.step_gated(q[:, :, :8], k[:, :, :8], v[:, :, :8], logits[..., :8], None)
+    rfa.step_gated(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], logits[..., 8:], st)
     assert calls == [True] * 4
 
 
@@ -57,15 +60,16 @@ def test_gated_rfa_saturated_gates_are_finite(bias):
     """``sigmoid(-200)`` underflows to 0 in float32: the gate (or 1 - gate) is exactly 0. Values and
     gradients stay finite and equal the reference."""
     mech = make_mech(fastattn.get_method("rfa"), h=2, hkv=2, gate=True)
-    with torch.no_grad():
-        mech.gate_bias.fill_(bias)
     q, k, v = qkv(h=2, hkv=2, dtype=torch.float32, requires_grad=True)
-    out = mech.run(q, k, v, is_causal=True)
-    ref = mech.run(q, k, v, is_causal=True, reference=True)
+    w = torch.randn(2, q.shape[-1])  # logits w . x_t + b with a saturating bias b
+    b = torch.full((2,), bias, requires_grad=True)
+    logits = torch.einsum("hd,bhld->bhl", w.requires_grad_(True), k.detach()) + b[:, None]
+    out = mech.run_gated(q, k, v, logits)
+    ref = mech.run_gated(q, k, v, logits, reference=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v, mech.gate_weight, mech.gate_bias))
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, w, b))
     assert all(torch.isfinite(g).all() for g in grads)
-    st = mech.step(q, k, v, None, 1.0)[1]
+    st = mech.step_gated(q, k, v, logits, None)[1]
     assert torch.isfinite(st.kv).all() and torch.isfinite(st.z).all()
 
 

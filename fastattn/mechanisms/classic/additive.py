@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fastattn.core.alignment import AlignmentMechanism
-from fastattn.ops.chunked import query_chunked
+from fastattn.ops.chunked import perceptron_scores
 from fastattn.registry import register
 
 __all__ = ["Additive"]
@@ -70,15 +70,8 @@ class Additive(AlignmentMechanism):
         """``U_a h_j`` for every key: ``(B, Lk, A)``."""
         return self.u_a(keys)
 
-    def _energies(self, wq: Tensor, uk: Tensor, q0: int = 0) -> Tensor:
-        """``v_a^T tanh(wq_i + uk_j)`` for ``wq (B, 1, c, A)``, ``uk (B, 1, Lk, A)`` -> ``(B, 1, c, Lk)``."""
-        return self.v_a(torch.tanh(wq[:, :, :, None, :] + uk[:, :, None, :, :]))[..., 0]
-
     def scores(self, query: Tensor, prepared: Tensor) -> Tensor:
-        wq = self.w_a(query)  # (B, Lq, A)
-        b, lk, a = prepared.shape
-        rows = max(1, self.options.chunk_bytes // max(1, b * lk * a * prepared.element_size()))
-        return query_chunked(self._energies, wq[:, None], prepared[:, None], chunk=rows)[:, 0]
+        return perceptron_scores(self.w_a(query), prepared, self.v_a, chunk_bytes=self.options.chunk_bytes)
 
     def reference_scores(self, query: Tensor, keys: Tensor) -> Tensor:
         w, u, v = self.w_a.weight, self.u_a.weight, self.v_a.weight[0]

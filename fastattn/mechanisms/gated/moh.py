@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from fastattn.core.layer import LayerConfig, ProjectedAttention
-from fastattn.ops.routing import Routing, load_balance_loss, route
+from fastattn.ops.routing import Routing, gate_heads, load_balance_loss, route
 from fastattn.registry import register
 
 
@@ -126,7 +126,7 @@ class MoH(ProjectedAttention):
         aux = None
         if self.training and routing is not None:
             aux = load_balance_loss(routing.probs, routing.mask, valid)
-        return heads * g.transpose(1, 2).unsqueeze(-1), aux
+        return gate_heads(heads, g), aux
 
     def reference(
         self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,

@@ -41,8 +41,17 @@ class KernelMechanism(Mechanism):
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
         """``phi(x)`` ``(B, H, L, D)``. ``mask`` lets key features ignore padded keys where a feature
         map looks across positions; under a causal mask a key's features may depend on that key only
-        (anything else leaks the future)."""
+        (anything else leaks the future). Where :meth:`key_log_scale` gives ``c``, key features are
+        returned divided by ``exp(c)``."""
         raise NotImplementedError
+
+    def key_log_scale(self, k: Tensor, *, scale: float, mask: Mask) -> Tensor | None:
+        """Per-key log-scales ``c`` ``(B, H, Lk)`` or None (the default). A feature map whose key features
+        can underflow (exponentials) returns them shifted, ``phi(k) exp(-c)``, from :meth:`features`,
+        and ``c`` here (each ``c_s`` from key ``s`` alone; ``c`` is part of the features, so its
+        gradient counts); the op carries a running maximum of ``c`` (see
+        :mod:`fastattn.ops.linear.engine`)."""
+        return None
 
     def decay(self) -> Tensor | None:
         """Per-head decay ``(H,)`` in (0, 1] of the causal form (its log where ``log_decay``), or ``None``."""
@@ -58,21 +67,25 @@ class KernelMechanism(Mechanism):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         decay = self.decay() if mask.causal else None
+        c = self.key_log_scale(k, scale=scale, mask=mask)
         if self.tokenwise:
             def phi(x: Tensor, is_query: bool) -> Tensor:
                 return self.features(x, is_query=is_query, scale=scale, mask=mask)
 
             return linear_attention(q, k, v, mask, phi=phi, normalize=self.normalize, chunk=self.chunk,
-                                    **self._decay(decay))
+                                    key_log_scale=c, **self._decay(decay))
         fq = self.features(q, is_query=True, scale=scale, mask=mask)
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
-        return linear_attention(fq, fk, v, mask, normalize=self.normalize, chunk=self.chunk, **self._decay(decay))
+        return linear_attention(fq, fk, v, mask, normalize=self.normalize, chunk=self.chunk, key_log_scale=c,
+                                **self._decay(decay))
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         fq = self.features(q, is_query=True, scale=scale, mask=mask)
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
         decay = self.decay() if mask.causal else None
-        return dense_kernel_attention(fq, fk, v, mask, normalize=self.normalize, **self._decay(decay))
+        return dense_kernel_attention(fq, fk, v, mask, normalize=self.normalize,
+                                      key_log_scale=self.key_log_scale(k, scale=scale, mask=mask),
+                                      **self._decay(decay))
 
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
@@ -87,10 +100,15 @@ class KernelMechanism(Mechanism):
         decay = self.decay()
         if decay is not None and key_padding_mask is not None and decay.dim() == 1:
             decay = decay.view(1, -1, 1).expand(q.shape[0], -1, q.shape[2])
-        fq = self.features(q, is_query=True, scale=scale, mask=mask)
-        fk = self.features(k, is_query=False, scale=scale, mask=mask)
+        # features that depend on positions (transnormer's LRPE) see the new tokens' absolute positions
+        start = 0 if state is None else state.length
+        at = mask if start == 0 else Mask(
+            lq=q.shape[2], lk=k.shape[2], key_padding=key_padding_mask, causal=True, k_start=start
+        )
+        fq = self.features(q, is_query=True, scale=scale, mask=at)
+        fk = self.features(k, is_query=False, scale=scale, mask=at)
         out, new_state = linear_attention(
             fq, fk, v, mask, normalize=self.normalize, chunk=self.chunk, state=state, return_state=True,
-            **self._decay(decay),
+            key_log_scale=self.key_log_scale(k, scale=scale, mask=mask), **self._decay(decay),
         )
         return out.to(dtype), new_state

@@ -11,15 +11,18 @@ chi-distributed norms so each ``w_i`` is still marginally Gaussian -- the ORF va
 lower variance). ``kernel="relu"`` is the paper's generalised attention with ``phi(x) = relu(W x)``.
 Attention is then linear attention over these features: O(n m d) time, O(n m + m d) memory.
 
-Numerics (exact, no leak): the exponents are shifted before ``exp`` by amounts that cancel.
+Numerics (exact, no leak): features are computed up to per-token factors that the op accounts for.
 
-* query ``i``: its own maximum over features -- a per-query factor cancels between numerator and
-  denominator;
-* keys: a data-independent per-feature shift ``c_j = max(0, |w_j|^2 / 2 - MARGIN)``, moved to the query
-  side (``phi_j(q) phi_j(k) = exp(a_j + c_j) exp(b_j - c_j)``). Since
-  ``w . k - |k|^2/2 = |w|^2/2 - |k - w|^2/2 <= |w|^2/2``, every key feature is ``<= exp(MARGIN)`` for
-  any input, so sums over 65536 keys cannot overflow, and a key's feature never depends on another
-  key (a global max over keys would make past outputs depend numerically on future keys).
+* query ``i``: ``exp(w . q - max_j w_j . q)`` -- a per-query factor, which cancels between numerator
+  and denominator;
+* key ``s``: the same shifted form ``exp(w . k - max_j w_j . k)``, with the per-key log-scale
+  ``c_s = max_j w_j . k - |k|^2 / 2`` given to the op (:meth:`Performer.key_log_scale`), which keeps the
+  state in units of the running maximum of ``c`` (:mod:`fastattn.ops.linear.engine`), as online softmax
+  does. Nothing underflows for keys of any norm: before, a fixed shift left ``exp(w . k - |k|^2 / 2)``
+  to underflow in float32 once ``|k|^2 / 2`` exceeded ~90, and 0 / 0 rows came out as zeros. Each
+  ``c_s`` and each shift depends on keys ``<= s`` only: a future key never changes a past output.
+  Cost: the keys' projection ``W k`` is computed once more for ``c`` (without autograd, in blocks), and
+  the causal form runs the op's per-token gated kernels. Float64 results are unchanged (to rounding).
 
 The random matrix is a registered buffer drawn from the ``generator`` given at construction;
 :meth:`Performer.redraw` draws a new one explicitly (the paper redraws periodically during training).
@@ -40,7 +43,7 @@ from .random_features import RandomFeatureMechanism, draw_gaussian_projection
 
 __all__ = ["Performer", "draw_gaussian_projection"]
 
-MARGIN = 30.0  # key features are bounded by exp(MARGIN)
+_LOG_SCALE_BLOCK = 1024  # tokens per block when computing key log-scales (bounds the (L, m) temporary)
 
 
 @register("performer", complexity="O(n m d)", causal=True, decoding=True, padding=True, randomized=True, time_growth=1.0, memory_growth=1.0)
@@ -79,20 +82,27 @@ class Performer(RandomFeatureMechanism):
         _, b = self._exponents(k, scale)
         return torch.matmul(a.exp(), b.exp().transpose(-1, -2)) / self.options.num_features
 
+    def _projected(self, x: Tensor, scale: float) -> Tensor:
+        """``w . x`` for every feature, ``x`` pre-scaled by ``scale ** 0.5``: ``(..., L, m)``."""
+        w = self.projection.to(x.dtype) * math.sqrt(scale)
+        return torch.matmul(x, w.t())
+
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
-        # Factors common to all features of a query, or to all keys, cancel in the normalised attention,
-        # so phi is computed up to them: no 1/sqrt(m), no exp(-|q|^2/2) for queries. The remaining
-        # per-token terms ride in one matmul with augmented vectors: [x, |x|^2, 1] . [w, -1/2, -c].
-        dt = x.dtype
-        x = x.to(dt)
-        w = self.projection.to(dt) * math.sqrt(scale)
+        # Factors common to all features of a token are left out: for a query they cancel in the
+        # normalised attention; for a key the op multiplies exp(key_log_scale) back (module docstring).
+        # No 1/sqrt(m), and exp(-|x|^2/2) is part of the key's log-scale.
+        a = self._projected(x, scale)
         if self.options.kernel == "relu":
-            return F.relu(torch.matmul(x, w.t()))
-        c = (0.5 * self.projection.to(dt).pow(2).sum(dim=-1) - MARGIN).clamp_min(0.0)  # (m,), module docstring
-        if is_query:
-            a = torch.addmm(c, x.reshape(-1, x.shape[-1]), w.t()).view(*x.shape[:-1], -1)
-            return torch.exp(a - a.amax(dim=-1, keepdim=True).detach())
-        sq = (x * x).sum(dim=-1, keepdim=True) * (-0.5 * scale)
-        x_aug = torch.cat([x, sq, torch.ones_like(sq)], dim=-1)
-        w_aug = torch.cat([w, torch.ones_like(c)[:, None], -c[:, None]], dim=-1)
-        return torch.exp(torch.matmul(x_aug, w_aug.t()))
+            return F.relu(a)
+        return torch.exp(a - a.amax(dim=-1, keepdim=True).detach())
+
+    def key_log_scale(self, k: Tensor, *, scale: float, mask: Mask) -> Tensor | None:
+        """``c_s = max_j w_j . k_s - |k_s|^2 / 2`` (``k`` pre-scaled by ``scale ** 0.5``): the positive
+        features of key ``s`` are ``exp(c_s)`` times :meth:`features`. None for the relu kernel. The
+        maximum is a constant for autograd (as in :meth:`features`, where it cancels); ``-|k|^2 / 2``
+        is differentiable."""
+        if self.options.kernel == "relu":
+            return None
+        with torch.no_grad():
+            top = [self._projected(x, scale).amax(dim=-1) for x in k.split(_LOG_SCALE_BLOCK, dim=-2)]
+        return (torch.cat(top, dim=-1) if len(top) != 1 else top[0]) - 0.5 * scale * (k * k).sum(dim=-1)

@@ -9,11 +9,14 @@ kernel ``exp(-|q - k|^2 / (2 sigma^2))``, which random Fourier features estimate
 ``kernel="arccos"`` uses ``phi(x) = D^(-1/2) relu(W x)`` (the arc-cosine kernel, section 3.1).
 ``RFA(q_t) = phi(q_t) S_t / phi(q_t) z_t`` with ``S = sum phi(k) v^T``, ``z = sum phi(k)`` (eq. 4-5).
 
-Gated RFA (eq. 7), ``gate=True``: a learned per-token gate ``g_t = sigmoid(w_h . k_t + b_h)`` decays the
-recurrent state, ``S_t = g_t S_{t-1} + (1 - g_t) phi(k_t) v_t^T`` (same for ``z``) -- a recency bias
-for the causal form. The paper computes ``g_t`` from the token's input ``x_t``; an attention operator
-over given ``q, k, v`` computes it from the key head ``k_t`` instead. The gate is learned (parameters
-``gate_weight``, ``gate_bias``), so the gated form exists only as a layer, and only causally.
+Gated RFA (eq. 7), ``gate=True``: a learned per-token gate decays the recurrent state,
+``S_t = g_t S_{t-1} + (1 - g_t) phi(k_t) v_t^T`` (same for ``z``) -- a recency bias for the causal form --
+with ``g_t = sigmoid(w_g . x_t + b_g)`` computed from the token's layer input ``x_t`` (one gate per head).
+The gate is a layer part: ``MultiheadAttention(d, h, "rfa", gate=True)`` builds :class:`RFALayer`, which
+owns ``gate_proj`` (``w_g, b_g`` of every head) and hands the gate logits to the operator
+(:meth:`RFA.run_gated`, :meth:`RFA.step_gated`). ``fastattn.attention(q, k, v, method="rfa")`` stays the
+ungated operator; with ``gate=True`` it is a ``ValueError`` (an operator over ``q, k, v`` does not see
+``x_t``). Gated RFA is causal only (the paper's recurrent form); a non-causal call is a ``ValueError``.
 
 O(n D d) time; the random matrix is a buffer drawn from ``generator``, redrawn by :meth:`RFA.redraw`.
 """
@@ -22,34 +25,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastattn.core.base import repeat_kv
+from fastattn.core.checks import build_mask, check_inputs, repeat_kv
+from fastattn.core.layer import LayerConfig, ProjectedAttention
 from fastattn.core.masks import Mask
 from fastattn.registry import register
 from fastattn.ops.linear.engine import dense_kernel_attention, linear_attention
 from fastattn.ops.linear.state import LinearState
 from .random_features import RandomFeatureMechanism
 
-__all__ = ["RFA"]
+__all__ = ["RFA", "RFALayer"]
 
 
 @register("rfa", complexity="O(n D d)", causal=True, decoding=True, padding=True, randomized=True, time_growth=1.0, memory_growth=1.0)
 class RFA(RandomFeatureMechanism):
-    """Random Fourier (or arc-cosine) features on unit-norm q, k; optional learned gate."""
+    """Random Fourier (or arc-cosine) features on unit-norm q, k; optional learned gate (layer only)."""
 
     test_options = {"num_features": 16, "chunk": 16}
-    deviations = (
-        (
-            "The gate of gated RFA is computed from the key head k_t, not from the token's input x_t "
-            "(an attention operator sees only q, k, v)."
-        ),
-        "The kernel width sigma is a fixed option; the paper learns it.",
-    )
+    deviations = ("The kernel width sigma is a fixed option; the paper learns it.",)
     tokenwise = True
 
     @dataclass(frozen=True)
@@ -57,8 +55,8 @@ class RFA(RandomFeatureMechanism):
         num_features: int = 128  # D random vectors (2D features for the Gaussian kernel)
         kernel: str = "gaussian"  # "gaussian" (random Fourier features) or "arccos"
         sigma: float = 1.0  # Gaussian kernel width (the paper learns it; here a fixed option)
-        gate: bool = False  # gated RFA: learned per-token gates decay the causal state (layer only)
-        gate_init: float = 0.9  # initial value of the gate (its bias), in (0, 1)
+        gate: bool = False  # gated RFA: g_t = sigmoid(w_g . x_t + b_g) decays the causal state (layer only)
+        gate_init: float = 0.9  # initial value of the gate (its bias b_g; w_g starts at 0), in (0, 1)
         chunk: int = 128  # chunk length of the causal scan
 
         def __post_init__(self) -> None:
@@ -73,15 +71,6 @@ class RFA(RandomFeatureMechanism):
             if self.chunk < 1:
                 raise ValueError(f"chunk must be >= 1, got {self.chunk}")
 
-    def __init__(self, options=None, *, head_dim: int, num_heads: int, num_kv_heads: int | None = None,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__(options, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                         generator=generator)
-        if self.options.gate:
-            self.gate_weight = nn.Parameter(torch.zeros(num_heads, head_dim))
-            p = self.options.gate_init
-            self.gate_bias = nn.Parameter(torch.full((num_heads,), math.log(p / (1 - p))))
-
     def feature_map(self, x: Tensor) -> Tensor:
         """``phi(x)`` of already-normalised ``x``: its dot products estimate the kernel."""
         wx = torch.matmul(x, self.projection.to(x.dtype).t())
@@ -94,43 +83,162 @@ class RFA(RandomFeatureMechanism):
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
         return self.feature_map(x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
-    def gate_logits(self, k: Tensor) -> Tensor | None:
-        """Per-token gate logits ``w_h . k_t + b_h`` ``(B, H, Lk)`` (``g_t = sigmoid``), or ``None``."""
-        if not self.options.gate:
-            return None
-        dt = k.dtype
-        # a matmul, not an einsum: under torch.compile the einsum's traced strides differ from eager's
-        logits = torch.matmul(k.to(dt), self.gate_weight.to(dt).unsqueeze(-1)).squeeze(-1)  # (B, H, Lk)
-        return logits + self.gate_bias.to(dt)[:, None]
+    def _ungated(self) -> None:
+        if self.options.gate:
+            raise ValueError(
+                "gated rfa computes its gate from the layer input x_t, which an operator over q, k, v does not "
+                "see: use fastattn.MultiheadAttention(..., method='rfa', gate=True) (or RFA.run_gated with the "
+                "gate logits)"
+            )
 
-    def _parts(self, q: Tensor, k: Tensor, mask: Mask) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _parts(self, q: Tensor, k: Tensor, mask: Mask, logits: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Features and the log-gates ``log g = logsigmoid(logits)`` (exact where ``g`` underflows to 0);
         the keys are scaled by ``1 - g = sigmoid(-logits)``."""
         fq = self.features(q, is_query=True, scale=1.0, mask=mask)
         fk = self.features(k, is_query=False, scale=1.0, mask=mask)
-        logits = self.gate_logits(k)
         if logits is None:
             return fq, fk, None
         if not mask.causal:
             raise ValueError("gated rfa is a causal (recurrent) form; use is_causal=True or gate=False")
+        logits = logits.to(fk.dtype)
         return fq, fk * torch.sigmoid(-logits).unsqueeze(-1), F.logsigmoid(logits)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
-        fq, fk, g = self._parts(q, k, mask)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, logits: Tensor | None, reference: bool) -> Tensor:
+        fq, fk, g = self._parts(q, k, mask, logits)
+        if reference:
+            return dense_kernel_attention(fq, fk, v, mask, log_decay=g).to(v.dtype)
         return linear_attention(fq, fk, v, mask, log_decay=g, chunk=self.chunk)
 
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
+        self._ungated()
+        return self._attend(q, k, v, mask, None, reference=False)
+
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
-        fq, fk, g = self._parts(q, k, mask)
-        return dense_kernel_attention(fq, fk, v, mask, log_decay=g).to(v.dtype)
+        self._ungated()
+        return self._attend(q, k, v, mask, None, reference=True)
+
+    def _check_logits(self, logits: Tensor, q: Tensor, k: Tensor) -> None:
+        if not self.options.gate:
+            raise ValueError("gate logits given to an ungated rfa (gate=False)")
+        want = (q.shape[0], q.shape[1], k.shape[2])
+        if tuple(logits.shape) != want:
+            raise ValueError(f"gate logits must be (batch, heads, key length) = {want}, got {tuple(logits.shape)}")
+
+    def run_gated(
+        self, q: Tensor, k: Tensor, v: Tensor, logits: Tensor, *, key_padding_mask: Tensor | None = None,
+        reference: bool = False,
+    ) -> Tensor:
+        """Gated RFA (causal) with the gate logits ``w_g . x_t + b_g`` ``(B, H, Lk)`` of every key token,
+        computed by the caller from the layer input (:class:`RFALayer`). The checks of :meth:`run`."""
+        check_inputs(self.spec, q, k, v, key_padding_mask=key_padding_mask, attn_mask=None, is_causal=True,
+                     dropout_p=0.0)
+        self._check_logits(logits, q, k)
+        dtype = q.dtype
+        q, k, v = self.upcast(q, k, v)
+        groups = q.shape[1] // k.shape[1]
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        mask = build_mask(q, k, key_padding_mask, None, True)
+        return self._attend(q, k, v, mask, logits, reference).to(dtype)
 
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, LinearState]:
+        self._ungated()
+        return self._step(q, k, v, None, state, key_padding_mask)
+
+    def step_gated(
+        self, q: Tensor, k: Tensor, v: Tensor, logits: Tensor, state: Any, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, LinearState]:
+        """Decode with the gate logits ``(B, H, T)`` of the new tokens (see :meth:`run_gated`)."""
+        self._check_logits(logits, q, k)
+        return self._step(q, k, v, logits, state, key_padding_mask)
+
+    def _step(
+        self, q: Tensor, k: Tensor, v: Tensor, logits: Tensor | None, state: Any, key_padding_mask: Tensor | None
     ) -> tuple[Tensor, LinearState]:
         dtype = q.dtype
         q, k, v = self.upcast(q, k, v)
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         mask = Mask(lq=q.shape[2], lk=k.shape[2], key_padding=key_padding_mask, causal=True)  # padded gates: 1
-        fq, fk, g = self._parts(q, k, mask)
+        fq, fk, g = self._parts(q, k, mask, logits)
         out, state = linear_attention(fq, fk, v, mask, log_decay=g, chunk=self.chunk, state=state, return_state=True)
         return out.to(dtype), state
+
+
+class RFALayer(ProjectedAttention):
+    """The layer of ``MultiheadAttention(method="rfa")``: the standard layer, plus, with ``gate=True``,
+    the gate projection ``gate_proj`` (``w_g . x_t + b_g`` per head, from the key-side input: ``x`` in
+    self-attention, ``context`` in cross-attention) whose logits gate the causal state."""
+
+    returns_core_weights: ClassVar[bool] = False
+
+    def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
+        super().__init__(options, config, generator=generator)
+        self.gate_proj: nn.Linear | None = None
+        if self.core.options.gate:
+            p = self.core.options.gate_init
+            self.gate_proj = nn.Linear(config.kdim, config.num_heads, device=config.device, dtype=config.dtype)
+            with torch.no_grad():  # every gate starts at gate_init, whatever the input
+                self.gate_proj.weight.zero_()
+                self.gate_proj.bias.fill_(math.log(p / (1 - p)))
+
+    @property
+    def requires_causal(self) -> bool:
+        return self.gate_proj is not None
+
+    def gate_logits(self, source: Tensor) -> Tensor:
+        """``w_g . x_t + b_g`` ``(B, H, L)`` of the key-side input ``source (B, L, kdim)``."""
+        return self.gate_proj(source).transpose(1, 2)
+
+    def _gated_heads(
+        self, x: Tensor, context: Tensor | None, value: Tensor | None, key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None, is_causal: bool, reference: bool,
+    ) -> Tensor:
+        if attn_mask is not None:
+            raise ValueError("method 'rfa' does not take an attn_mask")
+        if not is_causal:
+            raise ValueError("gated rfa is a causal (recurrent) form; use is_causal=True or gate=False")
+        q, k, v = self.project(x, context, value)
+        logits = self.gate_logits(x if context is None else context)
+        reference = reference or self.config.backend == "reference"
+        return self.core.run_gated(q, k, v, logits, key_padding_mask=key_padding_mask, reference=reference)
+
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,
+        key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if self.gate_proj is None:
+            return super().forward(
+                x, context, value, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
+                need_weights=need_weights,
+            )
+        heads = self._gated_heads(x, context, value, key_padding_mask, attn_mask, is_causal, reference=False)
+        self.aux_loss = self.core.aux_loss
+        return self.out_proj(self.merge(heads)), None
+
+    def reference(
+        self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,
+        key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False,
+    ) -> Tensor:
+        """Projections; ``g_t = sigmoid(w_g . x_t + b_g)``; the dense gated recurrence (the core's
+        reference, with ``prod g`` as the decay of every (t, s) pair); the output projection."""
+        if self.gate_proj is None:
+            return super().reference(
+                x, context, value, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal
+            )
+        heads = self._gated_heads(x, context, value, key_padding_mask, attn_mask, is_causal, reference=True)
+        return self.out_proj(self.merge(heads))
+
+    def step(self, x: Tensor, state: Any, *, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Any]:
+        if self.gate_proj is None:
+            return super().step(x, state, key_padding_mask=key_padding_mask)
+        q, k, v = self.project(x, None, None)
+        heads, state = self.core.step_gated(q, k, v, self.gate_logits(x), state, key_padding_mask)
+        self.aux_loss = self.core.aux_loss
+        return self.out_proj(self.merge(heads)), state
+
+
+RFA.layer_form = RFALayer
+RFA.layer_test_options = {**RFA.test_options, "gate": True}

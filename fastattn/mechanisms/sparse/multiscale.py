@@ -20,25 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.masks import Mask
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
+from fastattn.ops.compress import span_means
 from fastattn.ops.sparse.nodes import Nodes
 from fastattn.ops.sparse.patterns import BlockWindow, Pattern
-
-
-def span_means(x: Tensor, keep: Tensor, p: int) -> tuple[Tensor, Tensor]:
-    """Mean of ``x (B, H, L, D)`` over spans of ``p`` positions where ``keep (B, L)``; and which
-    spans have any kept position ``(B, L / p)``."""
-    b, h, n, d = x.shape
-    m = -(-n // p)
-    w = F.pad(keep.to(x.dtype), (0, m * p - n))[:, None, :, None]
-    xs = (F.pad(x, (0, 0, 0, m * p - n)) * w).view(b, h, m, p, d).sum(3)
-    cnt = w.view(b, 1, m, p, 1).sum(3)
-    return xs / cnt.clamp(min=1), cnt[:, 0, :, 0] > 0
 
 
 def retina_nodes(k: Tensor, v: Tensor, mask: Mask, block: int, radius: int, factor: int, levels: int) -> Nodes:

@@ -23,6 +23,22 @@ parallelism, prefill); with ``normalize=False`` the denominator is None.
 Grouped-query heads are native: ``fk``, ``v``, the decay / gates and the state may have ``Hkv`` heads
 (``H`` a multiple of ``Hkv``); the state is then kept per key/value head.
 
+Key log-scales (``key_log_scale``): feature maps whose features are exponentials (Performer's positive
+random features) underflow in float32 for keys of moderate norm, and 0 / 0 then reads as 0. Such a map
+gives its key features shifted, ``k'_s exp(-c_s)``, with per-token log-scales ``c_s`` (part of the
+features: gradients reach them). The op keeps the state in units of ``exp(M)``, ``M_t = max_{s <= t}
+c_s`` the running maximum (the state's own ``log_scale`` included), as online softmax does with its row
+maximum: keys enter as ``k'_s exp(-c_s) exp(c_s - M_s)`` (at most their shifted size) and the state is
+rescaled by ``exp(M_{t-1} - M_t)`` when the maximum grows -- exactly a per-token log-gate (float64, not
+floored), so the gated kernels do it, and query ``t`` reads ``num_t, den_t`` in units of ``exp(M_t)``, a
+factor common to both that cancels (so ``M`` is a constant for autograd, as online softmax treats its
+maximum: the gradients are exact). Inside a chunk each query uses its own ``M_t`` (the gate weights
+``exp(A_t - A_s)``), so every factor a query sees depends only on keys ``<= t``: no leak, not even at
+rounding level -- a later key enters an earlier query's sums with weight exactly 0, and past outputs are
+bit-identical whatever the future keys (tested). Non-causal: one maximum over the (unpadded) keys and
+the state. Needs ``normalize``; with ``partial`` each query's ``M_t`` is returned too. Cost: the
+per-token gated kernels instead of the plain ones.
+
 ``normalize=False`` drops the denominator (Lightning / TransNormer use a norm after instead). Padding
 keys are removed by zeroing their features and values (and their per-token gates become 1; a per-head
 decay is positional and counts every position). Half-precision inputs are computed in float32.
@@ -82,6 +98,50 @@ def log_gates(decay: Tensor | None, log_decay: Tensor | None, fk: Tensor,
     return (lg if keep is None else lg * keep[..., 0]), True
 
 
+def _key_shift(c: Tensor, keep: Tensor | None, state: LinearState | None,
+               causal: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """The running maximum of key log-scales ``c`` ``(B, H, n)``: ``(log_k, M, log_g, m0)``.
+
+    ``log_k = c - M`` (``<= 0``, -inf on padding, differentiable in ``c``) is the log-factor each key's
+    shifted features are multiplied by; ``M`` (no gradient) is per key, the maximum up to and including
+    it and the state's (non-causal: one maximum ``(B, H, 1)``); ``log_g = M_{t-1} - M_t`` the per-token
+    log-gates (causal; None otherwise); ``m0`` ``(B, H)`` the state's scale (0: natural units; without a
+    state, the first maximum). All in the gate dtype (float64)."""
+    c_grad = c.to(gate_dtype(c.device))
+    if keep is not None:
+        c_grad = c_grad.masked_fill(keep[..., 0] == 0, float("-inf"))
+    c = c_grad.detach()
+    m0 = c.new_zeros(c.shape[:2]) if state is None or state.log_scale is None else state.log_scale.to(c)
+    if not causal:
+        m = c.amax(-1, keepdim=True) if c.shape[-1] else c.new_full((*c.shape[:2], 1), float("-inf"))
+        if state is not None:
+            m = torch.maximum(m, m0[..., None])
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        return c_grad - m, m, None, m0
+    if not c.shape[-1]:
+        return c_grad, c, c, m0
+    m = torch.cummax(c, dim=-1).values
+    if state is not None:
+        m = torch.maximum(m, m0[..., None])
+    else:  # no key yet (leading padding): the first finite maximum (nothing to rescale before it)
+        first = torch.where(torch.isfinite(m), m, float("inf")).amin(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.where(torch.isfinite(first), first, torch.zeros_like(first)))
+        m0 = m[..., 0]
+    prev = torch.cat([m0[..., None], m[..., :-1]], dim=-1)
+    return c_grad - m, m, prev - m, m0
+
+
+def _scaled_keys(phi: FeatureMap) -> FeatureMap:
+    """``phi`` for keys carrying their log-factor as one more (last) column: ``phi(k) exp(log_k)``."""
+
+    def scaled(x: Tensor, is_query: bool) -> Tensor:
+        if is_query:
+            return phi(x, True)
+        return phi(x[..., :-1], False) * x[..., -1:].exp()
+
+    return scaled
+
+
 def linear_state(fk: Tensor, v: Tensor, *, log_g: Tensor | None = None, s0: Tensor | None = None,
                  z0: Tensor | None = None, normalize: bool = True) -> tuple[Tensor, Tensor | None]:
     """The state after keys ``fk`` ``(B, H, n, D)`` and values ``v``, in closed form (autograd):
@@ -116,6 +176,7 @@ def linear_attention(
     state: LinearState | None = None,
     return_state: bool = False,
     partial: bool = False,
+    key_log_scale: Tensor | None = None,
 ) -> Tensor | tuple:
     """Linear attention over feature maps; see the module docstring.
 
@@ -134,7 +195,11 @@ def linear_attention(
         chunk: chunk length of the causal kernel.
         state: a previous :class:`LinearState` to continue from (its tokens precede these keys).
         return_state: also return the state after the last key.
-        partial: return ``(numerator, denominator)`` unnormalised instead of the output.
+        partial: return ``(numerator, denominator)`` unnormalised instead of the output (with
+            ``key_log_scale``: ``(num, den, M)``, both in units of ``exp(M)``, ``M`` ``(B, H, Lq)``).
+        key_log_scale: per-token log-scales ``c`` ``(B, Hkv, Lk)`` of shifted key features: the true
+            features are ``fk * exp(c)`` (or ``phi(k, False) * exp(c)``); see the module docstring.
+            Needs ``normalize``. Gradients reach ``c`` (the running maximum is a constant).
 
     Returns:
         the output ``(B, H, Lq, Ev)`` (or ``(num, den)``), followed by the :class:`LinearState` if
@@ -154,6 +219,14 @@ def linear_attention(
         raise ValueError(f"the state is for (B, H) = {tuple(state.kv.shape[:2])}, the keys are {tuple(fk.shape[:2])}")
     if state is not None and normalize and state.z is None:
         raise ValueError("a normalised call cannot continue from a state without its normaliser z")
+    if key_log_scale is not None:
+        if not normalize:
+            raise ValueError("key_log_scale needs normalize=True (the shift cancels only in num / den)")
+        if tuple(key_log_scale.shape) != (*fk.shape[:2], lk):
+            raise ValueError(f"key_log_scale must have shape (B, Hkv, Lk) = {(*fk.shape[:2], lk)}, "
+                             f"got {tuple(key_log_scale.shape)}")
+    elif state is not None and state.log_scale is not None:
+        raise ValueError("the state is in shifted units (log_scale); continue it with key_log_scale")
     dtype = v.dtype
     dt = compute_dtype(dtype)
     fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
@@ -165,6 +238,20 @@ def linear_attention(
         fk, v = fk * keep, v * keep
     s0 = None if state is None else state.kv.to(dt)
     z0 = None if state is None or not normalize else state.z.to(dt)
+    m_key = None
+    if key_log_scale is not None:
+        log_k, m_key, shift_g, m0 = _key_shift(key_log_scale, keep, state, mask.causal)
+        if phi is None:
+            fk = fk * log_k.exp().to(dt).unsqueeze(-1)
+        else:
+            fk, phi = torch.cat([fk, log_k.to(dt).unsqueeze(-1)], dim=-1), _scaled_keys(phi)
+        if mask.causal:  # the rescaling as log-gates, in float64, not floored (exact, finite)
+            log_g = shift_g if log_g is None else log_g.to(shift_g).expand_as(shift_g) + shift_g
+            per_token = True
+        elif state is not None:
+            rescale = (m0 - m_key[..., 0]).exp().to(dt)
+            s0 = s0 * rescale[..., None, None]
+            z0 = z0 * rescale[..., None]
     augment = partial and normalize  # the denominator as one more value column of ones
     if augment:
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
@@ -186,35 +273,69 @@ def linear_attention(
     elif den is not None:
         den = den.squeeze(-1)
     result = (out, den if normalize else None) if partial else out.to(dtype)
+    if partial and m_key is not None:  # each query's units: M at its own position
+        m_q = m_key[..., lk - lq:] if mask.causal else m_key.expand(*m_key.shape[:2], lq)
+        result = (*result, m_q.repeat_interleave(fq.shape[1] // fk.shape[1], dim=1))
     if not return_state:
         return result
-    return result, LinearState(s_n, z_n, (0 if state is None else state.length) + lk)
+    m_n = None if m_key is None else m_key[..., -1] if lk else m0
+    return result, LinearState(s_n, z_n, (0 if state is None else state.length) + lk, m_n)
 
 
 def dense_kernel_attention(
     fq: Tensor, fk: Tensor, v: Tensor, mask: Mask, *, decay: Tensor | None = None,
     log_decay: Tensor | None = None, normalize: bool = True, state: LinearState | None = None,
+    key_log_scale: Tensor | None = None,
+    scores: Tensor | None = None,
 ) -> Tensor:
     """The reference: ``A = phi(Q) phi(K)^T`` (times ``prod_{s<r<=t} g_r``), masked, ``A V`` plus the
     initial state's ``prod_{r<=t} g_r q'_t S_0``, row-normalised. Dense O(n^2), written as the formula.
-    Grouped-query inputs (fewer key/value heads; gates and state per key/value head) are expanded."""
+    Grouped-query inputs (fewer key/value heads; gates and state per key/value head) are expanded.
+    With ``key_log_scale`` ``c`` the key features are ``fk exp(c_s)``: row ``t`` is computed with the
+    factor ``exp(c_s - m_t)`` (``m_t`` its largest visible ``c``, and the state's ``log_scale``), which
+    cancels in the normalisation.
+
+    ``scores`` ``(B, H, Lq, Lk)``: ``A`` itself where it is written otherwise than as a product of
+    features (a positional rotation written as ``cos(theta (s - t))``); ``fq, fk`` then only give shapes."""
     lq, lk = fq.shape[2], fk.shape[2]
     w0 = None
     log_g, _ = log_gates(decay, log_decay, fk, mask.key_keep(fq.dtype))
     groups = fq.shape[1] // fk.shape[1]
+    if key_log_scale is not None and not normalize:
+        raise ValueError("key_log_scale needs normalize=True (the shift cancels only in num / den)")
     if groups > 1:
         fk, v = repeat_kv(fk, groups), repeat_kv(v, groups)
         log_g = None if log_g is None else log_g.repeat_interleave(groups, dim=1)
+        key_log_scale = None if key_log_scale is None else key_log_scale.repeat_interleave(groups, dim=1)
         if state is not None:
             z = None if state.z is None else state.z.repeat_interleave(groups, dim=1)
-            state = LinearState(repeat_kv(state.kv, groups), z, state.length)
-    a = torch.matmul(fq, fk.transpose(-1, -2))
+            ls = None if state.log_scale is None else state.log_scale.repeat_interleave(groups, dim=1)
+            state = LinearState(repeat_kv(state.kv, groups), z, state.length, ls)
+    allowed = mask.allowed(fq.device)
+    shift = shift0 = None
+    if key_log_scale is not None:  # exp(c_s - m_t) per (query, key), exp(m0 - m_t) for the state
+        c = key_log_scale.to(gate_dtype(fq.device))[..., None, :].expand(*fk.shape[:2], lq, lk)
+        if allowed is not None:
+            c = c.masked_fill(~allowed, float("-inf"))
+        m = c.detach().amax(-1, keepdim=True) if lk else c.new_full((*c.shape[:3], 1), float("-inf"))
+        if state is not None:
+            m0 = c.new_zeros(c.shape[:2]) if state.log_scale is None else state.log_scale.to(c)
+            m = torch.maximum(m, m0[..., None, None])
+            shift0 = (m0[..., None, None] - m).exp().to(fq.dtype)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        shift = (c - m).exp().to(fq.dtype)
+    elif state is not None and state.log_scale is not None:
+        raise ValueError("the state is in shifted units (log_scale); continue it with key_log_scale")
+    a = torch.matmul(fq, fk.transpose(-1, -2)) if scores is None else scores
+    if shift is not None:
+        a = a * shift
     if log_g is not None:
         cum = log_g.to(gate_dtype(log_g.device)).expand(*log_g.shape[:2], lk).cumsum(-1)  # A_s = sum_{r<=s} log g_r
         a_t = cum[..., torch.arange(lq, device=fq.device) + mask.offset]  # A at each query's position
         a = a * torch.exp((a_t[..., :, None] - cum[..., None, :]).clamp_max(0)).to(a.dtype)
         w0 = a_t.exp().to(a.dtype).unsqueeze(-1)
-    allowed = mask.allowed(fq.device)
+    if shift0 is not None:
+        w0 = shift0 if w0 is None else w0 * shift0
     if allowed is not None:
         a = a * allowed.to(a.dtype)
     out = torch.matmul(a, v)

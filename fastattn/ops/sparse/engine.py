@@ -196,7 +196,7 @@ def _group_forward(
     out = sources[0].apply(parts[0])
     for src, pp in zip(sources[1:], parts[1:]):
         out = out + src.apply(pp)
-    return (out if dead is None else out.masked_fill_(dead, 0.0)), lse
+    return (out if dead is None else out.masked_fill(dead, 0.0)), lse
 
 
 def _group_backward(
