@@ -199,6 +199,23 @@ def _lasp2_capable(cls: type) -> str | None:
     return None
 
 
+def _shift_base(cs: list[Tensor], kps: list[Tensor | None], group: Any) -> Tensor:
+    """``M`` ``(B, H)``: the group's maximum, over real keys, of the key log-scales ``c`` of every chunk.
+
+    Key features returned shifted by their log-scales (``phi(k) exp(-c)``, see
+    ``KernelMechanism.key_log_scale``) are used as ``phi(k) exp(c - M)``: one shift per (batch, head) over
+    the whole sequence, a constant that cancels in the normalised output (values and gradients exact).
+    Unlike the op's running maximum, a key whose log-scale lies ~700 (float64; ~87 in float32) below ``M``
+    underflows to 0."""
+    tops = []
+    for c, kp in zip(cs, kps):
+        real = c.detach() if kp is None else c.detach().masked_fill(kp[:, None, :], float("-inf"))
+        tops.append(real.amax(dim=-1))
+    m = torch.stack(tops).amax(0).contiguous()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
 def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, scale: float,
            group: Any, layout: str) -> Tensor:
     from fastattn.mechanisms.kernel.decayed import DecayedLinear
@@ -213,13 +230,26 @@ def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, 
     norm = mech.normalize  # type: ignore[attr-defined]
     dt = compute_dtype(v.dtype)
     n = q.shape[2] // len(ids)
-    pieces, packs = [], []
+    feats = []
     for c in range(len(ids)):
         sl = slice(c * n, (c + 1) * n)
         kp_c = None if kp is None else kp[:, sl]
+        at = Mask(n, n, key_padding=kp_c, causal=causal, k_start=ids[c] * n)  # features see global positions
+        fq = mech.features(q[:, :, sl], is_query=True, scale=scale, mask=at)  # type: ignore[attr-defined]
+        fk = mech.features(k[:, :, sl], is_query=False, scale=scale, mask=at)  # type: ignore[attr-defined]
+        log_scale = getattr(mech, "key_log_scale", None)
+        feats.append((fq, fk, None if log_scale is None else log_scale(k[:, :, sl], scale=scale, mask=at), kp_c))
+    base = None
+    if feats[0][2] is not None:
+        if not norm:
+            raise ValueError("strategy 'lasp2': key log-scales need the normalised form")
+        base = _shift_base([f[2] for f in feats], [f[3] for f in feats], group)
+    pieces, packs = [], []
+    for c, (fq, fk, c_log, kp_c) in enumerate(feats):
+        sl = slice(c * n, (c + 1) * n)
         mask = Mask(n, n, key_padding=kp_c, causal=causal)
-        fq = mech.features(q[:, :, sl], is_query=True, scale=scale, mask=mask)  # type: ignore[attr-defined]
-        fk = mech.features(k[:, :, sl], is_query=False, scale=scale, mask=mask)  # type: ignore[attr-defined]
+        if base is not None:
+            fk = fk * torch.exp((c_log - base[..., None]).clamp_max(0.0)).to(fk.dtype).unsqueeze(-1)
         v_c = v[:, :, sl]
         keep = mask.key_keep(dt)
         fk_s, v_s = fk.to(dt), v_c.to(dt)

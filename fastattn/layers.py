@@ -93,8 +93,8 @@ class MultiheadAttention(nn.Module):
         self.head_dim, self.kdim, self.vdim = config.head_dim, config.kdim, config.vdim
         self.dropout, self.batch_first = dropout, batch_first
         if sequence_parallel_group is not None:  # inputs are this rank's shard (fastattn.distributed)
-            if spec.level == "layer":
-                raise ValueError(f"method {method!r} is a layer mechanism; it has no sequence-parallel form")
+            if spec.level == "layer" or getattr(spec.cls, "layer_form", None) is not None:
+                raise ValueError(f"method {method!r} has its own layer form; it has no sequence-parallel version")
             from .distributed import SequenceParallelAttention
 
             mechanism = SequenceParallelAttention(

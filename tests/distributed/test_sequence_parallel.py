@@ -29,6 +29,7 @@ CASES = [
     ("lightning", "lasp2", True, "zigzag", True, H, {"chunk": 4, "norm": "srms"}),
     ("lightning", "lasp2", False, "contiguous", False, H, {}),
     ("performer", "lasp2", True, "contiguous", False, H, {"num_features": 16}),
+    ("performer", "lasp2", False, "zigzag", True, H, {"num_features": 16}),
     ("softmax", "ring", True, "contiguous", False, H, {}),
     ("softmax", "ring", False, "contiguous", True, H, {}),
     ("softmax", "ring", True, "zigzag", True, 2, {}),
@@ -134,6 +135,8 @@ def _errors() -> None:
     alone = dist.new_group([0])  # every rank creates it
     if rank == 0:
         _raises(lambda: fad.sequence_parallel_attention(*s, "softmax", group=alone), "at least 2 ranks")
+    with pytest.raises(ValueError, match="layer form"):
+        fastattn.MultiheadAttention(H * E, H, "transnormer", sequence_parallel_group=dist.group.WORLD)
     assert fad.choose_strategy("softmax") == "ring"
     assert fad.choose_strategy("lightning") == "lasp2"
     assert fad.choose_strategy("efficient") == "ulysses"
