@@ -44,6 +44,11 @@ class MultiheadAttention(nn.Module):
         >>> out, _ = moh(x, is_causal=True)
         >>> loss = out.square().mean() + 0.01 * moh.aux_loss   # the router's load-balance loss
 
+    ``sequence_parallel_group=g`` (a ``torch.distributed`` process group): the layer's input is this
+    rank's shard of the sequence, and the attention core runs across the group
+    (:class:`fastattn.distributed.SequenceParallelAttention`; ``sequence_parallel_strategy`` and
+    ``sequence_parallel_layout`` as in :func:`fastattn.distributed.sequence_parallel_attention`).
+
     ``backend`` picks the implementation (:mod:`fastattn.core.dispatch`): ``"auto"`` (default),
     ``"torch"`` (the efficient one) or ``"reference"`` (the paper's formula; no dropout, no decoding).
     """
@@ -64,6 +69,9 @@ class MultiheadAttention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str = "auto",
+        sequence_parallel_group: Any = None,
+        sequence_parallel_strategy: str = "auto",
+        sequence_parallel_layout: str = "contiguous",
         **options: Any,
     ) -> None:
         super().__init__()
@@ -84,7 +92,16 @@ class MultiheadAttention(nn.Module):
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, config.num_kv_heads
         self.head_dim, self.kdim, self.vdim = config.head_dim, config.kdim, config.vdim
         self.dropout, self.batch_first = dropout, batch_first
-        if spec.level == "layer":
+        if sequence_parallel_group is not None:  # inputs are this rank's shard (fastattn.distributed)
+            if spec.level == "layer" or getattr(spec.cls, "layer_form", None) is not None:
+                raise ValueError(f"method {method!r} has its own layer form; it has no sequence-parallel version")
+            from .distributed import SequenceParallelAttention
+
+            mechanism = SequenceParallelAttention(
+                ProjectedAttention.Options(core=method, core_options=options), config, generator=generator,
+                group=sequence_parallel_group, strategy=sequence_parallel_strategy, layout=sequence_parallel_layout,
+            )
+        elif spec.level == "layer":
             mechanism = spec.cls(spec.make_options(**options), config, generator=generator)  # type: ignore[misc]
         else:
             layer_cls = getattr(spec.cls, "layer_form", None) or ProjectedAttention  # the paper's layer, if any

@@ -1,0 +1,620 @@
+"""Sequence parallelism on ``torch.distributed``: one sequence split across the ranks of a process group.
+
+Every rank holds a shard of the sequence (``dim=2`` of ``(B, H, L, E)`` tensors) and gets the output of
+its own queries, equal (values and gradients) to the single-process computation on the whole sequence.
+Any process group works (gloo on CPU, NCCL on GPU; launched with ``torchrun``); only ``torch.distributed``
+collectives and point-to-point operations are used.
+
+Layouts (:func:`shard_sequence` / :func:`unshard_sequence`): ``"contiguous"`` -- rank ``r`` of ``W``
+holds chunk ``r`` of ``W`` equal chunks; ``"zigzag"`` -- the sequence is cut into ``2W`` chunks and rank
+``r`` holds chunks ``r`` and ``2W - 1 - r`` (one early, one late: equal causal work on every rank).
+
+Strategies (:func:`sequence_parallel_attention`):
+
+* ``"lasp2"`` (LASP-2, Sun et al., 2025, arXiv:2502.07563) for kernel mechanisms
+  ``phi(Q) (phi(K)^T V)``: each rank forms the state of each chunk it holds (``sum_s w_s phi(k_s) v_s^T``
+  with the decay weights, and the normaliser), one ``all_gather`` exchanges the states, each chunk starts
+  from the decayed sum of the earlier chunks' states (``prod lambda^len`` composition; every other chunk
+  when not causal) and runs :func:`~fastattn.ops.linear.engine.linear_attention` from it. Backward: the
+  gradient of the gathered states is summed over the ranks (``all_reduce``), so the gradient of a chunk's
+  initial state flows back to the earlier ranks' keys and values. Traffic per layer is one state per chunk,
+  independent of the sequence length.
+* ``"ring"`` (ring attention, Liu et al., 2023, arXiv:2310.01889) for exact softmax: K/V blocks travel
+  around the ring with asynchronous ``batch_isend_irecv`` while the current block is computed
+  (:func:`~fastattn.ops.softmax.flash.flash_block_forward` with the block's absolute positions in the
+  :class:`~fastattn.core.masks.Mask`), the partials merged by log-sum-exp
+  (:func:`~fastattn.ops.softmax.online.merge_partials`); causally future blocks are skipped. Backward runs
+  :func:`~fastattn.ops.softmax.flash.flash_block_backward` per block, dK/dV travelling around the ring with
+  their block back to its owner. Contiguous and zigzag layouts.
+* ``"ulysses"`` (DeepSpeed-Ulysses, Jacobs et al., 2023, arXiv:2309.14509) for any mechanism whose heads are
+  independent and alike: ``all_to_all`` from sequence to head sharding, the mechanism's full-sequence
+  computation on ``H / W`` heads, ``all_to_all`` back.
+* ``"auto"``: ring for exact mechanisms, lasp2 for kernel mechanisms it can run, ulysses otherwise.
+
+:class:`SequenceParallelAttention` is the standard layer around it
+(``fastattn.MultiheadAttention(..., sequence_parallel_group=g)``). Every rank must make the same calls
+(they are collectives, and every rank must run backward); a rank's bad input is a ``ValueError`` on every
+rank, never a wait.
+
+Not here (yet): a halo exchange for windowed sparse patterns (they run through Ulysses), the overlap of
+LASP-2's intra-chunk computation with the state exchange, per-token gates (gated ``rfa``) under LASP-2,
+``attn_mask`` and dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastattn.core.base import Mechanism
+from fastattn.core.checks import check_inputs, repeat_kv
+from fastattn.core.layer import ProjectedAttention
+from fastattn.core.masks import Mask
+from fastattn.ops.linear.engine import linear_attention, linear_state, log_gates
+from fastattn.ops.linear.state import LinearState
+from fastattn.ops.softmax.flash import flash_block_backward, flash_block_forward
+from fastattn.ops.softmax.online import compute_dtype, merge_partials
+from fastattn.registry import get_method
+
+__all__ = ["LAYOUTS", "STRATEGIES", "SequenceParallelAttention", "choose_strategy", "sequence_parallel_attention", "shard_sequence",
+           "unshard_sequence"]
+
+LAYOUTS = ("contiguous", "zigzag")
+STRATEGIES = ("auto", "lasp2", "ring", "ulysses")
+
+
+# ----- groups and layouts ---------------------------------------------------------------------------
+def _group(group: Any) -> tuple[int, int]:
+    """``(rank, world)`` of this process in ``group`` (the default group when None)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("sequence parallelism needs torch.distributed initialised (dist.init_process_group)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _global(group: Any, rank: int) -> int:
+    return rank if group is None or group is dist.group.WORLD else dist.get_global_rank(group, rank)
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def _chunk_ids(layout: str, rank: int, world: int) -> list[int]:
+    """The global chunk indices rank ``rank`` holds, in its local order."""
+    return [rank] if layout == "contiguous" else [rank, 2 * world - 1 - rank]
+
+
+def _num_chunks(layout: str, world: int) -> int:
+    return world if layout == "contiguous" else 2 * world
+
+
+def shard_sequence(
+    tensors: Tensor | Sequence[Tensor | None], group: Any = None, layout: str = "contiguous", dim: int = 2,
+) -> Tensor | tuple[Tensor | None, ...]:
+    """This rank's shard of each full-sequence tensor (the same full tensors on every rank) along ``dim``
+    (2 for ``(B, H, L, E)``; 1 for a ``(B, L)`` key padding mask). Differentiable (a slice); ``None``
+    entries pass through. A length not divisible by the number of chunks is a ``ValueError``."""
+    _check_layout(layout)
+    rank, world = _group(group)
+    single = isinstance(tensors, Tensor)
+    items = (tensors,) if single else tuple(tensors)
+    chunks, ids = _num_chunks(layout, world), _chunk_ids(layout, rank, world)
+    out: list[Tensor | None] = []
+    for t in items:
+        if t is None:
+            out.append(None)
+            continue
+        n = t.shape[dim]
+        if n % chunks:
+            raise ValueError(
+                f"sequence length {n} (dim {dim}) is not divisible into {chunks} chunks "
+                f"({layout} layout over {world} ranks)"
+            )
+        parts = t.split(n // chunks, dim=dim)
+        out.append(torch.cat([parts[i] for i in ids], dim=dim))
+    return out[0] if single else tuple(out)
+
+
+class _AllGather(torch.autograd.Function):
+    """``(W, *x.shape)``: every rank's ``x``. Backward: the gradients of all ranks summed
+    (``all_reduce``), this rank's slice."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
+        rank, world = _group(group)
+        ctx.group, ctx.rank = group, rank
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x, group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None
+
+
+def _natural_order(x: Tensor, layout: str, world: int, dim: int) -> Tensor:
+    """``x`` holding every rank's shard in rank order along ``dim``, re-ordered to sequence order."""
+    if layout == "contiguous":
+        return x
+    chunks = x.chunk(2 * world, dim=dim)
+    held = [c for r in range(world) for c in _chunk_ids(layout, r, world)]  # global id of each piece
+    where = {g: i for i, g in enumerate(held)}
+    return torch.cat([chunks[where[g]] for g in range(2 * world)], dim=dim)
+
+
+def _rank_order(x: Tensor, layout: str, world: int, dim: int) -> Tensor:
+    """Inverse of :func:`_natural_order`."""
+    if layout == "contiguous":
+        return x
+    chunks = x.chunk(2 * world, dim=dim)
+    return torch.cat([chunks[g] for r in range(world) for g in _chunk_ids(layout, r, world)], dim=dim)
+
+
+def unshard_sequence(t: Tensor, group: Any = None, layout: str = "contiguous", dim: int = 2) -> Tensor:
+    """The full sequence from every rank's shard ``t`` (the inverse of :func:`shard_sequence`), on every
+    rank. Differentiable: the gradient of a shard is the sum over ranks of the gradients of the full
+    tensor (as ``torch.distributed.nn.all_gather``)."""
+    _check_layout(layout)
+    _, world = _group(group)
+    _agree(group, "unshard_sequence", [*t.shape, dim])
+    gathered = _AllGather.apply(t, group)
+    return _natural_order(torch.cat(gathered.unbind(0), dim=dim), layout, world, dim)
+
+
+def _agree(group: Any, what: str, values: Sequence[Any], error: str | None = None) -> None:
+    """Raise the same ``ValueError`` on every rank when any rank found its input bad (``error``) or the ranks
+    passed different ``values`` (shapes, flags): one rank's bad input must not leave the others waiting in a
+    collective."""
+    _, world = _group(group)
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, (error, list(values)), group=group)
+    errors = [f"rank {r}: {e}" for r, (e, _) in enumerate(everyone) if e]
+    if errors:
+        raise ValueError(f"{what}: " + "; ".join(errors))
+    if any(v != everyone[0][1] for _, v in everyone):
+        raise ValueError(f"{what}: the ranks disagree on the shard shapes or arguments: {[v for _, v in everyone]}")
+
+
+# ----- LASP-2 -----------------------------------------------------------------------------------------
+def _lasp2_capable(cls: type) -> str | None:
+    """Why mechanisms of class ``cls`` cannot run under LASP-2 (None when they can)."""
+    from fastattn.mechanisms.kernel.base import KernelMechanism
+    from fastattn.mechanisms.kernel.decayed import DecayedLinear
+
+    if not issubclass(cls, KernelMechanism):
+        return "it is not a kernel mechanism phi(Q) (phi(K)^T V)"
+    decayed = issubclass(cls, DecayedLinear) and cls.forward is DecayedLinear.forward
+    if not decayed and cls.forward is not KernelMechanism.forward:
+        return "its forward is more than its feature map and the linear-attention op"
+    if not (cls.tokenwise or decayed):
+        return "its feature map is not token-wise (it looks across positions)"
+    return None
+
+
+def _shift_base(cs: list[Tensor], kps: list[Tensor | None], group: Any) -> Tensor:
+    """``M`` ``(B, H)``: the group's maximum, over real keys, of the key log-scales ``c`` of every chunk.
+
+    Key features returned shifted by their log-scales (``phi(k) exp(-c)``, see
+    ``KernelMechanism.key_log_scale``) are used as ``phi(k) exp(c - M)``: one shift per (batch, head) over
+    the whole sequence, a constant that cancels in the normalised output (values and gradients exact).
+    Unlike the op's running maximum, a key whose log-scale lies ~700 (float64; ~87 in float32) below ``M``
+    underflows to 0."""
+    tops = []
+    for c, kp in zip(cs, kps):
+        real = c.detach() if kp is None else c.detach().masked_fill(kp[:, None, :], float("-inf"))
+        tops.append(real.amax(dim=-1))
+    m = torch.stack(tops).amax(0).contiguous()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, scale: float,
+           group: Any, layout: str) -> Tensor:
+    from fastattn.mechanisms.kernel.decayed import DecayedLinear
+
+    rank, world = _group(group)
+    ids = _chunk_ids(layout, rank, world)
+    total = _num_chunks(layout, world)
+    if not mech.native_gqa:
+        groups = q.shape[1] // k.shape[1]
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    kw = mech._decay(mech.decay() if causal else None)  # type: ignore[attr-defined]
+    norm = mech.normalize  # type: ignore[attr-defined]
+    dt = compute_dtype(v.dtype)
+    n = q.shape[2] // len(ids)
+    feats = []
+    for c in range(len(ids)):
+        sl = slice(c * n, (c + 1) * n)
+        kp_c = None if kp is None else kp[:, sl]
+        at = Mask(n, n, key_padding=kp_c, causal=causal, k_start=ids[c] * n)  # features see global positions
+        fq = mech.features(q[:, :, sl], is_query=True, scale=scale, mask=at)  # type: ignore[attr-defined]
+        fk = mech.features(k[:, :, sl], is_query=False, scale=scale, mask=at)  # type: ignore[attr-defined]
+        log_scale = getattr(mech, "key_log_scale", None)
+        feats.append((fq, fk, None if log_scale is None else log_scale(k[:, :, sl], scale=scale, mask=at), kp_c))
+    base = None
+    if feats[0][2] is not None:
+        if not norm:
+            raise ValueError("strategy 'lasp2': key log-scales need the normalised form")
+        base = _shift_base([f[2] for f in feats], [f[3] for f in feats], group)
+    pieces, packs = [], []
+    for c, (fq, fk, c_log, kp_c) in enumerate(feats):
+        sl = slice(c * n, (c + 1) * n)
+        mask = Mask(n, n, key_padding=kp_c, causal=causal)
+        if base is not None:
+            fk = fk * torch.exp((c_log - base[..., None]).clamp_max(0.0)).to(fk.dtype).unsqueeze(-1)
+        v_c = v[:, :, sl]
+        keep = mask.key_keep(dt)
+        fk_s, v_s = fk.to(dt), v_c.to(dt)
+        log_g, _ = log_gates(kw.get("decay"), kw.get("log_decay"), fk_s, keep)
+        if keep is not None:
+            fk_s, v_s = fk_s * keep, v_s * keep
+        kv, z = linear_state(fk_s, v_s, log_g=log_g, normalize=norm)
+        b, h = kv.shape[:2]
+        a = kv.new_zeros(b, h) if log_g is None else log_g.to(dt).expand(b, h, n).sum(-1)  # log prod of gates
+        packs.append(torch.cat([kv.flatten(2)] + ([z] if norm else []) + [a[..., None]], dim=-1))
+        pieces.append((fq, fk, v_c, mask))
+    gathered = _AllGather.apply(torch.stack(packs), group)  # (W, chunks per rank, B, H, F)
+    flat = gathered.flatten(0, 1)
+    where = {g: i for i, g in enumerate(g for r in range(world) for g in _chunk_ids(layout, r, world))}
+    states = flat[torch.tensor([where[g] for g in range(total)], device=flat.device)]  # sequence order
+    d, e = kv.shape[2], kv.shape[3]
+    s_all = states[..., : d * e].unflatten(-1, (d, e))
+    z_all = states[..., d * e: d * e + d] if norm else None
+    a_all = states[..., -1]
+    cum = a_all.cumsum(0)  # A_j = sum_{m <= j} a_m over the chunks in sequence order
+    outs = []
+    for (fq, fk, v_c, mask), g in zip(pieces, ids):
+        idx = torch.arange(total, device=flat.device)
+        if causal:  # chunk i < g weighs exp(A_{g-1} - A_i): the gates of the chunks between i and g
+            before = (idx < g).view(-1, 1, 1)
+            diff = cum[g - 1] - cum if g > 0 else torch.zeros_like(cum)
+            w = torch.exp(torch.where(before, diff, torch.zeros_like(diff))) * before
+        else:  # every other chunk, undecayed
+            w = (idx != g).view(-1, 1, 1).to(s_all.dtype).expand_as(cum)
+        s0 = (w[..., None, None] * s_all).sum(0)
+        z0 = (w[..., None] * z_all).sum(0) if z_all is not None else None
+        outs.append(linear_attention(fq, fk, v_c, mask, normalize=norm, chunk=mech.chunk,  # type: ignore
+                                     state=LinearState(s0, z0, g * n), **kw))
+    out = torch.cat(outs, dim=2)
+    if isinstance(mech, DecayedLinear):
+        out = mech._norm(out)  # per token (over heads): local
+    return out
+
+
+# ----- ring attention ---------------------------------------------------------------------------------
+def _exchange(send: Tensor, group: Any, rank: int, world: int, tag: int) -> tuple[Tensor, list]:
+    """Start sending ``send`` to the next rank and receiving the previous rank's into a new tensor."""
+    recv = torch.empty_like(send)
+    ops = [dist.P2POp(dist.isend, send, _global(group, (rank + 1) % world), group, tag),
+           dist.P2POp(dist.irecv, recv, _global(group, (rank - 1) % world), group, tag)]
+    return recv, dist.batch_isend_irecv(ops)
+
+
+def _wait(works: list) -> None:
+    for w in works:
+        w.wait()
+
+
+def _ring_steps(k: Tensor, v: Tensor, kp: Tensor | None, info: dict) -> Iterator[list]:
+    """The steps of the ring: at each, the tiles ``(i, j, keys, values, mask)`` (local query chunk ``i``,
+    chunk ``j`` of the block now held, its :class:`Mask` at the global positions; causally future pairs
+    left out), yielded while the block travels on to the next rank and the previous rank's arrives."""
+    group, layout, causal = info["group"], info["layout"], info["causal"]
+    rank, world = _group(group)
+    ids = _chunk_ids(layout, rank, world)
+    n, e = k.shape[2] // len(ids), k.shape[-1]
+    block = torch.cat([k, v] + ([] if kp is None else [_pad_channel(kp, k)]), dim=-1).contiguous()
+    for step in range(world):
+        src = (rank - step) % world
+        if step < world - 1:
+            nxt, works = _exchange(block, group, rank, world, tag=2 * step)
+        tiles = []
+        for i, gi in enumerate(ids):
+            for j, gj in enumerate(_chunk_ids(layout, src, world)):
+                if causal and gj > gi:
+                    continue  # entirely in the future
+                kb, vb, kpb = _unpack(block, j, n, e, kp is not None)
+                mask = Mask(n, n, key_padding=kpb, causal=causal, q_start=gi * n, k_start=gj * n)
+                tiles.append((slice(i * n, (i + 1) * n), slice(j * n, (j + 1) * n), kb, vb, mask))
+        yield tiles
+        if step < world - 1:
+            _wait(works)
+            block = nxt
+
+
+class _Ring(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, info: dict) -> Tensor:
+        scale, bq, bk = info["scale"], info["block_q"], info["block_k"]
+        partials: dict[int, tuple[Tensor, Tensor]] = {}
+        for tiles in _ring_steps(k, v, kp, info):
+            for qs, _, kb, vb, mask in tiles:
+                part = flash_block_forward(q[:, :, qs], kb, vb, mask, scale, block_q=bq, block_k=bk)
+                i = qs.start
+                partials[i] = part if i not in partials else merge_partials([partials[i], part])
+        out = torch.cat([partials[i][0] for i in sorted(partials)], dim=2)
+        lse = torch.cat([partials[i][1] for i in sorted(partials)], dim=2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kp, ctx.info = kp, info
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        info = ctx.info
+        scale, bq, bk = info["scale"], info["block_q"], info["block_k"]
+        rank, world = _group(info["group"])
+        dt = compute_dtype(q.dtype)
+        d_out = d_out.to(dt)
+        delta = (d_out * out.to(dt)).sum(dim=-1, keepdim=True)
+        dq = torch.zeros(q.shape, dtype=dt, device=q.device)
+        d_block = torch.zeros(*k.shape[:3], k.shape[-1] + v.shape[-1], dtype=dt, device=k.device)
+        for step, tiles in enumerate(_ring_steps(k, v, ctx.kp, info)):
+            for qs, ks, kb, vb, mask in tiles:
+                dqi, dk, dv = flash_block_backward(
+                    q[:, :, qs], kb, vb, out[:, :, qs], lse[:, :, qs], d_out[:, :, qs], mask, scale,
+                    block_q=bq, block_k=bk, delta=delta[:, :, qs],
+                )
+                dq[:, :, qs] += dqi
+                d_block[:, :, ks] += torch.cat([dk, dv], dim=-1)
+            # the block's gradient travels on with it; after W hops it is back with its owner
+            d_block, works = _exchange(d_block.contiguous(), info["group"], rank, world, tag=2 * step + 1)
+            _wait(works)
+        e = k.shape[-1]
+        return dq.to(q.dtype), d_block[..., :e].to(k.dtype), d_block[..., e:].to(v.dtype), None, None
+
+
+def _pad_channel(kp: Tensor, k: Tensor) -> Tensor:
+    """The key padding ``(B, L)`` as one more channel ``(B, H, L, 1)`` of the travelling block."""
+    return kp.to(k.dtype)[:, None, :, None].expand(k.shape[0], k.shape[1], k.shape[2], 1)
+
+
+def _unpack(block: Tensor, j: int, n: int, e: int, padded: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Keys, values and key padding of chunk ``j`` of a travelling block."""
+    b = block[:, :, j * n:(j + 1) * n]
+    if not padded:
+        return b[..., :e], b[..., e:], None
+    return b[..., :e], b[..., e:-1], b[:, 0, :, -1] > 0.5
+
+
+def _ring(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, scale: float,
+          group: Any, layout: str) -> Tensor:
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    o = mech.options
+    info = {"group": group, "layout": layout, "causal": causal, "scale": scale,
+            "block_q": int(getattr(o, "block_q", getattr(o, "query_chunk", 1024))),
+            "block_k": int(getattr(o, "block_k", getattr(o, "key_chunk", 1024)))}
+    return _Ring.apply(q, k, v, kp, info)
+
+
+# ----- Ulysses ----------------------------------------------------------------------------------------
+class _AllToAll(torch.autograd.Function):
+    """Split ``x`` into ``W`` parts along ``scatter``, send part ``j`` to rank ``j``, concatenate what
+    arrives along ``gather`` (in rank order). Backward: the same with the two dims swapped."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Any, scatter: int, gather: int) -> Tensor:
+        ctx.group, ctx.scatter, ctx.gather = group, scatter, gather
+        return _all_to_all(x, group, scatter, gather)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return _all_to_all(grad, ctx.group, ctx.gather, ctx.scatter), None, None, None
+
+
+def _all_to_all(x: Tensor, group: Any, scatter: int, gather: int) -> Tensor:
+    _, world = _group(group)
+    send = torch.stack(x.chunk(world, dim=scatter)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather)
+
+
+def _ulysses_capable(mech: Mechanism) -> str | None:
+    from fastattn.mechanisms.kernel.base import KernelMechanism
+
+    if isinstance(mech, KernelMechanism) and mech.decay() is not None:
+        return "its heads differ (per-head decay rates)"
+    for name, t in [*mech.named_parameters(), *mech.named_buffers()]:
+        if mech.num_heads > 1 and t.dim() > 0 and t.shape[0] == mech.num_heads:
+            return f"its heads differ (per-head {name!r})"
+    return None
+
+
+def _ulysses(full: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool,
+             scale: float, group: Any, layout: str) -> Tensor:
+    _, world = _group(group)
+    h, hkv = q.shape[1], k.shape[1]
+    if h % world or hkv % world:
+        raise ValueError(f"ulysses shards heads: query heads ({h}) and key/value heads ({hkv}) must be "
+                         f"divisible by the group size ({world})")
+    why = _ulysses_capable(full)
+    if any(True for _ in full.parameters()):
+        why = "the module has learned parameters"
+    if why:
+        raise ValueError(f"strategy 'ulysses' cannot run method {full.spec.name!r}: {why}")
+    # the same mechanism on H / W heads, with the full module's buffers (none of them per head)
+    mech = type(full)(full.options, head_dim=full.head_dim, num_heads=h // world,
+                      num_kv_heads=hkv // world).to(q.device)
+    mine = dict(full.named_buffers())
+    with torch.no_grad():
+        for name, b in mech.named_buffers():
+            b.copy_(mine[name])
+
+    def to_heads(x: Tensor) -> Tensor:
+        return _natural_order(_AllToAll.apply(x, group, 1, 2), layout, world, dim=2)
+
+    qh, kh, vh = to_heads(q), to_heads(k), to_heads(v)
+    full_kp = None
+    if kp is not None:
+        full_kp = _natural_order(torch.cat(_AllGather.apply(kp.to(torch.uint8), group).unbind(0), dim=1),
+                                 layout, world, dim=1).bool()
+    out = mech.run_checked(qh, kh, vh, key_padding_mask=full_kp, is_causal=causal, scale=scale, attn_mask=None,
+                           dropout_p=0.0, backend="auto")
+    return _AllToAll.apply(_rank_order(out, layout, world, dim=2).contiguous(), group, 2, 1)
+
+
+# ----- the entry point --------------------------------------------------------------------------------
+def _build(spec: Any, opts: Any, q: Tensor, k: Tensor, group: Any) -> Mechanism:
+    """The mechanism module for this call; its random parts (buffers) broadcast from the group's first
+    rank, so that every rank computes with the same features."""
+    mech = spec.cls(opts, head_dim=q.shape[-1], num_heads=q.shape[1], num_kv_heads=k.shape[1]).to(q.device)
+    if any(True for _ in mech.parameters()):
+        raise ValueError(f"method {spec.name!r} with options {opts} has learned parameters; pass the module")
+    if spec.randomized:
+        for b in mech.buffers():
+            dist.broadcast(b, _global(group, 0), group=group)
+    return mech
+
+
+def choose_strategy(method: str, strategy: str = "auto") -> str:
+    """The strategy ``sequence_parallel_attention`` runs ``method`` with (``"auto"`` resolved)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if strategy != "auto":
+        return strategy
+    spec = get_method(method)
+    if spec.exact:
+        return "ring"
+    return "lasp2" if _lasp2_capable(spec.cls) is None else "ulysses"
+
+
+def _check_shard(spec: Any, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, per_rank: int,
+                 layout: str) -> None:
+    if not all(isinstance(t, Tensor) and t.dim() == 4 for t in (q, k, v)):
+        raise ValueError("q, k, v must be (B, H, n, E) shards")
+    check_inputs(spec, q, k, v, key_padding_mask=kp, attn_mask=None, is_causal=causal, dropout_p=0.0)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"sequence parallelism shards self-attention: q and k must have the same local "
+                         f"length, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[2] % per_rank:
+        raise ValueError(f"the {layout} layout holds {per_rank} chunks per rank: the local length {q.shape[2]} "
+                         f"is not divisible by {per_rank}")
+
+
+def sequence_parallel_attention(
+    q: Tensor, k: Tensor, v: Tensor, method: str | Mechanism = "softmax", *, group: Any = None,
+    is_causal: bool = False, strategy: str = "auto", layout: str = "contiguous",
+    key_padding_mask: Tensor | None = None, scale: float | None = None, **options: Any,
+) -> Tensor:
+    """Attention of this rank's queries over the whole sequence, each rank holding a shard.
+
+    Args:
+        q, k, v: this rank's shards ``(B, H, n, E)``, ``(B, Hkv, n, E)``, ``(B, Hkv, n, Ev)`` (as given by
+            :func:`shard_sequence` with the same ``layout``); self-attention, so ``q`` and ``k`` have the
+            same length; every rank the same shapes.
+        method: a registry id of a functional sequence mechanism, or a built mechanism module (e.g. a
+            layer's core, with its learned parameters: their gradients are this rank's share, to be
+            summed over the group as data-parallel gradients are; its random buffers must agree across
+            ranks, which ``MultiheadAttention(..., sequence_parallel_group=g)`` ensures).
+        group: the process group (default: the world).
+        is_causal: causal masking over the global positions.
+        strategy: ``"auto"``, ``"lasp2"``, ``"ring"`` or ``"ulysses"`` (see the module docstring).
+        layout: how the sequence was sharded, ``"contiguous"`` or ``"zigzag"``.
+        key_padding_mask: this rank's shard ``(B, n)`` of the padding mask (True = padding), sharded like
+            the keys.
+        scale: score scale (default ``E ** -0.5``).
+        **options: the mechanism's options (with a method id only).
+
+    Returns:
+        this rank's output shard ``(B, H, n, Ev)``, equal to the single-process result's (values and
+        gradients). Every rank must call it (collectives); bad input is a ``ValueError`` on every rank.
+    """
+    rank, world = _group(group)
+    if world < 2:
+        raise ValueError("sequence parallelism needs a group of at least 2 ranks; call fastattn.attention instead")
+    given = method if isinstance(method, Mechanism) else None
+    spec = opts = error = None
+    try:  # this rank's own arguments and input: an error is raised on every rank (below), none waits
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+        _check_layout(layout)
+        if given is not None and options:
+            raise ValueError(f"options {sorted(options)} given with a built mechanism module (it has its own)")
+        spec = given.spec if given is not None else get_method(method)
+        if spec.kind != "sequence" or spec.level != "sequence":
+            raise ValueError(f"method {spec.name!r} is not a sequence mechanism; sequence parallelism runs those only")
+        opts = given.options if given is not None else spec.make_options(**options)
+        _check_shard(spec, q, k, v, key_padding_mask, is_causal, len(_chunk_ids(layout, rank, world)), layout)
+    except ValueError as e:
+        error = str(e)
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else None for t in (q, k, v, key_padding_mask)]
+    _agree(group, "sequence_parallel_attention", [*shapes, str(strategy), str(layout), is_causal], error)
+    assert spec is not None
+    chosen = choose_strategy(spec.name, strategy)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dtype = q.dtype
+    mech = given if given is not None else _build(spec, opts, q, k, group)
+    if chosen == "ulysses":
+        return _ulysses(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout).to(dtype)
+    q, k, v = mech.upcast(q, k, v)
+    if chosen == "ring":
+        if not spec.exact:
+            raise ValueError(f"strategy 'ring' runs exact softmax attention; method {spec.name!r} is not exact")
+        out = _ring(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout)
+    else:
+        why = _lasp2_capable(type(mech))
+        if why:
+            raise ValueError(f"strategy 'lasp2' cannot run method {spec.name!r}: {why}")
+        out = _lasp2(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout)
+    return out.to(dtype)
+
+
+# ----- the layer ----------------------------------------------------------------------------------------
+class SequenceParallelAttention(ProjectedAttention):
+    """The standard layer (:class:`~fastattn.core.layer.ProjectedAttention`) on a sequence sharded over
+    ``group``: the projections act on this rank's tokens, the core runs through
+    :func:`sequence_parallel_attention`. ``MultiheadAttention(..., sequence_parallel_group=g)`` builds it.
+
+    At construction the parameters and buffers (random features included) are broadcast from the group's
+    first rank, so every rank holds the same layer. The gradients of the parameters are then this rank's
+    share: sum them over the group (as data parallelism does). Self-attention only; no ``attn_mask``,
+    attention dropout, attention weights, reference backend or decoding.
+    """
+
+    def __init__(self, options: Any, config: Any, *, generator: torch.Generator | None = None, group: Any = None,
+                 strategy: str = "auto", layout: str = "contiguous") -> None:
+        super().__init__(options, config, generator=generator)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+        _check_layout(layout)
+        if config.dropout > 0:
+            raise ValueError("sequence parallelism does not run attention dropout; use dropout=0")
+        if config.backend == "reference":
+            raise ValueError("the reference backend is single-process; use backend='auto' or 'torch'")
+        choose_strategy(self.options.core, strategy)  # an unknown combination fails here, not at forward
+        self.group, self.strategy, self.layout = group, strategy, layout
+        _group(group)
+        with torch.no_grad():
+            for t in [*self.parameters(), *self.buffers()]:
+                dist.broadcast(t.data, _global(group, 0), group=group)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, reference: bool = False, **masks: Any) -> Tensor:
+        if reference:
+            raise ValueError("the reference is single-process; it does not run under sequence parallelism")
+        if masks.get("attn_mask") is not None:
+            raise ValueError("sequence parallelism cannot apply an attn_mask (only key_padding_mask)")
+        return sequence_parallel_attention(
+            q, k, v, self.core, group=self.group, is_causal=masks.get("is_causal", False), strategy=self.strategy,
+            layout=self.layout, key_padding_mask=masks.get("key_padding_mask"),
+        )
+
+    def forward(self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,
+                need_weights: bool = False, **masks: Any) -> tuple[Tensor, Tensor | None]:
+        if context is not None or value is not None:
+            raise ValueError("sequence parallelism shards self-attention; cross-attention is not supported")
+        if need_weights:
+            raise ValueError("need_weights: the attention matrix is not formed under sequence parallelism")
+        return super().forward(x, **masks)
+
+    def step(self, x: Tensor, state: Any, *, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Any]:
+        raise ValueError("decoding (step) is not sequence-parallel; decode with an ordinary layer")
