@@ -68,8 +68,32 @@ def sequence_case(spec: MethodSpec) -> list[Call]:
     return calls
 
 
-CASES: dict[str, Callable[[MethodSpec], list[Call]]] = {
+def layer_case(spec: MethodSpec) -> list[Call]:
+    """A layer-level mechanism through ``MultiheadAttention`` (6 query / 3 key-value heads, width 48)."""
+    x = torch.randn(2, 37, 48, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    kpm = torch.zeros(2, 37, dtype=torch.bool)
+    kpm[1, 30:] = True
+
+    def call(causal: bool) -> Callable[..., torch.Tensor]:
+        kw = {"generator": torch.Generator().manual_seed(0)} if spec.randomized else {}
+        layer = fastattn.MultiheadAttention(48, 6, spec.name, num_kv_heads=3, batch_first=True,
+                                            **spec.cls.test_options, **kw).eval()
+
+        def run(x: torch.Tensor, kpm: torch.Tensor | None = None) -> torch.Tensor:
+            return layer(x, key_padding_mask=kpm, is_causal=causal)[0]
+        return run
+
+    calls: list[Call] = [("plain", call(False), (x,))]
+    if spec.causal:
+        calls.append(("causal", call(True), (x,)))
+    if spec.padding:
+        calls.append(("padding", call(spec.causal), (x, kpm)))
+    return calls
+
+
+CASES: dict[str, Callable[[MethodSpec], list[Call]]] = {  # by kind ("layer": layer-level sequence mechanisms)
     "sequence": sequence_case,
+    "layer": layer_case,
 }
 
 
@@ -141,7 +165,7 @@ def main() -> int:
         specs = [s for s in specs if s.family in families]
     rows = []
     for spec in specs:
-        build = CASES.get(spec.kind)
+        build = CASES.get("layer" if spec.kind == "sequence" and spec.level == "layer" else spec.kind)
         if build is None:
             rows.append({"name": spec.name, "kind": spec.kind, "status": "no case"})
             print(f"{spec.name:20s} no compile case for kind {spec.kind!r}", flush=True)
