@@ -69,10 +69,11 @@ def sequence_case(spec: MethodSpec) -> list[Call]:
 
 
 def layer_case(spec: MethodSpec) -> list[Call]:
-    """A layer-level mechanism through ``MultiheadAttention`` (6 query / 3 key-value heads, width 48)."""
-    x = torch.randn(2, 37, 48, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    kpm = torch.zeros(2, 37, dtype=torch.bool)
-    kpm[1, 30:] = True
+    """A layer-level mechanism through ``MultiheadAttention`` (6 query / 3 key-value heads, width 48,
+    23 tokens: within the position tables of the test options)."""
+    x = torch.randn(2, 23, 48, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    kpm = torch.zeros(2, 23, dtype=torch.bool)
+    kpm[1, 18:] = True
 
     def call(causal: bool) -> Callable[..., torch.Tensor]:
         kw = {"generator": torch.Generator().manual_seed(0)} if spec.randomized else {}
