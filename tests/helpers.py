@@ -83,7 +83,7 @@ def half_err(spec: MethodSpec, a: torch.Tensor, b: torch.Tensor) -> float:
     selection is discrete (``discontinuous = True``: hash buckets, clusters) the median over rows of the
     rows' relative errors -- rounding the inputs moves a few tokens to another bucket, and those rows
     change by O(1) by definition, while every other row must stay close."""
-    if not getattr(spec.cls, "discontinuous", False):
+    if not spec.cls.discontinuous:
         return rel_err(a, b)
     a2, b2 = a.double().flatten(0, -2), b.double().flatten(0, -2)
     rows = (a2 - b2).norm(dim=-1) / b2.norm(dim=-1).clamp_min(1e-30)

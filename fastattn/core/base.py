@@ -52,6 +52,9 @@ class Mechanism(Registered):
     # over the keys): the default ``step`` then decodes rows with different padding separately, so that
     # every row's positions start at its first real token. False: masking padded keys is enough.
     positional: ClassVar[bool] = False
+    # True when the output is a discontinuous function of the inputs (content-based selection: a token
+    # changes bucket or cluster under rounding), so half-precision checks compare per-row medians.
+    discontinuous: ClassVar[bool] = False
     # The layer ``MultiheadAttention(method=<this id>)`` builds, where the paper's layer does more than
     # project, attend and project back (a gate computed from the layer input, two attention stages with
     # their own projections): a :class:`~fastattn.core.layer.ProjectedAttention` subclass taking the same

@@ -53,3 +53,24 @@ def scan_linear_attention(fq: Tensor, fk: Tensor, v: Tensor, *, log_g: Tensor | 
         return num, None, s, None
     out = num / torch.where(den == 0, torch.ones_like(den), den).unsqueeze(-1)
     return out, den, s, z
+
+
+def linear_inputs(b: int, h: int, hq: int, n: int, d: int, ev: int, gates: str | None,
+                  g: torch.Generator) -> dict[str, Tensor]:
+    """Positive features ``fq (b, hq, n, d)`` / ``fk (b, h, n, d)``, values, an initial state ``s0``,
+    ``z0`` and gates (``"head"``: per-head rates ``lam``; ``"token"``: per-token ``logit``), all float64
+    and requiring grad, drawn in that order from ``g`` (the linear-op tests share these inputs)."""
+    x = {
+        "fq": torch.rand(b, hq, n, d, generator=g, dtype=torch.float64) + 0.1,
+        "fk": torch.rand(b, h, n, d, generator=g, dtype=torch.float64) + 0.1,
+        "v": torch.randn(b, h, n, ev, generator=g, dtype=torch.float64),
+        "s0": torch.randn(b, h, d, ev, generator=g, dtype=torch.float64),
+        "z0": torch.rand(b, h, d, generator=g, dtype=torch.float64) + 0.5,
+    }
+    if gates == "head":
+        x["lam"] = torch.rand(h, generator=g, dtype=torch.float64) * 0.6 + 0.35
+    elif gates == "token":
+        x["logit"] = torch.randn(b, h, n, generator=g, dtype=torch.float64) * 2 + 1.5
+    for t in x.values():
+        t.requires_grad_()
+    return x

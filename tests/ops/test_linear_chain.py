@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from linear_scan import scan_linear_attention
+from linear_scan import linear_inputs, scan_linear_attention
 
 from fastattn.core.masks import Mask
 from fastattn.ops.linear.engine import (
@@ -31,21 +31,7 @@ def tiles(request, monkeypatch):
 
 def _inputs(h, gates, seed=0, n=N, b=2, hq=None):
     """Features, values, an initial state and gates with ``h`` key/value heads (``hq`` query heads)."""
-    g = torch.Generator().manual_seed(seed)
-    x = {
-        "fq": torch.rand(b, hq or h, n, D, generator=g, dtype=torch.float64) + 0.1,
-        "fk": torch.rand(b, h, n, D, generator=g, dtype=torch.float64) + 0.1,
-        "v": torch.randn(b, h, n, EV, generator=g, dtype=torch.float64),
-        "s0": torch.randn(b, h, D, EV, generator=g, dtype=torch.float64),
-        "z0": torch.rand(b, h, D, generator=g, dtype=torch.float64) + 0.5,
-    }
-    if gates == "head":
-        x["lam"] = torch.rand(h, generator=g, dtype=torch.float64) * 0.6 + 0.35
-    elif gates == "token":
-        x["logit"] = torch.randn(b, h, n, generator=g, dtype=torch.float64) * 2 + 1.5
-    for t in x.values():
-        t.requires_grad_()
-    return x
+    return linear_inputs(b, h, hq or h, n, D, EV, gates, torch.Generator().manual_seed(seed))
 
 
 def _gate_kw(x):

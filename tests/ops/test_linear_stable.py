@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from linear_scan import linear_inputs
+
 from fastattn.core.masks import Mask
 from fastattn.ops.linear.engine import LinearState, dense_kernel_attention, linear_attention
 
@@ -29,19 +31,8 @@ def _inputs(h, hq, gates, seed=0, n=N, b=2, spread=20.0):
     """Features (``base``: the true key features), values, log-scales ``c`` (spread ``spread``), a true
     initial state and its log-scale, gates."""
     g = torch.Generator().manual_seed(seed)
-    x = {
-        "fq": torch.rand(b, hq, n, D, generator=g, dtype=torch.float64) + 0.1,
-        "base": torch.rand(b, h, n, D, generator=g, dtype=torch.float64) + 0.1,
-        "v": torch.randn(b, h, n, EV, generator=g, dtype=torch.float64),
-        "s0": torch.randn(b, h, D, EV, generator=g, dtype=torch.float64),
-        "z0": torch.rand(b, h, D, generator=g, dtype=torch.float64) + 0.5,
-    }
-    if gates == "head":
-        x["lam"] = torch.rand(h, generator=g, dtype=torch.float64) * 0.6 + 0.35
-    elif gates == "token":
-        x["logit"] = torch.randn(b, h, n, generator=g, dtype=torch.float64) * 2 + 1.5
-    for t in x.values():
-        t.requires_grad_()
+    x = linear_inputs(b, h, hq, n, D, EV, gates, g)
+    x["base"] = x.pop("fk")
     c = torch.randn(b, h, n, generator=g, dtype=torch.float64) * spread
     m0 = torch.randn(b, h, generator=g, dtype=torch.float64) * spread
     return x, c, m0
