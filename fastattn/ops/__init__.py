@@ -21,6 +21,8 @@ Nothing here imports a mechanism or a family; a mechanism module is a thin compo
   load-balance, z and selection-entropy auxiliary losses, and the gates applied to head outputs or to
   batched expert projections;
 * :mod:`.cluster` -- deterministic k-means over a few vectors (heads) and the cosine distance;
+* :mod:`.permutohedral` -- Gaussian filtering of values at low-dimensional positions on the permutohedral
+  lattice (splat, binomial blur, slice; refinable toward the exact filter) and its dense references;
 * :mod:`.constant` -- attention by constant (input-independent) tables in probability space: looked up at
   absolute positions, masked, rows renormalised.
 """
