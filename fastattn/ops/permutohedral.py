@@ -116,7 +116,7 @@ def _pack(keys: Tensor, batch: Tensor, lo: Tensor, radix: Tensor) -> Tensor:
     out = batch.clone()
     for i in range(keys.shape[1] - 1):
         out = out * radix[i] + (keys[:, i] - lo[i])
-    return out
+    return out  # digits: batch, then coordinates 0 .. d - 1 (the last the least significant)
 
 
 def build_lattice(positions: Tensor, keep: Tensor | None = None, refine: int = 1) -> Lattice:
@@ -136,7 +136,9 @@ def build_lattice(positions: Tensor, keep: Tensor | None = None, refine: int = 1
     if keep is not None:
         live = keep.reshape(-1)[:, None].expand(-1, d1).reshape(-1)
     passes = [j for j in range(d1) for _ in range(refine * refine)]
-    reach = 2 * dim * refine * refine  # the blur moves a coordinate by at most this much
+    # the blur moves a coordinate by at most 2 d per step-round (d along its own direction, 1 along each
+    # other), a neighbour look-up by d more: codes of every point we touch stay inside the packing ranges
+    reach = 2 * dim * refine * refine + dim
     if live.any():
         lo = keys[live].amin(0) - reach
         radix = keys[live].amax(0) + reach - lo + 1
@@ -147,28 +149,26 @@ def build_lattice(positions: Tensor, keep: Tensor | None = None, refine: int = 1
             f"the lattice of these positions is too large to hash (dim {dim}, coordinate ranges "
             f"{radix.tolist()}): use fewer feature dimensions or smaller feature values"
         )
-    dirs = _directions(d1, dev)
-    pts = torch.unique(torch.cat([keys[live], batch[live, None]], 1), dim=0)  # (P, d + 2): keys, batch
+    # packing is linear inside the ranges: a lattice step is a fixed offset of the code
+    stride = torch.ones(d1 - 1, dtype=torch.long, device=dev)
+    for i in range(d1 - 3, -1, -1):
+        stride[i] = stride[i + 1] * radix[i + 1]
+    step = (_directions(d1, dev)[:, :-1] * stride).sum(1)  # (d + 1,): code offset of each direction
+    codes = _pack(keys, batch, lo, radix)
+    ids = torch.unique(codes[live])  # sorted
     for j in passes:  # the closure under the blur steps
-        pts = torch.unique(torch.cat([pts, pts + torch.cat([dirs[j], dirs.new_zeros(1)]),
-                                      pts - torch.cat([dirs[j], dirs.new_zeros(1)])]), dim=0)
-        pts = pts[((pts[:, :d1] - lo) >= 0).all(1) & ((pts[:, :d1] - lo) < radix).all(1)]
-    ids = _pack(pts[:, :d1], pts[:, d1], lo, radix)
-    ids, order = torch.sort(ids)
-    pts = pts[order]
+        ids = torch.unique(torch.cat([ids, ids + step[j], ids - step[j]]))
     m = ids.numel()
 
-    def find(k: Tensor, bt: Tensor) -> Tensor:
-        inside = ((k - lo) >= 0).all(1) & ((k - lo) < radix).all(1)
-        code = _pack(k.clamp(lo, lo + radix - 1), bt, lo, radix)
-        at = torch.searchsorted(ids, code).clamp_max(max(m - 1, 0))
-        hit = inside & (m > 0) & (ids[at] == code) if m > 0 else torch.zeros_like(inside)
-        return torch.where(hit, at, torch.full_like(at, m))
+    def find(code: Tensor) -> Tensor:
+        if m == 0:
+            return torch.full_like(code, m)
+        at = torch.searchsorted(ids, code).clamp_max(m - 1)
+        return torch.where(ids[at] == code, at, torch.full_like(at, m))
 
-    vertex = torch.where(live, find(keys, batch), torch.full_like(batch, m)).reshape(b, n, d1)
+    vertex = torch.where(live, find(codes), torch.full_like(codes, m)).reshape(b, n, d1)
     weight = (weight.reshape(-1) * live.to(weight.dtype)).reshape(b, n, d1)
-    nbrs = [torch.stack([find(pts[:, :d1] - dirs[j], pts[:, d1]), find(pts[:, :d1] + dirs[j], pts[:, d1])])
-            for j in passes]
+    nbrs = [torch.stack([find(ids - step[j]), find(ids + step[j])]) for j in passes]
     neighbours = torch.stack(nbrs) if nbrs else torch.zeros(0, 2, m, dtype=torch.long, device=dev)
     return Lattice(vertex, weight, neighbours, m)
 
