@@ -103,5 +103,7 @@ def test_errors():
             fastattn.Attention2d(C, "emanet", **bad)
     m = make()
     m.train()
+    before = m.block.mu.clone()
     with pytest.raises(ValueError, match="padding"):
         m(feature_map(channels=C), pixel_mask())
+    assert torch.equal(m.block.mu, before)  # a refused call leaves the bases alone

@@ -138,8 +138,9 @@ class EMAttention(VisionMechanism):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         mu, z = self.em(x, mask)
-        self._update_bases(mu)
-        return self._out(x, torch.bmm(mu, z.transpose(1, 2)), mask)  # mu Z^T: (B, C, N)
+        out = self._out(x, torch.bmm(mu, z.transpose(1, 2)), mask)  # mu Z^T: (B, C, N)
+        self._update_bases(mu)  # after _out, which refuses a mask in training before any state changes
+        return out
 
     def reference(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The soft-EM written per pixel ``n`` and basis ``k`` (same gradient policy as ``forward``)."""
