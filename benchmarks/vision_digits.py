@@ -151,8 +151,9 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['accuracy_mean']:.4f} | {', '.join(f'{a:.4f}' for a in r['accuracy'])} "
                      f"| {r['train_s_median']:.1f} |")
     sizes = sorted({r["size"] for r in time_rows})
-    lines += ["", "Forward+backward time (ms, median) at batch 1, "
-              f"{args.channels} channels; in brackets the ratio to `nonlocal` at that size.", "",
+    caption = (f"Forward+backward time (ms, median) at batch 1, {args.channels} channels; in brackets the "
+               "ratio to `nonlocal` at that size.")
+    lines += ["", caption, "",
               "| module | " + " | ".join(f"{s}x{s}" for s in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
     for method in methods[1:]:
         cells = []

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Lattice", "build_lattice", "lattice_filter", "lattice_filter_dense", "gaussian_filter_dense", "lattice_scale"]
+__all__ = ["Lattice", "build_lattice", "gaussian_filter_dense", "lattice_filter", "lattice_filter_dense", "lattice_scale"]
 
 
 def lattice_scale(dim: int, refine: int = 1) -> float:

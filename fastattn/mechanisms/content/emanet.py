@@ -145,7 +145,7 @@ class EMAttention(VisionMechanism):
     def reference(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The soft-EM written per pixel ``n`` and basis ``k`` (same gradient policy as ``forward``)."""
         e, keep = self._embed(x, mask)
-        b, c, n = e.shape
+        b, _, n = e.shape
         w = torch.ones(b, n, dtype=e.dtype) if keep is None else keep[:, :, 0]
         mu = self.mu.to(e.dtype).expand(b, -1, -1)
         for t in range(self.options.stages):
