@@ -108,8 +108,13 @@ def make_core(
 
 
 class LayerMechanism(Registered):
-    """Base class of layer-level mechanisms. See the module docstring for the contract."""
+    """Base class of layer-level mechanisms. See the module docstring for the contract.
 
+    ``self_attention_only``: the mechanism reads only its own input (a recurrence over its own tape,
+    LSTMN's intra-attention); a ``context`` is a ``ValueError`` and ``kdim``/``vdim`` must be ``embed_dim``.
+    """
+
+    self_attention_only: ClassVar[bool] = False
 
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
         if generator is not None:  # subclasses that draw random numbers consume it and pass None

@@ -71,6 +71,11 @@ def _requires_causal(name, core) -> bool:
     return _layer(fastattn.get_method(name), core).mechanism.requires_causal
 
 
+def _self_only(spec) -> bool:
+    """The layer reads only its own input (a recurrence over its tape): no cross-attention."""
+    return spec.level == "layer" and spec.cls.self_attention_only
+
+
 def _causal_flags(spec, core):
     if _only_causal(spec, core):
         return [True]
@@ -138,6 +143,12 @@ def test_shapes_in_both_layouts_and_unbatched(spec, core):
         torch.testing.assert_close(a, b.transpose(0, 1), rtol=1e-12, atol=1e-12)
         one, _ = bf(x[0], is_causal=causal)  # unbatched (L, D)
         torch.testing.assert_close(one, a[0], rtol=1e-12, atol=1e-12)
+    if _self_only(spec):  # a recurrence over its own tape: no other sequence to read
+        with pytest.raises(ValueError, match="kdim"):
+            _layer(spec, core, kdim=10, vdim=7)
+        with pytest.raises(ValueError, match="cross-attention"):
+            bf(x, _x(n=L + 4, seed=2), _x(n=L + 4, seed=3), is_causal=_only_causal(spec, core))
+        return
     # cross-attention over another sequence of another length and width
     cross = _layer(spec, core, kdim=10, vdim=7)
     out, _ = cross(x, _x(n=L + 4, d=10, seed=2), _x(n=L + 4, d=7, seed=3), is_causal=_only_causal(spec, core))
@@ -221,6 +232,8 @@ def test_padding_does_not_matter(spec, core):
         b, _ = layer(y, key_padding_mask=kpm, is_causal=causal)
         torch.testing.assert_close(a[~kpm], b[~kpm], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(aux_a, layer.aux_loss, rtol=1e-10, atol=1e-12)
+    if _self_only(spec):
+        return
     layer.eval()
     q = _x(n=7, seed=4)
     a, _ = layer(q, x, x, key_padding_mask=kpm, is_causal=_only_causal(spec, core))
