@@ -110,14 +110,36 @@ def make_core(
 class LayerMechanism(Registered):
     """Base class of layer-level mechanisms. See the module docstring for the contract."""
 
+    # A layer with exactly this many heads (Mega's single-head attention): any other ``num_heads`` (or
+    # ``num_kv_heads``) is a ``ValueError``; ``None``: any number.
+    fixed_heads: ClassVar[int | None] = None
+    # A self-attention layer only (its keys and values come from its own input, e.g. through a recurrence
+    # over it): ``context``/``value`` inputs and ``kdim``/``vdim`` other than ``embed_dim`` are a ``ValueError``.
+    self_attention_only: ClassVar[bool] = False
 
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
         if generator is not None:  # subclasses that draw random numbers consume it and pass None
             raise ValueError(f"method {self.spec.name!r} draws no random numbers; it takes no generator")
         super().__init__(options)
+        fixed = self.fixed_heads
+        if fixed is not None and (config.num_heads != fixed or config.num_kv_heads != fixed):
+            raise ValueError(
+                f"method {self.spec.name!r} has exactly {fixed} head(s); got num_heads={config.num_heads}, "
+                f"num_kv_heads={config.num_kv_heads}"
+            )
+        if self.self_attention_only and (config.kdim != config.embed_dim or config.vdim != config.embed_dim):
+            raise ValueError(
+                f"method {self.spec.name!r} is a self-attention layer: kdim and vdim must equal embed_dim "
+                f"({config.embed_dim}), got {config.kdim}, {config.vdim}"
+            )
         self.config = config
         self.embed_dim, self.num_heads = config.embed_dim, config.num_heads
         self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
+
+    def check_self_attention(self, context: Tensor | None, value: Tensor | None) -> None:
+        """A ``ValueError`` for key/value inputs on a :attr:`self_attention_only` layer."""
+        if self.self_attention_only and (context is not None or value is not None):
+            raise ValueError(f"method {self.spec.name!r} is a self-attention layer; it takes no key/value inputs")
 
     def dims(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
