@@ -18,6 +18,13 @@ The auxiliary losses read the routing of a batch of tokens (optionally only the 
 * :func:`entropy_loss` -- minus the entropy of the token-averaged selection distribution (per group of
   experts, averaged over groups): ``log E`` below zero when the batch uses every expert equally.
 
+**The weighting convention** (every routed layer follows it): a layer's ``aux_loss`` is already weighted
+-- the weighted sum :func:`router_loss` of the terms it uses, each weight an option of the layer named
+``<term>_weight`` (``balance_weight``, ``z_weight``, ``entropy_weight``) with the paper's value as its
+default, 0 switching a term off -- so a training loop adds ``sum(layer.aux_loss)`` to the task loss as it
+is, whatever the mechanism. The terms are computed in training mode only (``aux_loss`` is zero in eval
+mode).
+
 Applying the gates, batched over experts (one einsum / matmul each, no loop over experts; every expert
 is computed and unselected ones weigh 0):
 
@@ -35,8 +42,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Routing", "entropy_loss", "experts_in", "experts_out", "gate_heads", "load_balance_loss", "route", "z_loss",
+    "LOSS_TERMS", "Routing", "entropy_loss", "experts_in", "experts_out", "gate_heads", "load_balance_loss",
+    "loss_weights", "route", "router_loss", "z_loss",
 ]
+
+LOSS_TERMS = ("balance", "z", "entropy")
 
 GATES = ("softmax", "sigmoid")
 
@@ -48,12 +58,14 @@ class Routing:
     ``gates`` -- the weight of each expert for each token, 0 where not selected; ``mask`` -- bool,
     True where selected (exactly ``k`` per token); ``index`` -- ``(..., k)`` the selected experts, in no
     particular order; ``probs`` -- the router probabilities over all experts before selection (what the
-    load-balance loss reads)."""
+    load-balance loss reads); ``logits`` -- the router logits it was made from (what the z-loss and the
+    entropy loss read)."""
 
     gates: Tensor
     mask: Tensor
     index: Tensor
     probs: Tensor
+    logits: Tensor
 
 
 def route(logits: Tensor, k: int, *, gate: str = "softmax", renormalize: bool = True) -> Routing:
@@ -70,7 +82,7 @@ def route(logits: Tensor, k: int, *, gate: str = "softmax", renormalize: bool = 
     gates = probs.masked_fill(~mask, 0.0)
     if renormalize:
         gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
-    return Routing(gates=gates, mask=mask, index=index, probs=probs)
+    return Routing(gates=gates, mask=mask, index=index, probs=probs, logits=logits)
 
 
 def _token_mean(x: Tensor, valid: Tensor | None) -> Tensor:
@@ -113,6 +125,38 @@ def entropy_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:
         w = valid.to(p.dtype)[..., None, None]
         pbar = (p * w).sum(dim=(0, 1)) / w.sum().clamp_min(1.0)
     return (pbar * torch.log(pbar.clamp_min(torch.finfo(pbar.dtype).tiny))).sum(-1).mean()
+
+
+def loss_weights(options: object, *terms: str) -> dict[str, float]:
+    """The weights ``{term: options.<term>_weight}`` of the auxiliary-loss ``terms`` a layer uses (see the
+    module docstring's convention); a negative or non-finite weight is a ``ValueError`` naming the option."""
+    out = {}
+    for term in terms:
+        if term not in LOSS_TERMS:
+            raise ValueError(f"unknown auxiliary-loss term {term!r}; known: {LOSS_TERMS}")
+        w = float(getattr(options, f"{term}_weight"))
+        if not (w >= 0 and w < float("inf")):
+            raise ValueError(f"{term}_weight must be a finite number >= 0, got {w}")
+        out[term] = w
+    return out
+
+
+def router_loss(routing: Routing, weights: dict[str, float], valid: Tensor | None = None) -> Tensor | None:
+    """``sum_term weights[term] * term`` over the terms with a positive weight (``None`` when there is
+    none): ``balance`` -- :func:`load_balance_loss` of ``routing``; ``z`` -- :func:`z_loss` of its logits;
+    ``entropy`` -- :func:`entropy_loss` of its logits ``(B, L, G, E)``. ``valid`` marks the real tokens."""
+    logits = routing.logits
+    terms = {
+        "balance": lambda: load_balance_loss(routing.probs, routing.mask, valid),
+        "z": lambda: z_loss(logits, valid),
+        "entropy": lambda: entropy_loss(logits, valid),
+    }
+    total = None
+    for term, w in weights.items():
+        if w > 0:
+            part = w * terms[term]()
+            total = part if total is None else total + part
+    return total
 
 
 def gate_heads(heads: Tensor, gates: Tensor) -> Tensor:

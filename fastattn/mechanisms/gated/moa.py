@@ -27,7 +27,7 @@ and the decoding cache holds the shared keys and values, which every expert read
 ``L_a = E * sum_e f_e P_e`` the load-balance loss (``f_e`` the fraction of tokens routed to ``e``, ``P_e``
 its mean router probability over all ``E``) and ``L_z = mean_t logsumexp(x_t W_g)^2`` the router z-loss,
 over the real (unpadded) tokens; the weights default to the paper's 0.01 and 0.001, so ``aux_loss`` is
-added to the training loss as it is.
+added to the training loss as it is (the convention of :mod:`fastattn.ops.routing`).
 
 Cost: the core over the ``E`` expert heads plus the router's ``O(n D E)``. The fast path computes every
 expert for every token and zeroes the unselected ones by their gate (batched, no loop over experts); it
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from fastattn.core.layer import LayerConfig, ProjectedAttention
-from fastattn.ops.routing import Routing, gate_heads, load_balance_loss, route, z_loss
+from fastattn.ops.routing import Routing, gate_heads, loss_weights, route, router_loss
 from fastattn.registry import register
 
 
@@ -80,9 +80,7 @@ class MoA(ProjectedAttention):
         active = min(e, 4) if o.active_heads is None else o.active_heads
         if not 1 <= active <= e:
             raise ValueError(f"active_heads must be in [1, {e}] (the experts are the {e} heads), got {active}")
-        for name in ("balance_weight", "z_weight"):
-            if not getattr(o, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(o, name)}")
+        self.loss_weights = loss_weights(o, "balance", "z")
         self.experts, self.active_heads = e, active
         self.w_gate = nn.Linear(config.embed_dim, e, bias=False, device=config.device, dtype=config.dtype)
 
@@ -99,8 +97,7 @@ class MoA(ProjectedAttention):
         logits, r = self.routing(x)
         aux = None
         if self.training:
-            o = self.options
-            aux = o.balance_weight * load_balance_loss(r.probs, r.mask, valid) + o.z_weight * z_loss(logits, valid)
+            aux = router_loss(r, self.loss_weights, valid)
         return gate_heads(heads, r.gates), aux
 
     def reference(

@@ -23,10 +23,12 @@ before the output projection. Routing is per token and dropless (no capacity), s
 depend on another token: the causal form is the core's causal form, and decoding keeps the core's state
 for every head (a future token may pick a head no past token used).
 
-``aux_loss`` (training mode only; zero in eval mode) is the load-balance loss of the routed heads,
-``E * sum_e f_e P_e`` with ``E = h - h_s``, ``f_e`` the fraction of tokens selecting routed head ``e`` and
-``P_e`` its mean router probability (``k`` when the load is even); padding tokens of a self-attention
-call do not count. Add it to the training loss with a small weight (the paper: 0.01).
+``aux_loss`` (training mode only; zero in eval mode) is ``balance_weight`` (default 0.01, the paper's
+beta) times the load-balance loss of the routed heads, ``E * sum_e f_e P_e`` with ``E = h - h_s``, ``f_e``
+the fraction of tokens selecting routed head ``e`` and ``P_e`` its mean router probability (``k`` when
+the load is even), plus ``z_weight`` (default 0) times the router z-loss; padding tokens of a
+self-attention call do not count. It is already weighted (the convention of :mod:`fastattn.ops.routing`):
+add it to the training loss as it is.
 
 Defaults: ``h_s = h // 4`` shared heads and ``k`` routed heads such that about 75% of the heads are on
 (``round(0.75 h) - h_s``, at least 1): 12 heads give 3 shared + 6 of 9 routed, the paper's MoH-ViT-S/B
@@ -51,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from fastattn.core.layer import LayerConfig, ProjectedAttention
-from fastattn.ops.routing import Routing, gate_heads, load_balance_loss, route
+from fastattn.ops.routing import Routing, gate_heads, loss_weights, route, router_loss
 from fastattn.registry import register
 
 
@@ -70,6 +72,8 @@ class MoH(ProjectedAttention):
     class Options(ProjectedAttention.Options):
         shared_heads: int | None = None  # h_s, always on; default num_heads // 4
         active_heads: int | None = None  # k routed heads per token; default round(0.75 h) - h_s, >= 1
+        balance_weight: float = 0.01  # weight of the load-balance loss in aux_loss (the paper's beta)
+        z_weight: float = 0.0  # weight of the router z-loss in aux_loss
 
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__(options, config, generator=generator)
@@ -92,6 +96,7 @@ class MoH(ProjectedAttention):
         else:
             active = o.active_heads
         self.shared_heads, self.routed_heads, self.active_heads = shared, routed, active
+        self.loss_weights = loss_weights(o, "balance", "z")
         fk = {"device": config.device, "dtype": config.dtype}
         d = config.embed_dim
         self.w_route = nn.Linear(d, routed, bias=False, **fk) if routed else None
@@ -125,7 +130,7 @@ class MoH(ProjectedAttention):
         g, routing = self.gates(x)
         aux = None
         if self.training and routing is not None:
-            aux = load_balance_loss(routing.probs, routing.mask, valid)
+            aux = router_loss(routing, self.loss_weights, valid)
         return gate_heads(heads, g), aux
 
     def reference(
