@@ -240,6 +240,12 @@ class ProjectedAttention(LayerMechanism):
         backend = "reference" if reference else self.config.backend
         return self.core.run(q, k, v, dropout_p=dropout_p, backend=backend, **masks)
 
+    def attend_heads(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, **masks: Any) -> Tensor:
+        """The head outputs of the efficient forward, given the query-side input ``x`` too: :meth:`attend`.
+        A subclass whose output ignores some (token, head) pairs (mixture of heads: gates of 0) may compute
+        only the others here."""
+        return self.attend(q, k, v, **masks)
+
     def mix(self, x: Tensor, heads: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The head outputs ``(B, H, Lq, E)`` as they enter the output projection, and this layer's
         auxiliary loss (``None``: none). ``x`` is the query-side input; ``valid`` ``(B, Lq)`` marks the
@@ -295,7 +301,7 @@ class ProjectedAttention(LayerMechanism):
             "key_padding_mask": key_padding_mask, "is_causal": is_causal,
             "attn_mask": self._attn_mask(attn_mask, x.shape[0], q.shape[2], k.shape[2]),
         }
-        out, aux = self.output(x, self.attend(q, k, v, **masks), self._valid_queries(context, key_padding_mask))
+        out, aux = self.output(x, self.attend_heads(x, q, k, v, **masks), self._valid_queries(context, key_padding_mask))
         if self.training:
             valid_keys = None if key_padding_mask is None else ~key_padding_mask
             aux = self._sum_losses(aux, self.project_loss(x, context, value, valid_keys))

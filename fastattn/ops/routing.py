@@ -32,6 +32,12 @@ is computed and unselected ones weigh 0):
 * :func:`experts_in` -- ``sum_e g_e x W^{g,e}``: a mixture-of-experts linear map into ``G`` groups (heads);
 * :func:`experts_out` -- ``sum_{g,e} g_{g,e} h_g W^{g,e}``: a mixture-of-experts linear map out of ``G``
   groups, summed into one output.
+
+Computing only what was selected (tokens grouped by expert, padded to the busiest expert):
+
+* :func:`group_by_expert` -- for a selection ``(B, L, G)``, the tokens of each expert in token order
+  ``(B, G, S)`` and which slots are real;
+* :func:`gather_tokens` / :func:`scatter_tokens` -- per-expert rows in and out of that layout.
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "LOSS_TERMS", "Routing", "entropy_loss", "experts_in", "experts_out", "gate_heads", "load_balance_loss",
-    "loss_weights", "route", "router_loss", "z_loss",
+    "LOSS_TERMS", "Routing", "entropy_loss", "experts_in", "experts_out", "gate_heads", "gather_tokens",
+    "group_by_expert", "load_balance_loss", "loss_weights", "route", "router_loss", "scatter_tokens", "z_loss",
 ]
 
 LOSS_TERMS = ("balance", "z", "entropy")
@@ -177,3 +183,28 @@ def experts_out(h: Tensor, weight: Tensor, gates: Tensor) -> Tensor:
     g, e, din, dout = weight.shape
     gated = h.unsqueeze(-2) * gates.unsqueeze(-1)  # (..., G, E, Din)
     return gated.flatten(-3) @ weight.reshape(g * e * din, dout)
+
+
+def group_by_expert(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """The tokens each expert was selected by: ``selected`` bool ``(B, L, G)`` -> ``index`` long ``(B, G, S)``
+    (token positions in increasing order, padded with 0) and ``valid`` bool ``(B, G, S)`` (False on the
+    padding slots); ``S`` is the largest number of tokens any expert of any batch row has."""
+    m = selected.transpose(1, 2)  # (B, G, L)
+    counts = m.sum(-1)
+    s = int(counts.max()) if m.numel() else 0
+    order = torch.sort((~m).to(torch.uint8), dim=-1, stable=True).indices[..., :s]  # selected first, in order
+    valid = torch.arange(s, device=m.device) < counts[..., None]
+    return torch.where(valid, order, 0), valid
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x (B, G, L, E)`` at ``index (B, G, S)``: ``(B, G, S, E)``."""
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+def scatter_tokens(y: Tensor, index: Tensor, valid: Tensor, length: int) -> Tensor:
+    """The inverse of :func:`gather_tokens` on the ``valid`` slots: ``y (B, G, S, E)`` written at ``index``
+    into zeros ``(B, G, length, E)``."""
+    out = y.new_zeros(*y.shape[:2], length, y.shape[-1])
+    y = y * valid[..., None].to(y.dtype)
+    return out.scatter_add(2, index[..., None].expand_as(y), y)
