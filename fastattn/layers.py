@@ -42,7 +42,7 @@ class MultiheadAttention(nn.Module):
         ...     y, state = layer.step(chunk, state)
         >>> moh = fastattn.MultiheadAttention(256, 8, method="moh", core="flash", batch_first=True)
         >>> out, _ = moh(x, is_causal=True)
-        >>> loss = out.square().mean() + 0.01 * moh.aux_loss   # the router's load-balance loss
+        >>> loss = out.square().mean() + moh.aux_loss   # the router's losses, already weighted
 
     ``sequence_parallel_group=g`` (a ``torch.distributed`` process group): the layer's input is this
     rank's shard of the sequence, and the attention core runs across the group

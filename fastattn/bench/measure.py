@@ -44,8 +44,8 @@ from typing import Any, Callable
 import torch
 
 __all__ = [
-    "Case", "build", "is_layer", "make_layer", "make_mechanism", "time_case", "peak_memory_mb", "peak_memory_batch",
-    "rss_mb",
+    "Case", "build", "interleaved_times", "is_layer", "make_layer", "make_mechanism", "time_case", "peak_memory_mb",
+    "peak_memory_batch", "rss_mb",
 ]
 
 
@@ -322,6 +322,21 @@ def time_case(
         if time.perf_counter() - start > budget_s:
             break
     return {"median_s": statistics.median(times), "times_s": times}
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Wall times (s) of ``repeats`` runs of every function after one warm-up run each, the functions
+    interleaved and their order alternated from one repeat to the next, so that load on a shared machine
+    hits them alike (the side-by-side comparisons of ``benchmarks/``)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def cuda_peak_mb(fn: Callable[[], Any]) -> float:

@@ -66,7 +66,7 @@ def damped_ema(
     ``weight_out`` are ``(D, N)``; ``state`` ``(B, D, N)`` is the hidden state before the first token
     (``None``: zeros). Returns ``y (B, L, D)`` and the state after the last token ``(B, D, N)``."""
     _check(x, decay, weight_in, weight_out, state)
-    b, n, _ = x.shape
+    n = x.shape[1]
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     xs = x.to(work).transpose(1, 2)  # (B, D, L)
     q, a, c = decay.to(work), weight_in.to(work), weight_out.to(work)

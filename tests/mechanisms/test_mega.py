@@ -109,7 +109,7 @@ def test_bidirectional_ema_reads_the_future_and_equals_the_reference():
     y = x.clone()
     y[:, -1] = _x(seed=8)[:, -1]
     m = layer.mechanism
-    ema = lambda t: m._ema(m.norm(t), None, None)[0]  # noqa: E731
+    ema = lambda t: m._ema(m.norm(t), None, None)[0]
     assert not torch.allclose(ema(x)[:, 0], ema(y)[:, 0])  # the first token's EMA sees the last token
     with pytest.raises(ValueError, match="no causal form"):
         layer(x, is_causal=True)

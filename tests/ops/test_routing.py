@@ -117,3 +117,18 @@ def test_every_routed_layer_reports_its_losses_weighted_by_its_options(method, t
     assert aux(**{f"{t}_weight": 0.0 for t in terms}).item() == 0.0
     with pytest.raises(ValueError, match=f"{terms[0]}_weight must be"):
         aux(**{f"{terms[0]}_weight": -1.0})
+
+
+def test_tokens_grouped_by_expert_round_trip():
+    from fastattn.ops.routing import gather_tokens, group_by_expert, scatter_tokens
+
+    sel = torch.rand(2, 9, 4, generator=torch.Generator().manual_seed(1)) < 0.4
+    sel[0, :, 3] = False  # an expert nobody chose
+    index, valid = group_by_expert(sel)
+    assert index.shape[-1] == int(sel.sum(1).max()) and torch.equal(valid.sum(-1), sel.sum(1))
+    for b in range(2):
+        for g in range(4):
+            assert index[b, g][valid[b, g]].tolist() == sel[b, :, g].nonzero().flatten().tolist()  # in order
+    x = _logits(2, 4, 9, 3)
+    back = scatter_tokens(gather_tokens(x, index), index, valid, 9)
+    torch.testing.assert_close(back, x * sel.transpose(1, 2)[..., None])

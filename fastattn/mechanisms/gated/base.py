@@ -7,16 +7,19 @@ where that is possible and cheaper:
 
 * heads that every token of every row selected (moh's shared heads) run as usual;
 * for the other heads, the tokens that selected each head are gathered (:func:`~fastattn.ops.routing.group_by_expert`,
-  padded to the busiest head) and only their queries attend, over all keys; in causal mode each gathered
-  query keeps its position through a boolean ``attn_mask`` (``j <= i``);
+  padded to the busiest head) and only their queries attend, over all keys;
 * the outputs are scattered back, zero at the unselected pairs (whose gate is 0, so values and gradients
   equal those of the full computation).
 
 It runs the core as a one-head mechanism over heads folded into the batch, so it needs a core that owns no
-parameters or buffers (per-head state would be mixed up), is not positional (gathered queries lose their
-slot positions), and, in causal mode, takes an ``attn_mask``; a call with its own ``attn_mask`` takes the
-full path, and so does a selection whose gathered rows exceed :data:`SELECTED_FRACTION` of the full path's
-(the gather, the scatter and the mask cost something). Decoding and the reference compute every head.
+parameters or buffers (per-head state would be mixed up) and is not positional (gathered queries lose their
+slot positions). Non-causal calls only: a gathered query would need its own causal horizon, which through
+the core's interface is an ``attn_mask`` -- a float bias of (gathered queries x keys) per head, whose
+construction cost more than the attention it saved (tried: at n=4096 with half the heads active, forward
+and backward took about twice as long as every head through the core's own causal path; not kept); so
+causal calls, calls with their own ``attn_mask`` and selections whose gathered rows exceed
+:data:`SELECTED_FRACTION` of the full path's compute every head. Decoding and the reference compute every
+head too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.base import Mechanism
@@ -32,11 +36,13 @@ from fastattn.core.checks import repeat_kv
 from fastattn.core.layer import ProjectedAttention, make_core
 from fastattn.ops.routing import gather_tokens, group_by_expert, scatter_tokens
 
-__all__ = ["HeadGatedAttention", "SELECTED_FRACTION"]
+__all__ = ["MIN_CHUNK", "SELECTED_FRACTION", "HeadGatedAttention"]
 
 # The selected path runs when the query rows it attends (every row of the heads all tokens use, plus the
 # gathered rows of the others, padded to the busiest head) are at most this share of the full path's.
 SELECTED_FRACTION = 0.8
+# Query rows per chunk at least, where the queries of few heads are split to occupy every thread.
+MIN_CHUNK = 128
 
 
 class HeadGatedAttention(ProjectedAttention):
@@ -73,7 +79,7 @@ class HeadGatedAttention(ProjectedAttention):
         """The head outputs ``(B, H, Lq, Ev)`` on the selected pairs (zeros elsewhere), or ``None`` when the
         full path must (or had better) run."""
         core = self._single_head_core()
-        if core is None or attn_mask is not None or (is_causal and not core.spec.attn_mask):
+        if core is None or attn_mask is not None or is_causal:
             return None
         sel = self.selection(x)
         b, h, lq, _ = q.shape
@@ -89,26 +95,25 @@ class HeadGatedAttention(ProjectedAttention):
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         dropout_p = self.config.dropout if self.training else 0.0
 
-        def run(qh: Tensor, heads: Tensor, **m: Any) -> Tensor:
-            """The one-head core over ``qh (B, n, L', E)`` against the keys of ``heads``, heads in the batch."""
-            n = qh.shape[1]
-            kpm = None if key_padding_mask is None else key_padding_mask.repeat_interleave(n, dim=0)
-            kh, vh = k[:, heads], v[:, heads]
-            o = core.run(
-                qh.reshape(b * n, 1, *qh.shape[2:]), kh.reshape(b * n, 1, *kh.shape[2:]),
-                vh.reshape(b * n, 1, *vh.shape[2:]), key_padding_mask=kpm, dropout_p=dropout_p,
-                backend=self.config.backend, **m,
-            )
-            return o.view(b, n, *o.shape[2:])
+        def run(qh: Tensor, heads: Tensor) -> Tensor:
+            """The one-head core over ``qh (B, n, L', E)`` against the keys of ``heads``, the heads folded
+            into the batch -- and, where that leaves fewer batch entries than threads, the queries split
+            into chunks folded in too (a CPU attention kernel runs its backward one entry per thread)."""
+            n, rows = qh.shape[1], qh.shape[2]
+            c = max(1, min(-(-torch.get_num_threads() // (b * n)), rows // MIN_CHUNK))
+            m = -(-rows // c)
+            qf = F.pad(qh, (0, 0, 0, m * c - rows)).reshape(b * n * c, 1, m, qh.shape[-1])
+            kh, vh = (t[:, heads, None].expand(-1, -1, c, -1, -1).reshape(b * n * c, 1, lk, t.shape[-1]) for t in (k, v))
+            kpm = None if key_padding_mask is None else key_padding_mask.repeat_interleave(n * c, dim=0)
+            o = core.run(qf, kh, vh, key_padding_mask=kpm, dropout_p=dropout_p, backend=self.config.backend)
+            return o.view(b, n, m * c, o.shape[-1])[:, :, :rows]
 
         parts = []
         if dense.numel():
-            parts.append(run(q[:, dense], dense, is_causal=is_causal))
-        m = {}
-        if is_causal:  # the gathered queries keep their positions (bottom-right: query t at lk - lq + t)
-            later = torch.arange(lk, device=q.device) > (index + (lk - lq))[..., None]  # (B, Hs, S, Lk)
-            m["attn_mask"] = later.reshape(-1, 1, *later.shape[2:])
-        picked = run(gather_tokens(q[:, sparse], index), sparse, **m)
+            parts.append(run(q[:, dense], dense))
+        picked = run(gather_tokens(q[:, sparse], index), sparse)
         parts.append(scatter_tokens(picked, index, valid, lq))
+        if not dense.numel():
+            return parts[0]
         order = torch.argsort(torch.cat([dense, sparse]))
         return torch.cat(parts, dim=1)[:, order]

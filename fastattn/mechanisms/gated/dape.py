@@ -60,11 +60,16 @@ class DAPE(Mechanism):
     positional = True
     test_options: ClassVar[dict[str, Any]] = {"mlp_width": 4, "query_chunk": 5}
     deviations: ClassVar[tuple[str, ...]] = (
-        "ALiBi, Kerple (log) or no bias; not FIRE; a non-causal call uses the symmetric bias |i - j| (the "
-        "authors' code is causal only)",
-        "the second convolution reads the hidden map beyond a row's last key as the first convolution of zero "
-        "features (as every row but the last does in the authors' causal training), not as zero padding: an "
-        "output then does not depend on whether the sequence goes on, and decoding equals the forward",
+        (
+            "ALiBi, Kerple (log) or no bias; not FIRE; a non-causal call uses the symmetric bias |i - j| (the "
+            "authors' code is causal only)"
+        ),
+        (
+            "the second convolution reads the hidden map beyond a row's last key as the first convolution of "
+            "zero features (as every row but the last does in the authors' causal training), not as zero "
+            "padding: an output then does not depend on whether the sequence goes on, and decoding equals the "
+            "forward"
+        ),
     )
 
     @dataclass(frozen=True)

@@ -90,9 +90,11 @@ class Mega(LayerMechanism):
     self_attention_only: ClassVar[bool] = True
     test_options: ClassVar[dict[str, Any]] = {"zdim": 8, "hdim": 10, "ndim": 3, "chunk": 5}
     deviations: ClassVar[tuple[str, ...]] = (
-        "the simple learned relative-position bias only (not the rotary one); no hidden or feature dropout "
-        "(attention dropout only); a last chunk shorter than chunk is allowed (the authors' code needs the "
-        "length to be a multiple of chunk)",
+        (
+            "the simple learned relative-position bias only (not the rotary one); no hidden or feature dropout "
+            "(attention dropout only); a last chunk shorter than chunk is allowed (the authors' code needs the "
+            "length to be a multiple of chunk)"
+        ),
     )
 
     @dataclass(frozen=True)
