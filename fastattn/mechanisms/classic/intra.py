@@ -80,11 +80,6 @@ class IntraAttention(LayerMechanism):
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__(options, config, generator=generator)
         d, h, hkv = config.embed_dim, config.num_heads, config.num_kv_heads
-        if config.kdim != d or config.vdim != d:
-            raise ValueError(
-                f"method 'intra' attends over its own memory tape: kdim ({config.kdim}) and vdim ({config.vdim}) "
-                f"must equal embed_dim ({d})"
-            )
         if config.dropout:
             raise ValueError("method 'intra' has no dropout on its tape weights; use dropout=0")
         a = d if self.options.attention_dim is None else self.options.attention_dim
@@ -108,11 +103,7 @@ class IntraAttention(LayerMechanism):
 
     # ---- checks ---------------------------------------------------------------------------------
     def _check(self, context: Tensor | None, value: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> None:
-        if context is not None or value is not None:
-            raise ValueError(
-                "method 'intra' is self-attention over the network's own memory tape: it takes no key/value "
-                "sequence (cross-attention)"
-            )
+        self.check_self_attention(context, value)  # its tape is its own input: no cross-attention
         if attn_mask is not None:
             raise ValueError("method 'intra' does not take an attn_mask (its tape is causal by construction)")
         if not is_causal:
