@@ -10,8 +10,8 @@ in ``FULLGRAPH`` (a break is a failure), plainly for the rest -- run forward and
 with eager. The default backend ``aot_eager`` traces the forward and backward graphs without generating
 code (minutes on 2 cores for the whole registry); ``inductor`` also compiles kernels and takes far longer.
 Writes ``compile_check_<backend>.json`` to ``--out`` (default ``benchmarks/results``) and exits non-zero
-if a mechanism fails. Load the registry before compiling (``fastattn.methods()`` here): a mechanism is
-imported on first use, and an import inside a trace is a graph break.
+if a mechanism fails. The cases build their modules eagerly (``fastattn.methods()`` loads the registry
+first), so a trace holds the mechanism's forward and backward only.
 
 The script is a registry of cases: ``CASES`` maps a mechanism kind to the function that builds its call
 (inputs and a function of them); add a kind's builder there, and a family to ``FULLGRAPH`` once it

@@ -10,6 +10,9 @@ over ~15 s on an idle 2-core machine: they stay in the default run).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +61,6 @@ def _check(fn, *inputs, atol=1e-5):
 
 @pytest.mark.parametrize("case", _params())
 def test_mechanism_compiles_as_one_graph(case: Case):
-    fastattn.get_method(case.method)  # the registry imports a mechanism on first use: not inside the trace
     q, k, v = qkv(b=2, h=2, hkv=1, lq=19, dtype=torch.float32, requires_grad=True)
     kpm = torch.zeros(2, 19, dtype=torch.bool)
     if case.padding:
@@ -86,3 +88,36 @@ def test_flash_partials_with_absolute_offsets_compile():
         return merge_partials(parts)
 
     _check(run, q, k, v)
+
+
+_COLD = r"""
+import sys, torch, fastattn
+assert "fastattn.mechanisms.exact.flash" not in sys.modules  # cold: the registry has not imported it
+q, k, v = (torch.randn(1, 2, 11, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+f = torch.compile(fastattn.attention, fullgraph=True, backend="eager")
+got = f(q, k, v, "flash", is_causal=True, block_q=4)
+assert "torch._dynamo" in sys.modules
+torch._dynamo.config.error_on_recompile = True  # one graph: the calls below must reuse it
+fastattn.attention(q, k, v, "softmax")  # fills the functional module cache in between
+again = f(q, k, v, "flash", is_causal=True, block_q=4)
+want = fastattn.attention(q, k, v, "flash", is_causal=True, block_q=4)
+assert torch.equal(got, want) and torch.equal(again, want), (got - want).abs().max()
+print("ok")
+"""
+
+
+def test_cold_functional_call_compiles_as_one_graph():
+    """``torch.compile(fastattn.attention, fullgraph=True)`` on a mechanism the registry has not imported yet
+    (a fresh interpreter: the registry imports on first use) traces as one graph, and a second call reuses it
+    although the functional module cache changed in between."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _COLD], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_loading_a_mechanism_does_not_import_dynamo():
+    """The registry's compile hint costs nothing in programs that never compile (``torch._dynamo`` takes
+    about a second to import)."""
+    code = "import sys, fastattn; fastattn.get_method('flash'); print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-3000:]
