@@ -4,6 +4,9 @@ Each case is traced with ``fullgraph=True`` (a graph break is an error) through 
 forward and backward, and must equal the eager result. The ``aot_eager`` backend traces the forward and the
 backward graphs (what can break) without generating code (what only makes the test slow on 2 cores).
 
+Beside the ops: one vision module and one alignment decoding loop (the other façades), and the functional
+façade compiled from a cold start (a fresh interpreter) keeping its one graph across calls.
+
 To add an op: append a :class:`Case` to ``CASES`` (one mechanism that runs on it; ``slow=True`` for compiles
 over ~15 s on an idle 2-core machine: they stay in the default run).
 """
@@ -88,6 +91,42 @@ def test_flash_partials_with_absolute_offsets_compile():
         return merge_partials(parts)
 
     _check(run, q, k, v)
+
+
+def _randomised(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter drawn at random (a zero-initialised gate would make the block the identity)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.4 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def test_vision_module_with_pixel_mask_compiles_as_one_graph():
+    m = _randomised(fastattn.Attention2d(8, "ccnet"))
+    x = torch.randn(2, 8, 4, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    mask = torch.zeros(2, 4, 5, dtype=torch.bool)
+    mask[1, 2:] = True
+    mask[1, :, 3:] = True
+    _check(m, x, mask)
+
+
+def test_alignment_decoding_loop_compiles_as_one_graph():
+    """Luong's local-p (predicted positions gather a window per step) over padded keys, step by step."""
+    a = _randomised(fastattn.AlignmentAttention(6, 5, "luong", align="local-p", window=2, value_dim=3))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, n, d, generator=g, requires_grad=True) for n, d in ((4, 6), (9, 5), (9, 3)))
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, 6:] = True
+
+    def decode(q, k, v, kpm):
+        state, out = None, []
+        for t in range(q.shape[1]):
+            context, weights, state = a.step(q[:, t], k, state, kpm, values=v)
+            out += [context, weights]
+        return tuple(out)
+
+    _check(decode, q, k, v, kpm)
 
 
 _COLD = r"""
