@@ -42,6 +42,8 @@ def _module(spec: MethodSpec, opts: Any, query: Tensor, key: Tensor, generator: 
     plans, survive across calls); randomised ones draw anew on every call."""
     if spec.randomized:
         return _build(spec, opts, query, key, generator)
+    if torch.compiler.is_compiling():  # built while tracing (once per graph): a graph must not guard on,
+        return _build(spec, opts, query, key, None)  # nor mutate, the process-wide cache
     cache_key = (spec.name, opts, query.shape[1], key.shape[1], query.shape[-1], str(query.device))
     try:
         mech = _MODULES.pop(cache_key)

@@ -259,17 +259,30 @@ def methods(family: str | None = None) -> list[MethodSpec]:
     return [s for s in specs if family is None or s.family == family]
 
 
-def get_method(name: str) -> MethodSpec:
-    """The spec of one mechanism; an unknown name is a ``ValueError`` that lists close names."""
-    if not isinstance(name, str):
-        raise TypeError(f"method must be a string id, got {type(name).__name__}")
-    spec = _load(name)
-    if spec is not None:
-        return spec
+def _prepare(name: str) -> str | None:
+    """Load ``name`` (import its module, derive its spec) and return ``None``, or the error message of an
+    unknown name. Marked constant for ``torch.compile`` (below): a trace runs it eagerly, once per traced
+    name, instead of tracing the import (a graph break), so a cold ``torch.compile(fastattn.attention,
+    fullgraph=True)`` works."""
+    if _load(name) is not None:
+        return None
     _load_all()
     close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
     pending = " (it is in the catalogue but not implemented yet)" if name in catalogue() else ""
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(
-        f"unknown attention method {name!r}{pending}{hint} (fastattn.methods() lists all {len(_REGISTRY)})"
-    )
+    return f"unknown attention method {name!r}{pending}{hint} (fastattn.methods() lists all {len(_REGISTRY)})"
+
+
+# What ``torch.compiler.assume_constant_result(_prepare)`` does, without importing ``torch._dynamo``
+# (about a second) in programs that never compile.
+_prepare._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of one mechanism; an unknown name is a ``ValueError`` that lists close names."""
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a string id, got {type(name).__name__}")
+    problem = _prepare(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return _REGISTRY[name]

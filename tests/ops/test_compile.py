@@ -4,12 +4,18 @@ Each case is traced with ``fullgraph=True`` (a graph break is an error) through 
 forward and backward, and must equal the eager result. The ``aot_eager`` backend traces the forward and the
 backward graphs (what can break) without generating code (what only makes the test slow on 2 cores).
 
+Beside the ops: one vision module and one alignment decoding loop (the other façades), and the functional
+façade compiled from a cold start (a fresh interpreter) keeping its one graph across calls.
+
 To add an op: append a :class:`Case` to ``CASES`` (one mechanism that runs on it; ``slow=True`` for compiles
 over ~15 s on an idle 2-core machine: they stay in the default run).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +64,6 @@ def _check(fn, *inputs, atol=1e-5):
 
 @pytest.mark.parametrize("case", _params())
 def test_mechanism_compiles_as_one_graph(case: Case):
-    fastattn.get_method(case.method)  # the registry imports a mechanism on first use: not inside the trace
     q, k, v = qkv(b=2, h=2, hkv=1, lq=19, dtype=torch.float32, requires_grad=True)
     kpm = torch.zeros(2, 19, dtype=torch.bool)
     if case.padding:
@@ -86,3 +91,72 @@ def test_flash_partials_with_absolute_offsets_compile():
         return merge_partials(parts)
 
     _check(run, q, k, v)
+
+
+def _randomised(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter drawn at random (a zero-initialised gate would make the block the identity)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.4 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def test_vision_module_with_pixel_mask_compiles_as_one_graph():
+    m = _randomised(fastattn.Attention2d(8, "ccnet"))
+    x = torch.randn(2, 8, 4, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    mask = torch.zeros(2, 4, 5, dtype=torch.bool)
+    mask[1, 2:] = True
+    mask[1, :, 3:] = True
+    _check(m, x, mask)
+
+
+def test_alignment_decoding_loop_compiles_as_one_graph():
+    """Luong's local-p (predicted positions gather a window per step) over padded keys, step by step."""
+    a = _randomised(fastattn.AlignmentAttention(6, 5, "luong", align="local-p", window=2, value_dim=3))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, n, d, generator=g, requires_grad=True) for n, d in ((4, 6), (9, 5), (9, 3)))
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, 6:] = True
+
+    def decode(q, k, v, kpm):
+        state, out = None, []
+        for t in range(q.shape[1]):
+            context, weights, state = a.step(q[:, t], k, state, kpm, values=v)
+            out += [context, weights]
+        return tuple(out)
+
+    _check(decode, q, k, v, kpm)
+
+
+_COLD = r"""
+import sys, torch, fastattn
+assert "fastattn.mechanisms.exact.flash" not in sys.modules  # cold: the registry has not imported it
+q, k, v = (torch.randn(1, 2, 11, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+f = torch.compile(fastattn.attention, fullgraph=True, backend="eager")
+got = f(q, k, v, "flash", is_causal=True, block_q=4)
+assert "torch._dynamo" in sys.modules
+torch._dynamo.config.error_on_recompile = True  # one graph: the calls below must reuse it
+fastattn.attention(q, k, v, "softmax")  # fills the functional module cache in between
+again = f(q, k, v, "flash", is_causal=True, block_q=4)
+want = fastattn.attention(q, k, v, "flash", is_causal=True, block_q=4)
+assert torch.equal(got, want) and torch.equal(again, want), (got - want).abs().max()
+print("ok")
+"""
+
+
+def test_cold_functional_call_compiles_as_one_graph():
+    """``torch.compile(fastattn.attention, fullgraph=True)`` on a mechanism the registry has not imported yet
+    (a fresh interpreter: the registry imports on first use) traces as one graph, and a second call reuses it
+    although the functional module cache changed in between."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _COLD], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_loading_a_mechanism_does_not_import_dynamo():
+    """The registry's compile hint costs nothing in programs that never compile (``torch._dynamo`` takes
+    about a second to import)."""
+    code = "import sys, fastattn; fastattn.get_method('flash'); print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-3000:]
