@@ -85,7 +85,7 @@ def test_aux_loss_is_a_scalar_after_every_forward(method):
     spec = fastattn.get_method(method)
     kw = {"generator": torch.Generator().manual_seed(0)} if spec.randomized else {}
     layer = fastattn.MultiheadAttention(32, 4, method, batch_first=True, **spec.cls.test_options, **kw)
-    layer(torch.randn(2, 9, 32))
+    layer(torch.randn(2, 9, 32), is_causal=layer.mechanism.requires_causal)  # causal-only layers: causal
     loss = layer.aux_loss
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and torch.isfinite(loss)
     assert loss.is_floating_point() and loss.device.type == "cpu"
