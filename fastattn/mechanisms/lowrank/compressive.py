@@ -254,7 +254,8 @@ class CompressiveAttention(LayerMechanism):
         # slots [n_cm + n_m memories, n_s tokens]; queries bottom-right: the memories are always visible
         mask = Mask(n_s, t, causal=True, key_padding=~ok.reshape(b * g_count, t))
         flat = lambda z: z.reshape(b * g_count, self.num_heads, z.shape[3], z.shape[4])
-        out = flash_attention(flat(qs), flat(keys), flat(values), mask, self.head_dim ** -0.5)
+        # small tiles: the batch of one tile is every (row, segment, head), so its scores stay ~tile_q * tile_k * B G H
+        out = flash_attention(flat(qs), flat(keys), flat(values), mask, self.head_dim ** -0.5, block_q=128, block_k=256)
         out = out.view(b, g_count, self.num_heads, n_s, self.head_dim).permute(0, 2, 1, 3, 4).reshape(b, self.num_heads, total, -1)
         out = out[:, :, lk - lq: lk]
         self.aux_loss = self._aux(x, hkd, hvd, okp, keep, lq, lk, g_count) if self.training else x.new_zeros(())
