@@ -3,7 +3,8 @@
 
     python benchmarks/layer_lowrank.py [--lengths 16384,65536] [--repeats 3] [--out benchmarks/results]
 
-B=1, D=512, H=8 (E=64), float32, CPU, causal (compressive is causal-only; softmax causal via SDPA). Each
+B=1, D=512, H=8 (E=64), float32, CPU, causal, training mode (compressive then also computes its reconstruction
+loss; it is causal-only; the softmax layer runs SDPA). Each
 case runs in its own subprocess so that its peak RSS (``ru_maxrss`` minus the baseline after building the
 inputs) is its own. Writes ``layer_lowrank.json``; cases predicted over ``--case-budget`` seconds are
 skipped from the previous length's time (quadratic for softmax, linear otherwise).
