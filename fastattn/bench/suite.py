@@ -123,7 +123,7 @@ def _case(cfg: Config, impl: str, n: int, mode: str, causal: bool | None = None,
     )
 
 
-def _capability_skip(impl: str, mode: str, causal: bool) -> str | None:
+def _capability_skip(impl: str, mode: str, causal: bool, n: int | None = None, options=None) -> str | None:
     if impl in ("sdpa", "naive", "mha"):
         return None
     if impl.startswith("peer:"):
@@ -140,6 +140,10 @@ def _capability_skip(impl: str, mode: str, causal: bool) -> str | None:
         return "no incremental decoding (decoding=False)"
     if causal and mode != "decode" and not spec.causal:
         return "no causal form"
+    if n is not None and "max_length" in spec.options:  # a length-tied table (projections, synthesized rows)
+        limit = (options or {}).get("max_length", spec.options["max_length"])
+        if n > limit:
+            return f"n > max_length ({n} > {limit}: its tables cover max_length positions)"
     return None
 
 
@@ -159,7 +163,8 @@ def run_speed(cfg: Config, specs: list[MethodSpec], peer_impls: list[str], progr
                 row: dict[str, Any] = {"impl": impl, "mode": mode, "n": n, "case": case.__dict__.copy()}
                 rows.append(row)
                 key = (impl, mode)
-                reason = _capability_skip(impl, mode, case.causal) or budget.exhausted() or dead.get(key)
+                reason = (_capability_skip(impl, mode, case.causal, n, case.options) or budget.exhausted()
+                          or dead.get(key))
                 if reason is None:
                     t_exp, m_exp = _exponents(impl, mode)
                     t_pred = _extrapolate(times.get(key, []), n, t_exp)

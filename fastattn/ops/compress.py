@@ -8,7 +8,8 @@ right). Each block becomes one *memory node* by
 * ``"conv"``: a strided convolution with kernel = stride = ``c`` whose weights act on the positions of
   the block, one weight per (head, tap) shared by the feature channels (``taps (H, c)``);
 * ``"mean"``: the mean over the block's real (unpadded) positions;
-* ``"max"``: the channel-wise max over the block's real positions.
+* ``"max"``: the channel-wise max over the block's real positions;
+* ``"sum"``: the sum over the block's real positions.
 
 Padding positions are zeroed (or excluded) before compressing; a node whose block holds no real position
 is *dead* (``alive`` False) and must be masked. Causal rule: node ``j`` is visible to the query at
@@ -29,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastattn.core.checks import repeat_kv
+from fastattn.core.masks import masked_softmax
 from fastattn.core.state import DecodingState
 
 __all__ = ["FNS", "BlockMemory", "block_compress", "block_view", "node_ends", "span_means"]
 
-FNS = ("conv", "mean", "max")
+FNS = ("conv", "mean", "max", "sum")
 
 
 def span_means(x: Tensor, keep: Tensor, p: int) -> tuple[Tensor, Tensor]:
@@ -69,6 +72,8 @@ def block_compress(
     alive = w[:, 0, :, :, 0].sum(-1) > 0
     if fn == "mean":
         return blocks.sum(3) / w.sum(3).clamp(min=1), alive
+    if fn == "sum":
+        return blocks.sum(3), alive
     if fn == "max":
         filled = blocks.masked_fill(w == 0, float("-inf")).amax(3)
         return filled.masked_fill(~alive[:, None, :, None], 0.0), alive
@@ -174,3 +179,17 @@ class BlockMemory(DecodingState):
     def local_valid(self) -> Tensor:
         """``(B, w)``: which local slots hold a token of the current local block."""
         return torch.arange(self.window, device=self.local.device) < self.local[:, None]
+
+    def attend(self, q: Tensor, scale: float, node_valid: Tensor | None = None, key_width: int | None = None) -> Tensor:
+        """Softmax attention of one query per row ``q (B, H, 1, E)`` over the local tokens and the
+        completed nodes (``node_valid (B, M)`` narrows the nodes; ``key_width``: the keys are the first
+        ``key_width`` channels of the stored keys). Stored heads are repeated to ``q``'s heads.
+        Returns ``(B, H, 1, Ev)``."""
+        groups = q.shape[1] // self.loc_k.shape[1]
+        keys = torch.cat([self.loc_k, self.node_k], 2)[..., :key_width]
+        values = torch.cat([self.loc_v, self.node_v], 2)
+        nodes = self.node_valid() if node_valid is None else node_valid
+        valid = torch.cat([self.local_valid(), nodes], 1)
+        scores = scale * q @ repeat_kv(keys, groups).transpose(-1, -2)
+        bias = torch.zeros(valid.shape, dtype=scores.dtype, device=q.device).masked_fill(~valid, float("-inf"))
+        return masked_softmax(scores, bias[:, None, None, :]) @ repeat_kv(values, groups)

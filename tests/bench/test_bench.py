@@ -225,6 +225,16 @@ def test_over_budget_cases_are_skipped_and_failures_recorded(fake_peers) -> None
     assert all(r["status"] == "ok" and r["rel_diff"] < 1e-5 and r["peer_ms"] > 0 for r in agree)
 
 
+def test_lengths_beyond_a_length_tied_table_are_skipped_not_failed() -> None:
+    cfg = preset("quick")
+    cfg.lengths, cfg.modes, cfg.repeats, cfg.heads, cfg.head_dim, cfg.baselines = [256, 1024], ["fwd"], 1, 2, 8, []
+    cfg.threads = 1
+    rows = run_speed(cfg, [fastattn.get_method("linformer")], [], lambda s: None)
+    by = {r["n"]: r for r in rows}
+    assert by[256]["status"] == "ok"
+    assert by[1024]["status"] == "skipped" and by[1024]["reason"].startswith("n > max_length (1024 > 512")
+
+
 def test_memory_prediction_skips_quadratic_cases() -> None:
     cfg = preset("quick")
     cfg.lengths, cfg.modes, cfg.baselines = [100_000], ["fwd"], ["naive"]

@@ -187,7 +187,6 @@ class MemoryCompressedAttention(Mechanism):
             return out.to(dtype), BlockMemory.from_prefix(k, v, o.compression, window, nk, nv)
         if state is None:
             state = BlockMemory(k, v, o.compression, window)
-        groups = q.shape[1] // k.shape[1]
 
         def compress(bk: Tensor, bv: Tensor) -> tuple[Tensor, Tensor]:
             nk, nv, _ = self.compress(bk, bv, None)
@@ -199,10 +198,5 @@ class MemoryCompressedAttention(Mechanism):
             if key_padding_mask is not None:
                 real = ~key_padding_mask[:, t]
             state = state.push(k[:, :, t], v[:, :, t], real, compress)
-            keys = torch.cat([state.loc_k, state.node_k], 2)
-            values = torch.cat([state.loc_v, state.node_v], 2)
-            valid = torch.cat([state.local_valid(), state.node_valid()], 1)
-            scores = scale * q[:, :, t:t + 1] @ repeat_kv(keys, groups).transpose(-1, -2)
-            bias = torch.zeros(valid.shape, dtype=scores.dtype, device=q.device).masked_fill(~valid, float("-inf"))
-            outs.append(masked_softmax(scores, bias[:, None, None, :]) @ repeat_kv(values, groups))
+            outs.append(state.attend(q[:, :, t:t + 1], scale))
         return torch.cat(outs, 2).to(dtype), state
