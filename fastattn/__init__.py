@@ -11,12 +11,13 @@ Other kinds have their own façades: ``fastattn.Attention2d`` (feature maps ``(B
 """
 
 from .alignment import AlignmentAttention
+from .core.dispatch import backend_status as backends
 from .functional import attention
 from .layers import MultiheadAttention
 from .registry import MethodSpec, get_method, methods
 from .vision import Attention2d
 
 __all__ = [
-    "attention", "MultiheadAttention", "Attention2d", "AlignmentAttention", "MethodSpec", "get_method", "methods",
+    "attention", "backends", "MultiheadAttention", "Attention2d", "AlignmentAttention", "MethodSpec", "get_method", "methods",
 ]
 __version__ = "0.1.0"

@@ -568,19 +568,26 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, s0: Tensor 
     _causal_backward(t, *grads, None if dcum is None else P(dcum), *inp, Q(out), *tail)
     if dcum is None:
         return dq, dk, dv, v.new_empty(0), ds0, dz0
-    dcum = dcum.squeeze(-1)
+    return dq, dk, dv, log_gate_grad(dcum.squeeze(-1), log_g, s_n, z_n, dsn, dzn), ds0, dz0
+
+
+def log_gate_grad(dcum: Tensor, log_g: Tensor, s_n: Tensor, z_n: Tensor | None, dsn: Tensor | None,
+                  dzn: Tensor | None) -> Tensor:
+    """The log-gates' gradient from ``dA_t = q'_t . dq'_t - k'_t . dk'_t`` ``(B, Hkv, L)`` (modified in
+    place): the final state's term at the last token, then ``d a_r = sum_{t >= r} dA_t`` per token, or
+    ``sum_t t dA_t`` for one constant gate per row (``log_g`` ``(B, Hkv, 1)``)."""
     last = 0
     if dsn is not None:
         last = (s_n * dsn).sum((-1, -2))
-    if dzn is not None:
+    if dzn is not None and z_n is not None:
         last = last + (z_n * dzn).sum(-1)
     dcum[..., -1] += last
-    if t.const:  # d log(lambda) = sum_r sum_{t >= r} dA_t = sum_t t dA_t (t from 1)
-        pos = torch.arange(1, k.shape[2] + 1, dtype=dcum.dtype, device=dcum.device)
+    if log_g.shape[-1] == 1 and dcum.shape[-1] != 1:  # d log(lambda) = sum_t t dA_t (t from 1)
+        pos = torch.arange(1, dcum.shape[-1] + 1, dtype=dcum.dtype, device=dcum.device)
         dlog_g = (dcum * pos).sum(-1, keepdim=True)
     else:  # d a_r = sum_{t >= r} dA_t
         dlog_g = dcum.flip(-1).cumsum(-1).flip(-1)
-    return dq, dk, dv, dlog_g.to(log_g.dtype), ds0, dz0
+    return dlog_g.to(log_g.dtype)
 
 
 _FWD = ("(Tensor q, Tensor k, Tensor v, Tensor? log_g, Tensor? s0, Tensor? z0, bool causal, bool normalize, "
@@ -596,7 +603,8 @@ def _linear_op(q, k, v, log_g, s0, z0, causal, normalize, chunk):
 
 
 @_linear_op.register_fake
-def _(q, k, v, log_g, s0, z0, causal, normalize, chunk):
+def fake_forward(q, k, v, log_g, s0, z0, causal, normalize, chunk=0):
+    """The output shapes of the forward op (shared with the compiled backend's op)."""
     b, h, lq, d = q.shape
     hkv, ev = k.shape[1], v.shape[-1]
     return (v.new_empty(b, h, lq, ev), v.new_empty(b, h, lq, 1) if normalize else v.new_empty(0),
@@ -611,7 +619,8 @@ def _linear_op_backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, 
 
 
 @_linear_op_backward.register_fake
-def _(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize, chunk):
+def fake_backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize, chunk=0):
+    """The output shapes of the backward op (shared with the compiled backend's op)."""
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             v.new_empty(0) if log_g is None or not causal else log_g.new_empty(log_g.shape),
             torch.empty_like(s_n), torch.empty_like(z_n))

@@ -1,0 +1,341 @@
+// Compiled CPU kernels of linear attention (the "cpp" backend); built on first use by
+// fastattn/ops/linear/compiled.py with torch.utils.cpp_extension and cached.
+//
+// Causal: the token recurrence S_t = g_t S_{t-1} + k_t v_t^T, z_t = g_t z_{t-1} + k_t, read out as
+// num_t = q_t S_t, den_t = q_t . z_t, one (batch, key/value head) row per task of one parallel region.
+// The D x Ev state stays in L1; each token costs one pass over it that updates and reads it (forward),
+// and the backward is two such passes: backwards for the suffix state R_t = dL/dS_t (giving dk, dv and
+// dS_0), forwards again for S_t (giving dq). Gates are exact per token (no exp of differences). The
+// gradient of the cumulative log-gate, dA_t = sum_j q_jt . dq_jt - k_t . dk_t, is returned per token;
+// the Python side turns it into the log-gates' gradient (as the tiled kernels do).
+// Non-causal: two matrix products per direction (ATen's GEMM).
+//
+// Layout: q (B, H, L, D), k (B, Hkv, L, D), v (B, Hkv, L, Ev) with any strides on the first three
+// axes and a contiguous last one; H = gq * Hkv (grouped-query heads share a state); log_g (B, Hkv, L)
+// per token or (B, Hkv, 1) constant per row; s0 (B, Hkv, D, Ev), z0 (B, Hkv, D).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+Tensor last_contiguous(const Tensor& x) {
+  return x.stride(-1) == 1 ? x : x.contiguous();
+}
+
+template <typename T>
+struct Rows {  // a (B, H, L, W) tensor addressed by (b, h, t)
+  T* p;
+  int64_t sb, sh, st;
+  explicit Rows(const Tensor& x)
+      : p(x.data_ptr<T>()), sb(x.stride(0)), sh(x.stride(1)), st(x.stride(2)) {}
+  T* at(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
+};
+
+struct Gates {  // per-token or per-row log-gates as float64 (B, Hkv, L|1), contiguous
+  const double* p = nullptr;
+  int64_t len = 0, hkv = 1;
+  bool per_token = false;
+  explicit Gates(const c10::optional<Tensor>& lg, int64_t hkv_) : hkv(hkv_) {
+    if (lg.has_value() && lg->defined()) {
+      p = lg->data_ptr<double>();
+      len = lg->size(2);
+      per_token = len != 1;
+    }
+  }
+  bool any() const { return p != nullptr; }
+  double at(int64_t b, int64_t h, int64_t t) const {
+    return std::exp(p[(b * hkv + h) * len + (per_token ? t : 0)]);
+  }
+};
+
+template <typename T>
+inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+void causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Gates& gates,
+                    const c10::optional<Tensor>& s0, const c10::optional<Tensor>& z0, bool normalize,
+                    Tensor& out, Tensor& den, Tensor& s_n, Tensor& z_n) {
+  const int64_t B = k.size(0), Hkv = k.size(1), L = k.size(2), D = k.size(3), Ev = v.size(3);
+  const int64_t gq = q.size(1) / Hkv;
+  Rows<T> Q(q), K(k), V(v), O(out);
+  T* dn = normalize ? den.data_ptr<T>() : nullptr;  // (B, H, L, 1) contiguous
+  T* sn = s_n.data_ptr<T>();
+  T* zn = normalize ? z_n.data_ptr<T>() : nullptr;
+  const T* S0 = (s0.has_value() && s0->defined()) ? s0->data_ptr<T>() : nullptr;
+  const T* Z0 = (normalize && z0.has_value() && z0->defined()) ? z0->data_ptr<T>() : nullptr;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> acc(gq * Ev);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / Hkv, h = r % Hkv;
+      T* __restrict__ S = sn + r * D * Ev;  // the running state lives in the output
+      T* __restrict__ z = normalize ? zn + r * D : nullptr;
+      for (int64_t i = 0; i < D * Ev; ++i) S[i] = S0 ? S0[r * D * Ev + i] : T(0);
+      if (normalize)
+        for (int64_t i = 0; i < D; ++i) z[i] = Z0 ? Z0[r * D + i] : T(0);
+      for (int64_t t = 0; t < L; ++t) {
+        const T g = gates.any() ? static_cast<T>(gates.at(b, h, t)) : T(1);
+        const T* __restrict__ kt = K.at(b, h, t);
+        const T* __restrict__ vt = V.at(b, h, t);
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t i = 0; i < D; ++i) {
+          T* __restrict__ Sr = S + i * Ev;
+          const T ki = kt[i];
+          if (gates.any()) {
+            for (int64_t e = 0; e < Ev; ++e) Sr[e] = g * Sr[e] + ki * vt[e];
+            if (normalize) z[i] = g * z[i] + ki;
+          } else {
+            for (int64_t e = 0; e < Ev; ++e) Sr[e] += ki * vt[e];
+            if (normalize) z[i] += ki;
+          }
+          for (int64_t j = 0; j < gq; ++j) {
+            const T qi = Q.at(b, h * gq + j, t)[i];
+            T* __restrict__ a = acc.data() + j * Ev;
+            for (int64_t e = 0; e < Ev; ++e) a[e] += qi * Sr[e];
+          }
+        }
+        for (int64_t j = 0; j < gq; ++j) {
+          const int64_t hq = h * gq + j;
+          T* __restrict__ o = O.at(b, hq, t);
+          const T* a = acc.data() + j * Ev;
+          if (normalize) {
+            const T d = dot(Q.at(b, hq, t), z, D);
+            dn[(b * Hkv * gq + hq) * L + t] = d;
+            const T inv = d == T(0) ? T(1) : T(1) / d;
+            for (int64_t e = 0; e < Ev; ++e) o[e] = a[e] * inv;
+          } else {
+            for (int64_t e = 0; e < Ev; ++e) o[e] = a[e];
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Gates& gates,
+                     const c10::optional<Tensor>& s0, const c10::optional<Tensor>& z0, bool normalize,
+                     const Tensor& out, const Tensor& den, const Tensor& dout, const c10::optional<Tensor>& dden,
+                     const c10::optional<Tensor>& dsn, const c10::optional<Tensor>& dzn, Tensor& dq, Tensor& dk,
+                     Tensor& dv, Tensor& ds0, Tensor& dz0, Tensor& dcum) {
+  const int64_t B = k.size(0), Hkv = k.size(1), L = k.size(2), D = k.size(3), Ev = v.size(3);
+  const int64_t gq = q.size(1) / Hkv, H = q.size(1);
+  Rows<T> Q(q), K(k), V(v), O(out), dO(dout), dQ(dq), dK(dk), dV(dv);
+  const T* dn = normalize ? den.data_ptr<T>() : nullptr;
+  const bool has_dden = normalize && dden.has_value() && dden->defined();
+  const T* ddn = has_dden ? dden->data_ptr<T>() : nullptr;
+  const T* S0 = (s0.has_value() && s0->defined()) ? s0->data_ptr<T>() : nullptr;
+  const T* Z0 = (normalize && z0.has_value() && z0->defined()) ? z0->data_ptr<T>() : nullptr;
+  const T* dSn = (dsn.has_value() && dsn->defined()) ? dsn->data_ptr<T>() : nullptr;
+  const T* dZn = (normalize && dzn.has_value() && dzn->defined()) ? dzn->data_ptr<T>() : nullptr;
+  T* dS0 = ds0.data_ptr<T>();
+  T* dZ0 = normalize ? dz0.data_ptr<T>() : nullptr;
+  T* dc = gates.any() ? dcum.data_ptr<T>() : nullptr;  // (B, Hkv, L)
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> G(gq * Ev), gd(gq), S(D * Ev), z(D);
+    // G_j = dout_j / den_j and gd_j = -(dout_j . out_j) / den_j + dden_j (0 + dden where den == 0)
+    auto grads = [&](int64_t b, int64_t h, int64_t t) {
+      for (int64_t j = 0; j < gq; ++j) {
+        const int64_t hq = h * gq + j;
+        const T* o = dO.at(b, hq, t);
+        T* Gj = G.data() + j * Ev;
+        if (!normalize) {
+          for (int64_t e = 0; e < Ev; ++e) Gj[e] = o[e];
+          continue;
+        }
+        const T d = dn[(b * H + hq) * L + t];
+        const T inv = d == T(0) ? T(1) : T(1) / d;
+        for (int64_t e = 0; e < Ev; ++e) Gj[e] = o[e] * inv;
+        gd[j] = d == T(0) ? T(0) : -dot(o, O.at(b, hq, t), Ev) * inv;
+        if (has_dden) gd[j] += ddn[(b * H + hq) * L + t];
+      }
+    };
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / Hkv, h = r % Hkv;
+      // backwards: R = dL/dS_t, rz = dL/dz_t
+      T* __restrict__ R = dS0 + r * D * Ev;
+      T* __restrict__ rz = normalize ? dZ0 + r * D : nullptr;
+      for (int64_t i = 0; i < D * Ev; ++i) R[i] = dSn ? dSn[r * D * Ev + i] : T(0);
+      if (normalize)
+        for (int64_t i = 0; i < D; ++i) rz[i] = dZn ? dZn[r * D + i] : T(0);
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const T gn = (gates.any() && t + 1 < L) ? static_cast<T>(gates.at(b, h, t + 1)) : T(1);
+        grads(b, h, t);
+        const T* __restrict__ kt = K.at(b, h, t);
+        const T* __restrict__ vt = V.at(b, h, t);
+        T* __restrict__ dkt = dK.at(b, h, t);
+        T* __restrict__ dvt = dV.at(b, h, t);
+        for (int64_t e = 0; e < Ev; ++e) dvt[e] = 0;
+        T kdk = 0;
+        for (int64_t i = 0; i < D; ++i) {
+          T* __restrict__ Rr = R + i * Ev;
+          if (gn != T(1))
+            for (int64_t e = 0; e < Ev; ++e) Rr[e] *= gn;
+          T zi = normalize ? gn * rz[i] : T(0);
+          for (int64_t j = 0; j < gq; ++j) {
+            const T qi = Q.at(b, h * gq + j, t)[i];
+            const T* __restrict__ Gj = G.data() + j * Ev;
+            for (int64_t e = 0; e < Ev; ++e) Rr[e] += qi * Gj[e];
+            if (normalize) zi += qi * gd[j];
+          }
+          if (normalize) rz[i] = zi;
+          const T ki = kt[i];
+          T s = zi;
+          for (int64_t e = 0; e < Ev; ++e) {
+            s += Rr[e] * vt[e];
+            dvt[e] += ki * Rr[e];
+          }
+          dkt[i] = s;
+          kdk += ki * s;
+        }
+        if (dc) dc[r * L + t] = -kdk;
+      }
+      if (gates.any()) {  // dS_0 = g_1 R_1
+        const T g0 = L > 0 ? static_cast<T>(gates.at(b, h, 0)) : T(1);
+        for (int64_t i = 0; i < D * Ev; ++i) R[i] *= g0;
+        if (normalize)
+          for (int64_t i = 0; i < D; ++i) rz[i] *= g0;
+      }
+      // forwards: S_t, z_t give dq
+      for (int64_t i = 0; i < D * Ev; ++i) S[i] = S0 ? S0[r * D * Ev + i] : T(0);
+      for (int64_t i = 0; i < D; ++i) z[i] = Z0 ? Z0[r * D + i] : T(0);
+      for (int64_t t = 0; t < L; ++t) {
+        const T g = gates.any() ? static_cast<T>(gates.at(b, h, t)) : T(1);
+        grads(b, h, t);
+        const T* __restrict__ kt = K.at(b, h, t);
+        const T* __restrict__ vt = V.at(b, h, t);
+        for (int64_t i = 0; i < D; ++i) {
+          T* __restrict__ Sr = S.data() + i * Ev;
+          const T ki = kt[i];
+          if (g != T(1)) {
+            for (int64_t e = 0; e < Ev; ++e) Sr[e] = g * Sr[e] + ki * vt[e];
+            z[i] = g * z[i] + ki;
+          } else {
+            for (int64_t e = 0; e < Ev; ++e) Sr[e] += ki * vt[e];
+            z[i] += ki;
+          }
+          for (int64_t j = 0; j < gq; ++j) {
+            const T val = dot(Sr, G.data() + j * Ev, Ev) + (normalize ? gd[j] * z[i] : T(0));
+            dQ.at(b, h * gq + j, t)[i] = val;
+          }
+        }
+        if (dc) {
+          T s = 0;
+          for (int64_t j = 0; j < gq; ++j) s += dot(Q.at(b, h * gq + j, t), dQ.at(b, h * gq + j, t), D);
+          dc[r * L + t] += s;
+        }
+      }
+    }
+  });
+}
+
+// ---- entry points --------------------------------------------------------------------------------
+
+std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> log_g, c10::optional<Tensor> s0,
+                            c10::optional<Tensor> z0, bool causal, bool normalize) {
+  q = last_contiguous(q);
+  k = last_contiguous(k);
+  v = last_contiguous(v);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Ev = v.size(3), gq = H / Hkv;
+  if (!causal) {
+    auto S = at::matmul(k.transpose(-1, -2), v);
+    if (s0.has_value() && s0->defined()) S = S + *s0;
+    auto qg = q.reshape({B, Hkv, gq * L, D});
+    auto num = at::matmul(qg, S).view({B, H, L, Ev});
+    if (!normalize) return {num, v.new_empty({0}), S, v.new_empty({0})};
+    auto z = k.sum(2);
+    if (z0.has_value() && z0->defined()) z = z + *z0;
+    auto den = at::matmul(qg, z.unsqueeze(-1)).view({B, H, L, 1});
+    auto out = num / at::where(den == 0, at::ones_like(den), den);
+    return {out, den, S, z};
+  }
+  TORCH_CHECK(k.size(2) == L, "the causal kernel needs equal query and key lengths");
+  auto opts = v.options();
+  Tensor out = at::empty({B, H, L, Ev}, opts);
+  Tensor den = normalize ? at::empty({B, H, L, 1}, opts) : at::empty({0}, opts);
+  Tensor s_n = at::empty({B, Hkv, D, Ev}, opts);
+  Tensor z_n = normalize ? at::empty({B, Hkv, D}, opts) : at::empty({0}, opts);
+  c10::optional<Tensor> lg;
+  if (log_g.has_value() && log_g->defined()) lg = log_g->to(at::kDouble).contiguous();
+  Gates gates(lg, Hkv);
+  c10::optional<Tensor> s0c, z0c;
+  if (s0.has_value() && s0->defined()) s0c = s0->contiguous();
+  if (z0.has_value() && z0->defined()) z0c = z0->contiguous();
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "fastattn_linear_forward", [&] {
+    causal_forward<scalar_t>(q, k, v, gates, s0c, z0c, normalize, out, den, s_n, z_n);
+  });
+  return {out, den, s_n, z_n};
+}
+
+std::vector<Tensor> backward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> log_g, c10::optional<Tensor> s0,
+                             c10::optional<Tensor> z0, Tensor out, Tensor den, Tensor s_n, Tensor z_n,
+                             Tensor dout, c10::optional<Tensor> dden, c10::optional<Tensor> dsn,
+                             c10::optional<Tensor> dzn, bool causal, bool normalize) {
+  q = last_contiguous(q);
+  k = last_contiguous(k);
+  v = last_contiguous(v);
+  out = last_contiguous(out);
+  dout = last_contiguous(dout);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Ev = v.size(3), gq = H / Hkv;
+  auto opts = v.options();
+  auto present = [](const c10::optional<Tensor>& x) { return x.has_value() && x->defined(); };
+  if (!causal) {
+    auto zero_den = normalize ? (den == 0) : Tensor();
+    auto d = normalize ? at::where(zero_den, at::ones_like(den), den) : Tensor();
+    auto G = normalize ? dout / d : dout;  // (B, H, L, Ev)
+    auto qg = q.reshape({B, Hkv, gq * L, D});
+    auto Gg = G.reshape({B, Hkv, gq * L, Ev});
+    auto dS = at::matmul(qg.transpose(-1, -2), Gg);
+    if (present(dsn)) dS = dS + *dsn;
+    auto dqg = at::matmul(Gg, s_n.transpose(-1, -2));
+    auto dk = at::matmul(v, dS.transpose(-1, -2));
+    auto dv = at::matmul(k, dS);
+    Tensor dz = at::empty({0}, opts);
+    if (normalize) {
+      auto gd = (-(dout * out).sum(-1, true) / d).masked_fill(zero_den, 0);
+      if (present(dden)) gd = gd + *dden;
+      auto gdg = gd.reshape({B, Hkv, gq * L, 1});
+      dz = at::matmul(qg.transpose(-1, -2), gdg).squeeze(-1);
+      if (present(dzn)) dz = dz + *dzn;
+      dqg = dqg + gdg * z_n.unsqueeze(-2);
+      dk = dk + dz.unsqueeze(-2);
+    }
+    return {dqg.view({B, H, L, D}), dk, dv, dS, dz, at::empty({0}, opts)};
+  }
+  Tensor dq = at::empty({B, H, L, D}, opts), dk = at::empty({B, Hkv, L, D}, opts);
+  Tensor dv = at::empty({B, Hkv, L, Ev}, opts);
+  Tensor ds0 = at::empty({B, Hkv, D, Ev}, opts);
+  Tensor dz0 = normalize ? at::empty({B, Hkv, D}, opts) : at::empty({0}, opts);
+  c10::optional<Tensor> lg;
+  if (present(log_g)) lg = log_g->to(at::kDouble).contiguous();
+  Gates gates(lg, Hkv);
+  Tensor dcum = gates.any() ? at::empty({B, Hkv, L}, opts) : at::empty({0}, opts);
+  auto cont = [&](const c10::optional<Tensor>& x) -> c10::optional<Tensor> {
+    if (present(x)) return x->contiguous();
+    return c10::nullopt;
+  };
+  Tensor denc = normalize ? den.contiguous() : den;
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "fastattn_linear_backward", [&] {
+    causal_backward<scalar_t>(q, k, v, gates, cont(s0), cont(z0), normalize, out, denc, dout, cont(dden), cont(dsn),
+                              cont(dzn), dq, dk, dv, ds0, dz0, dcum);
+  });
+  return {dq, dk, dv, ds0, dz0, dcum};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "linear attention forward: (out, den, s_n, z_n)");
+  m.def("backward", &backward, "linear attention backward: (dq, dk, dv, ds0, dz0, dcum)");
+}
