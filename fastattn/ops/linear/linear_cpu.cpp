@@ -54,11 +54,157 @@ struct Gates {  // per-token or per-row log-gates as float64 (B, Hkv, L|1), cont
   }
 };
 
+// Explicit SIMD through GCC/Clang vector extensions: a Vec<T> is 64 bytes (one AVX-512 register, two
+// AVX2 ones, four SSE ones: the compiler splits it for the target). The value axis Ev is processed in
+// blocks of up to NV vectors held in registers across the loop over the feature axis D (the state's
+// rows); what does not fill a vector is done in scalar code.
+// The sum of the lanes of a 64-byte vector: halves added as vectors (a tree of log2 steps in
+// registers, not a serial chain of scalar adds or a round trip through memory).
+typedef float F16 __attribute__((vector_size(64)));
+typedef double D8 __attribute__((vector_size(64)));
+
+inline float lane_sum(F16 x) {
+  auto a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  auto c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+  return c[0] + c[1];
+}
+
+inline double lane_sum(D8 x) {
+  auto a = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+  auto b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
+  return b[0] + b[1];
+}
+
+template <typename T>
+struct Simd {
+  typedef T V __attribute__((vector_size(64)));
+  static constexpr int64_t N = 64 / sizeof(T);
+  static V load(const T* p) {
+    V x;
+    __builtin_memcpy(&x, p, sizeof(V));
+    return x;
+  }
+  static void store(T* p, V x) { __builtin_memcpy(p, &x, sizeof(V)); }
+  static V splat(T x) { return V{} + x; }
+  static T hsum(V x) { return lane_sum(x); }
+};
+
+constexpr int NV = 4;  // vectors per block of the value axis (64 floats / 32 doubles)
+
 template <typename T>
 inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
-  T s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  using S = Simd<T>;
+  typename S::V acc{};
+  int64_t e = 0;
+  for (; e + S::N <= n; e += S::N) acc += S::load(a + e) * S::load(b + e);
+  T s = S::hsum(acc);
+  for (; e < n; ++e) s += a[e] * b[e];
   return s;
+}
+
+// Forward, one token, one block [e0, e0 + nv * N) of the value axis, one query head:
+// (update) S_i = g S_i + k_i v for every row i, and acc = sum_i q_i S_i.
+template <typename T, int nv, bool update>
+inline void fwd_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, const T* __restrict__ kt,
+                      const T* __restrict__ qt, const T* __restrict__ vt, T g, T* __restrict__ acc) {
+  using SI = Simd<T>;
+  using V = typename SI::V;
+  V a[nv] = {}, vb[nv];
+  const V gv = SI::splat(g);
+  for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
+  for (int64_t i = 0; i < D; ++i) {
+    T* Sr = S + i * Ev + e0;
+    const V qi = SI::splat(qt[i]);
+    if (update) {
+      const V ki = SI::splat(kt[i]);
+      for (int u = 0; u < nv; ++u) {
+        const V x = gv * SI::load(Sr + u * SI::N) + ki * vb[u];
+        SI::store(Sr + u * SI::N, x);
+        a[u] += qi * x;
+      }
+    } else {
+      for (int u = 0; u < nv; ++u) a[u] += qi * SI::load(Sr + u * SI::N);
+    }
+  }
+  for (int u = 0; u < nv; ++u) SI::store(acc + e0 + u * SI::N, a[u]);
+}
+
+template <typename T, bool update>
+inline void fwd_token(T* S, int64_t Ev, int64_t D, const T* kt, const T* qt, const T* vt, T g, T* acc) {
+  using SI = Simd<T>;
+  int64_t e0 = 0;
+  for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N) fwd_block<T, NV, update>(S, Ev, e0, D, kt, qt, vt, g, acc);
+  for (; e0 + SI::N <= Ev; e0 += SI::N) fwd_block<T, 1, update>(S, Ev, e0, D, kt, qt, vt, g, acc);
+  if (e0 < Ev) {
+    for (int64_t e = e0; e < Ev; ++e) acc[e] = 0;
+    for (int64_t i = 0; i < D; ++i) {
+      T* Sr = S + i * Ev;
+      for (int64_t e = e0; e < Ev; ++e) {
+        if (update) Sr[e] = g * Sr[e] + kt[i] * vt[e];
+        acc[e] += qt[i] * Sr[e];
+      }
+    }
+  }
+}
+
+// Backward, backwards sweep, one token, one block of the value axis: R_i = gn R_i + sum_j q_ji G_j,
+// dv += k_i R_i, dk_i += R_i . v (added to dk, which holds the normaliser's part on entry).
+template <typename T, int nv>
+inline void rev_block(T* __restrict__ R, int64_t Ev, int64_t e0, int64_t D, int64_t gq, const T* const* qt,
+                      const T* __restrict__ G, const T* __restrict__ kt, const T* __restrict__ vt, T gn,
+                      T* __restrict__ dk, T* __restrict__ dv) {
+  using SI = Simd<T>;
+  using V = typename SI::V;
+  V dvb[nv] = {}, vb[nv], gb[nv];
+  const V gv = SI::splat(gn);
+  for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
+  if (gq == 1)
+    for (int u = 0; u < nv; ++u) gb[u] = SI::load(G + e0 + u * SI::N);
+  for (int64_t i = 0; i < D; ++i) {
+    T* Rr = R + i * Ev + e0;
+    const V ki = SI::splat(kt[i]);
+    V part{};
+    for (int u = 0; u < nv; ++u) {
+      V x = gv * SI::load(Rr + u * SI::N);
+      if (gq == 1) {
+        x += SI::splat(qt[0][i]) * gb[u];
+      } else {
+        for (int64_t j = 0; j < gq; ++j) x += SI::splat(qt[j][i]) * SI::load(G + j * Ev + e0 + u * SI::N);
+      }
+      SI::store(Rr + u * SI::N, x);
+      dvb[u] += ki * x;
+      part += x * vb[u];
+    }
+    dk[i] += SI::hsum(part);
+  }
+  for (int u = 0; u < nv; ++u) SI::store(dv + e0 + u * SI::N, dvb[u]);
+}
+
+// Backward, forwards sweep, one token, one block: S_i = g S_i + k_i v, dq_ji += S_i . G_j.
+template <typename T, int nv>
+inline void dq_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, int64_t gq, T* const* dq,
+                     const T* __restrict__ G, const T* __restrict__ kt, const T* __restrict__ vt, T g) {
+  using SI = Simd<T>;
+  using V = typename SI::V;
+  V vb[nv];
+  const V gv = SI::splat(g);
+  for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
+  for (int64_t i = 0; i < D; ++i) {
+    T* Sr = S + i * Ev + e0;
+    const V ki = SI::splat(kt[i]);
+    V x[nv];
+    for (int u = 0; u < nv; ++u) {
+      x[u] = gv * SI::load(Sr + u * SI::N) + ki * vb[u];
+      SI::store(Sr + u * SI::N, x[u]);
+    }
+    for (int64_t j = 0; j < gq; ++j) {
+      V part{};
+      for (int u = 0; u < nv; ++u) part += x[u] * SI::load(G + j * Ev + e0 + u * SI::N);
+      dq[j][i] += SI::hsum(part);
+    }
+  }
 }
 
 template <typename T>
@@ -74,7 +220,7 @@ void causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Gat
   const T* S0 = (s0.has_value() && s0->defined()) ? s0->data_ptr<T>() : nullptr;
   const T* Z0 = (normalize && z0.has_value() && z0->defined()) ? z0->data_ptr<T>() : nullptr;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<T> acc(gq * Ev);
+    std::vector<T> acc(Ev);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / Hkv, h = r % Hkv;
       T* __restrict__ S = sn + r * D * Ev;  // the running state lives in the output
@@ -84,37 +230,25 @@ void causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Gat
         for (int64_t i = 0; i < D; ++i) z[i] = Z0 ? Z0[r * D + i] : T(0);
       for (int64_t t = 0; t < L; ++t) {
         const T g = gates.any() ? static_cast<T>(gates.at(b, h, t)) : T(1);
-        const T* __restrict__ kt = K.at(b, h, t);
-        const T* __restrict__ vt = V.at(b, h, t);
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t i = 0; i < D; ++i) {
-          T* __restrict__ Sr = S + i * Ev;
-          const T ki = kt[i];
-          if (gates.any()) {
-            for (int64_t e = 0; e < Ev; ++e) Sr[e] = g * Sr[e] + ki * vt[e];
-            if (normalize) z[i] = g * z[i] + ki;
-          } else {
-            for (int64_t e = 0; e < Ev; ++e) Sr[e] += ki * vt[e];
-            if (normalize) z[i] += ki;
-          }
-          for (int64_t j = 0; j < gq; ++j) {
-            const T qi = Q.at(b, h * gq + j, t)[i];
-            T* __restrict__ a = acc.data() + j * Ev;
-            for (int64_t e = 0; e < Ev; ++e) a[e] += qi * Sr[e];
-          }
-        }
+        const T* kt = K.at(b, h, t);
+        const T* vt = V.at(b, h, t);
+        if (normalize)
+          for (int64_t i = 0; i < D; ++i) z[i] = g * z[i] + kt[i];
         for (int64_t j = 0; j < gq; ++j) {
           const int64_t hq = h * gq + j;
-          T* __restrict__ o = O.at(b, hq, t);
-          const T* a = acc.data() + j * Ev;
+          const T* qt = Q.at(b, hq, t);
+          if (j == 0)
+            fwd_token<T, true>(S, Ev, D, kt, qt, vt, g, acc.data());
+          else
+            fwd_token<T, false>(S, Ev, D, kt, qt, vt, g, acc.data());
+          T* o = O.at(b, hq, t);
+          T inv = 1;
           if (normalize) {
-            const T d = dot(Q.at(b, hq, t), z, D);
+            const T d = dot(qt, z, D);
             dn[(b * Hkv * gq + hq) * L + t] = d;
-            const T inv = d == T(0) ? T(1) : T(1) / d;
-            for (int64_t e = 0; e < Ev; ++e) o[e] = a[e] * inv;
-          } else {
-            for (int64_t e = 0; e < Ev; ++e) o[e] = a[e];
+            inv = d == T(0) ? T(1) : T(1) / d;
           }
+          for (int64_t e = 0; e < Ev; ++e) o[e] = acc[e] * inv;
         }
       }
     }
@@ -127,6 +261,7 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
                      const Tensor& out, const Tensor& den, const Tensor& dout, const c10::optional<Tensor>& dden,
                      const c10::optional<Tensor>& dsn, const c10::optional<Tensor>& dzn, Tensor& dq, Tensor& dk,
                      Tensor& dv, Tensor& ds0, Tensor& dz0, Tensor& dcum) {
+  using SI = Simd<T>;
   const int64_t B = k.size(0), Hkv = k.size(1), L = k.size(2), D = k.size(3), Ev = v.size(3);
   const int64_t gq = q.size(1) / Hkv, H = q.size(1);
   Rows<T> Q(q), K(k), V(v), O(out), dO(dout), dQ(dq), dK(dk), dV(dv);
@@ -141,13 +276,17 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
   T* dZ0 = normalize ? dz0.data_ptr<T>() : nullptr;
   T* dc = gates.any() ? dcum.data_ptr<T>() : nullptr;  // (B, Hkv, L)
   at::parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<T> G(gq * Ev), gd(gq), S(D * Ev), z(D);
+    std::vector<T> G(gq * Ev), gd(gq, T(0)), S(D * Ev), z(D);
+    std::vector<const T*> qs(gq);
+    std::vector<T*> dqs(gq);
     // G_j = dout_j / den_j and gd_j = -(dout_j . out_j) / den_j + dden_j (0 + dden where den == 0)
     auto grads = [&](int64_t b, int64_t h, int64_t t) {
       for (int64_t j = 0; j < gq; ++j) {
         const int64_t hq = h * gq + j;
-        const T* o = dO.at(b, hq, t);
-        T* Gj = G.data() + j * Ev;
+        const T* __restrict__ o = dO.at(b, hq, t);
+        T* __restrict__ Gj = G.data() + j * Ev;
+        qs[j] = Q.at(b, hq, t);
+        dqs[j] = dQ.at(b, hq, t);
         if (!normalize) {
           for (int64_t e = 0; e < Ev; ++e) Gj[e] = o[e];
           continue;
@@ -170,34 +309,38 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
       for (int64_t t = L - 1; t >= 0; --t) {
         const T gn = (gates.any() && t + 1 < L) ? static_cast<T>(gates.at(b, h, t + 1)) : T(1);
         grads(b, h, t);
-        const T* __restrict__ kt = K.at(b, h, t);
-        const T* __restrict__ vt = V.at(b, h, t);
-        T* __restrict__ dkt = dK.at(b, h, t);
-        T* __restrict__ dvt = dV.at(b, h, t);
-        for (int64_t e = 0; e < Ev; ++e) dvt[e] = 0;
-        T kdk = 0;
-        for (int64_t i = 0; i < D; ++i) {
-          T* __restrict__ Rr = R + i * Ev;
-          if (gn != T(1))
-            for (int64_t e = 0; e < Ev; ++e) Rr[e] *= gn;
-          T zi = normalize ? gn * rz[i] : T(0);
+        const T* kt = K.at(b, h, t);
+        const T* vt = V.at(b, h, t);
+        T* dkt = dK.at(b, h, t);
+        T* dvt = dV.at(b, h, t);
+        if (normalize) {  // rz = gn rz + sum_j gd_j q_j; dk starts from it
+          for (int64_t i = 0; i < D; ++i) rz[i] *= gn;
           for (int64_t j = 0; j < gq; ++j) {
-            const T qi = Q.at(b, h * gq + j, t)[i];
-            const T* __restrict__ Gj = G.data() + j * Ev;
-            for (int64_t e = 0; e < Ev; ++e) Rr[e] += qi * Gj[e];
-            if (normalize) zi += qi * gd[j];
+            const T* __restrict__ qj = qs[j];
+            const T gdj = gd[j];
+            for (int64_t i = 0; i < D; ++i) rz[i] += gdj * qj[i];
           }
-          if (normalize) rz[i] = zi;
-          const T ki = kt[i];
-          T s = zi;
-          for (int64_t e = 0; e < Ev; ++e) {
-            s += Rr[e] * vt[e];
-            dvt[e] += ki * Rr[e];
-          }
-          dkt[i] = s;
-          kdk += ki * s;
+          for (int64_t i = 0; i < D; ++i) dkt[i] = rz[i];
+        } else {
+          for (int64_t i = 0; i < D; ++i) dkt[i] = 0;
         }
-        if (dc) dc[r * L + t] = -kdk;
+        int64_t e0 = 0;
+        for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N)
+          rev_block<T, NV>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt);
+        for (; e0 + SI::N <= Ev; e0 += SI::N)
+          rev_block<T, 1>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt);
+        for (int64_t e = e0; e < Ev; ++e) dvt[e] = 0;
+        for (int64_t i = 0; i < D && e0 < Ev; ++i) {
+          T* Rr = R + i * Ev;
+          for (int64_t e = e0; e < Ev; ++e) {
+            T x = gn * Rr[e];
+            for (int64_t j = 0; j < gq; ++j) x += qs[j][i] * G[j * Ev + e];
+            Rr[e] = x;
+            dvt[e] += kt[i] * x;
+            dkt[i] += x * vt[e];
+          }
+        }
+        if (dc) dc[r * L + t] = -dot(kt, dkt, D);
       }
       if (gates.any()) {  // dS_0 = g_1 R_1
         const T g0 = L > 0 ? static_cast<T>(gates.at(b, h, 0)) : T(1);
@@ -211,26 +354,32 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
       for (int64_t t = 0; t < L; ++t) {
         const T g = gates.any() ? static_cast<T>(gates.at(b, h, t)) : T(1);
         grads(b, h, t);
-        const T* __restrict__ kt = K.at(b, h, t);
-        const T* __restrict__ vt = V.at(b, h, t);
-        for (int64_t i = 0; i < D; ++i) {
-          T* __restrict__ Sr = S.data() + i * Ev;
-          const T ki = kt[i];
-          if (g != T(1)) {
-            for (int64_t e = 0; e < Ev; ++e) Sr[e] = g * Sr[e] + ki * vt[e];
-            z[i] = g * z[i] + ki;
-          } else {
-            for (int64_t e = 0; e < Ev; ++e) Sr[e] += ki * vt[e];
-            z[i] += ki;
-          }
+        const T* kt = K.at(b, h, t);
+        const T* vt = V.at(b, h, t);
+        {
+          T* __restrict__ zz = z.data();
+          for (int64_t i = 0; i < D; ++i) zz[i] = g * zz[i] + kt[i];
           for (int64_t j = 0; j < gq; ++j) {
-            const T val = dot(Sr, G.data() + j * Ev, Ev) + (normalize ? gd[j] * z[i] : T(0));
-            dQ.at(b, h * gq + j, t)[i] = val;
+            T* __restrict__ dqj = dqs[j];
+            const T c = normalize ? gd[j] : T(0);
+            for (int64_t i = 0; i < D; ++i) dqj[i] = c * zz[i];
+          }
+        }
+        int64_t e0 = 0;
+        for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N)
+          dq_block<T, NV>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g);
+        for (; e0 + SI::N <= Ev; e0 += SI::N)
+          dq_block<T, 1>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g);
+        for (int64_t i = 0; i < D && e0 < Ev; ++i) {
+          T* Sr = S.data() + i * Ev;
+          for (int64_t e = e0; e < Ev; ++e) {
+            Sr[e] = g * Sr[e] + kt[i] * vt[e];
+            for (int64_t j = 0; j < gq; ++j) dqs[j][i] += Sr[e] * G[j * Ev + e];
           }
         }
         if (dc) {
           T s = 0;
-          for (int64_t j = 0; j < gq; ++j) s += dot(Q.at(b, h * gq + j, t), dQ.at(b, h * gq + j, t), D);
+          for (int64_t j = 0; j < gq; ++j) s += dot(qs[j], dqs[j], D);
           dc[r * L + t] += s;
         }
       }
