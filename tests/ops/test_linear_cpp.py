@@ -16,7 +16,7 @@ from fastattn.core.masks import Mask
 from fastattn.ops.linear import compiled
 from fastattn.ops.linear.engine import linear_attention
 
-N, D, EV = 37, 5, 4
+N, D, EV = 37, 5, 45  # float64 vectors hold 8: EV covers a register block (32), one vector and a tail
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,22 @@ def test_op_takes_strided_layouts_and_padding(built):
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     for a, b in zip(gref, ggot):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_vector_paths(built):
+    """float32 (16 per vector): a value width of 84 = a 64-wide register block, one vector and a tail."""
+    g = torch.Generator().manual_seed(4)
+    fq, fk = (torch.rand(1, 2, 50, 7, generator=g) + 0.1 for _ in range(2))
+    v = torch.randn(1, 2, 50, 84, generator=g)
+    leaves = [t.requires_grad_() for t in (fq, fk, v)]
+
+    def run():
+        out = linear_attention(fq, fk, v, Mask(causal=True, lq=50, lk=50), decay=torch.tensor([0.9, 0.99]))
+        return out, _grads((out,), leaves)
+
+    (ref, gref), (got, ggot) = _both(run)
+    for a, b in zip((ref, *gref), (got, *ggot)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["linear", "lightning", "performer"])
