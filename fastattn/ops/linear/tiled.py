@@ -665,6 +665,27 @@ class _FusedPhi(torch.autograd.Function):
         return *_to_input_grads(grads, ctx.has), None, None, None, None
 
 
+def _one_token(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, s0: Tensor | None, z0: Tensor | None,
+               normalize: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """The causal recurrence for one token, in plain differentiable ops: ``S = g S_0 + k' v^T``, ``z = g
+    z_0 + k'``, ``num = q' S``, ``den = q' . z`` (grouped-query heads read their key/value head's state)."""
+    b, hkv, _, d = k.shape
+    gq = q.shape[1] // hkv
+    lam = None if log_g is None else log_g.exp().to(v.dtype).view(b, hkv, 1, 1)
+    s_n = torch.matmul(k.transpose(-1, -2), v)
+    if s0 is not None:
+        s_n = s_n + (s0 if lam is None else s0 * lam)
+    qg = q.reshape(b, hkv, gq, d)
+    out = torch.matmul(qg, s_n).view(b, hkv * gq, 1, -1)
+    if not normalize:
+        return out, None, s_n, None
+    z_n = k[:, :, 0]
+    if z0 is not None:
+        z_n = z_n + (z0 if lam is None else z0 * lam[..., 0])
+    den = torch.matmul(qg, z_n.unsqueeze(-1)).view(b, hkv * gq, 1, 1)
+    return out / torch.where(den == 0, torch.ones_like(den), den), den, s_n, z_n
+
+
 def tiled_linear_attention(
     q: Tensor, k: Tensor, v: Tensor, *, phi: FeatureMap | None = None, log_g: Tensor | None = None,
     s0: Tensor | None = None, z0: Tensor | None = None, causal: bool = True, normalize: bool = True,
@@ -692,6 +713,10 @@ def tiled_linear_attention(
         raise ValueError(f"the causal kernel needs equal query and key lengths, got {q.shape[2]} and {k.shape[2]}")
     if not causal and log_g is not None:
         raise ValueError("gates (decay) need the causal form")
+    if causal and q.shape[2] == 1:  # one token (a decoding step): a handful of ops, no tiling
+        if phi is not None:
+            q, k = phi(q, True), phi(k, False)
+        return _one_token(q, k, v, log_g, s0, z0, normalize)
     if phi is None or torch.compiler.is_compiling():
         if phi is not None:
             q, k = phi(q, True), phi(k, False)
