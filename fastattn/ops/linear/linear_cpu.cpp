@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -207,6 +208,13 @@ inline void dq_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, int64
   }
 }
 
+// Rows per task: small calls (a decoding step) run on the calling thread -- waking a thread pool costs
+// more than their arithmetic, and on a loaded machine a whole scheduler slice.
+inline int64_t grain(int64_t L, int64_t D, int64_t Ev) {
+  const int64_t work = std::max<int64_t>(1, L * D * Ev);
+  return std::max<int64_t>(1, (int64_t(1) << 20) / work);
+}
+
 template <typename T>
 void causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Gates& gates,
                     const c10::optional<Tensor>& s0, const c10::optional<Tensor>& z0, bool normalize,
@@ -219,7 +227,7 @@ void causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Gat
   T* zn = normalize ? z_n.data_ptr<T>() : nullptr;
   const T* S0 = (s0.has_value() && s0->defined()) ? s0->data_ptr<T>() : nullptr;
   const T* Z0 = (normalize && z0.has_value() && z0->defined()) ? z0->data_ptr<T>() : nullptr;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, B * Hkv, grain(L, D, Ev), [&](int64_t r0, int64_t r1) {
     std::vector<T> acc(Ev);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / Hkv, h = r % Hkv;
@@ -275,7 +283,7 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
   T* dS0 = ds0.data_ptr<T>();
   T* dZ0 = normalize ? dz0.data_ptr<T>() : nullptr;
   T* dc = gates.any() ? dcum.data_ptr<T>() : nullptr;  // (B, Hkv, L)
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, B * Hkv, grain(L, D, Ev), [&](int64_t r0, int64_t r1) {
     std::vector<T> G(gq * Ev), gd(gq, T(0)), S(D * Ev), z(D);
     std::vector<const T*> qs(gq);
     std::vector<T*> dqs(gq);
