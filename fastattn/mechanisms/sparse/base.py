@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastattn.core.base import Mechanism, repeat_kv
 from fastattn.core.masks import Mask
-from fastattn.core.state import DecodingState, KVCache
+from fastattn.core.state import DecodingState
 from fastattn.ops.softmax.dense import dense_attention
 from fastattn.ops.sparse.engine import block_sparse_attention
 from fastattn.ops.sparse.nodes import Nodes
@@ -95,39 +95,10 @@ class PatternMechanism(Mechanism):
         Default: one pattern for every head; causality and padding are applied by the caller."""
         return self.pattern(qpos.shape[1], lk, qpos.device).dense(qpos, kpos)[:, None]
 
-    def _no_nodes(self) -> bool:
-        """The plain pattern: no extra nodes, no forward of its own (e.g. two hops)."""
-        return type(self).nodes is PatternMechanism.nodes and type(self).forward is PatternMechanism.forward
-
-    def _step_over_cache(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache | None,
-                         scale: float) -> tuple[Tensor, KVCache]:
-        """Decoding over the whole (unpadded) key/value cache without the engine: the new queries'
-        pattern rows (:meth:`decode_allowed`, causal) and dense attention over the keys they allow --
-        gathered first when one query's pattern is shared by the heads (a decoding step reads
-        O(allowed) keys, not the cache) -- instead of planning a block-sparse call per step."""
-        cache = KVCache(k, v) if state is None else state.append(k, v)
-        t, n = q.shape[2], cache.length
-        kpos = torch.arange(n, device=q.device)
-        qpos = kpos[n - t:]
-        allowed = self.decode_allowed(qpos.view(1, t, 1), kpos.view(1, 1, n), n) & (kpos <= qpos[:, None])
-        kc, vc = cache.k, cache.v
-        groups = q.shape[1] // kc.shape[1]
-        if t == 1 and allowed.shape[1] == 1:
-            idx = allowed[0, 0, 0].nonzero().flatten()
-            kc, vc, allowed = kc.index_select(2, idx), vc.index_select(2, idx), None
-        qc, kc, vc = self.upcast(q, repeat_kv(kc, groups), repeat_kv(vc, groups))
-        bias = None
-        if allowed is not None:
-            bias = torch.zeros(allowed.shape, dtype=qc.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
-        out = dense_attention(qc, kc, vc, Mask(t, kc.shape[2]), scale, extra_bias=bias)
-        return out.to(q.dtype), cache
-
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
     ) -> tuple[Tensor, Any]:
         if not self.pruned_cache:
-            if key_padding_mask is None and (state is None or state.key_padding is None) and self._no_nodes():
-                return self._step_over_cache(q, k, v, state, scale)
             return super().step(q, k, v, state, scale, key_padding_mask)
         b, t = q.shape[0], q.shape[2]
         dtype = q.dtype
