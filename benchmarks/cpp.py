@@ -6,6 +6,7 @@ with the same projections). B=1, H=8, E=64, fp32, CPU.
     python benchmarks/cpp.py            # default run: a few minutes on a quiet 2-core machine
     python benchmarks/cpp.py --quick    # lengths / 4, one repeat (a smoke run)
     python benchmarks/cpp.py --peers    # also performer-pytorch (slow: ~12 s a call at n=4096)
+    python benchmarks/cpp.py --threads 1 --clock cpu   # CPU time of one thread (a shared machine)
 
 Writes benchmarks/results/cpp.json (the command, the machine and its load average, every time).
 """
@@ -53,15 +54,18 @@ def _name(c: Case) -> str:
     return f"{c.impl}[{c.backend}]" if not c.impl.startswith(("sdpa", "peer:")) else c.impl
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time (with --threads 1: robust to a shared machine)
+
+
 def interleaved(fns: dict[str, object], repeats: int) -> dict[str, list[float]]:
     for fn in fns.values():  # warm-up (and the compiled backend's build)
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(repeats):
         for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fns[k]()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(CLOCK() - t0)
     return times
 
 
@@ -107,9 +111,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peers", action="store_true", help="include performer-pytorch (slow)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this thread's CPU time (needs --threads 1; for a machine shared with other work)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpp.json"))
     a = ap.parse_args()
     div, repeats = (4, 1) if a.quick else (1, a.repeats)
+    if a.clock == "cpu":
+        if a.threads != 1:
+            sys.exit("--clock cpu measures one thread: use it with --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
     torch.set_num_threads(a.threads)
     from fastattn.ops.linear import compiled
     t0 = time.perf_counter()
@@ -121,7 +132,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}\n")
     result = {"command": " ".join(["python", "benchmarks/cpp.py", *sys.argv[1:]]),
               "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                          "torch": torch.__version__, "threads": a.threads, "load_avg_start": os.getloadavg()},
+                          "torch": torch.__version__, "threads": a.threads, "clock": a.clock,
+                          "load_avg_start": os.getloadavg()},
               "build_s": build_s, "groups": [], "decode": []}
     print("| case | n | " + " | ".join(["cpp", "torch", "baseline"]) + " | torch / cpp | baseline / cpp |")
     print("|---|---|---|---|---|---|---|")
