@@ -3,12 +3,12 @@
 ``linear_cpu.cpp`` (next to this file) holds the kernels: the causal recurrence as one pass per token
 over an L1-resident state, one parallel region over the (batch, key/value head) rows per sweep, with
 state in and out, per-head decay and per-token gates, grouped-query heads, forward and a hand-written
-backward; the non-causal form as ATen matrix products. They are registered as the ``torch.library``
-custom ops ``fastattn::linear_attention_cpp`` / ``fastattn::linear_attention_cpp_backward`` (same
+backward, for causal calls (non-causal ones stay on the tiled kernels, see :func:`linear_attention`).
+They are registered as the ``torch.library`` custom ops ``fastattn::linear_attention_cpp`` / ``fastattn::linear_attention_cpp_backward`` (same
 schema and shapes as the tiled ops, so ``torch.compile`` keeps one graph around them).
 
 The extension is compiled by :func:`torch.utils.cpp_extension.load` the first time it is needed (about
-a minute; ``-O3 -march=native``, OpenMP) and cached in torch's extension directory
+half a minute; ``-O3 -march=native``, OpenMP) and cached in torch's extension directory
 (``TORCH_EXTENSIONS_DIR``), keyed by the source, the flags and the CPU model, so later processes only
 load it. Nothing is compiled at install time: without a C++ compiler or ninja, or if the build fails,
 the backend reports why (:func:`status`, ``fastattn.backends()``) and ``backend="auto"`` uses the
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .tiled import FeatureMap, fake_backward, fake_forward, log_gate_grad
+from .tiled import FeatureMap, fake_backward, fake_forward, log_gate_grad, tiled_linear_attention
 
 __all__ = ["active", "build", "linear_attention", "status", "use"]
 
@@ -203,11 +203,15 @@ def linear_attention(
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """:func:`~fastattn.ops.linear.tiled.tiled_linear_attention` on the compiled kernels (same arguments
     and results; ``chunk`` is unused: the causal kernel is a per-token recurrence). A feature map
-    ``phi`` is applied first (the features exist in full)."""
-    if causal and q.shape[2] != k.shape[2]:
+    ``phi`` is applied first (the features exist in full). Non-causal calls and one-token steps run on
+    :func:`tiled_linear_attention`: the former are two matrix products, which the tiled kernels run at
+    GEMM speed with the feature map applied tile by tile (materialised features measured 2x slower,
+    ``benchmarks/results/cpp_1thread_cputime.json``); the latter are a handful of ops there."""
+    if not causal or q.shape[2] == 1:
+        return tiled_linear_attention(q, k, v, phi=phi, log_g=log_g, s0=s0, z0=z0, causal=causal,
+                                      normalize=normalize, chunk=chunk)
+    if q.shape[2] != k.shape[2]:
         raise ValueError(f"the causal kernel needs equal query and key lengths, got {q.shape[2]} and {k.shape[2]}")
-    if not causal and log_g is not None:
-        raise ValueError("gates (decay) need the causal form")
     if phi is not None:
         q, k = phi(q, True), phi(k, False)
     out, den, s_n, z_n = _op(q, k, v, log_g, s0, z0, causal, normalize)

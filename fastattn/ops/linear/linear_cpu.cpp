@@ -8,7 +8,8 @@
 // dS_0), forwards again for S_t (giving dq). Gates are exact per token (no exp of differences). The
 // gradient of the cumulative log-gate, dA_t = sum_j q_jt . dq_jt - k_t . dk_t, is returned per token;
 // the Python side turns it into the log-gates' gradient (as the tiled kernels do).
-// Non-causal: two matrix products per direction (ATen's GEMM).
+// Causal only: the non-causal form is two matrix products, which the tiled PyTorch kernels already run
+// at GEMM speed with their feature maps applied tile by tile (faster than materialised features).
 //
 // Layout: q (B, H, L, D), k (B, Hkv, L, D), v (B, Hkv, L, Ev) with any strides on the first three
 // axes and a contiguous last one; H = gq * Hkv (grouped-query heads share a state); log_g (B, Hkv, L)
@@ -403,19 +404,8 @@ std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> 
   k = last_contiguous(k);
   v = last_contiguous(v);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Ev = v.size(3), gq = H / Hkv;
-  if (!causal) {
-    auto S = at::matmul(k.transpose(-1, -2), v);
-    if (s0.has_value() && s0->defined()) S = S + *s0;
-    auto qg = q.reshape({B, Hkv, gq * L, D});
-    auto num = at::matmul(qg, S).view({B, H, L, Ev});
-    if (!normalize) return {num, v.new_empty({0}), S, v.new_empty({0})};
-    auto z = k.sum(2);
-    if (z0.has_value() && z0->defined()) z = z + *z0;
-    auto den = at::matmul(qg, z.unsqueeze(-1)).view({B, H, L, 1});
-    auto out = num / at::where(den == 0, at::ones_like(den), den);
-    return {out, den, S, z};
-  }
+  const int64_t Hkv = k.size(1), Ev = v.size(3);
+  TORCH_CHECK(causal, "the compiled kernels are causal (non-causal calls run on the tiled kernels)");
   TORCH_CHECK(k.size(2) == L, "the causal kernel needs equal query and key lengths");
   auto opts = v.options();
   Tensor out = at::empty({B, H, L, Ev}, opts);
@@ -444,32 +434,10 @@ std::vector<Tensor> backward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor>
   out = last_contiguous(out);
   dout = last_contiguous(dout);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Ev = v.size(3), gq = H / Hkv;
+  const int64_t Hkv = k.size(1), Ev = v.size(3);
   auto opts = v.options();
   auto present = [](const c10::optional<Tensor>& x) { return x.has_value() && x->defined(); };
-  if (!causal) {
-    auto zero_den = normalize ? (den == 0) : Tensor();
-    auto d = normalize ? at::where(zero_den, at::ones_like(den), den) : Tensor();
-    auto G = normalize ? dout / d : dout;  // (B, H, L, Ev)
-    auto qg = q.reshape({B, Hkv, gq * L, D});
-    auto Gg = G.reshape({B, Hkv, gq * L, Ev});
-    auto dS = at::matmul(qg.transpose(-1, -2), Gg);
-    if (present(dsn)) dS = dS + *dsn;
-    auto dqg = at::matmul(Gg, s_n.transpose(-1, -2));
-    auto dk = at::matmul(v, dS.transpose(-1, -2));
-    auto dv = at::matmul(k, dS);
-    Tensor dz = at::empty({0}, opts);
-    if (normalize) {
-      auto gd = (-(dout * out).sum(-1, true) / d).masked_fill(zero_den, 0);
-      if (present(dden)) gd = gd + *dden;
-      auto gdg = gd.reshape({B, Hkv, gq * L, 1});
-      dz = at::matmul(qg.transpose(-1, -2), gdg).squeeze(-1);
-      if (present(dzn)) dz = dz + *dzn;
-      dqg = dqg + gdg * z_n.unsqueeze(-2);
-      dk = dk + dz.unsqueeze(-2);
-    }
-    return {dqg.view({B, H, L, D}), dk, dv, dS, dz, at::empty({0}, opts)};
-  }
+  TORCH_CHECK(causal, "the compiled kernels are causal (non-causal calls run on the tiled kernels)");
   Tensor dq = at::empty({B, H, L, D}, opts), dk = at::empty({B, Hkv, L, D}, opts);
   Tensor dv = at::empty({B, Hkv, L, Ev}, opts);
   Tensor ds0 = at::empty({B, Hkv, D, Ev}, opts);
