@@ -16,7 +16,8 @@ from fastattn.core.masks import Mask
 from fastattn.ops.linear import compiled
 from fastattn.ops.linear.engine import linear_attention
 
-N, D, EV = 37, 5, 45  # float64 vectors hold 8: EV covers a register block (32), one vector and a tail
+N, D, EV = 37, 11, 45  # float64 vectors hold 8: EV covers a register block (32), one vector and a tail; D a
+# group of 8 rows reduced together and 3 alone
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +86,10 @@ def test_op_takes_strided_layouts_and_padding(built):
 
 
 def test_float32_vector_paths(built):
-    """float32 (16 per vector): a value width of 84 = a 64-wide register block, one vector and a tail."""
+    """float32 (16 per vector): a value width of 84 = a 64-wide register block, one vector and a tail;
+    20 features = one group of 16 rows summed together and 4 rows alone."""
     g = torch.Generator().manual_seed(4)
-    fq, fk = (torch.rand(1, 2, 50, 7, generator=g) + 0.1 for _ in range(2))
+    fq, fk = (torch.rand(1, 2, 50, 20, generator=g) + 0.1 for _ in range(2))
     v = torch.randn(1, 2, 50, 84, generator=g)
     leaves = [t.requires_grad_() for t in (fq, fk, v)]
 

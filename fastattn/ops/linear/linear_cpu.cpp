@@ -79,6 +79,34 @@ inline double lane_sum(D8 x) {
   return b[0] + b[1];
 }
 
+// The lane sums of N vectors of N lanes at once, lane r of the result = sum of vector r: a transpose-add
+// tree (one shuffle pair and an add per vector, instead of a reduction tree per vector).
+#define FA_SV __builtin_shufflevector
+inline F16 reduce_rows(const F16* v) {
+  F16 c[8], d[4], e[2];
+  for (int m = 0; m < 8; ++m)
+    c[m] = FA_SV(v[2 * m], v[2 * m + 1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           FA_SV(v[2 * m], v[2 * m + 1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  for (int m = 0; m < 4; ++m)
+    d[m] = FA_SV(c[2 * m], c[2 * m + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           FA_SV(c[2 * m], c[2 * m + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  for (int m = 0; m < 2; ++m)
+    e[m] = FA_SV(d[2 * m], d[2 * m + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           FA_SV(d[2 * m], d[2 * m + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  return FA_SV(e[0], e[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         FA_SV(e[0], e[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+
+inline D8 reduce_rows(const D8* v) {
+  D8 c[4], d[2];
+  for (int m = 0; m < 4; ++m)
+    c[m] = FA_SV(v[2 * m], v[2 * m + 1], 0, 8, 2, 10, 4, 12, 6, 14) + FA_SV(v[2 * m], v[2 * m + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int m = 0; m < 2; ++m)
+    d[m] = FA_SV(c[2 * m], c[2 * m + 1], 0, 1, 8, 9, 4, 5, 12, 13) + FA_SV(c[2 * m], c[2 * m + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return FA_SV(d[0], d[1], 0, 1, 2, 3, 8, 9, 10, 11) + FA_SV(d[0], d[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+#undef FA_SV
+
 template <typename T>
 struct Simd {
   typedef T V __attribute__((vector_size(64)));
@@ -164,7 +192,7 @@ inline void rev_block(T* __restrict__ R, int64_t Ev, int64_t e0, int64_t D, int6
   for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
   if (gq == 1)
     for (int u = 0; u < nv; ++u) gb[u] = SI::load(G + e0 + u * SI::N);
-  for (int64_t i = 0; i < D; ++i) {
+  auto row = [&](int64_t i) -> V {  // R_i updated; returns the lanes of R_i . v
     T* Rr = R + i * Ev + e0;
     const V ki = SI::splat(kt[i]);
     V part{};
@@ -179,8 +207,15 @@ inline void rev_block(T* __restrict__ R, int64_t Ev, int64_t e0, int64_t D, int6
       dvb[u] += ki * x;
       part += x * vb[u];
     }
-    dk[i] += SI::hsum(part);
+    return part;
+  };
+  int64_t i = 0;
+  for (; i + SI::N <= D; i += SI::N) {  // N rows at a time: their lane sums in one vector
+    V parts[SI::N];
+    for (int64_t r = 0; r < SI::N; ++r) parts[r] = row(i + r);
+    SI::store(dk + i, SI::load(dk + i) + reduce_rows(parts));
   }
+  for (; i < D; ++i) dk[i] += SI::hsum(row(i));
   for (int u = 0; u < nv; ++u) SI::store(dv + e0 + u * SI::N, dvb[u]);
 }
 
@@ -193,7 +228,27 @@ inline void dq_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, int64
   V vb[nv];
   const V gv = SI::splat(g);
   for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
-  for (int64_t i = 0; i < D; ++i) {
+  int64_t i0 = 0;
+  if (gq == 1) {  // N rows at a time: their lane sums in one vector
+    V gb[nv];
+    for (int u = 0; u < nv; ++u) gb[u] = SI::load(G + e0 + u * SI::N);
+    for (; i0 + SI::N <= D; i0 += SI::N) {
+      V parts[SI::N];
+      for (int64_t r = 0; r < SI::N; ++r) {
+        T* Sr = S + (i0 + r) * Ev + e0;
+        const V ki = SI::splat(kt[i0 + r]);
+        V part{};
+        for (int u = 0; u < nv; ++u) {
+          const V x = gv * SI::load(Sr + u * SI::N) + ki * vb[u];
+          SI::store(Sr + u * SI::N, x);
+          part += x * gb[u];
+        }
+        parts[r] = part;
+      }
+      SI::store(dq[0] + i0, SI::load(dq[0] + i0) + reduce_rows(parts));
+    }
+  }
+  for (int64_t i = i0; i < D; ++i) {
     T* Sr = S + i * Ev + e0;
     const V ki = SI::splat(kt[i]);
     V x[nv];
