@@ -110,13 +110,14 @@ def build() -> str | None:
 
 def status(build_now: bool = False) -> str | None:
     """``None`` when the compiled kernels are ready (loaded in this process); otherwise why not -- a
-    missing tool, a failed build, or that they are not built yet (``build_now`` builds them first)."""
+    missing tool, a failed build, or that they are not loaded yet (``build_now`` builds them first)."""
     if _MODULE is not None:
         return None
     if build_now:
         return build()
     why = _FAILED or _missing_tool()
-    return why or "not built yet: the first call with backend='cpp' builds it (about a minute, cached)"
+    return why or ("not loaded yet: the first call with backend='cpp' loads it from the cache or builds it "
+                   "(about half a minute)")
 
 
 def auto_enabled() -> bool:
