@@ -12,6 +12,7 @@ Other kinds have their own façades: ``fastattn.Attention2d`` (feature maps ``(B
 """
 
 from .alignment import AlignmentAttention
+from .core.dispatch import backend_status as backends
 from .functional import attention
 from .glimpse import GlimpseAttention, reinforce_loss
 from .layers import MultiheadAttention
@@ -19,7 +20,7 @@ from .registry import MethodSpec, get_method, methods
 from .vision import Attention2d
 
 __all__ = [
-    "attention", "MultiheadAttention", "Attention2d", "AlignmentAttention", "GlimpseAttention", "reinforce_loss",
-    "MethodSpec", "get_method", "methods",
+    "attention", "backends", "MultiheadAttention", "Attention2d", "AlignmentAttention", "GlimpseAttention",
+    "reinforce_loss", "MethodSpec", "get_method", "methods",
 ]
 __version__ = "0.1.0"

@@ -224,8 +224,9 @@ class MultiheadAttention(nn.Module):
         check_key_padding(self.spec, key_padding_mask, x.shape[0], x.shape[1], what="(batch, new tokens)")
         if state is not None and not isinstance(state, DecodingState):
             raise TypeError(f"state must be None or the state a previous step returned, got {type(state).__name__}")
-        choose_backend(self.backend, self.spec, Call(device=x.device, dtype=x.dtype, decoding=True))
-        out, state = self.mechanism.step(x, state, key_padding_mask=key_padding_mask)
+        chosen = choose_backend(self.backend, self.spec, Call(device=x.device, dtype=x.dtype, decoding=True))
+        with chosen.context():
+            out, state = self.mechanism.step(x, state, key_padding_mask=key_padding_mask)
         return (out if self.batch_first else out.transpose(0, 1)), state
 
     @classmethod

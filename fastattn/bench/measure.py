@@ -64,6 +64,7 @@ class Case:
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     decode_steps: int = 16  # mode "decode": steps timed in one loop (the reported time is per step)
+    backend: str = "auto"  # registry-id cases: the backend that computes them ("torch", "cpp", ...)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -210,20 +211,24 @@ def _build_decode(case: Case) -> tuple[Callable[[], Any], tuple[torch.Tensor, ..
         mech = make_mechanism(case)
         if not mech.spec.decoding:
             raise ValueError(f"method {case.impl!r} does not support incremental decoding")
-        with torch.no_grad():
+        from ..core.dispatch import Call, choose_backend
+
+        chosen = choose_backend(case.backend, mech.spec, Call(device=q.device, dtype=q.dtype, decoding=True))
+        with torch.no_grad(), chosen.context():
             _, prefix = mech.step(q[:, :, :first], k[:, :, :first], v[:, :, :first], None, scale)
 
         def prepare() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), chosen.context():
                 sl = slice(first, first + 1)
                 ctx["state"] = mech.step(q[:, :, sl], k[:, :, sl], v[:, :, sl], prefix, scale)[1]
             ctx["ready"] = True
 
         def loop() -> Any:
             state, out = ctx.pop("state"), None
-            for t in range(first + 1, case.n):
-                sl = slice(t, t + 1)
-                out, state = mech.step(q[:, :, sl], k[:, :, sl], v[:, :, sl], state, scale)
+            with chosen.context():
+                for t in range(first + 1, case.n):
+                    sl = slice(t, t + 1)
+                    out, state = mech.step(q[:, :, sl], k[:, :, sl], v[:, :, sl], state, scale)
             return out
 
     def run() -> Any:
@@ -268,7 +273,7 @@ def build(case: Case) -> tuple[Callable[[], Any], tuple[torch.Tensor, ...]]:
         mech = make_mechanism(case)
 
         def fwd():
-            return mech.run(q, k, v, is_causal=case.causal)
+            return mech.run(q, k, v, is_causal=case.causal, backend=case.backend)
 
     if not grad:
         def run():

@@ -2,8 +2,11 @@
 
 A mechanism has one mathematics and possibly several implementations of it. Each implementation is a
 :class:`Backend` with a name, a ``why_not(spec, call)`` that says why it cannot take a call (``None``
-when it can) and a ``run`` that computes it. Today there are two:
+when it can) and a ``run`` that computes it. Today there are three:
 
+* ``"cpp"`` -- compiled C++ kernels of the linear-attention op (kernel family, CPU), built on first
+  use (:mod:`fastattn.ops.linear.compiled`); without a compiler, or if the build fails, it says why
+  and ``auto`` goes on to ``"torch"``. Under ``auto`` it is opt-in (``FASTATTN_CPP=1``);
 * ``"torch"`` -- the mechanism's efficient PyTorch ``forward``; it takes every call;
 * ``"reference"`` -- the paper's formula written literally (``Mechanism.reference``): no attention
   dropout, no decoding state.
@@ -30,6 +33,7 @@ Adding a backend is one call::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     from ..registry import MethodSpec
     from .base import Mechanism
 
-__all__ = ["Backend", "Call", "register_backend", "backends", "choose_backend", "check_backend_name"]
+__all__ = ["Backend", "Call", "register_backend", "backends", "backend_status", "choose_backend", "check_backend_name"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,20 @@ class Backend:
         mechanism takes them natively, half precision handled by the mechanism's policy)."""
         raise NotImplementedError
 
+    def context(self) -> contextlib.AbstractContextManager:
+        """What a decoding ``step`` runs inside when this backend was chosen (nothing by default)."""
+        return contextlib.nullcontext()
+
+    def auto_why_not(self) -> str | None:
+        """Why ``backend="auto"`` skips this backend whatever the call (an opt-in backend); ``None``
+        when it may pick it."""
+        return None
+
+    def status(self) -> str | None:
+        """Why the backend cannot take any call now (not installed, not built); ``None`` when it can
+        take some. Cheap: builds nothing."""
+        return None
+
 
 class TorchBackend(Backend):
     name = "torch"
@@ -97,6 +115,39 @@ class ReferenceBackend(Backend):
 
     def run(self, mech, q, k, v, mask, scale, dropout_p):
         return mech.reference(q, k, v, mask, scale)
+
+
+class CppBackend(Backend):
+    """The compiled CPU kernels of the linear-attention op (:mod:`fastattn.ops.linear.compiled`), for
+    the mechanisms of the kernel family; built on first use. Opt-in under ``auto`` (``FASTATTN_CPP=1``)."""
+
+    name = "cpp"
+
+    def why_not(self, spec: MethodSpec, call: Call) -> str | None:
+        if call.device.type != "cpu":
+            return "CPU only"
+        if spec.family != "kernel":
+            return "compiled kernels exist for the linear-attention op (the kernel family) only"
+        from fastattn.ops.linear import compiled
+        return compiled.build()
+
+    def run(self, mech, q, k, v, mask, scale, dropout_p):
+        with self.context():
+            return mech.forward(q, k, v, mask, scale, dropout_p)
+
+    def context(self):
+        from fastattn.ops.linear import compiled
+        return compiled.use()
+
+    def auto_why_not(self) -> str | None:
+        from fastattn.ops.linear import compiled
+        if compiled.auto_enabled():
+            return None
+        return "opt-in under backend='auto': set FASTATTN_CPP=1, or ask for backend='cpp'"
+
+    def status(self) -> str | None:
+        from fastattn.ops.linear import compiled
+        return compiled.status()
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -124,8 +175,19 @@ def backends() -> list[str]:
     return list(_BACKENDS)
 
 
+def backend_status() -> dict[str, str | None]:
+    """Each registered backend (in ``auto``'s order) and why it cannot take any call now -- not built,
+    no compiler, a failed build, opt-in under ``auto`` -- or ``None`` when it can (``fastattn.backends()``)."""
+    result = {}
+    for name, b in _BACKENDS.items():
+        why = b.status()
+        opt_in = b.auto_why_not()
+        result[name] = why if why is not None or opt_in is None else f"available; {opt_in}"
+    return result
+
+
 # compiled backends the interface names (API section 9); they register themselves when installed
-PLANNED = ("cpp", "triton", "flex")
+PLANNED = ("triton", "flex")
 
 
 def check_backend_name(name: str) -> None:
@@ -145,17 +207,20 @@ def choose_backend(name: str, spec: MethodSpec, call: Call) -> Backend:
     candidates = list(_BACKENDS.values()) if name == "auto" else [_BACKENDS[name]]
     reasons = {}
     for b in candidates:
-        why = b.why_not(spec, call)
+        why = b.auto_why_not() if name == "auto" else None
+        why = why if why is not None else b.why_not(spec, call)
         if why is None:
             return b
         reasons[b.name] = why
     for b in _BACKENDS.values():  # the reasons of the others too, so the message says what would work
         if b.name not in reasons:
-            why = b.why_not(spec, call)
+            why = b.auto_why_not() if name == "auto" else None
+            why = why if why is not None else b.why_not(spec, call)
             reasons[b.name] = "would take this call" if why is None else why
     listed = "; ".join(f"{n}: {r}" for n, r in reasons.items())
     raise ValueError(f"no backend can run method {spec.name!r} as asked (backend={name!r}): {listed}")
 
 
+register_backend(CppBackend())
 register_backend(TorchBackend())
 register_backend(ReferenceBackend())

@@ -35,15 +35,20 @@ def test_step_state_is_typed_and_selectable(spec):
     torch.testing.assert_close(alone, o2[:1])
 
 
-def test_prefill_and_steps_run_the_tiled_kernels(monkeypatch):
+def test_prefill_runs_the_tiled_kernels_and_one_token_steps_the_recurrence(monkeypatch):
     calls = []
-    real = tiled._forward
+    real, real_one = tiled._forward, tiled._one_token
 
     def counted(*args):
         calls.append(args[7])  # causal
         return real(*args)
 
+    def counted_one(*args):
+        calls.append("one")
+        return real_one(*args)
+
     monkeypatch.setattr(tiled, "_forward", counted)
+    monkeypatch.setattr(tiled, "_one_token", counted_one)
     mech = make_mech(fastattn.get_method("lightning")).double()
     q, k, v = qkv(lq=9)
     _, st = mech.step(q[:, :, :8], k[:, :, :8], v[:, :, :8], None, 0.25)
@@ -52,7 +57,7 @@ def test_prefill_and_steps_run_the_tiled_kernels(monkeypatch):
     logits = torch.randn(q.shape[0], q.shape[1], 9, dtype=torch.float64)
     _, st = rfa.step_gated(q[:, :, :8], k[:, :, :8], v[:, :, :8], logits[..., :8], None)
     rfa.step_gated(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], logits[..., 8:], st)
-    assert calls == [True] * 4
+    assert calls == [True, "one"] * 2
 
 
 @pytest.mark.parametrize("bias", [-200.0, 200.0])

@@ -13,7 +13,8 @@ Given feature maps ``Q' = phi(Q)`` ``(B, H, Lq, D)`` and ``K' = phi(K)`` ``(B, H
   finite values and gradients.
 
 Every case runs on the tiled kernels of :mod:`fastattn.ops.linear.tiled` (one implementation of the
-recurrence, with its hand-written backward). Keys before the first query (``Lq < Lk``, causal) are
+recurrence, with its hand-written backward), or, under the compiled backend (``backend="cpp"``), on the
+C++ kernels of :mod:`fastattn.ops.linear.compiled` (same contract). Keys before the first query (``Lq < Lk``, causal) are
 folded into the initial state by :func:`linear_state`. A previous :class:`LinearState` may be given
 (``state``) and the final one returned (``return_state``): ``step`` and the parallel forward are one
 code path, and a sequence split in two equals the whole. ``partial=True`` returns the unnormalised
@@ -55,6 +56,7 @@ from fastattn.core.checks import repeat_kv
 from fastattn.core.masks import Mask
 from fastattn.ops.softmax.online import compute_dtype
 
+from . import compiled
 from .state import LinearState
 from .tiled import FeatureMap, gate_dtype, tiled_linear_attention
 
@@ -266,8 +268,11 @@ def linear_attention(
         fk, v = fk[:, :, p:], v[:, :, p:]
         if per_token:
             log_g = log_g[..., p:]
-    out, den, s_n, z_n = tiled_linear_attention(fq, fk, v, phi=phi, log_g=log_g, s0=s0, z0=z0,
-                                                causal=mask.causal, normalize=norm, chunk=chunk)
+    kernel = tiled_linear_attention
+    if compiled.active() and fq.device.type == "cpu":  # the compiled backend's kernels (backend="cpp")
+        kernel = compiled.linear_attention
+    out, den, s_n, z_n = kernel(fq, fk, v, phi=phi, log_g=log_g, s0=s0, z0=z0, causal=mask.causal,
+                                normalize=norm, chunk=chunk)
     if augment:
         out, den, s_n, z_n = out[..., :-1], out[..., -1], s_n[..., :-1], s_n[..., -1]
     elif den is not None:

@@ -568,19 +568,26 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, s0: Tensor 
     _causal_backward(t, *grads, None if dcum is None else P(dcum), *inp, Q(out), *tail)
     if dcum is None:
         return dq, dk, dv, v.new_empty(0), ds0, dz0
-    dcum = dcum.squeeze(-1)
+    return dq, dk, dv, log_gate_grad(dcum.squeeze(-1), log_g, s_n, z_n, dsn, dzn), ds0, dz0
+
+
+def log_gate_grad(dcum: Tensor, log_g: Tensor, s_n: Tensor, z_n: Tensor | None, dsn: Tensor | None,
+                  dzn: Tensor | None) -> Tensor:
+    """The log-gates' gradient from ``dA_t = q'_t . dq'_t - k'_t . dk'_t`` ``(B, Hkv, L)`` (modified in
+    place): the final state's term at the last token, then ``d a_r = sum_{t >= r} dA_t`` per token, or
+    ``sum_t t dA_t`` for one constant gate per row (``log_g`` ``(B, Hkv, 1)``)."""
     last = 0
     if dsn is not None:
         last = (s_n * dsn).sum((-1, -2))
-    if dzn is not None:
+    if dzn is not None and z_n is not None:
         last = last + (z_n * dzn).sum(-1)
     dcum[..., -1] += last
-    if t.const:  # d log(lambda) = sum_r sum_{t >= r} dA_t = sum_t t dA_t (t from 1)
-        pos = torch.arange(1, k.shape[2] + 1, dtype=dcum.dtype, device=dcum.device)
+    if log_g.shape[-1] == 1 and dcum.shape[-1] != 1:  # d log(lambda) = sum_t t dA_t (t from 1)
+        pos = torch.arange(1, dcum.shape[-1] + 1, dtype=dcum.dtype, device=dcum.device)
         dlog_g = (dcum * pos).sum(-1, keepdim=True)
     else:  # d a_r = sum_{t >= r} dA_t
         dlog_g = dcum.flip(-1).cumsum(-1).flip(-1)
-    return dq, dk, dv, dlog_g.to(log_g.dtype), ds0, dz0
+    return dlog_g.to(log_g.dtype)
 
 
 _FWD = ("(Tensor q, Tensor k, Tensor v, Tensor? log_g, Tensor? s0, Tensor? z0, bool causal, bool normalize, "
@@ -596,7 +603,8 @@ def _linear_op(q, k, v, log_g, s0, z0, causal, normalize, chunk):
 
 
 @_linear_op.register_fake
-def _(q, k, v, log_g, s0, z0, causal, normalize, chunk):
+def fake_forward(q, k, v, log_g, s0, z0, causal, normalize, chunk=0):
+    """The output shapes of the forward op (shared with the compiled backend's op)."""
     b, h, lq, d = q.shape
     hkv, ev = k.shape[1], v.shape[-1]
     return (v.new_empty(b, h, lq, ev), v.new_empty(b, h, lq, 1) if normalize else v.new_empty(0),
@@ -611,7 +619,8 @@ def _linear_op_backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, 
 
 
 @_linear_op_backward.register_fake
-def _(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize, chunk):
+def fake_backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize, chunk=0):
+    """The output shapes of the backward op (shared with the compiled backend's op)."""
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             v.new_empty(0) if log_g is None or not causal else log_g.new_empty(log_g.shape),
             torch.empty_like(s_n), torch.empty_like(z_n))
@@ -656,6 +665,27 @@ class _FusedPhi(torch.autograd.Function):
         return *_to_input_grads(grads, ctx.has), None, None, None, None
 
 
+def _one_token(q: Tensor, k: Tensor, v: Tensor, log_g: Tensor | None, s0: Tensor | None, z0: Tensor | None,
+               normalize: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """The causal recurrence for one token, in plain differentiable ops: ``S = g S_0 + k' v^T``, ``z = g
+    z_0 + k'``, ``num = q' S``, ``den = q' . z`` (grouped-query heads read their key/value head's state)."""
+    b, hkv, _, d = k.shape
+    gq = q.shape[1] // hkv
+    lam = None if log_g is None else log_g.exp().to(v.dtype).view(b, hkv, 1, 1)
+    s_n = torch.matmul(k.transpose(-1, -2), v)
+    if s0 is not None:
+        s_n = s_n + (s0 if lam is None else s0 * lam)
+    qg = q.reshape(b, hkv, gq, d)
+    out = torch.matmul(qg, s_n).view(b, hkv * gq, 1, -1)
+    if not normalize:
+        return out, None, s_n, None
+    z_n = k[:, :, 0]
+    if z0 is not None:
+        z_n = z_n + (z0 if lam is None else z0 * lam[..., 0])
+    den = torch.matmul(qg, z_n.unsqueeze(-1)).view(b, hkv * gq, 1, 1)
+    return out / torch.where(den == 0, torch.ones_like(den), den), den, s_n, z_n
+
+
 def tiled_linear_attention(
     q: Tensor, k: Tensor, v: Tensor, *, phi: FeatureMap | None = None, log_g: Tensor | None = None,
     s0: Tensor | None = None, z0: Tensor | None = None, causal: bool = True, normalize: bool = True,
@@ -683,6 +713,10 @@ def tiled_linear_attention(
         raise ValueError(f"the causal kernel needs equal query and key lengths, got {q.shape[2]} and {k.shape[2]}")
     if not causal and log_g is not None:
         raise ValueError("gates (decay) need the causal form")
+    if causal and q.shape[2] == 1:  # one token (a decoding step): a handful of ops, no tiling
+        if phi is not None:
+            q, k = phi(q, True), phi(k, False)
+        return _one_token(q, k, v, log_g, s0, z0, normalize)
     if phi is None or torch.compiler.is_compiling():
         if phi is not None:
             q, k = phi(q, True), phi(k, False)

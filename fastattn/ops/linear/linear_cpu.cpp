@@ -1,0 +1,521 @@
+// Compiled CPU kernels of linear attention (the "cpp" backend); built on first use by
+// fastattn/ops/linear/compiled.py with torch.utils.cpp_extension and cached.
+//
+// Causal: the token recurrence S_t = g_t S_{t-1} + k_t v_t^T, z_t = g_t z_{t-1} + k_t, read out as
+// num_t = q_t S_t, den_t = q_t . z_t, one (batch, key/value head) row per task of one parallel region.
+// The D x Ev state stays in L1; each token costs one pass over it that updates and reads it (forward),
+// and the backward is two such passes: backwards for the suffix state R_t = dL/dS_t (giving dk, dv and
+// dS_0), forwards again for S_t (giving dq). Gates are exact per token (no exp of differences). The
+// gradient of the cumulative log-gate, dA_t = sum_j q_jt . dq_jt - k_t . dk_t, is returned per token;
+// the Python side turns it into the log-gates' gradient (as the tiled kernels do).
+// Causal only: the non-causal form is two matrix products, which the tiled PyTorch kernels already run
+// at GEMM speed with their feature maps applied tile by tile (faster than materialised features).
+//
+// Layout: q (B, H, L, D), k (B, Hkv, L, D), v (B, Hkv, L, Ev) with any strides on the first three
+// axes and a contiguous last one; H = gq * Hkv (grouped-query heads share a state); log_g (B, Hkv, L)
+// per token or (B, Hkv, 1) constant per row; s0 (B, Hkv, D, Ev), z0 (B, Hkv, D).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+Tensor last_contiguous(const Tensor& x) {
+  return x.stride(-1) == 1 ? x : x.contiguous();
+}
+
+template <typename T>
+struct Rows {  // a (B, H, L, W) tensor addressed by (b, h, t)
+  T* p;
+  int64_t sb, sh, st;
+  explicit Rows(const Tensor& x)
+      : p(x.data_ptr<T>()), sb(x.stride(0)), sh(x.stride(1)), st(x.stride(2)) {}
+  T* at(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
+};
+
+struct Gates {  // per-token or per-row log-gates as float64 (B, Hkv, L|1), contiguous
+  const double* p = nullptr;
+  int64_t len = 0, hkv = 1;
+  bool per_token = false;
+  explicit Gates(const c10::optional<Tensor>& lg, int64_t hkv_) : hkv(hkv_) {
+    if (lg.has_value() && lg->defined()) {
+      p = lg->data_ptr<double>();
+      len = lg->size(2);
+      per_token = len != 1;
+    }
+  }
+  bool any() const { return p != nullptr; }
+  double at(int64_t b, int64_t h, int64_t t) const {
+    return std::exp(p[(b * hkv + h) * len + (per_token ? t : 0)]);
+  }
+};
+
+// Explicit SIMD through GCC/Clang vector extensions: a Vec<T> is 64 bytes (one AVX-512 register, two
+// AVX2 ones, four SSE ones: the compiler splits it for the target). The value axis Ev is processed in
+// blocks of up to NV vectors held in registers across the loop over the feature axis D (the state's
+// rows); what does not fill a vector is done in scalar code.
+// The sum of the lanes of a 64-byte vector: halves added as vectors (a tree of log2 steps in
+// registers, not a serial chain of scalar adds or a round trip through memory).
+typedef float F16 __attribute__((vector_size(64)));
+typedef double D8 __attribute__((vector_size(64)));
+
+inline float lane_sum(F16 x) {
+  auto a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  auto c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+  return c[0] + c[1];
+}
+
+inline double lane_sum(D8 x) {
+  auto a = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+  auto b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
+  return b[0] + b[1];
+}
+
+// The lane sums of N vectors of N lanes at once, lane r of the result = sum of vector r: a transpose-add
+// tree (one shuffle pair and an add per vector, instead of a reduction tree per vector).
+#define FA_SV __builtin_shufflevector
+inline F16 reduce_rows(const F16* v) {
+  F16 c[8], d[4], e[2];
+  for (int m = 0; m < 8; ++m)
+    c[m] = FA_SV(v[2 * m], v[2 * m + 1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           FA_SV(v[2 * m], v[2 * m + 1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  for (int m = 0; m < 4; ++m)
+    d[m] = FA_SV(c[2 * m], c[2 * m + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           FA_SV(c[2 * m], c[2 * m + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  for (int m = 0; m < 2; ++m)
+    e[m] = FA_SV(d[2 * m], d[2 * m + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           FA_SV(d[2 * m], d[2 * m + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  return FA_SV(e[0], e[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         FA_SV(e[0], e[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+
+inline D8 reduce_rows(const D8* v) {
+  D8 c[4], d[2];
+  for (int m = 0; m < 4; ++m)
+    c[m] = FA_SV(v[2 * m], v[2 * m + 1], 0, 8, 2, 10, 4, 12, 6, 14) + FA_SV(v[2 * m], v[2 * m + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int m = 0; m < 2; ++m)
+    d[m] = FA_SV(c[2 * m], c[2 * m + 1], 0, 1, 8, 9, 4, 5, 12, 13) + FA_SV(c[2 * m], c[2 * m + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return FA_SV(d[0], d[1], 0, 1, 2, 3, 8, 9, 10, 11) + FA_SV(d[0], d[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+#undef FA_SV
+
+template <typename T>
+struct Simd {
+  typedef T V __attribute__((vector_size(64)));
+  static constexpr int64_t N = 64 / sizeof(T);
+  static V load(const T* p) {
+    V x;
+    __builtin_memcpy(&x, p, sizeof(V));
+    return x;
+  }
+  static void store(T* p, V x) { __builtin_memcpy(p, &x, sizeof(V)); }
+  static V splat(T x) { return V{} + x; }
+  static T hsum(V x) { return lane_sum(x); }
+};
+
+constexpr int NV = 4;  // vectors per block of the value axis (64 floats / 32 doubles)
+
+template <typename T>
+inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  using S = Simd<T>;
+  typename S::V acc{};
+  int64_t e = 0;
+  for (; e + S::N <= n; e += S::N) acc += S::load(a + e) * S::load(b + e);
+  T s = S::hsum(acc);
+  for (; e < n; ++e) s += a[e] * b[e];
+  return s;
+}
+
+// Forward, one token, one block [e0, e0 + nv * N) of the value axis, one query head:
+// (update) S_i = g S_i + k_i v for every row i, and acc = sum_i q_i S_i.
+template <typename T, int nv, bool update>
+inline void fwd_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, const T* __restrict__ kt,
+                      const T* __restrict__ qt, const T* __restrict__ vt, T g, T* __restrict__ acc) {
+  using SI = Simd<T>;
+  using V = typename SI::V;
+  V a[nv] = {}, vb[nv];
+  const V gv = SI::splat(g);
+  for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
+  for (int64_t i = 0; i < D; ++i) {
+    T* Sr = S + i * Ev + e0;
+    const V qi = SI::splat(qt[i]);
+    if (update) {
+      const V ki = SI::splat(kt[i]);
+      for (int u = 0; u < nv; ++u) {
+        const V x = gv * SI::load(Sr + u * SI::N) + ki * vb[u];
+        SI::store(Sr + u * SI::N, x);
+        a[u] += qi * x;
+      }
+    } else {
+      for (int u = 0; u < nv; ++u) a[u] += qi * SI::load(Sr + u * SI::N);
+    }
+  }
+  for (int u = 0; u < nv; ++u) SI::store(acc + e0 + u * SI::N, a[u]);
+}
+
+template <typename T, bool update>
+inline void fwd_token(T* S, int64_t Ev, int64_t D, const T* kt, const T* qt, const T* vt, T g, T* acc) {
+  using SI = Simd<T>;
+  int64_t e0 = 0;
+  for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N) fwd_block<T, NV, update>(S, Ev, e0, D, kt, qt, vt, g, acc);
+  for (; e0 + SI::N <= Ev; e0 += SI::N) fwd_block<T, 1, update>(S, Ev, e0, D, kt, qt, vt, g, acc);
+  if (e0 < Ev) {
+    for (int64_t e = e0; e < Ev; ++e) acc[e] = 0;
+    for (int64_t i = 0; i < D; ++i) {
+      T* Sr = S + i * Ev;
+      for (int64_t e = e0; e < Ev; ++e) {
+        if (update) Sr[e] = g * Sr[e] + kt[i] * vt[e];
+        acc[e] += qt[i] * Sr[e];
+      }
+    }
+  }
+}
+
+// Backward, backwards sweep, one token, one block of the value axis: R_i = gn R_i + sum_j q_ji G_j,
+// dv += k_i R_i, dk_i += R_i . v (added to dk, which holds the normaliser's part on entry).
+template <typename T, int nv>
+inline void rev_block(T* __restrict__ R, int64_t Ev, int64_t e0, int64_t D, int64_t gq, const T* const* qt,
+                      const T* __restrict__ G, const T* __restrict__ kt, const T* __restrict__ vt, T gn,
+                      T* __restrict__ dk, T* __restrict__ dv) {
+  using SI = Simd<T>;
+  using V = typename SI::V;
+  V dvb[nv] = {}, vb[nv], gb[nv];
+  const V gv = SI::splat(gn);
+  for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
+  if (gq == 1)
+    for (int u = 0; u < nv; ++u) gb[u] = SI::load(G + e0 + u * SI::N);
+  auto row = [&](int64_t i) -> V {  // R_i updated; returns the lanes of R_i . v
+    T* Rr = R + i * Ev + e0;
+    const V ki = SI::splat(kt[i]);
+    V part{};
+    for (int u = 0; u < nv; ++u) {
+      V x = gv * SI::load(Rr + u * SI::N);
+      if (gq == 1) {
+        x += SI::splat(qt[0][i]) * gb[u];
+      } else {
+        for (int64_t j = 0; j < gq; ++j) x += SI::splat(qt[j][i]) * SI::load(G + j * Ev + e0 + u * SI::N);
+      }
+      SI::store(Rr + u * SI::N, x);
+      dvb[u] += ki * x;
+      part += x * vb[u];
+    }
+    return part;
+  };
+  int64_t i = 0;
+  for (; i + SI::N <= D; i += SI::N) {  // N rows at a time: their lane sums in one vector
+    V parts[SI::N];
+    for (int64_t r = 0; r < SI::N; ++r) parts[r] = row(i + r);
+    SI::store(dk + i, SI::load(dk + i) + reduce_rows(parts));
+  }
+  for (; i < D; ++i) dk[i] += SI::hsum(row(i));
+  for (int u = 0; u < nv; ++u) SI::store(dv + e0 + u * SI::N, dvb[u]);
+}
+
+// Backward, forwards sweep, one token, one block: S_i = g S_i + k_i v, dq_ji += S_i . G_j.
+template <typename T, int nv>
+inline void dq_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, int64_t gq, T* const* dq,
+                     const T* __restrict__ G, const T* __restrict__ kt, const T* __restrict__ vt, T g) {
+  using SI = Simd<T>;
+  using V = typename SI::V;
+  V vb[nv];
+  const V gv = SI::splat(g);
+  for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
+  int64_t i0 = 0;
+  if (gq == 1) {  // N rows at a time: their lane sums in one vector
+    V gb[nv];
+    for (int u = 0; u < nv; ++u) gb[u] = SI::load(G + e0 + u * SI::N);
+    for (; i0 + SI::N <= D; i0 += SI::N) {
+      V parts[SI::N];
+      for (int64_t r = 0; r < SI::N; ++r) {
+        T* Sr = S + (i0 + r) * Ev + e0;
+        const V ki = SI::splat(kt[i0 + r]);
+        V part{};
+        for (int u = 0; u < nv; ++u) {
+          const V x = gv * SI::load(Sr + u * SI::N) + ki * vb[u];
+          SI::store(Sr + u * SI::N, x);
+          part += x * gb[u];
+        }
+        parts[r] = part;
+      }
+      SI::store(dq[0] + i0, SI::load(dq[0] + i0) + reduce_rows(parts));
+    }
+  }
+  for (int64_t i = i0; i < D; ++i) {
+    T* Sr = S + i * Ev + e0;
+    const V ki = SI::splat(kt[i]);
+    V x[nv];
+    for (int u = 0; u < nv; ++u) {
+      x[u] = gv * SI::load(Sr + u * SI::N) + ki * vb[u];
+      SI::store(Sr + u * SI::N, x[u]);
+    }
+    for (int64_t j = 0; j < gq; ++j) {
+      V part{};
+      for (int u = 0; u < nv; ++u) part += x[u] * SI::load(G + j * Ev + e0 + u * SI::N);
+      dq[j][i] += SI::hsum(part);
+    }
+  }
+}
+
+// Rows per task: small calls (a decoding step) run on the calling thread -- waking a thread pool costs
+// more than their arithmetic, and on a loaded machine a whole scheduler slice.
+inline int64_t grain(int64_t L, int64_t D, int64_t Ev) {
+  const int64_t work = std::max<int64_t>(1, L * D * Ev);
+  return std::max<int64_t>(1, (int64_t(1) << 20) / work);
+}
+
+template <typename T>
+void causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Gates& gates,
+                    const c10::optional<Tensor>& s0, const c10::optional<Tensor>& z0, bool normalize,
+                    Tensor& out, Tensor& den, Tensor& s_n, Tensor& z_n) {
+  const int64_t B = k.size(0), Hkv = k.size(1), L = k.size(2), D = k.size(3), Ev = v.size(3);
+  const int64_t gq = q.size(1) / Hkv;
+  Rows<T> Q(q), K(k), V(v), O(out);
+  T* dn = normalize ? den.data_ptr<T>() : nullptr;  // (B, H, L, 1) contiguous
+  T* sn = s_n.data_ptr<T>();
+  T* zn = normalize ? z_n.data_ptr<T>() : nullptr;
+  const T* S0 = (s0.has_value() && s0->defined()) ? s0->data_ptr<T>() : nullptr;
+  const T* Z0 = (normalize && z0.has_value() && z0->defined()) ? z0->data_ptr<T>() : nullptr;
+  at::parallel_for(0, B * Hkv, grain(L, D, Ev), [&](int64_t r0, int64_t r1) {
+    std::vector<T> acc(Ev);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / Hkv, h = r % Hkv;
+      T* __restrict__ S = sn + r * D * Ev;  // the running state lives in the output
+      T* __restrict__ z = normalize ? zn + r * D : nullptr;
+      for (int64_t i = 0; i < D * Ev; ++i) S[i] = S0 ? S0[r * D * Ev + i] : T(0);
+      if (normalize)
+        for (int64_t i = 0; i < D; ++i) z[i] = Z0 ? Z0[r * D + i] : T(0);
+      for (int64_t t = 0; t < L; ++t) {
+        const T g = gates.any() ? static_cast<T>(gates.at(b, h, t)) : T(1);
+        const T* kt = K.at(b, h, t);
+        const T* vt = V.at(b, h, t);
+        if (normalize)
+          for (int64_t i = 0; i < D; ++i) z[i] = g * z[i] + kt[i];
+        for (int64_t j = 0; j < gq; ++j) {
+          const int64_t hq = h * gq + j;
+          const T* qt = Q.at(b, hq, t);
+          if (j == 0)
+            fwd_token<T, true>(S, Ev, D, kt, qt, vt, g, acc.data());
+          else
+            fwd_token<T, false>(S, Ev, D, kt, qt, vt, g, acc.data());
+          T* o = O.at(b, hq, t);
+          T inv = 1;
+          if (normalize) {
+            const T d = dot(qt, z, D);
+            dn[(b * Hkv * gq + hq) * L + t] = d;
+            inv = d == T(0) ? T(1) : T(1) / d;
+          }
+          for (int64_t e = 0; e < Ev; ++e) o[e] = acc[e] * inv;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Gates& gates,
+                     const c10::optional<Tensor>& s0, const c10::optional<Tensor>& z0, bool normalize,
+                     const Tensor& out, const Tensor& den, const Tensor& dout, const c10::optional<Tensor>& dden,
+                     const c10::optional<Tensor>& dsn, const c10::optional<Tensor>& dzn, Tensor& dq, Tensor& dk,
+                     Tensor& dv, Tensor& ds0, Tensor& dz0, Tensor& dcum) {
+  using SI = Simd<T>;
+  const int64_t B = k.size(0), Hkv = k.size(1), L = k.size(2), D = k.size(3), Ev = v.size(3);
+  const int64_t gq = q.size(1) / Hkv, H = q.size(1);
+  Rows<T> Q(q), K(k), V(v), O(out), dO(dout), dQ(dq), dK(dk), dV(dv);
+  const T* dn = normalize ? den.data_ptr<T>() : nullptr;
+  const bool has_dden = normalize && dden.has_value() && dden->defined();
+  const T* ddn = has_dden ? dden->data_ptr<T>() : nullptr;
+  const T* S0 = (s0.has_value() && s0->defined()) ? s0->data_ptr<T>() : nullptr;
+  const T* Z0 = (normalize && z0.has_value() && z0->defined()) ? z0->data_ptr<T>() : nullptr;
+  const T* dSn = (dsn.has_value() && dsn->defined()) ? dsn->data_ptr<T>() : nullptr;
+  const T* dZn = (normalize && dzn.has_value() && dzn->defined()) ? dzn->data_ptr<T>() : nullptr;
+  T* dS0 = ds0.data_ptr<T>();
+  T* dZ0 = normalize ? dz0.data_ptr<T>() : nullptr;
+  T* dc = gates.any() ? dcum.data_ptr<T>() : nullptr;  // (B, Hkv, L)
+  at::parallel_for(0, B * Hkv, grain(L, D, Ev), [&](int64_t r0, int64_t r1) {
+    std::vector<T> G(gq * Ev), gd(gq, T(0)), S(D * Ev), z(D);
+    std::vector<const T*> qs(gq);
+    std::vector<T*> dqs(gq);
+    // G_j = dout_j / den_j and gd_j = -(dout_j . out_j) / den_j + dden_j (0 + dden where den == 0)
+    auto grads = [&](int64_t b, int64_t h, int64_t t) {
+      for (int64_t j = 0; j < gq; ++j) {
+        const int64_t hq = h * gq + j;
+        const T* __restrict__ o = dO.at(b, hq, t);
+        T* __restrict__ Gj = G.data() + j * Ev;
+        qs[j] = Q.at(b, hq, t);
+        dqs[j] = dQ.at(b, hq, t);
+        if (!normalize) {
+          for (int64_t e = 0; e < Ev; ++e) Gj[e] = o[e];
+          continue;
+        }
+        const T d = dn[(b * H + hq) * L + t];
+        const T inv = d == T(0) ? T(1) : T(1) / d;
+        for (int64_t e = 0; e < Ev; ++e) Gj[e] = o[e] * inv;
+        gd[j] = d == T(0) ? T(0) : -dot(o, O.at(b, hq, t), Ev) * inv;
+        if (has_dden) gd[j] += ddn[(b * H + hq) * L + t];
+      }
+    };
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / Hkv, h = r % Hkv;
+      // backwards: R = dL/dS_t, rz = dL/dz_t
+      T* __restrict__ R = dS0 + r * D * Ev;
+      T* __restrict__ rz = normalize ? dZ0 + r * D : nullptr;
+      for (int64_t i = 0; i < D * Ev; ++i) R[i] = dSn ? dSn[r * D * Ev + i] : T(0);
+      if (normalize)
+        for (int64_t i = 0; i < D; ++i) rz[i] = dZn ? dZn[r * D + i] : T(0);
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const T gn = (gates.any() && t + 1 < L) ? static_cast<T>(gates.at(b, h, t + 1)) : T(1);
+        grads(b, h, t);
+        const T* kt = K.at(b, h, t);
+        const T* vt = V.at(b, h, t);
+        T* dkt = dK.at(b, h, t);
+        T* dvt = dV.at(b, h, t);
+        if (normalize) {  // rz = gn rz + sum_j gd_j q_j; dk starts from it
+          for (int64_t i = 0; i < D; ++i) rz[i] *= gn;
+          for (int64_t j = 0; j < gq; ++j) {
+            const T* __restrict__ qj = qs[j];
+            const T gdj = gd[j];
+            for (int64_t i = 0; i < D; ++i) rz[i] += gdj * qj[i];
+          }
+          for (int64_t i = 0; i < D; ++i) dkt[i] = rz[i];
+        } else {
+          for (int64_t i = 0; i < D; ++i) dkt[i] = 0;
+        }
+        int64_t e0 = 0;
+        for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N)
+          rev_block<T, NV>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt);
+        for (; e0 + SI::N <= Ev; e0 += SI::N)
+          rev_block<T, 1>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt);
+        for (int64_t e = e0; e < Ev; ++e) dvt[e] = 0;
+        for (int64_t i = 0; i < D && e0 < Ev; ++i) {
+          T* Rr = R + i * Ev;
+          for (int64_t e = e0; e < Ev; ++e) {
+            T x = gn * Rr[e];
+            for (int64_t j = 0; j < gq; ++j) x += qs[j][i] * G[j * Ev + e];
+            Rr[e] = x;
+            dvt[e] += kt[i] * x;
+            dkt[i] += x * vt[e];
+          }
+        }
+        if (dc) dc[r * L + t] = -dot(kt, dkt, D);
+      }
+      if (gates.any()) {  // dS_0 = g_1 R_1
+        const T g0 = L > 0 ? static_cast<T>(gates.at(b, h, 0)) : T(1);
+        for (int64_t i = 0; i < D * Ev; ++i) R[i] *= g0;
+        if (normalize)
+          for (int64_t i = 0; i < D; ++i) rz[i] *= g0;
+      }
+      // forwards: S_t, z_t give dq
+      for (int64_t i = 0; i < D * Ev; ++i) S[i] = S0 ? S0[r * D * Ev + i] : T(0);
+      for (int64_t i = 0; i < D; ++i) z[i] = Z0 ? Z0[r * D + i] : T(0);
+      for (int64_t t = 0; t < L; ++t) {
+        const T g = gates.any() ? static_cast<T>(gates.at(b, h, t)) : T(1);
+        grads(b, h, t);
+        const T* kt = K.at(b, h, t);
+        const T* vt = V.at(b, h, t);
+        {
+          T* __restrict__ zz = z.data();
+          for (int64_t i = 0; i < D; ++i) zz[i] = g * zz[i] + kt[i];
+          for (int64_t j = 0; j < gq; ++j) {
+            T* __restrict__ dqj = dqs[j];
+            const T c = normalize ? gd[j] : T(0);
+            for (int64_t i = 0; i < D; ++i) dqj[i] = c * zz[i];
+          }
+        }
+        int64_t e0 = 0;
+        for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N)
+          dq_block<T, NV>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g);
+        for (; e0 + SI::N <= Ev; e0 += SI::N)
+          dq_block<T, 1>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g);
+        for (int64_t i = 0; i < D && e0 < Ev; ++i) {
+          T* Sr = S.data() + i * Ev;
+          for (int64_t e = e0; e < Ev; ++e) {
+            Sr[e] = g * Sr[e] + kt[i] * vt[e];
+            for (int64_t j = 0; j < gq; ++j) dqs[j][i] += Sr[e] * G[j * Ev + e];
+          }
+        }
+        if (dc) {
+          T s = 0;
+          for (int64_t j = 0; j < gq; ++j) s += dot(qs[j], dqs[j], D);
+          dc[r * L + t] += s;
+        }
+      }
+    }
+  });
+}
+
+// ---- entry points --------------------------------------------------------------------------------
+
+std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> log_g, c10::optional<Tensor> s0,
+                            c10::optional<Tensor> z0, bool causal, bool normalize) {
+  q = last_contiguous(q);
+  k = last_contiguous(k);
+  v = last_contiguous(v);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Ev = v.size(3);
+  TORCH_CHECK(causal, "the compiled kernels are causal (non-causal calls run on the tiled kernels)");
+  TORCH_CHECK(k.size(2) == L, "the causal kernel needs equal query and key lengths");
+  auto opts = v.options();
+  Tensor out = at::empty({B, H, L, Ev}, opts);
+  Tensor den = normalize ? at::empty({B, H, L, 1}, opts) : at::empty({0}, opts);
+  Tensor s_n = at::empty({B, Hkv, D, Ev}, opts);
+  Tensor z_n = normalize ? at::empty({B, Hkv, D}, opts) : at::empty({0}, opts);
+  c10::optional<Tensor> lg;
+  if (log_g.has_value() && log_g->defined()) lg = log_g->to(at::kDouble).contiguous();
+  Gates gates(lg, Hkv);
+  c10::optional<Tensor> s0c, z0c;
+  if (s0.has_value() && s0->defined()) s0c = s0->contiguous();
+  if (z0.has_value() && z0->defined()) z0c = z0->contiguous();
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "fastattn_linear_forward", [&] {
+    causal_forward<scalar_t>(q, k, v, gates, s0c, z0c, normalize, out, den, s_n, z_n);
+  });
+  return {out, den, s_n, z_n};
+}
+
+std::vector<Tensor> backward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> log_g, c10::optional<Tensor> s0,
+                             c10::optional<Tensor> z0, Tensor out, Tensor den, Tensor s_n, Tensor z_n,
+                             Tensor dout, c10::optional<Tensor> dden, c10::optional<Tensor> dsn,
+                             c10::optional<Tensor> dzn, bool causal, bool normalize) {
+  q = last_contiguous(q);
+  k = last_contiguous(k);
+  v = last_contiguous(v);
+  out = last_contiguous(out);
+  dout = last_contiguous(dout);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Ev = v.size(3);
+  auto opts = v.options();
+  auto present = [](const c10::optional<Tensor>& x) { return x.has_value() && x->defined(); };
+  TORCH_CHECK(causal, "the compiled kernels are causal (non-causal calls run on the tiled kernels)");
+  Tensor dq = at::empty({B, H, L, D}, opts), dk = at::empty({B, Hkv, L, D}, opts);
+  Tensor dv = at::empty({B, Hkv, L, Ev}, opts);
+  Tensor ds0 = at::empty({B, Hkv, D, Ev}, opts);
+  Tensor dz0 = normalize ? at::empty({B, Hkv, D}, opts) : at::empty({0}, opts);
+  c10::optional<Tensor> lg;
+  if (present(log_g)) lg = log_g->to(at::kDouble).contiguous();
+  Gates gates(lg, Hkv);
+  Tensor dcum = gates.any() ? at::empty({B, Hkv, L}, opts) : at::empty({0}, opts);
+  auto cont = [&](const c10::optional<Tensor>& x) -> c10::optional<Tensor> {
+    if (present(x)) return x->contiguous();
+    return c10::nullopt;
+  };
+  Tensor denc = normalize ? den.contiguous() : den;
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "fastattn_linear_backward", [&] {
+    causal_backward<scalar_t>(q, k, v, gates, cont(s0), cont(z0), normalize, out, denc, dout, cont(dden), cont(dsn),
+                              cont(dzn), dq, dk, dv, ds0, dz0, dcum);
+  });
+  return {dq, dk, dv, ds0, dz0, dcum};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "linear attention forward: (out, den, s_n, z_n)");
+  m.def("backward", &backward, "linear attention backward: (dq, dk, dv, ds0, dz0, dcum)");
+}
