@@ -182,7 +182,7 @@ def distill(
                     report.transfer_losses.append(float(loss.detach()))
                     elapsed = time.perf_counter() - t0
                     if (i + 1) % log_every == 0 or i == 0 or i + 1 == steps:
-                        _log(progress, f"[transfer {i + 1}/{steps}] loss {float(loss):.4f}  {elapsed:.0f} s")
+                        _log(progress, f"[transfer {i + 1}/{steps}] loss {float(loss.detach()):.4f}  {elapsed:.0f} s")
                     if max_seconds is not None and elapsed > max_seconds:
                         _log(progress, f"[transfer] time budget of {max_seconds:.0f} s reached after {i + 1} steps")
                         break
@@ -207,7 +207,7 @@ def distill(
                 report.finetune_losses.append(float(loss.detach()))
                 elapsed = time.perf_counter() - t0
                 if (i + 1) % log_every == 0 or i == 0 or i + 1 == finetune_steps:
-                    _log(progress, f"[finetune {i + 1}/{finetune_steps}] loss {float(loss):.4f}  {elapsed:.0f} s")
+                    _log(progress, f"[finetune {i + 1}/{finetune_steps}] loss {float(loss.detach()):.4f}  {elapsed:.0f} s")
                 if finetune_max_seconds is not None and elapsed > finetune_max_seconds:
                     _log(progress, f"[finetune] time budget of {finetune_max_seconds:.0f} s reached after {i + 1} steps")
                     break
