@@ -176,7 +176,11 @@ class Adapter:
             from .distill import transfer_loss
 
             pad = None if keep is None else ~keep[:, -k.shape[2]:]
-            module.fastattn_transfer_loss, out = transfer_loss(mech, q, k, v, pad, causal, scale)
+            captured = getattr(module, "fastattn_captured", None)
+            if captured is not None:  # record this layer's inputs; train on them later without the model
+                captured.append((q.detach(), k.detach(), v.detach(), pad, causal, scale))
+            module.fastattn_transfer_loss, out = transfer_loss(mech, q, k, v, pad, causal, scale,
+                                                               with_loss=captured is None)
             return out
         state_layer = getattr(module, "_fastattn_cache_layer", None)
         if state_layer is not None:  # a linearized layer decoding: fastattn's own state lives in the cache

@@ -66,7 +66,7 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
 
 
-def convert_minilm(minutes: float = 30.0, batch: int = 16, max_length: int = 128, eval_size: int = 192,
+def convert_minilm(minutes: float = 30.0, batch: int = 16, max_length: int = 64, eval_size: int = 192,
                    method: str = "hedgehog", seed: int = 0) -> dict[str, Any]:
     """MiniLM-L6 sentence encoder: returns the report entry (metrics, timings, loss curves)."""
     import fastattn.hf as fh
@@ -117,9 +117,9 @@ def convert_minilm(minutes: float = 30.0, batch: int = 16, max_length: int = 128
         return (1.0 - (embed(model, enc) * target).sum(-1)).mean()
 
     budget = minutes * 60.0
-    report = fh.distill(student, batches, steps=10_000, lr=1e-2, max_seconds=0.3 * budget,
-                        finetune_steps=100_000, finetune_lr=5e-4, finetune_loss=loss_fn, train="attention",
-                        finetune_max_seconds=0.7 * budget - 2 * eval_s, log_every=10, progress=_log)
+    report = fh.distill(student, batches, steps=10_000, lr=1e-2, max_seconds=0.3 * budget, capture=24,
+                        finetune_steps=100_000, finetune_lr=3e-4, finetune_loss=loss_fn, train="attention",
+                        finetune_max_seconds=0.7 * budget - eval_s, log_every=20, progress=_log)
     after = cosine(student)
     _log(f"[minilm] held-out embedding cosine: zero-shot {zero_shot:.4f} -> converted {after:.4f}")
     return {
@@ -184,9 +184,9 @@ def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, ev
         return F.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean()
 
     budget = minutes * 60.0
-    report = fh.distill(student, batches, steps=10_000, lr=1e-2, max_seconds=0.3 * budget,
+    report = fh.distill(student, batches, steps=10_000, lr=1e-2, max_seconds=0.3 * budget, capture=16,
                         finetune_steps=100_000, finetune_lr=1e-4, finetune_loss=loss_fn, train="attention",
-                        finetune_max_seconds=0.7 * budget - 2 * eval_s, log_every=5, progress=_log)
+                        finetune_max_seconds=0.7 * budget - eval_s, log_every=5, progress=_log)
     after = perplexity(student)
     _log(f"[smollm2] held-out perplexity: original {original:.2f}, zero-shot {zero_shot:.1f}, converted {after:.2f}")
     return {

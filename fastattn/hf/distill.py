@@ -68,6 +68,7 @@ class transfer_mode:
         for m in self.modules:
             m.fastattn_transfer = False
             m.fastattn_transfer_loss = None
+            m.fastattn_captured = None
 
     def loss(self) -> Tensor:
         losses = [m.fastattn_transfer_loss for m in self.modules if m.fastattn_transfer_loss is not None]
@@ -77,24 +78,55 @@ class transfer_mode:
 
 
 def transfer_loss(core: nn.Module, q: Tensor, k: Tensor, v: Tensor, pad: Tensor | None, causal: bool,
-                  scale: float | None) -> tuple[Tensor, Tensor]:
-    """The transfer loss of one layer and the softmax output it passes on (``(B, H, L, Ev)``)."""
+                  scale: float | None, with_loss: bool = True) -> tuple[Tensor | None, Tensor]:
+    """The transfer loss of one layer (None unless ``with_loss``) and the softmax output it passes on
+    (``(B, H, L, Ev)``)."""
     import fastattn
-    from fastattn.core.checks import build_mask, repeat_kv
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     with torch.no_grad():
         teacher = fastattn.attention(q, k, v, "softmax", key_padding_mask=pad, is_causal=causal, scale=scale)
+    return (layer_loss(core, q, k, v, pad, causal, scale, teacher) if with_loss else None), teacher
+
+
+def layer_loss(core: nn.Module, q: Tensor, k: Tensor, v: Tensor, pad: Tensor | None, causal: bool,
+               scale: float | None, teacher: Tensor | None = None) -> Tensor:
+    """One layer's transfer loss: its ``mimicry_loss`` (KL of softmax weights to its own) where the
+    mechanism has one, else the squared error of its output against softmax's (``teacher``)."""
+    import fastattn
+    from fastattn.core.checks import build_mask, repeat_kv
+
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if hasattr(core, "mimicry_loss"):
-        g = q.shape[1] // k.shape[1]
-        kk = repeat_kv(k, g)
+        kk = repeat_kv(k, q.shape[1] // k.shape[1])
         qf, kf = core.upcast(q, kk)
-        return core.mimicry_loss(qf, kf, build_mask(qf, kf, pad, None, causal), scale), teacher
+        return core.mimicry_loss(qf, kf, build_mask(qf, kf, pad, None, causal), scale)
+    if teacher is None:
+        with torch.no_grad():
+            teacher = fastattn.attention(q, k, v, "softmax", key_padding_mask=pad, is_causal=causal, scale=scale)
     student = core.run(q.detach(), k.detach(), v.detach(), key_padding_mask=pad, is_causal=causal, scale=scale)
     err = (student.float() - teacher.float()) ** 2
-    if pad is not None and causal is False and q.shape[2] == k.shape[2]:
-        err = err * (~pad)[:, None, :, None]
-    return err.mean(), teacher
+    if pad is not None and q.shape[2] == k.shape[2]:
+        err = err * (~pad)[:, None, :, None]  # padded queries' outputs are unspecified
+    return err.mean()
+
+
+def _capture(model: nn.Module, mode: transfer_mode, stream: Any, n: int,
+             progress: bool | Callable[[str], None]) -> list[list[tuple[nn.Module, tuple]]]:
+    """Run ``n`` batches through the model (softmax passed on) recording each linearized layer's
+    ``q, k, v`` and mask: per batch, a list of (core, inputs)."""
+    out = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(n):
+            for m in mode.modules:
+                m.fastattn_captured = []
+            model(**next(stream))
+            out.append([(m.fastattn_core, m.fastattn_captured[0]) for m in mode.modules if m.fastattn_captured])
+            for m in mode.modules:
+                m.fastattn_captured = None
+    _log(progress, f"[transfer] recorded the attention inputs of {n} batches in {time.perf_counter() - t0:.0f} s")
+    return out
 
 
 def _default_lm_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -136,6 +168,7 @@ def distill(
     finetune_max_seconds: float | None = None,
     progress: bool | Callable[[str], None] = True,
     log_every: int = 10,
+    capture: int = 0,
 ) -> DistillReport:
     """Train a :func:`~fastattn.hf.linearize`-d model's attention to mimic the softmax it replaced.
 
@@ -149,6 +182,10 @@ def distill(
         max_seconds, finetune_max_seconds: wall-clock budgets that end a stage early.
         progress: print progress to stderr (True), not at all (False), or hand lines to a callable.
         log_every: steps between progress lines.
+        capture: stage 1 records the attention inputs (``q, k, v``, masks) of every linearized layer for this
+            many batches (one model forward each, no gradients) and then trains on them without running
+            the model -- the layers are independent in this stage, so this is the same objective at a
+            fraction of the cost. 0: run the model on every step.
 
     Returns:
         a :class:`DistillReport`. The model is left in eval mode with its parameters' ``requires_grad`` as
@@ -172,11 +209,15 @@ def distill(
             opt = torch.optim.Adam(core_params, lr=lr)
             t0 = time.perf_counter()
             with transfer_mode(model) as mode:
+                captured = _capture(model, mode, stream, capture, progress) if capture else None
                 for i in range(steps):
-                    batch = next(stream)
                     opt.zero_grad(set_to_none=True)
-                    model(**batch)
-                    loss = mode.loss()
+                    if captured is None:
+                        model(**next(stream))
+                        loss = mode.loss()
+                    else:  # the recorded inputs of every layer: no model forward
+                        recorded = captured[i % len(captured)]
+                        loss = torch.stack([layer_loss(core, *inputs) for core, inputs in recorded]).mean()
                     loss.backward()
                     opt.step()
                     report.transfer_losses.append(float(loss.detach()))

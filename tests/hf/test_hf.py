@@ -250,3 +250,16 @@ def test_distill_reduces_the_transfer_loss_then_finetunes() -> None:
     assert "attention transfer" in report.summary()
     with pytest.raises(ValueError, match="linearize"):
         fh.distill(llama(), batches, steps=1, progress=False)
+
+
+def test_distill_on_recorded_attention_inputs() -> None:
+    model = llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+    fh.linearize(model, "hedgehog")
+    batches = [{"input_ids": torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(i)),
+                "use_cache": False} for i in range(2)]
+    report = fh.distill(model, batches, steps=20, lr=3e-2, capture=2, progress=False)
+    assert report.transfer_losses[-1] < 0.7 * report.transfer_losses[0]
+    assert not any(getattr(m, "fastattn_transfer", False) for m in model.modules())
