@@ -185,10 +185,11 @@ def _perturb(model) -> None:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
-def test_linearize_hedgehog_decodes_from_a_constant_state() -> None:
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_linearize_hedgehog_decodes_from_a_constant_state(arch: str) -> None:
     from fastattn.ops.linear.state import LinearState
 
-    model = fh.linearize(llama(), "hedgehog", chunk=4)
+    model = fh.linearize(BUILD[arch](), "hedgehog", chunk=4)
     _perturb(model)
     ids = torch.randint(1, V, (2, 7))
     mask = torch.ones_like(ids)
