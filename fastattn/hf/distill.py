@@ -197,7 +197,7 @@ def distill(
     report = DistillReport()
     was = {p: p.requires_grad for p in model.parameters()}
     model.eval()
-    stream = itertools.cycle(batches) if not isinstance(batches, list) else itertools.cycle(batches)
+    stream = itertools.cycle(batches)
     try:
         core_params = [p for _, c in cores for p in c.parameters()]
         if steps > 0 and core_params:
@@ -248,9 +248,11 @@ def distill(
                 report.finetune_losses.append(float(loss.detach()))
                 elapsed = time.perf_counter() - t0
                 if (i + 1) % log_every == 0 or i == 0 or i + 1 == finetune_steps:
-                    _log(progress, f"[finetune {i + 1}/{finetune_steps}] loss {float(loss.detach()):.4f}  {elapsed:.0f} s")
+                    _log(progress,
+                         f"[finetune {i + 1}/{finetune_steps}] loss {float(loss.detach()):.4f}  {elapsed:.0f} s")
                 if finetune_max_seconds is not None and elapsed > finetune_max_seconds:
-                    _log(progress, f"[finetune] time budget of {finetune_max_seconds:.0f} s reached after {i + 1} steps")
+                    _log(progress,
+                         f"[finetune] time budget of {finetune_max_seconds:.0f} s reached after {i + 1} steps")
                     break
             report.finetune_seconds = time.perf_counter() - t0
     finally:

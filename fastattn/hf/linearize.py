@@ -175,7 +175,7 @@ def _implementation(model: nn.Module) -> str:
     impl = IMPLEMENTATION
     try:
         model.set_attn_implementation(impl)
-    except Exception:  # older / custom models: set it on the config directly
+    except (AttributeError, ValueError, TypeError, NotImplementedError):  # custom models: set the config
         model.config._attn_implementation = impl
     return impl
 
