@@ -235,7 +235,8 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "# Converting pretrained models to linear attention (`fastattn convert`)", "",
         f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; "
         f"{meta['threads']} threads. {meta['note']}", "",
-        "| model | metric | original | zero-shot swap | converted | target | reached | transfer | fine-tune | total |",
+        "| model | metric | original | zero-shot swap | converted | target | reached | transfer | fine-tune "
+        "| wall time (loading and evaluations included) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
@@ -249,7 +250,10 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines += ["", "![loss curves](convert.png)", "", "Models:"]
     lines += [f"- {name}: {r['model']}; {r['method']} on {r['layers']} layers, {r['trained_parameters']} trained "
               "parameters" for name, r in results.items()]
-    lines += ["", "Text: the CPython documentation topics (`pydoc_data.topics`), every 5th topic held out.", ""]
+    lines += ["", "Text: the CPython documentation topics (`pydoc_data.topics`), every 5th topic held out. Stage 1 "
+              "(attention transfer) trains the Hedgehog feature maps on recorded q/k of a few batches; stage 2 "
+              "fine-tunes the feature maps and the attention projections against the original model "
+              "(embedding cosine for MiniLM, logit KL for SmolLM2).", ""]
     return "\n".join(lines)
 
 
