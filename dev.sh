@@ -14,7 +14,7 @@ venv=${FASTATTN_VENV:-.venv}
 py="$venv/bin/python"
 export PIP_CONSTRAINT="$PWD/constraints.txt" PIP_DISABLE_PIP_VERSION_CHECK=1
 case "$job" in
-  test)  extras="test,bench" ;;
+  test)  extras="test,bench,hf" ;;  # hf: transformers (pure Python; torch stays pinned)
   *)     extras="bench" ;;
 esac
 "$py" -m pip install -q torch==2.13.0

@@ -1,4 +1,4 @@
-"""Command line: ``fastattn list | readme | bench`` (also ``python -m fastattn``)."""
+"""Command line: ``fastattn list | readme | bench | convert`` (also ``python -m fastattn``)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     else:
         add_bench(sub)
+    from .hf.convert import add_parser as add_convert  # imports nothing heavy until run
+
+    add_convert(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
