@@ -110,6 +110,9 @@ def make_core(
 class LayerMechanism(Registered):
     """Base class of layer-level mechanisms. See the module docstring for the contract."""
 
+    # False for a layer that reads the query tokens only (a memory lookup, not attention over a sequence):
+    # a call with another key/value sequence (cross-attention) is then a ValueError, never ignored.
+    cross_attention: ClassVar[bool] = True
 
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
         if generator is not None:  # subclasses that draw random numbers consume it and pass None

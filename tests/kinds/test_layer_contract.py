@@ -140,6 +140,10 @@ def test_shapes_in_both_layouts_and_unbatched(spec, core):
         torch.testing.assert_close(one, a[0], rtol=1e-12, atol=1e-12)
     # cross-attention over another sequence of another length and width
     cross = _layer(spec, core, kdim=10, vdim=7)
+    if not cross.mechanism.cross_attention:  # self-attention only: another sequence is refused
+        with pytest.raises(ValueError, match="self-attention"):
+            cross(x, _x(n=L + 4, d=10, seed=2), _x(n=L + 4, d=7, seed=3))
+        return
     out, _ = cross(x, _x(n=L + 4, d=10, seed=2), _x(n=L + 4, d=7, seed=3), is_causal=_only_causal(spec, core))
     assert out.shape == (B, L, D) and torch.isfinite(out).all()
 
@@ -222,6 +226,8 @@ def test_padding_does_not_matter(spec, core):
         torch.testing.assert_close(a[~kpm], b[~kpm], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(aux_a, layer.aux_loss, rtol=1e-10, atol=1e-12)
     layer.eval()
+    if not layer.mechanism.cross_attention:
+        return
     q = _x(n=7, seed=4)
     a, _ = layer(q, x, x, key_padding_mask=kpm, is_causal=_only_causal(spec, core))
     b, _ = layer(q, y, y, key_padding_mask=kpm, is_causal=_only_causal(spec, core))
