@@ -9,7 +9,7 @@ queries (every iteration updates all of them from the previous iteration's match
 * initialisation: one random key per query;
 * ``iterations`` rounds, each scoring the candidates current match ``j*(i)``, propagation from the left
   neighbour ``j*(i-1) + 1`` (and, non-causally, from the right ``j*(i+1) - 1``), random search around the
-  match at radii ``Lk / 2, Lk / 4, ..., 1`` and ``samples`` uniform random keys; the best-scoring one wins
+  match at radii ``m / 2, m / 4, ..., 1/2`` (``m`` the query's number of visible keys) and ``samples`` uniform random keys; the best-scoring one wins
   (ties keep the current match, so scores never decrease). Cost ``O(n (log n + s) d)`` per round.
 
 The random numbers are a fixed hash of ``(noise_seed, query position, head, slot)`` (``noise_seed`` a
@@ -19,8 +19,10 @@ flow through the window softmax only.
 
 Causal form: candidates and window within ``j <= i`` and propagation from the left only, so the future
 never changes the past. Padding keys are never candidates nor in the window; rows with no visible key
-return zeros. Decoding is not offered: the propagation couples each query to the previous ``iterations``
-queries' matches, which a KV cache does not hold. Cost ``O(r n (log n + s) d + n w d)`` time, ``O(n w)``
+return zeros. Decoding (:meth:`Scram.step`): the propagation couples a query's match to the previous
+``iterations`` queries' matches, so the state caches queries beside keys and values, and each step reruns
+the search over the last ``iterations`` real queries and the new ones (the earlier queries' chains are
+complete after ``iterations`` rounds, so the new queries' matches equal the full forward's). Cost ``O(r n (log n + s) d + n w d)`` time, ``O(n w)``
 memory (the window attention gathers keys per query group, :func:`~fastattn.ops.gather.index_attention`).
 """
 
@@ -32,13 +34,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from typing import Any
+
 from fastattn.core.base import Mechanism
 from fastattn.core.masks import Mask
+from fastattn.core.state import DecodingState, KVCache
 from fastattn.ops.gather import index_attention, index_mask
 from fastattn.ops.softmax.dense import dense_attention
 from fastattn.registry import register
 
+class ScramState(DecodingState):
+    """SCRAM's decoding state: the keys and values ``(B, Hkv, L, .)``, the queries ``(B, H, L, E)`` and the
+    padding ``(B, L)`` (``None`` when no token was padding) seen so far."""
+
+    batched = ("k", "v", "q", "key_padding")
+
+    def __init__(self, k: Tensor, v: Tensor, q: Tensor, key_padding: Tensor | None) -> None:
+        self.k, self.v, self.q, self.key_padding = k, v, q, key_padding
+
+    @property
+    def length(self) -> int:  # type: ignore[override]
+        return self.k.shape[2]
+
+
 _M = 2147483647  # 2^31 - 1: the hash works modulo this prime (products stay inside int64)
+_RADII = 48  # hash slots reserved per round for the random search (radii down to span / 2^48)
 
 
 def _uniform(seed: int, pos: Tensor, heads: int, slot: int) -> Tensor:
@@ -52,7 +72,7 @@ def _uniform(seed: int, pos: Tensor, heads: int, slot: int) -> Tensor:
 
 
 @register(
-    "scram", complexity="O(r n (log n + s) d + n w d)", causal=True, decoding=False, padding=True, randomized=True,
+    "scram", complexity="O(r n (log n + s) d + n w d)", causal=True, decoding=True, padding=True, randomized=True,
     time_growth=1.1, memory_growth=1.0,
 )
 class Scram(Mechanism):
@@ -64,7 +84,6 @@ class Scram(Mechanism):
         "One-dimensional (sequence) PatchMatch; the paper's image form with 2-D neighbours and patches is "
         "not implemented. Window size, rounds and random samples are options (defaults not from the paper).",
         "Candidates come from a hash of the position, not a random stream: reproducible and batch-independent.",
-        "No decoding: the propagation couples a query to the previous queries' matches.",
     )
 
     @dataclass(frozen=True)
@@ -111,29 +130,31 @@ class Scram(Mechanism):
         span = (hi + 1).clamp_min(1).double()
         keep = mask.key_keep(torch.float32)
         real = torch.ones(B, 1, lk, dtype=torch.bool, device=q.device) if keep is None else keep[..., 0] > 0
-        slot = iter(range(1 << 30))
 
-        def rnd() -> Tensor:
-            return _uniform(seed, pos, H, next(slot)).to(q.device)
+        def rnd(slot: int) -> Tensor:  # slots are numbered by (round, candidate), whatever the length
+            return _uniform(seed, pos, H, slot).to(q.device)
 
         def within(c: Tensor) -> Tensor:
             return (c >= 0) & (c <= hi)
 
-        best = (rnd() * span).long().clamp(max=lk - 1).expand(B, H, lq)
+        best = (rnd(0) * span).long().clamp(max=lk - 1).expand(B, H, lq)
         best_s = self._scores(q, k, real, best[..., None], within(best)[..., None])[..., 0]
-        radii = [lk / 2 ** (t + 1) for t in range(max(1, math.ceil(math.log2(max(lk, 2)))))]
-        for _ in range(o.iterations):
+        levels = max(1, math.ceil(math.log2(max(int(span.max()), 2))))  # radii span/2, span/4, ... >= 1/2
+        first = torch.arange(lq, device=q.device) > 0
+        for it in range(o.iterations):
+            base = 1 + it * (_RADII + o.samples)
             cands = [best, torch.cat([best[..., :1], best[..., :-1] + 1], -1)]
-            oks = [within(best), within(cands[1]) & (torch.arange(lq, device=q.device) > 0)]
+            oks = [within(best), within(cands[1]) & first]
             if not mask.causal:
                 cands.append(torch.cat([best[..., 1:] - 1, best[..., -1:]], -1))
                 oks.append(within(cands[-1]) & (torch.arange(lq, device=q.device) < lq - 1))
-            for r in radii:
-                c = best + torch.round(r * (2 * rnd() - 1)).long()
+            for t in range(min(levels, _RADII)):
+                radius = span / 2 ** (t + 1)  # per query: its own visible range
+                c = best + torch.round(radius * (2 * rnd(base + t) - 1)).long()
                 cands.append(c.clamp(min=0).minimum(hi.expand_as(c)))
-                oks.append(within(cands[-1]))
-            for _ in range(o.samples):
-                c = (rnd() * span).long().clamp(max=lk - 1).expand(B, H, lq)
+                oks.append(within(cands[-1]) & (radius >= 0.5))
+            for j in range(o.samples):
+                c = (rnd(base + _RADII + j) * span).long().clamp(max=lk - 1).expand(B, H, lq)
                 cands.append(c)
                 oks.append(within(c))
             cand = torch.stack(cands, -1)
@@ -170,3 +191,35 @@ class Scram(Mechanism):
         allowed, _ = index_mask(idx, valid, k.shape[2])
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
         return dense_attention(q, k, v, mask, scale, extra_bias=bias)
+
+    # ---- decoding ---------------------------------------------------------------------------------
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float,
+             key_padding_mask: Tensor | None = None) -> tuple[Tensor, Any]:
+        """Decoding with a :class:`ScramState` (keys, values and queries so far); rows with different padding run separately on their real tokens (positions count from
+        each row's first real token, as if it were alone)."""
+        empty = q.new_empty(*q.shape[:3], 0)
+        if state is None:
+            kv, qs = KVCache(k, v, key_padding_mask), KVCache(q, empty, key_padding_mask)
+        else:
+            kv = KVCache(state.k, state.v, state.key_padding).append(k, v, key_padding_mask)
+            qs = KVCache(state.q, state.q[..., :0], state.key_padding).append(q, empty, key_padding_mask)
+        t, keep = q.shape[2], self.options.iterations
+        out = q.new_zeros(*q.shape[:3], v.shape[3])
+        pad = kv.key_padding
+        patterns, which = (torch.zeros(1, kv.length, dtype=torch.bool, device=q.device),
+                           torch.zeros(q.shape[0], dtype=torch.long, device=q.device)) if pad is None else \
+            torch.unique(pad, dim=0, return_inverse=True)
+        for g in range(patterns.shape[0]):
+            rows = (which == g).nonzero().flatten()
+            real = ~patterns[g]
+            fresh = int(real[-t:].sum())
+            if fresh == 0:
+                continue
+            pos = real.nonzero().flatten()  # the row's real tokens; the search reruns over the last ones
+            tail = pos[-(fresh + keep):]
+            o = self.run(qs.k.index_select(0, rows)[:, :, tail], kv.k.index_select(0, rows)[:, :, pos],
+                         kv.v.index_select(0, rows)[:, :, pos], is_causal=True, scale=scale)
+            part = o.new_zeros(rows.shape[0], q.shape[1], t, o.shape[3])
+            part[:, :, real[-t:]] = o[:, :, -fresh:]
+            out = out.index_copy(0, rows, part)
+        return out, ScramState(kv.k, kv.v, qs.k, kv.key_padding)
