@@ -207,7 +207,7 @@ class Sinkhorn(Mechanism):
         s = torch.cat([srt.masked_fill(~rs[..., None, :], NEG_INF), own.masked_fill(~keep, NEG_INF)], dim=-1)
         vv = torch.cat([vs, vb.expand(*vs.shape[:3], *vb.shape[3:])], dim=-2)
         out, _ = tile_partial(s, lambda e: torch.matmul(e, vv.to(e.dtype)))
-        return out.reshape(bsz, h, -1, v.shape[3])[:, :, lead:lead + lq]
+        return out.reshape(bsz, h, -1, v.shape[3])[:, :, lead:lead + lq].contiguous()
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         """Dense: the literal Sinkhorn iteration in linear space, the sorted blocks as explicit mixtures,
