@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,16384")
     ap.add_argument("--memory-lengths", default="16384,65536")
     ap.add_argument("--methods", default=",".join(TIMED))
+    ap.add_argument("--memory-methods", default=",".join(MEMORY))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "content_cpu"))
@@ -47,7 +48,7 @@ def main() -> None:
             print(f"time {m} n={n}: {r['median_s']:.3f} s", flush=True)
     mem: list[dict] = []
     for n in mem_lengths:
-        for m in [x for x in methods if x in MEMORY]:
+        for m in a.memory_methods.split(","):
             mb = peak_memory_mb(Case(m, n, mode="fwdbwd", threads=a.threads), timeout_s=1800)
             mem.append({"method": m, "n": n, "peak_mib": mb})
             print(f"memory {m} n={n}: {mb:.0f} MiB", flush=True)
@@ -70,7 +71,7 @@ def main() -> None:
     if mem:
         lines += ["", "| method | " + " | ".join(f"peak MiB n={n}" for n in mem_lengths) + " | growth |",
                   "|---|" + "---|" * (len(mem_lengths) + 1)]
-        for m in [x for x in methods if x in MEMORY]:
+        for m in a.memory_methods.split(","):
             vals = [next(r["peak_mib"] for r in mem if r["method"] == m and r["n"] == n) for n in mem_lengths]
             growth = f"{vals[-1] / vals[0]:.2f}x" if len(vals) > 1 and vals[0] > 0 else "-"
             lines.append(f"| {m} | " + " | ".join(f"{v:.0f}" for v in vals) + f" | {growth} |")

@@ -41,8 +41,10 @@ import torch
 from torch import Tensor
 
 from fastattn.core.masks import NEG_INF, Mask
+from fastattn.ops.chunked import checkpointed
 from fastattn.ops.gather import index_attention
 from fastattn.ops.permute import sort_by
+from fastattn.ops.sparse import engine
 from fastattn.ops.softmax.online import merge_partials, tile_partial
 
 __all__ = ["angular_hash", "bucketed_attention", "bucketed_reference", "selection_mask"]
@@ -153,29 +155,50 @@ def _blocked_round(
     kslot = start[..., None] + torch.arange(wb, device=q.device)  # (B, H, nc, wb)
     inrange = kslot < lk
     kidx = order.gather(-1, kslot.clamp_max(lk - 1).view(B, H, -1)).view(B, H, nc, wb)  # original key indices
-    take = lambda x: x.gather(2, kidx.view(B, H, -1, 1).expand(B, H, nc * wb, x.shape[3])).view(  # noqa: E731
-        B, H, nc, wb, x.shape[3])
-    kb, vb = take(k), take(v)
     qidx = blocks(torch.arange(lq, device=q.device).expand(B, H, lq))  # original query index of each row
-    s = torch.matmul(blocks(q), kb.transpose(-1, -2)) * scale  # (B, H, nc, chunk, wb)
-    ks = kslot[..., None, :]
-    valid = (ks >= lo[..., None]) & (ks < hi[..., None]) & inrange[..., None, :]
-    valid = valid & real.gather(-1, kidx.view(B, H, -1)).view(B, H, nc, 1, wb)
-    if pad:
-        valid = valid & (torch.arange(nc * chunk, device=q.device) < lq).view(1, 1, nc, chunk, 1)
-    kpos = kp.gather(-1, kidx.view(B, H, -1)).view(B, H, nc, 1, wb)
-    qpos = blocks(qp)[..., None]
-    kfull = kidx[..., None, :]  # (B, H, nc, 1, wb): broadcast over the chunk's queries in member()
-    if rd.same_label:
-        valid = valid & rd.member(kfull, qidx)
-    if causal:
-        valid = valid & (kpos <= qpos)
-    if self_penalty is not None:
-        s = s + (kpos == qpos).to(s.dtype) * self_penalty
-    if dedup and len(rounds) > 1:
-        count = sum(other.member(kfull, qidx).to(s.dtype) for other in rounds)
-        s = s - torch.log(count.clamp_min(1))
-    out, lse = tile_partial(s.masked_fill(~valid, NEG_INF), lambda e: torch.matmul(e, vb.to(e.dtype)))
+    qpos = blocks(qp)
+    rowok = (torch.arange(nc * chunk, device=q.device) < lq).view(nc, chunk)
+
+    def tiles(qg: Tensor, k: Tensor, v: Tensor, t0: int, t1: int) -> tuple[Tensor, Tensor]:
+        """The partial of tiles ``t0 .. t1 - 1`` (their keys gathered, scored, masked exactly)."""
+        kid = kidx[:, :, t0:t1]
+        n_t = t1 - t0
+
+        def take(x: Tensor) -> Tensor:  # (B, H, n_t, wb, D)
+            return x.gather(2, kid.reshape(B, H, -1, 1).expand(B, H, n_t * wb, x.shape[3])).view(
+                B, H, n_t, wb, x.shape[3])
+
+        kb, vb = take(k), take(v)
+        s = torch.matmul(qg, kb.transpose(-1, -2)) * scale  # (B, H, n_t, chunk, wb)
+        ks = kslot[:, :, t0:t1, None, :]
+        valid = (ks >= lo[:, :, t0:t1, :, None]) & (ks < hi[:, :, t0:t1, :, None]) & inrange[:, :, t0:t1, None, :]
+        valid = valid & real.gather(-1, kid.reshape(B, H, -1)).view(B, H, n_t, 1, wb) & rowok[t0:t1, :, None]
+        kpos = kp.gather(-1, kid.reshape(B, H, -1)).view(B, H, n_t, 1, wb)
+        qpos_t = qpos[:, :, t0:t1, :, None]
+        kfull, qid = kid[..., None, :], qidx[:, :, t0:t1]  # keys broadcast over the tile's queries in member()
+        if rd.same_label:
+            valid = valid & rd.member(kfull, qid)
+        if causal:
+            valid = valid & (kpos <= qpos_t)
+        if self_penalty is not None:
+            s = s + (kpos == qpos_t).to(s.dtype) * self_penalty
+        if dedup and len(rounds) > 1:
+            count = sum(other.member(kfull, qid).to(s.dtype) for other in rounds)
+            s = s - torch.log(count.clamp_min(1))
+        return tile_partial(s.masked_fill(~valid, NEG_INF), lambda e: torch.matmul(e, vb.to(e.dtype)))
+
+    qb = blocks(q)
+    # tiles in groups of about GROUP_BYTES of scores, each recomputed in backward (checkpointed): the
+    # working set is one group's, whatever n
+    per_tile = B * H * chunk * wb * q.element_size()
+    group = max(1, engine.GROUP_BYTES.get(q.device.type, engine.GROUP_BYTES["cuda"]) // per_tile)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs, lses = [], []
+    for t0 in range(0, nc, group):
+        t1 = min(t0 + group, nc)
+        o, l_ = checkpointed(tiles, qb[:, :, t0:t1], k, v, t0, t1) if grad else tiles(qb[:, :, t0:t1], k, v, t0, t1)
+        outs.append(o), lses.append(l_)
+    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
     out = out.reshape(B, H, nc * chunk, -1)[:, :, :lq]
     lse = lse.reshape(B, H, nc * chunk)[:, :, :lq]
     return (out.gather(2, qinverse[..., None].expand(B, H, lq, out.shape[-1])), lse.gather(2, qinverse))
