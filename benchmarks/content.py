@@ -3,7 +3,7 @@ memory from 16384 to 65536 tokens.
 
     python benchmarks/content.py [--lengths 4096,16384] [--memory-lengths 16384,65536] [--threads 2]
 
-B=1, H=8, E=64, fp32, non-causal, default options of every mechanism; medians of ``--repeats`` runs after a
+B=1, H=8, E=64, fp32, non-causal, default options (sinkhorn: max_length=65536); medians of ``--repeats`` runs after a
 warm-up, the cases of one length interleaved (SDPA first), so ratios within a length are comparable even
 on a shared machine. Peak memory: each case in a fresh subprocess
 (:func:`fastattn.bench.measure.peak_memory_mb`). Writes ``benchmarks/results/content_cpu.json`` and
@@ -24,6 +24,7 @@ from fastattn.bench.measure import Case, peak_memory_mb, time_case
 
 TIMED = ("sdpa", "reformer", "routing", "clustered", "sinkhorn", "scram")
 MEMORY = ("reformer", "routing", "clustered", "sinkhorn", "scram")
+OPTIONS = {"sinkhorn": {"max_length": 65536}}  # the SortNet's width must cover the longest length
 
 
 def main() -> None:
@@ -42,14 +43,15 @@ def main() -> None:
     rows: list[dict] = []
     for n in lengths:
         for m in methods:
-            case = Case(m, n, mode="fwdbwd", threads=a.threads)
+            case = Case(m, n, mode="fwdbwd", threads=a.threads, options=OPTIONS.get(m, {}))
             r = time_case(case, warmup=1, repeats=a.repeats, budget_s=600.0)
             rows.append({"method": m, "n": n, "fwdbwd_s": r["median_s"], "times_s": r["times_s"]})
             print(f"time {m} n={n}: {r['median_s']:.3f} s", flush=True)
     mem: list[dict] = []
     for n in mem_lengths:
         for m in a.memory_methods.split(","):
-            mb = peak_memory_mb(Case(m, n, mode="fwdbwd", threads=a.threads), timeout_s=1800)
+            mb = peak_memory_mb(Case(m, n, mode="fwdbwd", threads=a.threads, options=OPTIONS.get(m, {})),
+                                timeout_s=1800)
             mem.append({"method": m, "n": n, "peak_mib": mb})
             print(f"memory {m} n={n}: {mb:.0f} MiB", flush=True)
     meta = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "threads": a.threads,
