@@ -84,7 +84,11 @@ def layer_case(spec: MethodSpec) -> list[Call]:
             return layer(x, key_padding_mask=kpm, is_causal=causal)[0]
         return run
 
-    calls: list[Call] = [("plain", call(False), (x,))]
+    only_causal = fastattn.MultiheadAttention(  # a causal-only layer (intra) has no plain call
+        48, 6, spec.name, num_kv_heads=3, **spec.cls.test_options,
+        **({"generator": torch.Generator()} if spec.randomized else {}),
+    ).mechanism.requires_causal
+    calls: list[Call] = [] if only_causal else [("plain", call(False), (x,))]
     if spec.causal:
         calls.append(("causal", call(True), (x,)))
     if spec.padding:

@@ -13,12 +13,11 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, _ROOT)  # this checkout, not an installed fastattn
 
-from fastattn.bench.measure import Case, build
+from fastattn.bench.measure import Case, build, interleaved_times
 
 TARGET = 1.5
 
@@ -32,14 +31,7 @@ def main() -> None:
     a = ap.parse_args()
     cases = {name: Case(name, a.n, causal=True, mode="fwdbwd", threads=a.threads) for name in ("linear", "lightning")}
     fns = {name: build(c)[0] for name, c in cases.items()}
-    for fn in fns.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(a.repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):  # alternate the order
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved_times(fns, a.repeats)  # warm-up, then interleaved runs in alternating order
     med = {name: statistics.median(t) for name, t in times.items()}
     ratio = med["lightning"] / med["linear"]
     for name in fns:

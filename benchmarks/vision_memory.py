@@ -3,6 +3,7 @@ resolution, beside the non-local block's dense ``HW x HW`` formula (``nonlocal``
 reference), each case in a fresh subprocess (CPU peak resident set size above the process's baseline).
 
     .venv/bin/python benchmarks/vision_memory.py [--sizes 32,64,128] [--channels 64] [--out bench-out]
+        [--cases tensor_lowrank,emanet]   (only these cases; their rows replace theirs in an existing file)
 
 Memory only: no timings (they need a quiet machine).
 """
@@ -20,7 +21,10 @@ from pathlib import Path
 
 import torch
 
-CASES = ["nonlocal:dense", "nonlocal", "efficient2d", "cbam", "gcnet", "ccnet", "autonl"]
+CASES = [
+    "nonlocal:dense", "nonlocal", "efficient2d", "cbam", "gcnet", "ccnet", "autonl", "tensor_lowrank", "emanet",
+    "permutohedral",
+]
 
 
 def _one(case: str, size: int, channels: int) -> float:
@@ -50,6 +54,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="32,64,128")
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--cases", help="comma-separated subset of the cases (merged into an existing result file)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: case,size,channels in a fresh process
     args = ap.parse_args()
     if args.one:
@@ -59,9 +64,10 @@ def main() -> None:
     torch.set_num_threads(1)
     root = str(Path(__file__).resolve().parent.parent)  # this checkout's fastattn, not an installed one
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    cases = CASES if not args.cases else args.cases.split(",")
     rows = []
     for size in map(int, args.sizes.split(",")):
-        for case in CASES:
+        for case in cases:
             proc = subprocess.run(
                 [sys.executable, __file__, "--one", f"{case},{size},{args.channels}"],
                 capture_output=True, text=True, timeout=1800, env=env,
@@ -77,7 +83,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"channels": args.channels, "batch": 1, "dtype": "float32", "mode": "forward+backward",
             "machine": platform.platform(), "torch": torch.__version__}
-    (out / "vision_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    path = out / "vision_memory.json"
+    if args.cases and path.exists():  # keep the other cases' rows (memory, unlike time, is not load-dependent)
+        old = json.loads(path.read_text())
+        if old["meta"]["channels"] == args.channels:
+            rows = [r for r in old["rows"] if r["case"] not in cases] + rows
+            rows.sort(key=lambda r: (r["size"], CASES.index(r["case"]) if r["case"] in CASES else len(CASES)))
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ def _yes(flag: bool) -> str:
 def mechanism_table() -> str:
     """One row per registered mechanism. ``kind`` names the façade: ``sequence`` --
     ``fastattn.attention`` / ``fastattn.MultiheadAttention`` ("layer only": learned parts, the layer
-    alone); ``vision`` -- ``fastattn.Attention2d``; ``seq2seq`` -- ``fastattn.AlignmentAttention``."""
+    alone); ``vision`` -- ``fastattn.Attention2d`` (or the façade named beside the id: glimpses); ``seq2seq`` --
+    ``fastattn.AlignmentAttention``."""
     specs = methods()
     head = (
         "| id | family | kind | paper | complexity | causal | decoding | padding | exact | options |\n"
@@ -29,7 +30,8 @@ def mechanism_table() -> str:
     rows = []
     for s in specs:
         opts = ", ".join(f"`{k}={v!r}`" for k, v in s.options.items()) or "-"
-        note = "" if s.kind != "sequence" else (
+        facade = getattr(s.cls, "facade", None)  # a kind member with a façade of its own (glimpse)
+        note = f" (`{facade}`)" if facade else "" if s.kind != "sequence" else (
             " (layer-level)" if s.level == "layer" else "" if s.functional else " (layer only)"
         )
         rows.append(

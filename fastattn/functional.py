@@ -107,7 +107,9 @@ def attention(
     """
     spec = get_method(method)
     if spec.kind != "sequence":
-        facade = {"vision": "Attention2d", "seq2seq": "AlignmentAttention"}.get(spec.kind, "its own module")
+        facade = getattr(spec.cls, "facade", None) or {"vision": "Attention2d", "seq2seq": "AlignmentAttention"}.get(
+            spec.kind, "its own module"
+        )
         raise ValueError(f"method {method!r} is a {spec.kind} mechanism; use fastattn.{facade}(..., method={method!r})")
     if not spec.functional:
         raise ValueError(

@@ -42,7 +42,7 @@ class MultiheadAttention(nn.Module):
         ...     y, state = layer.step(chunk, state)
         >>> moh = fastattn.MultiheadAttention(256, 8, method="moh", core="flash", batch_first=True)
         >>> out, _ = moh(x, is_causal=True)
-        >>> loss = out.square().mean() + 0.01 * moh.aux_loss   # the router's load-balance loss
+        >>> loss = out.square().mean() + moh.aux_loss   # the router's losses, already weighted
 
     ``sequence_parallel_group=g`` (a ``torch.distributed`` process group): the layer's input is this
     rank's shard of the sequence, and the attention core runs across the group
@@ -89,8 +89,7 @@ class MultiheadAttention(nn.Module):
         self.method = method
         self.config = config
         self.backend = backend
-        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, config.num_kv_heads
-        self.head_dim, self.kdim, self.vdim = config.head_dim, config.kdim, config.vdim
+        self.embed_dim, self.head_dim, self.kdim, self.vdim = embed_dim, config.head_dim, config.kdim, config.vdim
         self.dropout, self.batch_first = dropout, batch_first
         if sequence_parallel_group is not None:  # inputs are this rank's shard (fastattn.distributed)
             if spec.level == "layer" or getattr(spec.cls, "layer_form", None) is not None:
@@ -114,6 +113,17 @@ class MultiheadAttention(nn.Module):
     def aux_loss(self) -> Tensor:
         """The mechanism's auxiliary loss from the last forward (zero where it defines none)."""
         return self.mechanism.aux_loss
+
+    # The head counts are the mechanism's: they change when it is pruned (gha.prune keeps fewer heads).
+    @property
+    def num_heads(self) -> int:
+        """The query heads the layer has now (after any pruning)."""
+        return self.mechanism.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """The key/value heads the layer has now (after any pruning)."""
+        return self.mechanism.num_kv_heads
 
     # The standard layer's parts, under the names they have always had.
     @property

@@ -126,6 +126,12 @@ class Attention2d(nn.Module):
                 f"method {method!r} is a layer-level mechanism (it owns its projections); "
                 f"use fastattn.MultiheadAttention(..., method={method!r}) on the flattened pixels"
             )
+        facade = getattr(spec.cls, "facade", None)
+        if facade is not None:
+            raise ValueError(
+                f"method {method!r} is not a feature-map transform (it returns glimpse features, locations and "
+                f"log-probabilities); use fastattn.{facade}(channels, method={method!r})"
+            )
         self.spec, self.method, self.channels = spec, method, channels
         block: nn.Module
         if spec.kind == "sequence":

@@ -203,3 +203,47 @@ def decode_in_chunks(mech: Mechanism, q, k, v, sizes):
         outs.append(o)
         t += size
     return torch.cat(outs, dim=2), state
+
+
+def onmt_global_attention():
+    """``onmt.modules.global_attention`` of OpenNMT-py (3.5.1, installed ``--no-deps``), or a skip when it
+    is absent. The package's ``__init__`` imports its whole toolkit (pyonmttok, ctranslate2, ...), which
+    a cross-check of one module does not need: the module and the two it imports are loaded from their
+    files under temporary stand-ins for the parent packages, which are removed again."""
+    import importlib.util
+    import sys
+    import types
+    import warnings
+    from pathlib import Path
+
+    import pytest
+
+    found = importlib.util.find_spec("onmt")
+    if found is None or found.origin is None:
+        pytest.skip("OpenNMT-py (onmt) is not installed")
+    root = Path(found.origin).parent
+    names = ("onmt", "onmt.modules", "onmt.utils", "onmt.modules.sparse_activations", "onmt.utils.misc",
+             "onmt.modules.global_attention")
+    saved = {n: sys.modules.get(n) for n in names}
+    try:
+        for pkg, path in (("onmt", root), ("onmt.modules", root / "modules"), ("onmt.utils", root / "utils")):
+            stub = types.ModuleType(pkg)
+            stub.__path__ = [str(path)]
+            sys.modules[pkg] = stub
+        module = None
+        for name in names[3:]:
+            spec = importlib.util.spec_from_file_location(name, root / (name.split(".", 1)[1].replace(".", "/") + ".py"))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            with warnings.catch_warnings():  # its torch.cuda.amp decorators are deprecated: not ours
+                warnings.simplefilter("ignore", FutureWarning)
+                spec.loader.exec_module(module)
+        return module
+    except ImportError as e:
+        pytest.skip(f"cannot load onmt.modules.global_attention: {e}")
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m

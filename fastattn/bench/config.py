@@ -192,12 +192,13 @@ def _memory_budget_mb(device: str) -> float:
 
 
 def select_methods(expr: str | None) -> tuple[list[MethodSpec], list[str]]:
-    """Parse ``a,b`` / ``family:kernel`` / ``all`` (comma-combinable) into sequence mechanisms.
+    """Parse ``a,b`` / ``family:kernel`` / ``all`` (comma-combinable) into sequence mechanisms (layer-level
+    ones included: the speed and memory sections time their whole ``MultiheadAttention`` layer).
 
     Returns the selected specs (catalogue order) and notes about names that matched nothing, so a
     default list naming mechanisms not (yet) registered still works.
     """
-    registered = [s for s in methods() if s.kind == "sequence" and s.level == "sequence"]  # layer-level: not benchmarked yet
+    registered = [s for s in methods() if s.kind == "sequence"]
     by_name = {s.name: s for s in registered}
     if expr is None or expr.strip() in ("", "all"):
         return registered, []

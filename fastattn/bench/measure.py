@@ -6,7 +6,11 @@ reading. ``impl`` names what runs:
 * a registry id (``"flash"``, ``"linear"``, ...) -- fastattn's efficient path;
 * ``"sdpa"`` -- ``torch.nn.functional.scaled_dot_product_attention`` (the baseline);
 * ``"naive"`` -- the textbook formula that materialises the n x n matrix;
-* ``"peer:<name>"`` -- an adapter from :mod:`fastattn.bench.peers` (an optional peer package).
+* ``"peer:<name>"`` -- an adapter from :mod:`fastattn.bench.peers` (an optional peer package);
+* a layer-level registry id (``"moh"``, ``"mega"``, ...) -- the whole ``fastattn.MultiheadAttention`` layer
+  of width ``D = h * e`` on an input ``x (b, n, D)`` (projections included; a layer with a fixed number of
+  heads, mega, gets that number), timed beside ``"mha"``: the standard ``MultiheadAttention`` layer with
+  the softmax core, same width and heads (the baseline of layer rows).
 
 ``mode`` is ``"fwd"`` (forward), ``"fwdbwd"`` (forward and backward) or ``"decode"``: the time of one
 decoding step, measured as a loop of ``decode_steps`` consecutive steps ending at token ``n`` (the last
@@ -39,7 +43,10 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Case", "build", "make_mechanism", "time_case", "peak_memory_mb", "peak_memory_batch", "rss_mb"]
+__all__ = [
+    "Case", "build", "interleaved_times", "is_layer", "make_layer", "make_mechanism", "time_case", "peak_memory_mb",
+    "peak_memory_batch", "rss_mb",
+]
 
 
 @dataclass
@@ -75,6 +82,80 @@ def _naive(q, k, v, causal: bool, scale: float):
         n = q.shape[2]
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return torch.softmax(s, dim=-1) @ v
+
+
+def is_layer(impl: str) -> bool:
+    """True for the cases that time a whole ``MultiheadAttention`` layer: ``"mha"`` and layer-level ids."""
+    if impl == "mha":
+        return True
+    if impl in ("sdpa", "naive") or impl.startswith("peer:"):
+        return False
+    from ..registry import get_method
+
+    return get_method(impl).level == "layer"
+
+
+def make_layer(case: Case):
+    """The ``MultiheadAttention`` layer of a layer case (``"mha"``: the softmax layer) and its width."""
+    from ..layers import MultiheadAttention
+    from ..registry import get_method
+
+    method = "softmax" if case.impl == "mha" else case.impl
+    spec = get_method(method)
+    heads = getattr(spec.cls, "fixed_heads", None) or case.h
+    torch.manual_seed(case.seed)
+    kwargs = {"generator": torch.Generator().manual_seed(case.seed)} if spec.randomized else {}
+    width = case.h * case.e
+    layer = MultiheadAttention(width, heads, method, batch_first=True, **case.options, **kwargs)
+    return layer.to(case.device, getattr(torch, case.dtype)).eval(), width
+
+
+def _build_layer(case: Case) -> tuple[Callable[[], Any], tuple[torch.Tensor, ...]]:
+    """A layer case: forward (and backward into the input and every parameter), or a loop of decoding
+    steps through ``layer.step`` as :func:`_build_decode` does for mechanisms."""
+    layer, width = make_layer(case)
+    dtype = getattr(torch, case.dtype)
+    g = torch.Generator(device="cpu").manual_seed(case.seed)
+    x = torch.randn(case.b, case.n, width, generator=g).to(case.device, dtype)
+    if case.mode == "decode":
+        s = max(1, min(case.decode_steps, (case.n - 1) // 2))
+        first = case.n - s - 1
+        ctx: dict[str, Any] = {}
+
+        def prepare() -> None:
+            with torch.no_grad():
+                _, state = layer.step(x[:, :first], None)
+                ctx["state"] = layer.step(x[:, first:first + 1], state)[1]
+            ctx["ready"] = True
+
+        def run() -> Any:
+            if not ctx.pop("ready", False):
+                prepare()
+                ctx.pop("ready")
+            state, out = ctx.pop("state"), None
+            with torch.no_grad():
+                for t in range(first + 1, case.n):
+                    out, state = layer.step(x[:, t:t + 1], state)
+            return out
+
+        run.prepare = prepare  # type: ignore[attr-defined]
+        run.calls = s  # type: ignore[attr-defined]
+        return run, (x,)
+    if case.mode == "fwd":
+        def fwd_only() -> Any:
+            with torch.no_grad():
+                return layer(x, is_causal=case.causal)[0]
+        return fwd_only, (x,)
+    x.requires_grad_(True)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def fwd_bwd() -> None:
+        out = layer(x, is_causal=case.causal)[0]
+        out.backward(torch.ones_like(out))
+        for t in (x, *params):
+            t.grad = None
+
+    return fwd_bwd, (x,)
 
 
 def make_mechanism(case: Case):
@@ -160,10 +241,12 @@ def _build_decode(case: Case) -> tuple[Callable[[], Any], tuple[torch.Tensor, ..
 def build(case: Case) -> tuple[Callable[[], Any], tuple[torch.Tensor, ...]]:
     """Inputs and a zero-argument function running the case once (forward, or forward+backward)."""
     torch.set_num_threads(case.threads)
+    if case.mode not in ("fwd", "fwdbwd", "decode"):
+        raise ValueError(f"unknown mode {case.mode!r}; use fwd, fwdbwd or decode")
+    if is_layer(case.impl):
+        return _build_layer(case)
     if case.mode == "decode":
         return _build_decode(case)
-    if case.mode not in ("fwd", "fwdbwd"):
-        raise ValueError(f"unknown mode {case.mode!r}; use fwd, fwdbwd or decode")
     dtype = getattr(torch, case.dtype)
     g = torch.Generator(device="cpu").manual_seed(case.seed)
     grad = case.mode == "fwdbwd"
@@ -239,6 +322,21 @@ def time_case(
         if time.perf_counter() - start > budget_s:
             break
     return {"median_s": statistics.median(times), "times_s": times}
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Wall times (s) of ``repeats`` runs of every function after one warm-up run each, the functions
+    interleaved and their order alternated from one repeat to the next, so that load on a shared machine
+    hits them alike (the side-by-side comparisons of ``benchmarks/``)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def cuda_peak_mb(fn: Callable[[], Any]) -> float:

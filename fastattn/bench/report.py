@@ -52,7 +52,7 @@ def _impls(res: dict) -> list[str]:
 
 
 def _label(impl: str) -> str:
-    return {"sdpa": "SDPA (torch)", "naive": "naive (n x n)"}.get(impl, impl)
+    return {"sdpa": "SDPA (torch)", "naive": "naive (n x n)", "mha": "MHA layer (softmax core)"}.get(impl, impl)
 
 
 def _mode_n(res: dict, mode: str) -> int | None:
@@ -83,6 +83,8 @@ def _speed_text(r: dict | None, key: str = "speedup_vs_sdpa") -> str:
         return "skip"
     if r.get("status") == "error":
         return "error"
+    if key == "speedup_vs_sdpa" and r.get("speedup_vs_mha"):  # a whole layer: read beside the softmax layer
+        return f"{_fmt_ms(r['median_ms'])} ({r['speedup_vs_mha']:.2f}x MHA)"
     sp = r.get(key)
     return f"{_fmt_ms(r['median_ms'])} ({sp:.2f}x)" if sp else _fmt_ms(r["median_ms"])
 
@@ -258,7 +260,10 @@ def _notes(res: dict) -> list[str]:
         f"{'causal' if cfg['causal'] else 'non-causal'} forward; {decode}.",
         "Times are medians of the repeats after warm-up; `(1.50x)` = SDPA's time / this time in the same run "
         "(above 1 = faster than SDPA). Each time column is at the one length in its header (the longest at "
-        "which SDPA ran in that mode); a `skip` or `error` there is listed with its reason.",
+        "which SDPA ran in that mode); a `skip` or `error` there is listed with its reason. Layer-level "
+        "mechanisms (mixture of heads, mega, ...) time their whole `MultiheadAttention` layer of width heads x "
+        "head dim, projections included, on an input of that width: `(0.90x MHA)` = the time of the standard "
+        "`MultiheadAttention` layer with the softmax core (the `MHA layer` row) / this time.",
         "Error = ||out - exact|| / ||exact|| against float64 softmax attention on the same q, k, v (non-causal); "
         "`†`: the mechanism normalises its output itself (an RMS norm instead of the softmax denominator), so its "
         "figure is the error after the best scale per output row, which does not count that scale as error. "

@@ -54,8 +54,8 @@ def _err(exc: BaseException) -> str:
 def _exponents(impl: str, mode: str) -> tuple[float, float]:
     """Growth exponents in n of (time, memory): the registry's declared ``time_growth`` and
     ``memory_growth`` (2.0 where a mechanism declares none: predictions err on the side of skipping)."""
-    if impl in ("sdpa", "naive"):
-        t, m = 2.0, (1.0 if impl == "sdpa" else 2.0)
+    if impl in ("sdpa", "naive", "mha"):  # mha: the softmax layer, SDPA inside
+        t, m = 2.0, (2.0 if impl == "naive" else 1.0)
     elif impl.startswith("peer:"):
         return 2.0, 2.0
     else:
@@ -95,7 +95,9 @@ def _extrapolate(points: list[tuple[int, float]], n: int, exponent: float) -> fl
 
 # ---- speed --------------------------------------------------------------------------------------------
 def _impls(cfg: Config, specs: list[MethodSpec], peer_impls: list[str]) -> list[str]:
-    return list(cfg.baselines) + [s.name for s in specs] + peer_impls
+    # layer-level ids time whole layers: the standard softmax layer ("mha") is their baseline
+    layer = ["mha"] if any(s.level == "layer" for s in specs) else []
+    return list(cfg.baselines) + layer + [s.name for s in specs] + peer_impls
 
 
 def _inproc_peak(fn: Callable[[], Any], device: str) -> float | None:
@@ -122,7 +124,7 @@ def _case(cfg: Config, impl: str, n: int, mode: str, causal: bool | None = None,
 
 
 def _capability_skip(impl: str, mode: str, causal: bool) -> str | None:
-    if impl in ("sdpa", "naive"):
+    if impl in ("sdpa", "naive", "mha"):
         return None
     if impl.startswith("peer:"):
         from .peers import get_peer
@@ -197,12 +199,15 @@ def run_speed(cfg: Config, specs: list[MethodSpec], peer_impls: list[str], progr
                 times.setdefault(key, []).append((n, med))
                 if peak is not None:
                     mems.setdefault(key, []).append((n, max(peak, 1e-3)))
-    # ratios to SDPA measured in the same run
-    base = {(r["mode"], r["n"]): r["median_ms"] for r in rows if r["impl"] == "sdpa" and r.get("status") == "ok"}
-    for r in rows:
-        b = base.get((r["mode"], r["n"]))
-        if r.get("status") == "ok" and b:
-            r["speedup_vs_sdpa"] = b / r["median_ms"]
+    # ratios to SDPA measured in the same run; layer cases also to the softmax layer ("mha")
+    from .measure import is_layer
+
+    for name in ("sdpa", "mha"):
+        base = {(r["mode"], r["n"]): r["median_ms"] for r in rows if r["impl"] == name and r.get("status") == "ok"}
+        for r in rows:
+            b = base.get((r["mode"], r["n"]))
+            if r.get("status") == "ok" and b and (name == "sdpa" or is_layer(r["impl"])):
+                r[f"speedup_vs_{name}"] = b / r["median_ms"]
     return rows
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import MultiheadAttention
-from ..registry import MethodSpec
+from ..registry import MethodSpec, get_method
 from .config import Config, TaskConfig
 
 __all__ = [
@@ -157,6 +157,7 @@ class TinyTransformer(nn.Module):
         self.pos = nn.Embedding(max_len, width)
         self.norms1 = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
         self.norms2 = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+        heads = getattr(get_method(method).cls, "fixed_heads", None) or heads  # mega: one head
         self.attn = nn.ModuleList(
             MultiheadAttention(width, heads, method, batch_first=True, generator=generator) for _ in range(layers)
         )

@@ -110,17 +110,36 @@ def make_core(
 class LayerMechanism(Registered):
     """Base class of layer-level mechanisms. See the module docstring for the contract."""
 
-    # False for a layer that reads the query tokens only (a memory lookup, not attention over a sequence):
-    # a call with another key/value sequence (cross-attention) is then a ValueError, never ignored.
-    cross_attention: ClassVar[bool] = True
+    # A layer with exactly this many heads (Mega's single-head attention): any other ``num_heads`` (or
+    # ``num_kv_heads``) is a ``ValueError``; ``None``: any number.
+    fixed_heads: ClassVar[int | None] = None
+    # A self-attention layer only (its keys and values come from its own input, e.g. through a recurrence
+    # over it): ``context``/``value`` inputs and ``kdim``/``vdim`` other than ``embed_dim`` are a ``ValueError``.
+    self_attention_only: ClassVar[bool] = False
 
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
         if generator is not None:  # subclasses that draw random numbers consume it and pass None
             raise ValueError(f"method {self.spec.name!r} draws no random numbers; it takes no generator")
         super().__init__(options)
+        fixed = self.fixed_heads
+        if fixed is not None and (config.num_heads != fixed or config.num_kv_heads != fixed):
+            raise ValueError(
+                f"method {self.spec.name!r} has exactly {fixed} head(s); got num_heads={config.num_heads}, "
+                f"num_kv_heads={config.num_kv_heads}"
+            )
+        if self.self_attention_only and (config.kdim != config.embed_dim or config.vdim != config.embed_dim):
+            raise ValueError(
+                f"method {self.spec.name!r} is a self-attention layer: kdim and vdim must equal embed_dim "
+                f"({config.embed_dim}), got {config.kdim}, {config.vdim}"
+            )
         self.config = config
         self.embed_dim, self.num_heads = config.embed_dim, config.num_heads
         self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
+
+    def check_self_attention(self, context: Tensor | None, value: Tensor | None) -> None:
+        """A ``ValueError`` for key/value inputs on a :attr:`self_attention_only` layer."""
+        if self.self_attention_only and (context is not None or value is not None):
+            raise ValueError(f"method {self.spec.name!r} is a self-attention layer; it takes no key/value inputs")
 
     def dims(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
@@ -221,6 +240,12 @@ class ProjectedAttention(LayerMechanism):
         backend = "reference" if reference else self.config.backend
         return self.core.run(q, k, v, dropout_p=dropout_p, backend=backend, **masks)
 
+    def attend_heads(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, **masks: Any) -> Tensor:
+        """The head outputs of the efficient forward, given the query-side input ``x`` too: :meth:`attend`.
+        A subclass whose output ignores some (token, head) pairs (mixture of heads: gates of 0) may compute
+        only the others here."""
+        return self.attend(q, k, v, **masks)
+
     def mix(self, x: Tensor, heads: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The head outputs ``(B, H, Lq, E)`` as they enter the output projection, and this layer's
         auxiliary loss (``None``: none). ``x`` is the query-side input; ``valid`` ``(B, Lq)`` marks the
@@ -276,7 +301,7 @@ class ProjectedAttention(LayerMechanism):
             "key_padding_mask": key_padding_mask, "is_causal": is_causal,
             "attn_mask": self._attn_mask(attn_mask, x.shape[0], q.shape[2], k.shape[2]),
         }
-        out, aux = self.output(x, self.attend(q, k, v, **masks), self._valid_queries(context, key_padding_mask))
+        out, aux = self.output(x, self.attend_heads(x, q, k, v, **masks), self._valid_queries(context, key_padding_mask))
         if self.training:
             valid_keys = None if key_padding_mask is None else ~key_padding_mask
             aux = self._sum_losses(aux, self.project_loss(x, context, value, valid_keys))

@@ -13,18 +13,19 @@ inputs and passes padding pixels through unchanged.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .registered import Registered
+from .state import DecodingState
 
 if TYPE_CHECKING:
     pass
 
 __all__ = [
-    "VisionMechanism", "check_feature_map", "check_pixel_mask", "flatten_pixels", "unflatten_pixels",
+    "VisionMechanism", "GlimpseMechanism", "GlimpseResult", "GlimpseState", "reinforce_loss", "check_feature_map", "check_pixel_mask", "flatten_pixels", "unflatten_pixels",
     "pixel_heads", "unpixel_heads", "key_padding", "pooled_mean_max", "masked_max_pool2", "batch_norm",
 ]
 
@@ -152,3 +153,61 @@ class VisionMechanism(Registered):
     def reference(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The paper's formula, literally. Defaults to ``forward``; override where they differ."""
         return self.forward(x, mask)
+
+
+class GlimpseMechanism(Registered):
+    """Base class of the recurrent hard-attention modules of kind ``"vision"`` (Ba et al.'s glimpses):
+    not a feature-map transform, so not :class:`fastattn.Attention2d`'s; callers go through
+    :class:`fastattn.GlimpseAttention` (``facade``).
+
+    ``forward(x, num_glimpses, generator=None, sample=None)`` reads an image ``x (B, C, H, W)`` at
+    ``num_glimpses`` locations, each chosen from the glimpses before it, and returns a
+    :class:`GlimpseResult`; ``step`` takes one glimpse after a
+    state; ``reference`` is ``forward`` with the sensor written literally (explicit crops).
+    """
+
+    facade = "GlimpseAttention"
+
+    def __init__(self, options: Any = None, *, channels: int) -> None:
+        super().__init__(options)
+        if channels <= 0:
+            raise ValueError(f"channels ({channels}) must be positive")
+        self.channels = channels
+
+    def dims(self) -> str:
+        return f"channels={self.channels}"
+
+
+class GlimpseResult(NamedTuple):
+    """``features (B, N, hidden)`` (``r1_n``), ``locations (B, N, 2)`` (where the sensor looked, clamped to
+    ``[-1, 1]``), ``log_probs (B, N)`` (of the sampled, unclamped locations under the policy; gradient
+    to the emission and context networks), ``baselines (B, N)``, ``means (B, N, 2)`` (the policy's
+    means)."""
+
+    features: Tensor
+    locations: Tensor
+    log_probs: Tensor
+    baselines: Tensor
+    means: Tensor
+
+
+class GlimpseState(DecodingState):
+    """The recurrent core's two LSTM states after ``length`` glimpses."""
+
+    batched = ("h1", "c1", "h2", "c2")
+
+    def __init__(self, h1: Tensor, c1: Tensor, h2: Tensor, c2: Tensor, length: int) -> None:
+        self.h1, self.c1, self.h2, self.c2, self.length = h1, c1, h2, c2, length
+
+
+def reinforce_loss(result: GlimpseResult, reward: Tensor) -> Tensor:
+    """REINFORCE with a baseline: ``-mean_b sum_n (R - b_n) log pi(l_n)`` (the advantage held fixed) plus
+    the baseline's squared error ``mean (b_n - R)^2``. ``reward`` is ``(B,)`` (one reward per episode,
+    e.g. 1 for a correct classification) or ``(B, N)`` (the return from each glimpse on)."""
+    if reward.dim() == 1:
+        reward = reward[:, None].expand_as(result.log_probs)
+    if reward.shape != result.log_probs.shape:
+        raise ValueError(f"reward must be (B,) or (B, N) = {tuple(result.log_probs.shape)}, got {tuple(reward.shape)}")
+    reward = reward.to(result.log_probs.dtype)
+    advantage = (reward - result.baselines).detach()
+    return -(advantage * result.log_probs).sum(1).mean() + (result.baselines - reward).pow(2).mean()

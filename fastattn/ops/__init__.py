@@ -21,6 +21,11 @@ Nothing here imports a mechanism or a family; a mechanism module is a thin compo
   load-balance, z and selection-entropy auxiliary losses, and the gates applied to head outputs or to
   batched expert projections;
 * :mod:`.cluster` -- deterministic k-means over a few vectors (heads) and the cosine distance;
+* :mod:`.permutohedral` -- Gaussian filtering of values at low-dimensional positions on the permutohedral
+  lattice (splat, binomial blur, slice; refinable toward the exact filter) and its dense references;
+* :mod:`.ema` -- the multi-dimensional damped exponential moving average (a diagonal linear recurrence per
+  channel) by FFT convolution with a carried state, and its recurrence;
+* :mod:`.positions` -- relative-position biases (ALiBi's head slopes);
 * :mod:`.constant` -- attention by constant (input-independent) tables in probability space: looked up at
   absolute positions, masked, rows renormalised.
 """

@@ -18,6 +18,13 @@ The auxiliary losses read the routing of a batch of tokens (optionally only the 
 * :func:`entropy_loss` -- minus the entropy of the token-averaged selection distribution (per group of
   experts, averaged over groups): ``log E`` below zero when the batch uses every expert equally.
 
+**The weighting convention** (every routed layer follows it): a layer's ``aux_loss`` is already weighted
+-- the weighted sum :func:`router_loss` of the terms it uses, each weight an option of the layer named
+``<term>_weight`` (``balance_weight``, ``z_weight``, ``entropy_weight``) with the paper's value as its
+default, 0 switching a term off -- so a training loop adds ``sum(layer.aux_loss)`` to the task loss as it
+is, whatever the mechanism. The terms are computed in training mode only (``aux_loss`` is zero in eval
+mode).
+
 Applying the gates, batched over experts (one einsum / matmul each, no loop over experts; every expert
 is computed and unselected ones weigh 0):
 
@@ -25,6 +32,12 @@ is computed and unselected ones weigh 0):
 * :func:`experts_in` -- ``sum_e g_e x W^{g,e}``: a mixture-of-experts linear map into ``G`` groups (heads);
 * :func:`experts_out` -- ``sum_{g,e} g_{g,e} h_g W^{g,e}``: a mixture-of-experts linear map out of ``G``
   groups, summed into one output.
+
+Computing only what was selected (tokens grouped by expert, padded to the busiest expert):
+
+* :func:`group_by_expert` -- for a selection ``(B, L, G)``, the tokens of each expert in token order
+  ``(B, G, S)`` and which slots are real;
+* :func:`gather_tokens` / :func:`scatter_tokens` -- per-expert rows in and out of that layout.
 """
 
 from __future__ import annotations
@@ -35,8 +48,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Routing", "entropy_loss", "experts_in", "experts_out", "gate_heads", "load_balance_loss", "route", "z_loss",
+    "LOSS_TERMS", "Routing", "entropy_loss", "experts_in", "experts_out", "gate_heads", "gather_tokens",
+    "group_by_expert", "load_balance_loss", "loss_weights", "route", "router_loss", "scatter_tokens", "z_loss",
 ]
+
+LOSS_TERMS = ("balance", "z", "entropy")
 
 GATES = ("softmax", "sigmoid")
 
@@ -48,12 +64,14 @@ class Routing:
     ``gates`` -- the weight of each expert for each token, 0 where not selected; ``mask`` -- bool,
     True where selected (exactly ``k`` per token); ``index`` -- ``(..., k)`` the selected experts, in no
     particular order; ``probs`` -- the router probabilities over all experts before selection (what the
-    load-balance loss reads)."""
+    load-balance loss reads); ``logits`` -- the router logits it was made from (what the z-loss and the
+    entropy loss read)."""
 
     gates: Tensor
     mask: Tensor
     index: Tensor
     probs: Tensor
+    logits: Tensor
 
 
 def route(logits: Tensor, k: int, *, gate: str = "softmax", renormalize: bool = True) -> Routing:
@@ -70,7 +88,7 @@ def route(logits: Tensor, k: int, *, gate: str = "softmax", renormalize: bool = 
     gates = probs.masked_fill(~mask, 0.0)
     if renormalize:
         gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
-    return Routing(gates=gates, mask=mask, index=index, probs=probs)
+    return Routing(gates=gates, mask=mask, index=index, probs=probs, logits=logits)
 
 
 def _token_mean(x: Tensor, valid: Tensor | None) -> Tensor:
@@ -115,6 +133,38 @@ def entropy_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:
     return (pbar * torch.log(pbar.clamp_min(torch.finfo(pbar.dtype).tiny))).sum(-1).mean()
 
 
+def loss_weights(options: object, *terms: str) -> dict[str, float]:
+    """The weights ``{term: options.<term>_weight}`` of the auxiliary-loss ``terms`` a layer uses (see the
+    module docstring's convention); a negative or non-finite weight is a ``ValueError`` naming the option."""
+    out = {}
+    for term in terms:
+        if term not in LOSS_TERMS:
+            raise ValueError(f"unknown auxiliary-loss term {term!r}; known: {LOSS_TERMS}")
+        w = float(getattr(options, f"{term}_weight"))
+        if not (w >= 0 and w < float("inf")):
+            raise ValueError(f"{term}_weight must be a finite number >= 0, got {w}")
+        out[term] = w
+    return out
+
+
+def router_loss(routing: Routing, weights: dict[str, float], valid: Tensor | None = None) -> Tensor | None:
+    """``sum_term weights[term] * term`` over the terms with a positive weight (``None`` when there is
+    none): ``balance`` -- :func:`load_balance_loss` of ``routing``; ``z`` -- :func:`z_loss` of its logits;
+    ``entropy`` -- :func:`entropy_loss` of its logits ``(B, L, G, E)``. ``valid`` marks the real tokens."""
+    logits = routing.logits
+    terms = {
+        "balance": lambda: load_balance_loss(routing.probs, routing.mask, valid),
+        "z": lambda: z_loss(logits, valid),
+        "entropy": lambda: entropy_loss(logits, valid),
+    }
+    total = None
+    for term, w in weights.items():
+        if w > 0:
+            part = w * terms[term]()
+            total = part if total is None else total + part
+    return total
+
+
 def gate_heads(heads: Tensor, gates: Tensor) -> Tensor:
     """Head outputs ``(B, H, L, E)`` scaled by per-token gates ``(B, L, H)``."""
     return heads * gates.transpose(1, 2).unsqueeze(-1)
@@ -133,3 +183,28 @@ def experts_out(h: Tensor, weight: Tensor, gates: Tensor) -> Tensor:
     g, e, din, dout = weight.shape
     gated = h.unsqueeze(-2) * gates.unsqueeze(-1)  # (..., G, E, Din)
     return gated.flatten(-3) @ weight.reshape(g * e * din, dout)
+
+
+def group_by_expert(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """The tokens each expert was selected by: ``selected`` bool ``(B, L, G)`` -> ``index`` long ``(B, G, S)``
+    (token positions in increasing order, padded with 0) and ``valid`` bool ``(B, G, S)`` (False on the
+    padding slots); ``S`` is the largest number of tokens any expert of any batch row has."""
+    m = selected.transpose(1, 2)  # (B, G, L)
+    counts = m.sum(-1)
+    s = int(counts.max()) if m.numel() else 0
+    order = torch.sort((~m).to(torch.uint8), dim=-1, stable=True).indices[..., :s]  # selected first, in order
+    valid = torch.arange(s, device=m.device) < counts[..., None]
+    return torch.where(valid, order, 0), valid
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x (B, G, L, E)`` at ``index (B, G, S)``: ``(B, G, S, E)``."""
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+def scatter_tokens(y: Tensor, index: Tensor, valid: Tensor, length: int) -> Tensor:
+    """The inverse of :func:`gather_tokens` on the ``valid`` slots: ``y (B, G, S, E)`` written at ``index``
+    into zeros ``(B, G, length, E)``."""
+    out = y.new_zeros(*y.shape[:2], length, y.shape[-1])
+    y = y * valid[..., None].to(y.dtype)
+    return out.scatter_add(2, index[..., None].expand_as(y), y)

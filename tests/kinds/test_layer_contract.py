@@ -51,8 +51,9 @@ def _layer(spec, core=None, *, batch_first=True, seed=0, dtype=torch.float64, **
     if core is not None:
         options.update(core=core, core_options=dict(fastattn.get_method(core).cls.test_options))
     torch.manual_seed(seed)
+    heads = getattr(spec.cls, "fixed_heads", None)  # a layer with a fixed number of heads (mega: 1)
     layer = fastattn.MultiheadAttention(
-        D, H, spec.name, num_kv_heads=HKV, batch_first=batch_first, dtype=dtype, **options, **kwargs
+        D, heads or H, spec.name, num_kv_heads=heads or HKV, batch_first=batch_first, dtype=dtype, **options, **kwargs
     )
     return layer.eval()
 
@@ -69,6 +70,11 @@ def _only_causal(spec, core) -> bool:
 @functools.cache
 def _requires_causal(name, core) -> bool:
     return _layer(fastattn.get_method(name), core).mechanism.requires_causal
+
+
+def _cross(spec) -> bool:
+    """The layer takes key/value inputs (not a self-attention-only layer such as mega)."""
+    return not getattr(spec.cls, "self_attention_only", False)
 
 
 def _causal_flags(spec, core):
@@ -139,11 +145,13 @@ def test_shapes_in_both_layouts_and_unbatched(spec, core):
         one, _ = bf(x[0], is_causal=causal)  # unbatched (L, D)
         torch.testing.assert_close(one, a[0], rtol=1e-12, atol=1e-12)
     # cross-attention over another sequence of another length and width
-    cross = _layer(spec, core, kdim=10, vdim=7)
-    if not cross.mechanism.cross_attention:  # self-attention only: another sequence is refused
+    if not _cross(spec):
         with pytest.raises(ValueError, match="self-attention"):
-            cross(x, _x(n=L + 4, d=10, seed=2), _x(n=L + 4, d=7, seed=3))
+            _layer(spec, core, kdim=10, vdim=7)
+        with pytest.raises(ValueError, match="self-attention"):
+            bf(x, _x(n=L + 4, seed=2), _x(n=L + 4, seed=3))
         return
+    cross = _layer(spec, core, kdim=10, vdim=7)
     out, _ = cross(x, _x(n=L + 4, d=10, seed=2), _x(n=L + 4, d=7, seed=3), is_causal=_only_causal(spec, core))
     assert out.shape == (B, L, D) and torch.isfinite(out).all()
 
@@ -225,9 +233,9 @@ def test_padding_does_not_matter(spec, core):
         b, _ = layer(y, key_padding_mask=kpm, is_causal=causal)
         torch.testing.assert_close(a[~kpm], b[~kpm], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(aux_a, layer.aux_loss, rtol=1e-10, atol=1e-12)
-    layer.eval()
-    if not layer.mechanism.cross_attention:
+    if not _cross(spec):
         return
+    layer.eval()
     q = _x(n=7, seed=4)
     a, _ = layer(q, x, x, key_padding_mask=kpm, is_causal=_only_causal(spec, core))
     b, _ = layer(q, y, y, key_padding_mask=kpm, is_causal=_only_causal(spec, core))

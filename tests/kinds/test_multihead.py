@@ -84,8 +84,9 @@ def test_aux_loss_is_a_scalar_after_every_forward(method):
     after a forward, whether the mechanism defines a loss or not."""
     spec = fastattn.get_method(method)
     kw = {"generator": torch.Generator().manual_seed(0)} if spec.randomized else {}
-    layer = fastattn.MultiheadAttention(32, 4, method, batch_first=True, **spec.cls.test_options, **kw)
-    layer(torch.randn(2, 9, 32))
+    heads = getattr(spec.cls, "fixed_heads", None) or 4  # a layer with a fixed number of heads (mega: 1)
+    layer = fastattn.MultiheadAttention(32, heads, method, batch_first=True, **spec.cls.test_options, **kw)
+    layer(torch.randn(2, 9, 32), is_causal=layer.mechanism.requires_causal)  # a causal-only layer (intra)
     loss = layer.aux_loss
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and torch.isfinite(loss)
     assert loss.is_floating_point() and loss.device.type == "cpu"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastattn
-from helpers import grads
+from helpers import grads, onmt_global_attention
 
 B, LQ, LK, DQ, DK, A = 2, 6, 8, 5, 7, 4
 
@@ -153,7 +153,7 @@ def test_peer_opennmt_mlp_attention():
     """``onmt.modules.GlobalAttention(attn_type="mlp")`` (OpenNMT-py 3.5.1, skipped when absent) is
     Bahdanau's score with a bias on ``W_a``: its weights, and its ``linear_out([c; h_t])`` rebuilt from our
     context."""
-    peer_mod = pytest.importorskip("onmt.modules.global_attention")
+    peer_mod = onmt_global_attention()
     d = 5
     peer = peer_mod.GlobalAttention(d, attn_type="mlp").double()
     a = fastattn.AlignmentAttention(d, d, "additive", attention_dim=d, bias=True, dtype=torch.float64)

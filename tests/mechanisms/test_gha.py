@@ -168,6 +168,7 @@ def test_pruning_keeps_exactly_the_chosen_heads(causal):
     m.prune(keep)
     assert m.num_heads == 3 and m.q_proj.weight.shape == (3 * d, D) and m.out_proj.weight.shape == (D, 3 * d)
     assert m.core.num_heads == 3
+    assert layer.num_heads == layer.num_kv_heads == 3 and "num_heads=3" in repr(layer)  # the façade follows
     torch.testing.assert_close(layer(x, is_causal=causal)[0], expect, rtol=1e-12, atol=1e-12)
     # decoding over the kept heads
     state, outs = None, []

@@ -125,7 +125,8 @@ def test_an_unselected_head_does_not_reach_the_token():
 
 
 def test_load_balance_loss_is_its_formula_on_valid_tokens_in_training_only():
-    layer = _moh(shared_heads=2, active_heads=2)
+    assert fastattn.get_method("moh").options["balance_weight"] == 0.01  # the paper's beta
+    layer = _moh(shared_heads=2, active_heads=2, balance_weight=1.0)
     m = layer.mechanism
     x = _x()
     kpm = torch.zeros(2, 11, dtype=torch.bool)

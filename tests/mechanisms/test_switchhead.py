@@ -147,7 +147,7 @@ def test_changing_a_tokens_router_input_changes_only_its_own_selection():
 
 
 def test_aux_loss_is_the_selection_entropy_of_both_routers_on_valid_tokens():
-    layer = _sh(experts=4, active_experts=2)
+    layer = _sh(experts=4, active_experts=2, entropy_weight=1.0)
     m = layer.mechanism
     x = _x()
     kpm = torch.zeros(2, N, dtype=torch.bool)
@@ -168,7 +168,8 @@ def test_aux_loss_is_the_selection_entropy_of_both_routers_on_valid_tokens():
 
 def test_routers_get_gradients_and_aux_loss_moves_the_load_towards_balance():
     torch.manual_seed(0)
-    layer = fastattn.MultiheadAttention(D, H, "switchhead", experts=4, active_experts=1, batch_first=True).train()
+    layer = fastattn.MultiheadAttention(D, H, "switchhead", experts=4, active_experts=1, batch_first=True,
+                                        entropy_weight=1.0).train()
     m = layer.mechanism
     with torch.no_grad():
         for w in (m.w_source.weight, m.w_dest.weight):

@@ -86,3 +86,49 @@ def test_bad_arguments_are_value_errors():
         route(_logits(3, 4), 0)
     with pytest.raises(ValueError, match="gate must be one of"):
         route(_logits(3, 4), 1, gate="relu")
+
+
+def test_router_loss_is_the_weighted_sum_of_the_terms_it_is_given():
+    from fastattn.ops.routing import entropy_loss, router_loss
+
+    logits = _logits(2, 5, 3, 4)
+    r = route(logits, 2)
+    parts = {"balance": load_balance_loss(r.probs, r.mask), "z": z_loss(logits), "entropy": entropy_loss(logits)}
+    total = router_loss(r, {"balance": 0.5, "z": 0.25, "entropy": 2.0})
+    torch.testing.assert_close(total, 0.5 * parts["balance"] + 0.25 * parts["z"] + 2.0 * parts["entropy"])
+    assert router_loss(r, {"balance": 0.0, "z": 0.0}) is None
+
+
+@pytest.mark.parametrize("method,terms", [("moh", ("balance", "z")), ("moa", ("balance", "z")), ("switchhead", ("entropy",))])
+def test_every_routed_layer_reports_its_losses_weighted_by_its_options(method, terms):
+    """The convention of ops/routing: aux_loss is already weighted by the layer's <term>_weight options
+    (linear in them; all zero: no loss), so a training loop adds it as it is."""
+    import fastattn
+
+    def aux(**weights):
+        torch.manual_seed(0)
+        layer = fastattn.MultiheadAttention(24, 4, method, batch_first=True, dtype=torch.float64, **weights).train()
+        layer(_logits(2, 7, 24, seed=3))
+        return layer.aux_loss
+
+    ones = aux(**{f"{t}_weight": 1.0 for t in terms})
+    assert ones.abs() > 0
+    torch.testing.assert_close(aux(**{f"{t}_weight": 3.0 for t in terms}), 3.0 * ones)
+    assert aux(**{f"{t}_weight": 0.0 for t in terms}).item() == 0.0
+    with pytest.raises(ValueError, match=f"{terms[0]}_weight must be"):
+        aux(**{f"{terms[0]}_weight": -1.0})
+
+
+def test_tokens_grouped_by_expert_round_trip():
+    from fastattn.ops.routing import gather_tokens, group_by_expert, scatter_tokens
+
+    sel = torch.rand(2, 9, 4, generator=torch.Generator().manual_seed(1)) < 0.4
+    sel[0, :, 3] = False  # an expert nobody chose
+    index, valid = group_by_expert(sel)
+    assert index.shape[-1] == int(sel.sum(1).max()) and torch.equal(valid.sum(-1), sel.sum(1))
+    for b in range(2):
+        for g in range(4):
+            assert index[b, g][valid[b, g]].tolist() == sel[b, :, g].nonzero().flatten().tolist()  # in order
+    x = _logits(2, 4, 9, 3)
+    back = scatter_tokens(gather_tokens(x, index), index, valid, 9)
+    torch.testing.assert_close(back, x * sel.transpose(1, 2)[..., None])

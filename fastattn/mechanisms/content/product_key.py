@@ -38,7 +38,7 @@ class ProductKeyMemory(LayerMechanism):
     """A memory of ``|C|^2`` learned values read by a product-key top-k search per head."""
 
     test_options: ClassVar[dict[str, Any]] = {"num_keys": 7, "topk": 4, "key_dim": 8}
-    cross_attention = False
+    self_attention_only = True
     deviations = (
         "The query norm is LayerNorm per head (the peer's choice; causal and batch-independent), not the "
         "paper's BatchNorm.",
@@ -75,11 +75,7 @@ class ProductKeyMemory(LayerMechanism):
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _check(self, context: Tensor | None, value: Tensor | None, attn_mask: Tensor | None) -> None:
-        if context is not None or value is not None:
-            raise ValueError(
-                "product_key reads a learned memory with the query tokens only (self-attention only); "
-                "it cannot attend to another key/value sequence"
-            )
+        self.check_self_attention(context, value)  # a memory read by the query tokens: no other sequence
         if attn_mask is not None:
             raise ValueError("product_key has no key axis to mask; attn_mask is not supported")
 

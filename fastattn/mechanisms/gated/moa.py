@@ -27,12 +27,13 @@ and the decoding cache holds the shared keys and values, which every expert read
 ``L_a = E * sum_e f_e P_e`` the load-balance loss (``f_e`` the fraction of tokens routed to ``e``, ``P_e``
 its mean router probability over all ``E``) and ``L_z = mean_t logsumexp(x_t W_g)^2`` the router z-loss,
 over the real (unpadded) tokens; the weights default to the paper's 0.01 and 0.001, so ``aux_loss`` is
-added to the training loss as it is.
+added to the training loss as it is (the convention of :mod:`fastattn.ops.routing`).
 
-Cost: the core over the ``E`` expert heads plus the router's ``O(n D E)``. The fast path computes every
-expert for every token and zeroes the unselected ones by their gate (batched, no loop over experts); it
-does not yet skip the unselected ``(token, expert)`` pairs, which needs the core to take a different query
-subset per head. :meth:`MoA.reference` writes the formula per token: an explicit sort of the router
+Cost: the core over the ``E`` expert heads plus the router's ``O(n D E)``. The fast path attends only on
+the selected ``(token, expert)`` pairs -- the tokens grouped by expert, each group's queries over all keys
+(:class:`~fastattn.mechanisms.gated.base.HeadGatedAttention`) -- where the core allows it and it is
+cheaper; otherwise it computes every expert for every token and zeroes the unselected ones by their gate
+(batched, no loop over experts). :meth:`MoA.reference` writes the formula per token: an explicit sort of the router
 logits, the softmax over the chosen ones, and the sum of the chosen experts' projected outputs.
 """
 
@@ -44,9 +45,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from fastattn.core.layer import LayerConfig, ProjectedAttention
-from fastattn.ops.routing import Routing, gate_heads, load_balance_loss, route, z_loss
+from fastattn.core.layer import LayerConfig
+from fastattn.ops.routing import Routing, gate_heads, loss_weights, route, router_loss
 from fastattn.registry import register
+
+from .base import HeadGatedAttention
 
 
 @register(
@@ -54,7 +57,7 @@ from fastattn.registry import register
     attn_mask=True, dropout=True, level="layer",
     time_growth=2.0, memory_growth=2.0,
 )
-class MoA(ProjectedAttention):
+class MoA(HeadGatedAttention):
     """Mixture of attention heads: a router picks k of E experts (query/output projections) per token;
     keys and values shared."""
 
@@ -64,12 +67,12 @@ class MoA(ProjectedAttention):
         "the experts are the layer's heads: expert width is embed_dim / num_heads, and the shared keys and "
         "values are num_kv_heads heads, each shared by a group of experts (num_kv_heads=1 is the paper's "
         "single shared K, V)",
-        "every expert is computed for every token and unselected ones are zeroed by their gate (no "
-        "per-expert token grouping yet)",
+        "with a core that owns no state and is not positional (softmax, flash, ...), only the selected "
+        "(token, expert) pairs attend; other cores compute every expert and zero the unselected ones by their gate",
     )
 
     @dataclass(frozen=True)
-    class Options(ProjectedAttention.Options):
+    class Options(HeadGatedAttention.Options):
         active_heads: int | None = None  # k experts per token; default min(num_heads, 4)
         balance_weight: float = 0.01  # weight of the load-balance loss in aux_loss
         z_weight: float = 0.001  # weight of the router z-loss in aux_loss
@@ -80,9 +83,7 @@ class MoA(ProjectedAttention):
         active = min(e, 4) if o.active_heads is None else o.active_heads
         if not 1 <= active <= e:
             raise ValueError(f"active_heads must be in [1, {e}] (the experts are the {e} heads), got {active}")
-        for name in ("balance_weight", "z_weight"):
-            if not getattr(o, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(o, name)}")
+        self.loss_weights = loss_weights(o, "balance", "z")
         self.experts, self.active_heads = e, active
         self.w_gate = nn.Linear(config.embed_dim, e, bias=False, device=config.device, dtype=config.dtype)
 
@@ -95,12 +96,15 @@ class MoA(ProjectedAttention):
         logits = self.w_gate(x)
         return logits, route(logits, self.active_heads, gate="softmax", renormalize=True)
 
+    def selection(self, x: Tensor) -> Tensor:
+        """The top-k experts (heads) of each token."""
+        return self.routing(x)[1].mask
+
     def mix(self, x: Tensor, heads: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
         logits, r = self.routing(x)
         aux = None
         if self.training:
-            o = self.options
-            aux = o.balance_weight * load_balance_loss(r.probs, r.mask, valid) + o.z_weight * z_loss(logits, valid)
+            aux = router_loss(r, self.loss_weights, valid)
         return gate_heads(heads, r.gates), aux
 
     def reference(

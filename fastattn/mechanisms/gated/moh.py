@@ -23,10 +23,12 @@ before the output projection. Routing is per token and dropless (no capacity), s
 depend on another token: the causal form is the core's causal form, and decoding keeps the core's state
 for every head (a future token may pick a head no past token used).
 
-``aux_loss`` (training mode only; zero in eval mode) is the load-balance loss of the routed heads,
-``E * sum_e f_e P_e`` with ``E = h - h_s``, ``f_e`` the fraction of tokens selecting routed head ``e`` and
-``P_e`` its mean router probability (``k`` when the load is even); padding tokens of a self-attention
-call do not count. Add it to the training loss with a small weight (the paper: 0.01).
+``aux_loss`` (training mode only; zero in eval mode) is ``balance_weight`` (default 0.01, the paper's
+beta) times the load-balance loss of the routed heads, ``E * sum_e f_e P_e`` with ``E = h - h_s``, ``f_e``
+the fraction of tokens selecting routed head ``e`` and ``P_e`` its mean router probability (``k`` when
+the load is even), plus ``z_weight`` (default 0) times the router z-loss; padding tokens of a
+self-attention call do not count. It is already weighted (the convention of :mod:`fastattn.ops.routing`):
+add it to the training loss as it is.
 
 Defaults: ``h_s = h // 4`` shared heads and ``k`` routed heads such that about 75% of the heads are on
 (``round(0.75 h) - h_s``, at least 1): 12 heads give 3 shared + 6 of 9 routed, the paper's MoH-ViT-S/B
@@ -35,9 +37,10 @@ setting. The paper activates 50-90% of the heads.
 Cost: the core's over every head (``O(n^2 d)`` for softmax, the registry's figure) plus the routers'
 ``O(n D h)``.
 
-Implementation: the fast path runs the core over every head in one call and scales ``(token, head)``
-outputs by the gates (as the authors' code does); it does not yet skip the unselected pairs, which
-needs the core to take a different query subset per head (query positions in ``Mask``).
+Implementation: the fast path attends only on the selected ``(token, head)`` pairs where the core allows
+it and it is cheaper (:class:`~fastattn.mechanisms.gated.base.HeadGatedAttention`: the shared heads as
+usual, the routed heads on the tokens that chose them), else over every head with the unselected pairs
+scaled by 0 (as the authors' code does); then the gates scale the head outputs.
 :meth:`MoH.reference` is the formula above written per token: an explicit sort of the router
 probabilities, the gates, and the sum over heads of ``g_i H^i_t W_O^i``.
 """
@@ -50,9 +53,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from fastattn.core.layer import LayerConfig, ProjectedAttention
-from fastattn.ops.routing import Routing, gate_heads, load_balance_loss, route
+from fastattn.core.layer import LayerConfig
+from fastattn.ops.routing import Routing, gate_heads, loss_weights, route, router_loss
 from fastattn.registry import register
+
+from .base import HeadGatedAttention
 
 
 @register(
@@ -60,16 +65,18 @@ from fastattn.registry import register
     attn_mask=True, dropout=True, level="layer",
     time_growth=2.0, memory_growth=2.0,
 )
-class MoH(ProjectedAttention):
+class MoH(HeadGatedAttention):
     """Mixture-of-Head attention: shared heads plus top-k routed heads per token, gated head outputs."""
 
     returns_core_weights: ClassVar[bool] = False  # the output mixes head outputs by gates: no single attention matrix
     test_options: ClassVar[dict[str, Any]] = {"shared_heads": 2, "active_heads": 2}  # 6 heads: 2 shared, 2 of 4 routed
 
     @dataclass(frozen=True)
-    class Options(ProjectedAttention.Options):
+    class Options(HeadGatedAttention.Options):
         shared_heads: int | None = None  # h_s, always on; default num_heads // 4
         active_heads: int | None = None  # k routed heads per token; default round(0.75 h) - h_s, >= 1
+        balance_weight: float = 0.01  # weight of the load-balance loss in aux_loss (the paper's beta)
+        z_weight: float = 0.0  # weight of the router z-loss in aux_loss
 
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__(options, config, generator=generator)
@@ -92,6 +99,7 @@ class MoH(ProjectedAttention):
         else:
             active = o.active_heads
         self.shared_heads, self.routed_heads, self.active_heads = shared, routed, active
+        self.loss_weights = loss_weights(o, "balance", "z")
         fk = {"device": config.device, "dtype": config.dtype}
         d = config.embed_dim
         self.w_route = nn.Linear(d, routed, bias=False, **fk) if routed else None
@@ -121,11 +129,19 @@ class MoH(ProjectedAttention):
             parts = [parts[0] * alpha[..., :1], parts[1] * alpha[..., 1:]]
         return torch.cat(parts, dim=-1), routing
 
+    def selection(self, x: Tensor) -> Tensor:
+        """The shared heads for every token, the top-k routed heads of each token."""
+        shared = torch.ones(*x.shape[:-1], self.shared_heads, dtype=torch.bool, device=x.device)
+        if not self.routed_heads:
+            return shared
+        routed = route(self.w_route(x), self.active_heads, gate="softmax", renormalize=True).mask
+        return torch.cat([shared, routed], dim=-1)
+
     def mix(self, x: Tensor, heads: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
         g, routing = self.gates(x)
         aux = None
         if self.training and routing is not None:
-            aux = load_balance_loss(routing.probs, routing.mask, valid)
+            aux = router_loss(routing, self.loss_weights, valid)
         return gate_heads(heads, g), aux
 
     def reference(

@@ -24,15 +24,22 @@ core's and decoding caches the mixed values per key/value head; routing is dropl
 ``aux_loss`` (training mode only; zero in eval mode): the authors' selection-entropy regulariser for the
 source and the destination routers, ``sum_e pbar_e log pbar_e`` with ``pbar`` the softmax of the router
 logits averaged over the batch's real tokens, averaged over heads, the two summed. It is minimal when
-each head's batch spreads evenly over its experts. Add it to the training loss with a small weight (the
-authors' ``perplexity_reg``).
+each head's batch spreads evenly over its experts; it is multiplied by ``entropy_weight`` (the authors'
+``perplexity_reg``; default 0.01, a typical MoE regularisation weight -- the authors tune it per
+experiment), so that, by the convention of :mod:`fastattn.ops.routing`, ``aux_loss`` is added to the
+training loss as it is.
 
 Defaults: ``E = 4`` experts per head, ``k = 2`` active (``moe_k = 2`` in the authors' code).
 
 Cost: the core over the ``h`` heads plus ``O(n D h E d)`` for the expert projections and ``O(n D h E)``
 for the routers. The fast path computes every expert in one batched einsum (value side) and one matmul
 (output side) and weighs unselected experts by 0 (the authors' Triton kernel computes only the selected
-ones); :meth:`SwitchHead.reference` writes the sums over the selected experts token by token.
+ones). On CPU the selected form -- tokens grouped by expert, gathered, one batched matmul, scattered back --
+is slower than the one einsum over every expert: at n=4096, 8 heads, 2 of 4 experts, forward+backward of
+the value experts took 1815 ms against 913 ms (``benchmarks/switchhead_experts.py``, shared 2-core
+machine); the expert projections are a small part of the layer (the attention is ``O(n^2)``), so the
+layer keeps the einsum. :meth:`SwitchHead.reference` writes the sums over the selected experts token by
+token.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from fastattn.core.layer import LayerConfig, ProjectedAttention
-from fastattn.ops.routing import Routing, entropy_loss, experts_in, experts_out, route
+from fastattn.ops.routing import Routing, experts_in, experts_out, loss_weights, route, router_loss
 from fastattn.registry import register
 
 
@@ -60,13 +67,15 @@ class SwitchHead(ProjectedAttention):
     test_options: ClassVar[dict[str, Any]] = {"experts": 3, "active_experts": 2}
     deviations: ClassVar[tuple[str, ...]] = (
         "every expert is computed and unselected ones are weighed by 0 (the authors' kernel computes only "
-        "the selected ones); no expert dropout",
+        "the selected ones; on CPU the grouped form measured slower, benchmarks/switchhead_experts.py); no "
+        "expert dropout",
     )
 
     @dataclass(frozen=True)
     class Options(ProjectedAttention.Options):
         experts: int = 4  # E value / output experts per head
         active_experts: int = 2  # k experts per token and head (moe_k)
+        entropy_weight: float = 0.01  # weight of the selection-entropy regulariser in aux_loss (perplexity_reg)
 
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__(options, config, generator=generator)
@@ -76,6 +85,7 @@ class SwitchHead(ProjectedAttention):
         if not 1 <= k <= e:
             raise ValueError(f"active_experts must be in [1, experts={e}], got {k}")
         self.experts, self.active_experts = e, k
+        self.loss_weights = loss_weights(self.options, "entropy")
         fk = {"device": config.device, "dtype": config.dtype}
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         # the expert projections replace the dense value and output projections
@@ -113,14 +123,14 @@ class SwitchHead(ProjectedAttention):
         self, x: Tensor, context: Tensor | None, value: Tensor | None, valid_keys: Tensor | None
     ) -> Tensor | None:
         value = (x if context is None else context) if value is None else value
-        return entropy_loss(self.source_routing(value)[0], valid_keys)
+        return router_loss(self.source_routing(value)[1], self.loss_weights, valid_keys)
 
     def output(self, x: Tensor, heads: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
         logits, r = self.dest_routing(x)
         out = experts_out(heads.transpose(1, 2), self.w_o, r.gates)
         if self.out_bias is not None:
             out = out + self.out_bias
-        return out, entropy_loss(logits, valid) if self.training else None
+        return out, router_loss(r, self.loss_weights, valid) if self.training else None
 
     def reference(
         self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,

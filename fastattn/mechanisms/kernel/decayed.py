@@ -36,6 +36,7 @@ from torch import Tensor
 from fastattn.core.masks import Mask
 from .base import KernelMechanism
 from fastattn.ops.features import elu_plus_one
+from fastattn.ops.positions import alibi_slopes
 from fastattn.ops.linear.state import LinearState
 
 __all__ = [
@@ -46,19 +47,6 @@ __all__ = [
 ACTIVATIONS = ("none", "silu", "elu1", "relu")
 DECAYS = ("slopes", "paper")
 NORMS = ("srms_concat", "srms", "none")
-
-
-def alibi_slopes(num_heads: int) -> Tensor:
-    """ALiBi's head slopes ``(H,)`` (float64): ``2^(-8 (h + 1) / H)`` for ``H`` a power of two; otherwise
-    those of the largest power of two ``p < H``, then every other slope of ``2 p`` heads."""
-    def geometric(n: int) -> list[float]:
-        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
-
-    p = 2 ** math.floor(math.log2(num_heads))
-    out = geometric(p)
-    if p < num_heads:
-        out += geometric(2 * p)[0::2][: num_heads - p]
-    return torch.tensor(out, dtype=torch.float64)
 
 
 def tnl_log_decay(num_heads: int, kind: str, decay_base: float, layer_ratio: float) -> Tensor:
