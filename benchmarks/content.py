@@ -4,8 +4,9 @@ memory from 16384 to 65536 tokens.
     python benchmarks/content.py [--lengths 4096,16384] [--memory-lengths 16384,65536] [--threads 2]
 
 B=1, H=8, E=64, fp32, non-causal, default options (sinkhorn: max_length=65536); medians of ``--repeats`` runs after a
-warm-up, the cases of one length interleaved (SDPA first), so ratios within a length are comparable even
-on a shared machine. Peak memory: each case in a fresh subprocess
+warm-up, the cases of one length one after the other (SDPA first), so ratios within a length are the
+meaningful numbers on a shared machine (use ``--threads 1`` there: OpenMP threads oversubscribed by other
+jobs slow the many small ops of these mechanisms far more than SDPA's one kernel). Peak memory: each case in a fresh subprocess
 (:func:`fastattn.bench.measure.peak_memory_mb`). Writes ``benchmarks/results/content_cpu.json`` and
 ``.md`` (``--out`` to change the stem).
 """
@@ -55,8 +56,8 @@ def main() -> None:
             mem.append({"method": m, "n": n, "peak_mib": mb})
             print(f"memory {m} n={n}: {mb:.0f} MiB", flush=True)
     meta = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "threads": a.threads,
-            "cores": os.cpu_count(), "note": "shared machine: other jobs ran beside this one; ratios within one "
-            "length come from interleaved runs"}
+            "cores": os.cpu_count(), "note": "shared machine: other jobs ran beside this one; the cases of one "
+            "length ran one after the other in one run"}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out + ".json").write_text(json.dumps({"meta": meta, "time": rows, "memory": mem}, indent=1))
     lines = ["# Content-based selection on CPU (B=1, H=8, E=64, fp32, forward+backward)", "",
