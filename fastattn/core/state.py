@@ -15,7 +15,7 @@ from typing import ClassVar, Sequence, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["DecodingState", "KVCache", "StackedState", "batch_index"]
+__all__ = ["DecodingState", "KVCache", "PositionState", "StackedState", "batch_index"]
 
 S = TypeVar("S", bound="DecodingState")
 
@@ -169,3 +169,22 @@ class StackedState(DecodingState):
 
     def to(self, device: torch.device | str) -> StackedState:
         return StackedState([s.to(device) for s in self.states])
+
+
+class PositionState(DecodingState):
+    """The state of a token-wise (stateless) layer: nothing but the positions seen, ``length``, and a
+    ``(B,)`` placeholder that carries the batch through ``select``."""
+
+    batched: ClassVar[tuple[str, ...]] = ("rows",)
+
+    def __init__(self, rows: Tensor, length: int) -> None:
+        self.rows, self.length = rows, length
+
+    @classmethod
+    def advance(cls, state: "PositionState | None", batch: int, new: int, device: torch.device) -> "PositionState":
+        """``state`` after ``new`` more positions (a fresh state of ``batch`` rows when ``None``)."""
+        if state is None:
+            return cls(torch.zeros(batch, dtype=torch.long, device=device), new)
+        if state.batch_size != batch:
+            raise ValueError(f"the state holds {state.batch_size} rows, the new tokens {batch}")
+        return cls(state.rows, state.length + new)

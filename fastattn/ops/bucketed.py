@@ -18,9 +18,13 @@ sees (its *selection* ``S_r(i)``):
 
 Causality, padding and the optional ``self_penalty`` (added to the score of the key at the query's own
 position) are decided on the ORIGINAL positions the permutation carries (the ``Mask``'s ``q_pos`` /
-``k_pos`` and padding). Every query's selection is an explicit list of at most ``2 chunk`` (or ``window``)
-key indices, attended by :func:`~fastattn.ops.gather.index_attention` (query groups of bounded size,
-recomputing backward: no ``(B, H, n, K, E)`` tensor exists). Rounds give partials ``(out_r, lse_r)``
+``k_pos`` and padding). A round runs on dense tiles: queries in their own ``(label, position)`` order, in
+tiles of ``chunk`` (window modes: ``max(chunk, TILE)``), each against the contiguous run of sorted keys
+covering its queries' selections (the slot ranges grow along the query order), masked to the exact
+selections. When labels are so skewed that some tile's run exceeds ``4 window + tile`` slots, the round
+falls back to explicit per-query lists of at most ``2 chunk`` (or ``window``) key indices, attended by
+:func:`~fastattn.ops.gather.index_attention` (query groups of bounded size, recomputing backward). No
+``(B, H, n, K, E)`` tensor exists on either path. Rounds give partials ``(out_r, lse_r)``
 merged by :func:`~fastattn.ops.softmax.online.merge_partials`; with ``dedup`` every score of a pair seen
 in ``N_ij`` rounds is lowered by ``log N_ij``, so the merge is the softmax over the union of the
 selections with each key counted once.
@@ -37,8 +41,10 @@ import torch
 from torch import Tensor
 
 from fastattn.core.masks import NEG_INF, Mask
+from fastattn.ops.chunked import checkpointed
 from fastattn.ops.gather import index_attention
 from fastattn.ops.permute import sort_by
+from fastattn.ops.sparse import engine
 from fastattn.ops.softmax.online import merge_partials, tile_partial
 
 __all__ = ["angular_hash", "bucketed_attention", "bucketed_reference", "selection_mask"]
@@ -86,7 +92,7 @@ class _Round:
         kperm = sort_by(composite)
         self.inverse, self.order, self.qlabel = kperm.inverse, kperm.order, hq
         self.same_label = causal or same_label
-        qorder = sort_by(hq * span + qp)
+        self.qorder = qorder = sort_by(hq * span + qp)
         # the queries sort exactly like the keys (self-attention, same labels, no padding): the blocked path
         self.shared = lq == lk and torch.equal(qorder.order, kperm.order)
         if self.same_label:
@@ -114,20 +120,26 @@ class _Round:
         return inside
 
 
+TILE = 64  # sorted queries per dense tile when the selections are windows (chunk mode: the chunk)
+
+
 def _blocked_round(
     q: Tensor, k: Tensor, v: Tensor, rd: _Round, rounds: list[_Round], qp: Tensor, kp: Tensor, real: Tensor,
-    scale: float, chunk: int, causal: bool, dedup: bool, self_penalty: float | None,
-) -> tuple[Tensor, Tensor]:
-    """One round when queries and keys share the sorted order: chunks of ``chunk`` sorted queries against
-    the contiguous run of sorted keys covering their selections (dense tiles, no per-query gather).
-    Returns the partial ``(out, lse)`` in the original query order."""
-    B, H, n, E = q.shape
-    order, inverse = rd.order, rd.inverse
-    nc = -(-n // chunk)
-    pad = nc * chunk - n
+    scale: float, chunk: int, causal: bool, dedup: bool, self_penalty: float | None, max_width: int,
+) -> tuple[Tensor, Tensor] | None:
+    """One round on dense tiles: tiles of ``chunk`` queries in their sorted order against the contiguous
+    run of sorted keys covering their selections (the selections' slot ranges grow along the query order,
+    so a tile's run starts at its first query's ``lo`` and ends at its largest ``hi``), no per-query gather.
+    Returns the partial ``(out, lse)`` in the original query order, or ``None`` when some tile's run is
+    wider than ``max_width`` key slots (skewed labels: the per-query lists are then cheaper)."""
+    B, H, lq, E = q.shape
+    lk = k.shape[2]
+    order, qorder, qinverse = rd.order, rd.qorder.order, rd.qorder.inverse
+    nc = -(-lq // chunk)
+    pad = nc * chunk - lq
 
-    def srt(x: Tensor) -> Tensor:  # (B, H, n, ...) in sorted order
-        return x.gather(2, order.view(B, H, n, *(1,) * (x.dim() - 3)).expand(B, H, n, *x.shape[3:]))
+    def srt(x: Tensor) -> Tensor:  # (B, H, lq, ...) in the queries' sorted order
+        return x.gather(2, qorder.view(B, H, lq, *(1,) * (x.dim() - 3)).expand(B, H, lq, *x.shape[3:]))
 
     def blocks(x: Tensor, fill: float | int | bool = 0) -> Tensor:  # (B, H, nc, chunk, ...) sorted, padded
         xs = srt(x)
@@ -135,38 +147,61 @@ def _blocked_round(
             xs = torch.cat([xs, xs.new_full((B, H, pad, *xs.shape[3:]), fill)], dim=2)
         return xs.view(B, H, nc, chunk, *xs.shape[3:])
 
-    lo, hi = blocks(rd.lo), blocks(rd.hi)
+    lo, hi = blocks(rd.lo), blocks(rd.hi, fill=-lk)
     start = lo[..., 0].clamp_min(0)  # (B, H, nc): the selections' slot ranges start no earlier
-    wb = max(1, int((hi.amax(-1) - start).clamp(max=n).max()))
+    wb = max(1, int((hi.amax(-1).clamp(max=lk) - start).max()))
+    if wb > max_width:
+        return None
     kslot = start[..., None] + torch.arange(wb, device=q.device)  # (B, H, nc, wb)
-    inrange = kslot < n
-    kidx = order.gather(-1, kslot.clamp_max(n - 1).view(B, H, -1)).view(B, H, nc, wb)  # original key indices
-    take = lambda x: x.gather(2, kidx.view(B, H, -1, 1).expand(B, H, nc * wb, x.shape[3])).view(  # noqa: E731
-        B, H, nc, wb, x.shape[3])
-    kb, vb = take(k), take(v)
-    qidx = blocks(torch.arange(n, device=q.device).expand(B, H, n))  # original query index of each row
-    s = torch.matmul(blocks(q), kb.transpose(-1, -2)) * scale  # (B, H, nc, chunk, wb)
-    ks = kslot[..., None, :]
-    valid = (ks >= lo[..., None]) & (ks < hi[..., None]) & inrange[..., None, :]
-    valid = valid & real.gather(-1, kidx.view(B, H, -1)).view(B, H, nc, 1, wb)
-    if pad:
-        valid = valid & (torch.arange(nc * chunk, device=q.device) < n).view(1, 1, nc, chunk, 1)
-    kpos = kp.gather(-1, kidx.view(B, H, -1)).view(B, H, nc, 1, wb)
-    qpos = blocks(qp)[..., None]
-    kfull = kidx[..., None, :]  # (B, H, nc, 1, wb): broadcast over the chunk's queries in member()
-    if rd.same_label:
-        valid = valid & rd.member(kfull, qidx)
-    if causal:
-        valid = valid & (kpos <= qpos)
-    if self_penalty is not None:
-        s = s + (kpos == qpos).to(s.dtype) * self_penalty
-    if dedup and len(rounds) > 1:
-        count = sum(other.member(kfull, qidx).to(s.dtype) for other in rounds)
-        s = s - torch.log(count.clamp_min(1))
-    out, lse = tile_partial(s.masked_fill(~valid, NEG_INF), lambda e: torch.matmul(e, vb.to(e.dtype)))
-    out = out.reshape(B, H, nc * chunk, -1)[:, :, :n]
-    lse = lse.reshape(B, H, nc * chunk)[:, :, :n]
-    return (out.gather(2, inverse[..., None].expand(B, H, n, out.shape[-1])), lse.gather(2, inverse))
+    inrange = kslot < lk
+    kidx = order.gather(-1, kslot.clamp_max(lk - 1).view(B, H, -1)).view(B, H, nc, wb)  # original key indices
+    qidx = blocks(torch.arange(lq, device=q.device).expand(B, H, lq))  # original query index of each row
+    qpos = blocks(qp)
+    rowok = (torch.arange(nc * chunk, device=q.device) < lq).view(nc, chunk)
+
+    def tiles(qg: Tensor, k: Tensor, v: Tensor, t0: int, t1: int) -> tuple[Tensor, Tensor]:
+        """The partial of tiles ``t0 .. t1 - 1`` (their keys gathered, scored, masked exactly)."""
+        kid = kidx[:, :, t0:t1]
+        n_t = t1 - t0
+
+        def take(x: Tensor) -> Tensor:  # (B, H, n_t, wb, D)
+            return x.gather(2, kid.reshape(B, H, -1, 1).expand(B, H, n_t * wb, x.shape[3])).view(
+                B, H, n_t, wb, x.shape[3])
+
+        kb, vb = take(k), take(v)
+        s = torch.matmul(qg, kb.transpose(-1, -2)) * scale  # (B, H, n_t, chunk, wb)
+        ks = kslot[:, :, t0:t1, None, :]
+        valid = (ks >= lo[:, :, t0:t1, :, None]) & (ks < hi[:, :, t0:t1, :, None]) & inrange[:, :, t0:t1, None, :]
+        valid = valid & real.gather(-1, kid.reshape(B, H, -1)).view(B, H, n_t, 1, wb) & rowok[t0:t1, :, None]
+        kpos = kp.gather(-1, kid.reshape(B, H, -1)).view(B, H, n_t, 1, wb)
+        qpos_t = qpos[:, :, t0:t1, :, None]
+        kfull, qid = kid[..., None, :], qidx[:, :, t0:t1]  # keys broadcast over the tile's queries in member()
+        if rd.same_label:
+            valid = valid & rd.member(kfull, qid)
+        if causal:
+            valid = valid & (kpos <= qpos_t)
+        if self_penalty is not None:
+            s = s + (kpos == qpos_t).to(s.dtype) * self_penalty
+        if dedup and len(rounds) > 1:
+            count = sum(other.member(kfull, qid).to(s.dtype) for other in rounds)
+            s = s - torch.log(count.clamp_min(1))
+        return tile_partial(s.masked_fill(~valid, NEG_INF), lambda e: torch.matmul(e, vb.to(e.dtype)))
+
+    qb = blocks(q)
+    # tiles in groups of about GROUP_BYTES of scores, each recomputed in backward (checkpointed): the
+    # working set is one group's, whatever n
+    per_tile = B * H * chunk * wb * q.element_size()
+    group = max(1, engine.GROUP_BYTES.get(q.device.type, engine.GROUP_BYTES["cuda"]) // per_tile)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs, lses = [], []
+    for t0 in range(0, nc, group):
+        t1 = min(t0 + group, nc)
+        o, l_ = checkpointed(tiles, qb[:, :, t0:t1], k, v, t0, t1) if grad else tiles(qb[:, :, t0:t1], k, v, t0, t1)
+        outs.append(o), lses.append(l_)
+    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+    out = out.reshape(B, H, nc * chunk, -1)[:, :, :lq]
+    lse = lse.reshape(B, H, nc * chunk)[:, :, :lq]
+    return (out.gather(2, qinverse[..., None].expand(B, H, lq, out.shape[-1])), lse.gather(2, qinverse))
 
 
 def bucketed_attention(
@@ -179,8 +214,8 @@ def bucketed_attention(
     ``mask.causal`` picks the causal window (``window``, default ``2 chunk``), ``same_label`` the label window
     when not causal, else chunks; ``self_penalty`` is added to
     the score of the key at the query's own position. Returns ``(B, H, Lq, Ev)``; rows that see no key
-    return zeros. A round whose queries sort exactly like its keys (self-attention with equal labels,
-    e.g. shared-QK) runs on dense tiles (``blocked``) instead of per-query key lists; same result."""
+    return zeros. Rounds run on dense tiles of sorted queries (``blocked``; per-query key lists when a
+    tile's key run is too wide, or with ``blocked=False``); same result."""
     window = 2 * chunk if window is None else window
     _check(hq, hk, mask, chunk, window)
     B, H, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -191,10 +226,14 @@ def bucketed_attention(
     width = min(window if (causal or same_label) else 2 * chunk, lk)
     offs = torch.arange(width, device=q.device)
     parts = []
+    tile = chunk if not (causal or same_label) else max(chunk, TILE)
     for rd in rounds:
-        if rd.shared and blocked:
-            parts.append(_blocked_round(q, k, v, rd, rounds, qp, kp, real, scale, chunk, causal, dedup, self_penalty))
-            continue
+        if blocked:  # dense tiles, unless the labels are so skewed that a tile's key run is too wide
+            part = _blocked_round(q, k, v, rd, rounds, qp, kp, real, scale, tile, causal, dedup, self_penalty,
+                                  max_width=4 * width + tile)
+            if part is not None:
+                parts.append(part)
+                continue
         slot = rd.lo.clamp_min(0)[..., None] + offs  # (B, H, Lq, K): the selection's slot range, clipped
         inrange = (slot < rd.hi[..., None]) & (slot < lk)
         idx = rd.order.gather(-1, slot.clamp_max(lk - 1).view(B, H, -1)).view(B, H, lq, width)

@@ -105,3 +105,43 @@ def test_blocked_path_for_a_shared_order_equals_dense_formula(mode, n, chunk, wi
         torch.testing.assert_close(fast, other, rtol=1e-9, atol=1e-11)
         for a, b in zip(grads(other, (q, k, v)), gf):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["chunks", "label-window", "causal"])
+@pytest.mark.parametrize("lq,lk,chunk,window", [(37, 37, 5, 7), (12, 41, 4, 16), (70, 70, 3, 9)])
+def test_blocked_path_with_separate_orders_equals_lists(mode, lq, lk, chunk, window):
+    """Queries and keys with their own labels (and lengths): the dense-tile path equals the per-query
+    lists and the formula, values and gradients, with padding, several rounds."""
+    q, k, v, hq, hk = _inputs(lq, lk, seed=8, n_labels=3, rounds=3)
+    kpm = torch.zeros(2, lk, dtype=torch.bool)
+    kpm[1, lk - 6:] = True
+    mask = Mask(lq, lk, key_padding=kpm, causal=mode["causal"])
+    kw = dict(chunk=chunk, window=window, self_penalty=-5e4, same_label=mode["same_label"])
+    fast = bucketed_attention(q, k, v, hq, hk, 3, mask, 0.3, **kw)
+    lists = bucketed_attention(q, k, v, hq, hk, 3, mask, 0.3, blocked=False, **kw)
+    allowed = selection_mask(hq, hk, 3, mask, chunk=chunk, window=window, same_label=mode["same_label"])
+    ref = bucketed_reference(q, k, v, allowed, mask, 0.3, self_penalty=-5e4)
+    gf = grads(fast, (q, k, v))
+    for other in (lists, ref):
+        torch.testing.assert_close(fast, other, rtol=1e-9, atol=1e-11)
+        for a, b in zip(grads(other, (q, k, v)), gf):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_skewed_labels_fall_back_to_lists():
+    """Every key in one label, every query in another except one: a tile's key run would span the whole
+    sequence, so the round takes the per-query lists (no (n x n) tile), same result."""
+    from fastattn.ops import bucketed
+
+    n = 300
+    q, k, v, _, _ = _inputs(n, n, seed=9, rounds=1)
+    hk = torch.zeros(1, 2, 2, n, dtype=torch.long)
+    hq = torch.ones(1, 2, 2, n, dtype=torch.long)
+    hq[..., ::7] = 0
+    mask = Mask(n, n, causal=True)
+    rd = bucketed._Round(hq[0], hk[0], *bucketed._positions(mask, 2, 2, q.device), 2, True, 1, 8, False)
+    assert bucketed._blocked_round(q, k, v, rd, [rd], *bucketed._positions(mask, 2, 2, q.device), 0.3, 64,
+                                   True, False, None, max_width=4 * 8 + 64) is None
+    fast = bucketed_attention(q, k, v, hq, hk, 2, mask, 0.3, chunk=1, window=8)
+    allowed = selection_mask(hq, hk, 2, mask, chunk=1, window=8)
+    torch.testing.assert_close(fast, bucketed_reference(q, k, v, allowed, mask, 0.3), rtol=1e-9, atol=1e-11)
