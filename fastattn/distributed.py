@@ -26,19 +26,25 @@ Strategies (:func:`sequence_parallel_attention`):
   (:func:`~fastattn.ops.softmax.online.merge_partials`); causally future blocks are skipped. Backward runs
   :func:`~fastattn.ops.softmax.flash.flash_block_backward` per block, dK/dV travelling around the ring with
   their block back to its owner. Contiguous and zigzag layouts.
+* ``"halo"`` for sliding-window patterns (``local``, ``diet``, ``handcrafted`` diagonal, ``longformer``
+  without global tokens: mechanisms declaring ``windowed`` whose pattern's reach ``r`` depends on ``i - j``
+  alone, :meth:`~fastattn.ops.sparse.patterns.Pattern.reach`): each chunk receives the last ``r`` keys and
+  values of the chunk before it (and, not causal, the first ``r`` of the one after) point-to-point from
+  their owners, and runs the mechanism on the extended stretch; backward sends the halos' gradients
+  back. Traffic ``2 r`` tokens per chunk, independent of the sequence length; needs ``r <= `` one chunk.
 * ``"ulysses"`` (DeepSpeed-Ulysses, Jacobs et al., 2023, arXiv:2309.14509) for any mechanism whose heads are
-  independent and alike: ``all_to_all`` from sequence to head sharding, the mechanism's full-sequence
-  computation on ``H / W`` heads, ``all_to_all`` back.
-* ``"auto"``: ring for exact mechanisms, lasp2 for kernel mechanisms it can run, ulysses otherwise.
+  independent and alike (``Mechanism.heads_independent``): ``all_to_all`` from sequence to head sharding,
+  the mechanism's full-sequence computation on ``H / W`` heads, ``all_to_all`` back.
+* ``"auto"``: ring for exact mechanisms, lasp2 for kernel mechanisms it can run, halo for windows that fit
+  in a chunk, ulysses otherwise.
 
 :class:`SequenceParallelAttention` is the standard layer around it
 (``fastattn.MultiheadAttention(..., sequence_parallel_group=g)``). Every rank must make the same calls
 (they are collectives, and every rank must run backward); a rank's bad input is a ``ValueError`` on every
 rank, never a wait.
 
-Not here (yet): a halo exchange for windowed sparse patterns (they run through Ulysses), the overlap of
-LASP-2's intra-chunk computation with the state exchange, per-token gates (gated ``rfa``) under LASP-2,
-``attn_mask`` and dropout.
+Not here (yet): the overlap of LASP-2's intra-chunk computation with the state exchange, per-token gates
+(gated ``rfa``) under LASP-2, ``attn_mask`` and dropout.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ __all__ = ["LAYOUTS", "STRATEGIES", "SequenceParallelAttention", "choose_strateg
            "unshard_sequence"]
 
 LAYOUTS = ("contiguous", "zigzag")
-STRATEGIES = ("auto", "lasp2", "ring", "ulysses")
+STRATEGIES = ("auto", "lasp2", "ring", "halo", "ulysses")
 
 
 # ----- groups and layouts ---------------------------------------------------------------------------
@@ -396,6 +402,124 @@ def _ring(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, c
     return _Ring.apply(q, k, v, kp, info)
 
 
+# ----- halo exchange ------------------------------------------------------------------------------------
+def _owner(layout: str, chunk: int, world: int) -> int:
+    """The rank holding global chunk ``chunk``."""
+    return chunk if layout == "contiguous" or chunk < world else 2 * world - 1 - chunk
+
+
+def _p2p(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[tuple[int, ...], int, int]], group: Any,
+         rank: int, like: Tensor) -> list[Tensor]:
+    """Point-to-point: each ``(tensor, dst, tag)`` of ``sends`` goes to rank ``dst``; each
+    ``(shape, src, tag)`` of ``recvs`` is received from rank ``src`` (returned in order). A transfer to
+    oneself is a copy."""
+    mine = {tag: t for t, dst, tag in sends if dst == rank}
+    out: list[Tensor | None] = []
+    ops = []
+    for shape, src, tag in recvs:
+        if src == rank:
+            out.append(mine[tag].clone())
+            continue
+        buf = like.new_empty(shape)
+        out.append(buf)
+        ops.append(dist.P2POp(dist.irecv, buf, _global(group, src), group, tag))
+    ops += [dist.P2POp(dist.isend, t.contiguous(), _global(group, dst), group, tag)
+            for t, dst, tag in sends if dst != rank]
+    if ops:
+        _wait(dist.batch_isend_irecv(ops))
+    return out  # type: ignore[return-value]
+
+
+class _Halo(torch.autograd.Function):
+    """Each of this rank's chunks (``n`` rows of ``block`` ``(B, H, L, F)``, global id ``g``) extended by
+    its halos: ``(C, B, H, r + n [+ r], F)``, the last ``r`` rows of chunk ``g - 1`` before it and, when
+    ``both``, the first ``r`` rows of chunk ``g + 1`` after it (zeros where the sequence ends), received
+    point-to-point from the neighbours' owners. Backward: the halos' gradients travel back to their
+    owners and add to those rows. (One output holding the chunks too, so every rank's backward runs and
+    meets its peers' sends, even where a rank uses no halo.)"""
+
+    @staticmethod
+    def forward(ctx: Any, block: Tensor, r: int, both: bool, group: Any, layout: str) -> Tensor:
+        rank, world = _group(group)
+        ids, total = _chunk_ids(layout, rank, world), _num_chunks(layout, world)
+        n = block.shape[2] // len(ids)
+        ctx.meta = (r, both, group, layout, n, block.shape)
+        sends, recvs, slots = _halo_routes(ids, total, world, layout, n, r, both, block.shape)
+        got = _p2p([(block[:, :, rows], dst, tag) for rows, dst, tag in sends], recvs, group, rank, block)
+        ext = block.new_zeros(len(ids), *block.shape[:2], r + n + (r if both else 0), block.shape[3])
+        for c in range(len(ids)):
+            ext[c, :, :, r:r + n] = block[:, :, c * n:(c + 1) * n]
+        for (side, c), t in zip(slots, got):
+            if side == 0:
+                ext[c, :, :, :r] = t
+            else:
+                ext[c, :, :, r + n:] = t
+        return ext
+
+    @staticmethod
+    def backward(ctx: Any, d_ext: Tensor) -> tuple[Tensor | None, ...]:
+        r, both, group, layout, n, shape = ctx.meta
+        rank, world = _group(group)
+        ids, total = _chunk_ids(layout, rank, world), _num_chunks(layout, world)
+        sends, recvs, slots = _halo_routes(ids, total, world, layout, n, r, both, shape)
+        halo = [(d_ext[c, :, :, :r] if side == 0 else d_ext[c, :, :, r + n:]) for side, c in slots]
+        # reversed roles: each received halo's gradient goes back to its sender, on the sender's tag
+        back = _p2p([(t, src, tag) for t, (_, src, tag) in zip(halo, recvs)],
+                    [(tuple(shape[:2]) + (r, shape[3]), dst, tag) for _, dst, tag in sends], group, rank, d_ext)
+        grad = torch.cat([d_ext[c, :, :, r:r + n] for c in range(len(ids))], dim=2)
+        for (rows, _, _), t in zip(sends, back):
+            grad[:, :, rows] += t
+        return grad, None, None, None, None
+
+
+def _halo_routes(ids: list[int], total: int, world: int, layout: str, n: int, r: int, both: bool,
+                 shape: Any) -> tuple[list, list, list]:
+    """What this rank sends (``(rows, dst, tag)``) and receives (``(shape, src, tag)``, with the
+    ``(side, local chunk)`` each received halo fills) in a halo exchange. Tags name the halo: ``2 g`` the
+    previous-side halo of chunk ``g``, ``2 g + 1`` its next-side halo."""
+    sends, recvs, slots = [], [], []
+    for c, g in enumerate(ids):
+        if g + 1 < total:  # my last r rows are chunk g + 1's previous-side halo
+            sends.append((slice((c + 1) * n - r, (c + 1) * n), _owner(layout, g + 1, world), 2 * (g + 1)))
+        if both and g > 0:  # my first r rows are chunk g - 1's next-side halo
+            sends.append((slice(c * n, c * n + r), _owner(layout, g - 1, world), 2 * (g - 1) + 1))
+        if g > 0:
+            recvs.append(((*shape[:2], r, shape[3]), _owner(layout, g - 1, world), 2 * g))
+            slots.append((0, c))
+        if both and g + 1 < total:
+            recvs.append(((*shape[:2], r, shape[3]), _owner(layout, g + 1, world), 2 * g + 1))
+            slots.append((1, c))
+    return sends, recvs, slots
+
+
+def _halo(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, scale: float,
+          group: Any, layout: str, reach: int) -> Tensor:
+    """A sliding-window pattern of reach ``r``: each chunk's keys and values are extended by the last
+    ``r`` tokens of the previous chunk (and, not causal, the first ``r`` of the next), received from
+    their owners, and the mechanism runs on the extended stretch. Its pattern depends on ``i - j``
+    alone, so the stretch's own positions give the global result; not causal, ``r`` placeholder queries
+    after the chunk's own align the queries with the keys (their outputs are dropped)."""
+    rank, world = _group(group)
+    ids, total = _chunk_ids(layout, rank, world), _num_chunks(layout, world)
+    n, e = q.shape[2] // len(ids), k.shape[-1]
+    block = torch.cat([k, v] + ([] if kp is None else [_pad_channel(kp, k)]), dim=-1)
+    ext = _Halo.apply(block, reach, not causal, group, layout)
+    outs = []
+    for c, g in enumerate(ids):
+        lo = 0 if g > 0 else reach  # the previous chunk's last r tokens, where there is one
+        hi = reach + n + (reach if not causal and g + 1 < total else 0)
+        ext_c = ext[c, :, :, lo:hi]
+        after = hi - reach - n  # keys after the chunk: as many placeholder queries
+        qc = q[:, :, c * n:(c + 1) * n]
+        if after:
+            qc = torch.cat([qc, qc.new_zeros(*qc.shape[:2], after, qc.shape[3])], dim=2)
+        kc, vc, kpc = _unpack(ext_c, 0, hi - lo, e, kp is not None)
+        out = mech.run_checked(qc, kc, vc, key_padding_mask=kpc, is_causal=causal, scale=scale, attn_mask=None,
+                               dropout_p=0.0, backend="auto")
+        outs.append(out[:, :, :n])
+    return torch.cat(outs, dim=2)
+
+
 # ----- Ulysses ----------------------------------------------------------------------------------------
 class _AllToAll(torch.autograd.Function):
     """Split ``x`` into ``W`` parts along ``scatter``, send part ``j`` to rank ``j``, concatenate what
@@ -420,13 +544,13 @@ def _all_to_all(x: Tensor, group: Any, scatter: int, gather: int) -> Tensor:
 
 
 def _ulysses_capable(mech: Mechanism) -> str | None:
-    from fastattn.mechanisms.kernel.base import KernelMechanism
-
-    if isinstance(mech, KernelMechanism) and mech.decay() is not None:
-        return "its heads differ (per-head decay rates)"
-    for name, t in [*mech.named_parameters(), *mech.named_buffers()]:
-        if mech.num_heads > 1 and t.dim() > 0 and t.shape[0] == mech.num_heads:
-            return f"its heads differ (per-head {name!r})"
+    """Why ``mech`` cannot run under Ulysses (None when it can): its heads must be independent and alike
+    (``Mechanism.heads_independent``), since each rank runs a module of ``H / W`` heads."""
+    if not mech.heads_independent:
+        return (f"its heads are not independent and alike ({type(mech).__name__}.heads_independent is False: "
+                f"per-head parameters, buffers, patterns or decays, or a norm across heads)")
+    if any(True for _ in mech.parameters()):
+        return "the module has learned parameters"
     return None
 
 
@@ -438,8 +562,6 @@ def _ulysses(full: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None
         raise ValueError(f"ulysses shards heads: query heads ({h}) and key/value heads ({hkv}) must be "
                          f"divisible by the group size ({world})")
     why = _ulysses_capable(full)
-    if any(True for _ in full.parameters()):
-        why = "the module has learned parameters"
     if why:
         raise ValueError(f"strategy 'ulysses' cannot run method {full.spec.name!r}: {why}")
     # the same mechanism on H / W heads, with the full module's buffers (none of them per head)
@@ -476,16 +598,41 @@ def _build(spec: Any, opts: Any, q: Tensor, k: Tensor, group: Any) -> Mechanism:
     return mech
 
 
-def choose_strategy(method: str, strategy: str = "auto") -> str:
-    """The strategy ``sequence_parallel_attention`` runs ``method`` with (``"auto"`` resolved)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+def _window(mech: Mechanism, length: int) -> int | None:
+    reach = getattr(mech, "window_reach", None)
+    return None if reach is None else reach(length)
+
+
+def _resolve(mech: Mechanism, strategy: str, length: int | None, chunk: int | None) -> str:
+    """``strategy`` with ``"auto"`` resolved for the built module ``mech`` on a sequence of ``length``
+    tokens cut into chunks of ``chunk`` (None: not known yet)."""
     if strategy != "auto":
         return strategy
-    spec = get_method(method)
+    spec = mech.spec
     if spec.exact:
         return "ring"
-    return "lasp2" if _lasp2_capable(spec.cls) is None else "ulysses"
+    if _lasp2_capable(type(mech)) is None:
+        return "lasp2"
+    reach = _window(mech, length or 1)
+    if reach is not None and (chunk is None or reach <= chunk):
+        return "halo"
+    return "ulysses"
+
+
+def choose_strategy(method: str | Mechanism, strategy: str = "auto", *, length: int | None = None,
+                    chunk: int | None = None, **options: Any) -> str:
+    """The strategy ``sequence_parallel_attention`` runs ``method`` with (``"auto"`` resolved): ring for
+    exact mechanisms, lasp2 for kernel mechanisms it can run, halo for sliding-window patterns whose reach
+    fits in one chunk (``chunk`` tokens; ``length`` the whole sequence's), ulysses otherwise. ``method``: a
+    registry id (with its ``options``; a small probe module is built) or a built module."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if isinstance(method, Mechanism):
+        mech = method
+    else:
+        spec = get_method(method)
+        mech = spec.cls(spec.make_options(**options), head_dim=8, num_heads=8)
+    return _resolve(mech, strategy, length, chunk)
 
 
 def _check_shard(spec: Any, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, per_rank: int,
@@ -518,7 +665,7 @@ def sequence_parallel_attention(
             ranks, which ``MultiheadAttention(..., sequence_parallel_group=g)`` ensures).
         group: the process group (default: the world).
         is_causal: causal masking over the global positions.
-        strategy: ``"auto"``, ``"lasp2"``, ``"ring"`` or ``"ulysses"`` (see the module docstring).
+        strategy: ``"auto"``, ``"lasp2"``, ``"ring"``, ``"halo"`` or ``"ulysses"`` (see the module docstring).
         layout: how the sequence was sharded, ``"contiguous"`` or ``"zigzag"``.
         key_padding_mask: this rank's shard ``(B, n)`` of the padding mask (True = padding), sharded like
             the keys.
@@ -550,12 +697,23 @@ def sequence_parallel_attention(
     shapes = [tuple(t.shape) if isinstance(t, Tensor) else None for t in (q, k, v, key_padding_mask)]
     _agree(group, "sequence_parallel_attention", [*shapes, str(strategy), str(layout), is_causal], error)
     assert spec is not None
-    chosen = choose_strategy(spec.name, strategy)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = q.dtype
     mech = given if given is not None else _build(spec, opts, q, k, group)
+    per_rank = len(_chunk_ids(layout, rank, world))
+    length, chunk = q.shape[2] * world, q.shape[2] // per_rank
+    chosen = _resolve(mech, strategy, length, chunk)
     if chosen == "ulysses":
         return _ulysses(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout).to(dtype)
+    if chosen == "halo":
+        reach = _window(mech, length)
+        if reach is None:
+            raise ValueError(f"strategy 'halo' runs sliding-window patterns; method {spec.name!r} with options "
+                             f"{mech.options} is not one (global tokens, extra nodes or a non-window pattern)")
+        if reach > chunk:
+            raise ValueError(f"strategy 'halo': the window reaches {reach} tokens, more than one chunk "
+                             f"({chunk} tokens); use fewer ranks, a longer sequence or strategy='ulysses'")
+        return _halo(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout, reach)
     q, k, v = mech.upcast(q, k, v)
     if chosen == "ring":
         if not spec.exact:
@@ -591,7 +749,7 @@ class SequenceParallelAttention(ProjectedAttention):
             raise ValueError("sequence parallelism does not run attention dropout; use dropout=0")
         if config.backend == "reference":
             raise ValueError("the reference backend is single-process; use backend='auto' or 'torch'")
-        choose_strategy(self.options.core, strategy)  # an unknown combination fails here, not at forward
+        choose_strategy(self.core, strategy)  # an unknown strategy fails here, not at forward
         self.group, self.strategy, self.layout = group, strategy, layout
         _group(group)
         with torch.no_grad():

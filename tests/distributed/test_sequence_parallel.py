@@ -34,7 +34,13 @@ CASES = [
     ("softmax", "ring", False, "contiguous", True, H, {}),
     ("softmax", "ring", True, "zigzag", True, 2, {}),
     ("flash", "ring", True, "zigzag", False, H, {"block_q": 2, "block_k": 3}),
-    ("local", "ulysses", True, "contiguous", True, H, {}),
+    ("local", "auto", True, "contiguous", True, H, {}),  # the window (256) exceeds a chunk: ulysses
+    ("local", "halo", True, "contiguous", False, H, {"window": 3, "block": 2}),
+    ("local", "halo", False, "zigzag", True, H, {"window": 2, "block": 3}),
+    ("diet", "auto", False, "contiguous", True, 2,
+     {"window": 1, "dilation": 2, "layer": 1, "mode": "dilated_cascade", "block": 2}),
+    ("longformer", "halo", True, "zigzag", False, H,
+     {"window": 1, "dilation": (1, 2, 1, 2), "global_tokens": (), "block": 2}),
     ("local", "ulysses", True, "zigzag", False, H, {}),
     ("softmax", "ulysses", False, "zigzag", False, H, {}),
     ("linear", "auto", True, "zigzag", False, H, {}),
@@ -124,7 +130,12 @@ def _errors() -> None:
     _raises(lambda: fad.sequence_parallel_attention(*s, "efficient", strategy="lasp2"), "efficient",
             "token-wise")
     _raises(lambda: fad.sequence_parallel_attention(*s, "lightning", is_causal=True, strategy="ulysses"),
-            "ulysses", "lightning", "heads")
+            "ulysses", "lightning", "heads_independent")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "bigbird", strategy="ulysses", block=2, random_blocks=1),
+            "ulysses", "bigbird", "heads_independent")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "local", strategy="halo", window=9), "halo", "reaches 9")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "longformer", strategy="halo"), "halo", "longformer")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "softmax", strategy="halo"), "halo", "softmax")
     _raises(lambda: fad.sequence_parallel_attention(*s, "softmax", layout="diagonal"), "layout", "diagonal")
     _raises(lambda: fad.shard_sequence(q[:, :, :N - 1]), "divisible", str(N - 1))
     rank = dist.get_rank()
@@ -140,7 +151,12 @@ def _errors() -> None:
     assert fad.choose_strategy("softmax") == "ring"
     assert fad.choose_strategy("lightning") == "lasp2"
     assert fad.choose_strategy("efficient") == "ulysses"
-    assert fad.choose_strategy("local") == "ulysses"
+    assert fad.choose_strategy("local") == "halo"
+    assert fad.choose_strategy("local", chunk=4, window=9) == "ulysses"
+    assert fad.choose_strategy("diet", mode="dilated") == "halo"
+    assert fad.choose_strategy("longformer") == "ulysses"  # global tokens
+    assert fad.choose_strategy("longformer", global_tokens=()) == "halo"
+    assert fad.choose_strategy("bigbird") == "ulysses"
 
 
 def _worker(rank: int, world: int, port: int) -> None:
