@@ -13,9 +13,12 @@ Strategies (:func:`sequence_parallel_attention`):
 
 * ``"lasp2"`` (LASP-2, Sun et al., 2025, arXiv:2502.07563) for kernel mechanisms
   ``phi(Q) (phi(K)^T V)``: each rank forms the state of each chunk it holds (``sum_s w_s phi(k_s) v_s^T``
-  with the decay weights, and the normaliser), one ``all_gather`` exchanges the states, each chunk starts
-  from the decayed sum of the earlier chunks' states (``prod lambda^len`` composition; every other chunk
-  when not causal) and runs :func:`~fastattn.ops.linear.engine.linear_attention` from it. Backward: the
+  with the decay weights, and the normaliser), one asynchronous ``all_gather`` exchanges the states while
+  the intra-chunk attention is computed (:func:`~fastattn.ops.linear.engine.linear_attention`,
+  unnormalised), then each chunk adds the inter-chunk part from the decayed sum of the earlier chunks'
+  states (``prod`` of the gates composition; every other chunk when not causal). Decays per head
+  (``lightning``, ``transnormer``) and per token (gated ``rfa``: ``gate_logits`` from its layer,
+  ``KernelMechanism.token_gates``) compose alike. Backward: the
   gradient of the gathered states is summed over the ranks (``all_reduce``), so the gradient of a chunk's
   initial state flows back to the earlier ranks' keys and values. Traffic per layer is one state per chunk,
   independent of the sequence length.
@@ -43,8 +46,8 @@ Strategies (:func:`sequence_parallel_attention`):
 (they are collectives, and every rank must run backward); a rank's bad input is a ``ValueError`` on every
 rank, never a wait.
 
-Not here (yet): the overlap of LASP-2's intra-chunk computation with the state exchange, per-token gates
-(gated ``rfa``) under LASP-2, ``attn_mask`` and dropout.
+Not here (yet): ``attn_mask``, dropout, and overlap in LASP-2's backward (the ``all_reduce`` of the states'
+gradients runs when autograd reaches it).
 """
 
 from __future__ import annotations
@@ -60,14 +63,14 @@ from fastattn.core.base import Mechanism
 from fastattn.core.checks import check_inputs, repeat_kv
 from fastattn.core.layer import ProjectedAttention
 from fastattn.core.masks import Mask
-from fastattn.ops.linear.engine import linear_attention, linear_state, log_gates
-from fastattn.ops.linear.state import LinearState
+from fastattn.ops.linear.engine import _safe_divide, linear_attention, linear_state, log_gates
+from fastattn.ops.linear.tiled import gate_dtype
 from fastattn.ops.softmax.flash import flash_block_backward, flash_block_forward
 from fastattn.ops.softmax.online import compute_dtype, merge_partials
 from fastattn.registry import get_method
 
-__all__ = ["LAYOUTS", "STRATEGIES", "SequenceParallelAttention", "choose_strategy", "sequence_parallel_attention", "shard_sequence",
-           "unshard_sequence"]
+__all__ = ["LAYOUTS", "STRATEGIES", "SequenceParallelAttention", "choose_strategy", "sequence_parallel_attention",
+           "sequence_parallel_layer", "shard_sequence", "unshard_sequence"]
 
 LAYOUTS = ("contiguous", "zigzag")
 STRATEGIES = ("auto", "lasp2", "ring", "halo", "ulysses")
@@ -126,24 +129,36 @@ def shard_sequence(
     return out[0] if single else tuple(out)
 
 
-class _AllGather(torch.autograd.Function):
-    """``(W, *x.shape)``: every rank's ``x``. Backward: the gradients of all ranks summed
+def _start_gather(x: Tensor, group: Any) -> tuple[list[Tensor], Any]:
+    """Start an asynchronous ``all_gather`` of ``x`` (no autograd): the receive buffers and the work."""
+    _, world = _group(group)
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    return parts, dist.all_gather(parts, x, group=group, async_op=True)
+
+
+class _Gathered(torch.autograd.Function):
+    """``(W, *x.shape)``: every rank's ``x``, from the buffers of a finished :func:`_start_gather` of ``x``
+    (so that computation can overlap the exchange). Backward: the gradients of all ranks summed
     (``all_reduce``), this rank's slice."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
-        rank, world = _group(group)
-        ctx.group, ctx.rank = group, rank
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x, group=group)
+    def forward(ctx: Any, x: Tensor, parts: list[Tensor], group: Any) -> Tensor:
+        ctx.group, ctx.rank = group, _group(group)[0]
         return torch.stack(parts)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None
+        return grad[ctx.rank], None, None
+
+
+def _all_gather(x: Tensor, group: Any) -> Tensor:
+    """``(W, *x.shape)``: every rank's ``x``, differentiable (see :class:`_Gathered`)."""
+    parts, work = _start_gather(x, group)
+    work.wait()
+    return _Gathered.apply(x, parts, group)
 
 
 def _natural_order(x: Tensor, layout: str, world: int, dim: int) -> Tensor:
@@ -171,7 +186,7 @@ def unshard_sequence(t: Tensor, group: Any = None, layout: str = "contiguous", d
     _check_layout(layout)
     _, world = _group(group)
     _agree(group, "unshard_sequence", [*t.shape, dim])
-    gathered = _AllGather.apply(t, group)
+    gathered = _all_gather(t, group)
     return _natural_order(torch.cat(gathered.unbind(0), dim=dim), layout, world, dim)
 
 
@@ -198,7 +213,7 @@ def _lasp2_capable(cls: type) -> str | None:
     if not issubclass(cls, KernelMechanism):
         return "it is not a kernel mechanism phi(Q) (phi(K)^T V)"
     decayed = issubclass(cls, DecayedLinear) and cls.forward is DecayedLinear.forward
-    if not decayed and cls.forward is not KernelMechanism.forward:
+    if not (decayed or cls.kernel_form) and cls.forward is not KernelMechanism.forward:
         return "its forward is more than its feature map and the linear-attention op"
     if not (cls.tokenwise or decayed):
         return "its feature map is not token-wise (it looks across positions)"
@@ -223,7 +238,12 @@ def _shift_base(cs: list[Tensor], kps: list[Tensor | None], group: Any) -> Tenso
 
 
 def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, scale: float,
-           group: Any, layout: str) -> Tensor:
+           group: Any, layout: str, gate_logits: Tensor | None = None) -> Tensor:
+    """LASP-2 (see the module docstring). Each chunk's state is formed first and its ``all_gather``
+    started; the intra-chunk attention (the chunk's own keys, no initial state, unnormalised) is computed
+    while the states travel; then the decayed sum of the earlier chunks' states adds the inter-chunk
+    part, ``exp(A_t) phi(q_t) S_0`` (``A_t`` the chunk's log-gates up to ``t``), to numerator and
+    denominator."""
     from fastattn.mechanisms.kernel.decayed import DecayedLinear
 
     rank, world = _group(group)
@@ -243,15 +263,20 @@ def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, 
         at = Mask(n, n, key_padding=kp_c, causal=causal, k_start=ids[c] * n)  # features see global positions
         fq = mech.features(q[:, :, sl], is_query=True, scale=scale, mask=at)  # type: ignore[attr-defined]
         fk = mech.features(k[:, :, sl], is_query=False, scale=scale, mask=at)  # type: ignore[attr-defined]
+        kw_c = kw
+        if gate_logits is not None:  # per-token gates: gated key features and their log-gates
+            fk, log_decay = mech.token_gates(fk, gate_logits[:, :, sl])  # type: ignore[attr-defined]
+            kw_c = {"log_decay": log_decay}
         log_scale = getattr(mech, "key_log_scale", None)
-        feats.append((fq, fk, None if log_scale is None else log_scale(k[:, :, sl], scale=scale, mask=at), kp_c))
+        c_log = None if log_scale is None else log_scale(k[:, :, sl], scale=scale, mask=at)
+        feats.append((fq, fk, c_log, kp_c, kw_c))
     base = None
     if feats[0][2] is not None:
         if not norm:
             raise ValueError("strategy 'lasp2': key log-scales need the normalised form")
         base = _shift_base([f[2] for f in feats], [f[3] for f in feats], group)
     pieces, packs = [], []
-    for c, (fq, fk, c_log, kp_c) in enumerate(feats):
+    for c, (fq, fk, c_log, kp_c, kw_c) in enumerate(feats):
         sl = slice(c * n, (c + 1) * n)
         mask = Mask(n, n, key_padding=kp_c, causal=causal)
         if base is not None:
@@ -259,26 +284,30 @@ def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, 
         v_c = v[:, :, sl]
         keep = mask.key_keep(dt)
         fk_s, v_s = fk.to(dt), v_c.to(dt)
-        log_g, _ = log_gates(kw.get("decay"), kw.get("log_decay"), fk_s, keep)
+        log_g, _ = log_gates(kw_c.get("decay"), kw_c.get("log_decay"), fk_s, keep)
         if keep is not None:
             fk_s, v_s = fk_s * keep, v_s * keep
         kv, z = linear_state(fk_s, v_s, log_g=log_g, normalize=norm)
         b, h = kv.shape[:2]
-        a = kv.new_zeros(b, h) if log_g is None else log_g.to(dt).expand(b, h, n).sum(-1)  # log prod of gates
-        packs.append(torch.cat([kv.flatten(2)] + ([z] if norm else []) + [a[..., None]], dim=-1))
-        pieces.append((fq, fk, v_c, mask))
-    gathered = _AllGather.apply(torch.stack(packs), group)  # (W, chunks per rank, B, H, F)
-    flat = gathered.flatten(0, 1)
+        # A_t: the log-product of the chunk's gates up to each token (0 without decay)
+        cum_t = kv.new_zeros(b, h, n, dtype=gate_dtype(kv.device)) if log_g is None else \
+            log_g.to(gate_dtype(kv.device)).expand(b, h, n).cumsum(-1)
+        packs.append(torch.cat([kv.flatten(2)] + ([z] if norm else []) + [cum_t[..., -1:].to(dt)], dim=-1))
+        pieces.append((fq, fk, v_c, mask, kw_c, cum_t))
+    parts, work = _start_gather(torch.stack(packs), group)  # (chunks per rank, B, H, F) from every rank
+    intra = [linear_attention(fq, fk, v_c, mask, normalize=norm, chunk=mech.chunk, partial=True,  # type: ignore
+                              **kw_c) for fq, fk, v_c, mask, kw_c, _ in pieces]  # while the states travel
+    work.wait()
+    flat = _Gathered.apply(torch.stack(packs), parts, group).flatten(0, 1)
     where = {g: i for i, g in enumerate(g for r in range(world) for g in _chunk_ids(layout, r, world))}
     states = flat[torch.tensor([where[g] for g in range(total)], device=flat.device)]  # sequence order
     d, e = kv.shape[2], kv.shape[3]
     s_all = states[..., : d * e].unflatten(-1, (d, e))
     z_all = states[..., d * e: d * e + d] if norm else None
-    a_all = states[..., -1]
-    cum = a_all.cumsum(0)  # A_j = sum_{m <= j} a_m over the chunks in sequence order
+    cum = states[..., -1].cumsum(0)  # A_j = sum_{m <= j} a_m over the chunks in sequence order
     outs = []
-    for (fq, fk, v_c, mask), g in zip(pieces, ids):
-        idx = torch.arange(total, device=flat.device)
+    idx = torch.arange(total, device=flat.device)
+    for (fq, _, _, _, _, cum_t), (num, den), g in zip(pieces, intra, ids):
         if causal:  # chunk i < g weighs exp(A_{g-1} - A_i): the gates of the chunks between i and g
             before = (idx < g).view(-1, 1, 1)
             diff = cum[g - 1] - cum if g > 0 else torch.zeros_like(cum)
@@ -286,9 +315,14 @@ def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, 
         else:  # every other chunk, undecayed
             w = (idx != g).view(-1, 1, 1).to(s_all.dtype).expand_as(cum)
         s0 = (w[..., None, None] * s_all).sum(0)
-        z0 = (w[..., None] * z_all).sum(0) if z_all is not None else None
-        outs.append(linear_attention(fq, fk, v_c, mask, normalize=norm, chunk=mech.chunk,  # type: ignore
-                                     state=LinearState(s0, z0, g * n), **kw))
+        groups = fq.shape[1] // s0.shape[1]
+        fq_t = fq.to(dt) * cum_t.exp().to(dt).repeat_interleave(groups, dim=1).unsqueeze(-1)  # exp(A_t) phi(q_t)
+        num = num + torch.matmul(fq_t, repeat_kv(s0, groups))
+        if norm:
+            z0 = (w[..., None] * z_all).sum(0)
+            den = den + torch.matmul(fq_t, repeat_kv(z0[..., None], groups)).squeeze(-1)
+            num = _safe_divide(num, den.unsqueeze(-1))
+        outs.append(num.to(v.dtype))
     out = torch.cat(outs, dim=2)
     if isinstance(mech, DecayedLinear):
         out = mech._norm(out)  # per token (over heads): local
@@ -578,7 +612,7 @@ def _ulysses(full: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None
     qh, kh, vh = to_heads(q), to_heads(k), to_heads(v)
     full_kp = None
     if kp is not None:
-        full_kp = _natural_order(torch.cat(_AllGather.apply(kp.to(torch.uint8), group).unbind(0), dim=1),
+        full_kp = _natural_order(torch.cat(_all_gather(kp.to(torch.uint8), group).unbind(0), dim=1),
                                  layout, world, dim=1).bool()
     out = mech.run_checked(qh, kh, vh, key_padding_mask=full_kp, is_causal=causal, scale=scale, attn_mask=None,
                            dropout_p=0.0, backend="auto")
@@ -651,7 +685,8 @@ def _check_shard(spec: Any, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, 
 def sequence_parallel_attention(
     q: Tensor, k: Tensor, v: Tensor, method: str | Mechanism = "softmax", *, group: Any = None,
     is_causal: bool = False, strategy: str = "auto", layout: str = "contiguous",
-    key_padding_mask: Tensor | None = None, scale: float | None = None, **options: Any,
+    key_padding_mask: Tensor | None = None, scale: float | None = None, gate_logits: Tensor | None = None,
+    **options: Any,
 ) -> Tensor:
     """Attention of this rank's queries over the whole sequence, each rank holding a shard.
 
@@ -670,6 +705,8 @@ def sequence_parallel_attention(
         key_padding_mask: this rank's shard ``(B, n)`` of the padding mask (True = padding), sharded like
             the keys.
         scale: score scale (default ``E ** -0.5``).
+        gate_logits: this rank's shard ``(B, H, n)`` of the per-token gate logits of a gated kernel form
+            (``rfa`` with ``gate=True``; its layer computes them from the layer input); causal, lasp2.
         **options: the mechanism's options (with a method id only).
 
     Returns:
@@ -692,9 +729,12 @@ def sequence_parallel_attention(
             raise ValueError(f"method {spec.name!r} is not a sequence mechanism; sequence parallelism runs those only")
         opts = given.options if given is not None else spec.make_options(**options)
         _check_shard(spec, q, k, v, key_padding_mask, is_causal, len(_chunk_ids(layout, rank, world)), layout)
+        if gate_logits is not None and tuple(gate_logits.shape) != tuple(q.shape[:3]):
+            raise ValueError(f"gate_logits must be this rank's (B, H, n) = {tuple(q.shape[:3])}, "
+                             f"got {tuple(gate_logits.shape)}")
     except ValueError as e:
         error = str(e)
-    shapes = [tuple(t.shape) if isinstance(t, Tensor) else None for t in (q, k, v, key_padding_mask)]
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else None for t in (q, k, v, key_padding_mask, gate_logits)]
     _agree(group, "sequence_parallel_attention", [*shapes, str(strategy), str(layout), is_causal], error)
     assert spec is not None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -703,6 +743,14 @@ def sequence_parallel_attention(
     per_rank = len(_chunk_ids(layout, rank, world))
     length, chunk = q.shape[2] * world, q.shape[2] // per_rank
     chosen = _resolve(mech, strategy, length, chunk)
+    gated = bool(getattr(mech, "gated", False))
+    if gated != (gate_logits is not None):
+        raise ValueError(f"method {spec.name!r}: " + (
+            "gated: pass its gate_logits (MultiheadAttention(..., sequence_parallel_group=g) computes them)"
+            if gated else "gate_logits given, but the method has no per-token gates"))
+    if gated and (chosen != "lasp2" or not is_causal):
+        raise ValueError(f"gated {spec.name!r} runs under strategy 'lasp2' with is_causal=True only "
+                         f"(got strategy {chosen!r}, is_causal={is_causal})")
     if chosen == "ulysses":
         return _ulysses(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout).to(dtype)
     if chosen == "halo":
@@ -723,7 +771,7 @@ def sequence_parallel_attention(
         why = _lasp2_capable(type(mech))
         if why:
             raise ValueError(f"strategy 'lasp2' cannot run method {spec.name!r}: {why}")
-        out = _lasp2(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout)
+        out = _lasp2(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout, gate_logits)
     return out.to(dtype)
 
 
@@ -731,7 +779,8 @@ def sequence_parallel_attention(
 class SequenceParallelAttention(ProjectedAttention):
     """The standard layer (:class:`~fastattn.core.layer.ProjectedAttention`) on a sequence sharded over
     ``group``: the projections act on this rank's tokens, the core runs through
-    :func:`sequence_parallel_attention`. ``MultiheadAttention(..., sequence_parallel_group=g)`` builds it.
+    :func:`sequence_parallel_attention`. ``MultiheadAttention(..., sequence_parallel_group=g)`` builds it
+    (mixed into the method's layer form where that declares ``sequence_parallel``: :func:`sequence_parallel_layer`).
 
     At construction the parameters and buffers (random features included) are broadcast from the group's
     first rank, so every rank holds the same layer. The gradients of the parameters are then this rank's
@@ -763,7 +812,7 @@ class SequenceParallelAttention(ProjectedAttention):
             raise ValueError("sequence parallelism cannot apply an attn_mask (only key_padding_mask)")
         return sequence_parallel_attention(
             q, k, v, self.core, group=self.group, is_causal=masks.get("is_causal", False), strategy=self.strategy,
-            layout=self.layout, key_padding_mask=masks.get("key_padding_mask"),
+            layout=self.layout, key_padding_mask=masks.get("key_padding_mask"), gate_logits=masks.get("gate_logits"),
         )
 
     def forward(self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,
@@ -776,3 +825,17 @@ class SequenceParallelAttention(ProjectedAttention):
 
     def step(self, x: Tensor, state: Any, *, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Any]:
         raise ValueError("decoding (step) is not sequence-parallel; decode with an ordinary layer")
+
+
+def sequence_parallel_layer(form: type | None) -> type:
+    """The sequence-parallel version of a layer form (``Mechanism.layer_form`` declaring
+    ``sequence_parallel``; None: the standard layer): :class:`SequenceParallelAttention` mixed into it,
+    so the form's own parts act on this rank's tokens and its core call (``attend``) runs sequence-parallel."""
+    if form is None:
+        return SequenceParallelAttention
+    if not getattr(form, "sequence_parallel", False):
+        raise ValueError(f"layer form {form.__name__} has no sequence-parallel version")
+    return _FORMS.setdefault(form, type(f"SequenceParallel{form.__name__}", (SequenceParallelAttention, form), {}))
+
+
+_FORMS: dict[type, type] = {}

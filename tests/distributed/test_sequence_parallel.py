@@ -44,6 +44,7 @@ CASES = [
     ("local", "ulysses", True, "zigzag", False, H, {}),
     ("softmax", "ulysses", False, "zigzag", False, H, {}),
     ("linear", "auto", True, "zigzag", False, H, {}),
+    ("rfa", "lasp2", True, "zigzag", True, 2, {"num_features": 8, "chunk": 4}),
 ]
 
 
@@ -94,6 +95,11 @@ def _layer(method: str, causal: bool, seed: int, **options) -> None:
     sp = fastattn.MultiheadAttention(d, H, method, batch_first=True, dtype=torch.float64,
                                      sequence_parallel_group=dist.group.WORLD, **options)
     g = torch.Generator().manual_seed(seed)
+    if options.get("gate"):  # gated rfa: gates that differ per token (the gate weight starts at zero)
+        w = torch.randn(H, d, dtype=torch.float64, generator=g)
+        with torch.no_grad():
+            for layer in (ref, sp):
+                layer.mechanism.gate_proj.weight.copy_(w)
     x = torch.randn(B, N, d, dtype=torch.float64, generator=g, requires_grad=True)
     grad = torch.randn(B, N, d, dtype=torch.float64, generator=g)
     want, _ = ref(x, is_causal=causal)
@@ -146,10 +152,14 @@ def _errors() -> None:
     alone = dist.new_group([0])  # every rank creates it
     if rank == 0:
         _raises(lambda: fad.sequence_parallel_attention(*s, "softmax", group=alone), "at least 2 ranks")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "rfa", is_causal=True, gate=True), "rfa", "gate_logits")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "linear", is_causal=True, gate_logits=s[0][..., 0]),
+            "linear", "no per-token gates")
     with pytest.raises(ValueError, match="layer form"):
         fastattn.MultiheadAttention(H * E, H, "transnormer", sequence_parallel_group=dist.group.WORLD)
     assert fad.choose_strategy("softmax") == "ring"
     assert fad.choose_strategy("lightning") == "lasp2"
+    assert fad.choose_strategy("rfa", gate=True) == "lasp2"
     assert fad.choose_strategy("efficient") == "ulysses"
     assert fad.choose_strategy("local") == "halo"
     assert fad.choose_strategy("local", chunk=4, window=9) == "ulysses"
@@ -171,7 +181,8 @@ def _worker(rank: int, world: int, port: int) -> None:
             except Exception:  # noqa: BLE001 -- collect: every rank runs every case (collectives in step)
                 failures.append(traceback.format_exc())
         for j, (method, causal, options) in enumerate(
-            [("linear", True, {}), ("lightning", True, {"chunk": 4}), ("softmax", False, {})]
+            [("linear", True, {}), ("lightning", True, {"chunk": 4}), ("softmax", False, {}),
+             ("rfa", True, {"gate": True, "num_features": 8, "chunk": 4}), ("local", False, {"window": 2})]
         ):
             try:
                 _layer(method, causal, seed=200 + j, **options)
