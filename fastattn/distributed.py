@@ -58,12 +58,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from fastattn.core.base import Mechanism
 from fastattn.core.checks import check_inputs, repeat_kv
 from fastattn.core.layer import ProjectedAttention
 from fastattn.core.masks import Mask
 from fastattn.ops.linear.engine import _safe_divide, linear_attention, linear_state, log_gates
+from fastattn.ops.linear.state import LinearState
 from fastattn.ops.linear.tiled import gate_dtype
 from fastattn.ops.softmax.flash import flash_block_backward, flash_block_forward
 from fastattn.ops.softmax.online import compute_dtype, merge_partials
@@ -238,12 +240,14 @@ def _shift_base(cs: list[Tensor], kps: list[Tensor | None], group: Any) -> Tenso
 
 
 def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, scale: float,
-           group: Any, layout: str, gate_logits: Tensor | None = None) -> Tensor:
-    """LASP-2 (see the module docstring). Each chunk's state is formed first and its ``all_gather``
-    started; the intra-chunk attention (the chunk's own keys, no initial state, unnormalised) is computed
-    while the states travel; then the decayed sum of the earlier chunks' states adds the inter-chunk
-    part, ``exp(A_t) phi(q_t) S_0`` (``A_t`` the chunk's log-gates up to ``t``), to numerator and
-    denominator."""
+           group: Any, layout: str, gate_logits: Tensor | None = None, overlap: bool = False) -> Tensor:
+    """LASP-2 (see the module docstring). Each chunk's state is formed first (checkpointed: its features
+    are recomputed in backward) and exchanged. Without ``overlap``, each chunk then runs the op once from
+    the decayed sum of the earlier chunks' states. With ``overlap``, the ``all_gather`` is asynchronous
+    and the intra-chunk attention (the chunk's own keys, no initial state, unnormalised) is computed while
+    the states travel; the inter-chunk part ``exp(A_t) phi(q_t) S_0`` (``A_t`` the chunk's log-gates up to
+    ``t``) is added to numerator and denominator afterwards (checkpointed). Token-wise feature maps run
+    inside the op's tiles, so no feature tensor is kept."""
     from fastattn.mechanisms.kernel.decayed import DecayedLinear
 
     rank, world = _group(group)
@@ -256,58 +260,119 @@ def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, 
     norm = mech.normalize  # type: ignore[attr-defined]
     dt = compute_dtype(v.dtype)
     n = q.shape[2] // len(ids)
-    feats = []
+    log_scale = getattr(mech, "key_log_scale", None)
+    chunks = []
     for c in range(len(ids)):
         sl = slice(c * n, (c + 1) * n)
         kp_c = None if kp is None else kp[:, sl]
         at = Mask(n, n, key_padding=kp_c, causal=causal, k_start=ids[c] * n)  # features see global positions
-        fq = mech.features(q[:, :, sl], is_query=True, scale=scale, mask=at)  # type: ignore[attr-defined]
-        fk = mech.features(k[:, :, sl], is_query=False, scale=scale, mask=at)  # type: ignore[attr-defined]
-        kw_c = kw
-        if gate_logits is not None:  # per-token gates: gated key features and their log-gates
-            fk, log_decay = mech.token_gates(fk, gate_logits[:, :, sl])  # type: ignore[attr-defined]
-            kw_c = {"log_decay": log_decay}
-        log_scale = getattr(mech, "key_log_scale", None)
-        c_log = None if log_scale is None else log_scale(k[:, :, sl], scale=scale, mask=at)
-        feats.append((fq, fk, c_log, kp_c, kw_c))
+        logits = None if gate_logits is None else gate_logits[:, :, sl]
+        chunks.append((q[:, :, sl], k[:, :, sl], v[:, :, sl], logits, kp_c, at, Mask(n, n, key_padding=kp_c, causal=causal)))
     base = None
-    if feats[0][2] is not None:
+    with torch.no_grad():
+        c_logs = [None if log_scale is None else log_scale(k_c, scale=scale, mask=at)
+                  for _, k_c, _, _, _, at, _ in chunks]
+    if c_logs[0] is not None:
         if not norm:
             raise ValueError("strategy 'lasp2': key log-scales need the normalised form")
-        base = _shift_base([f[2] for f in feats], [f[3] for f in feats], group)
-    pieces, packs = [], []
-    for c, (fq, fk, c_log, kp_c, kw_c) in enumerate(feats):
-        sl = slice(c * n, (c + 1) * n)
-        mask = Mask(n, n, key_padding=kp_c, causal=causal)
+        base = _shift_base(c_logs, [ch[4] for ch in chunks], group)  # type: ignore[arg-type]
+
+    def key_features(k_c: Tensor, logits: Tensor | None, at: Mask) -> tuple[Tensor, dict]:
+        fk = mech.features(k_c, is_query=False, scale=scale, mask=at)  # type: ignore[attr-defined]
+        kw_c = kw
+        if logits is not None:  # per-token gates: gated key features and their log-gates
+            fk, log_decay = mech.token_gates(fk, logits)  # type: ignore[attr-defined]
+            kw_c = {"log_decay": log_decay}
         if base is not None:
+            c_log = log_scale(k_c, scale=scale, mask=at)  # type: ignore[misc]
             fk = fk * torch.exp((c_log - base[..., None]).clamp_max(0.0)).to(fk.dtype).unsqueeze(-1)
-        v_c = v[:, :, sl]
-        keep = mask.key_keep(dt)
-        fk_s, v_s = fk.to(dt), v_c.to(dt)
+        return fk, kw_c
+
+    def tile_state(k_t: Tensor, v_t: Tensor, logits: Tensor | None, at: Mask, s0: Tensor | None,
+                   z0: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The state after a stretch of keys continuing ``(s0, z0)``, and the stretch's log-gates."""
+        fk, kw_c = key_features(k_t, logits, at)
+        keep = Mask(at.lq, at.lk, key_padding=at.key_padding).key_keep(dt)
+        fk_s, v_s = fk.to(dt), v_t.to(dt)
         log_g, _ = log_gates(kw_c.get("decay"), kw_c.get("log_decay"), fk_s, keep)
         if keep is not None:
             fk_s, v_s = fk_s * keep, v_s * keep
-        kv, z = linear_state(fk_s, v_s, log_g=log_g, normalize=norm)
+        kv, z = linear_state(fk_s, v_s, log_g=log_g, s0=s0, z0=z0, normalize=norm)
+        return kv, z, log_g
+
+    def state(c: int) -> tuple[Tensor, Tensor]:
+        """Chunk ``c``'s packed state ``(B, H, F)`` and ``A_t`` ``(B, H, n)``, stretch by stretch (each
+        checkpointed: its features are recomputed in backward, one stretch at a time). Feature maps that
+        look across positions, or whose keys are shifted by log-scales, take the chunk as one stretch."""
+        _, k_c, v_c, logits, kp_c, _, _ = chunks[c]
+        step = -(-n // 8) if mech.tokenwise and base is None else n  # type: ignore[attr-defined]
+        kv = z = None
+        gates = []
+        for t0 in range(0, n, step):
+            ts = slice(t0, min(t0 + step, n))
+            at = Mask(ts.stop - t0, ts.stop - t0, key_padding=None if kp_c is None else kp_c[:, ts], causal=causal,
+                      k_start=ids[c] * n + t0)
+            kv, z, log_g = checkpoint(tile_state, k_c[:, :, ts], v_c[:, :, ts],
+                                      None if logits is None else logits[..., ts], at, kv, z, use_reentrant=False)
+            gates.append(log_g)
+        assert kv is not None
         b, h = kv.shape[:2]
         # A_t: the log-product of the chunk's gates up to each token (0 without decay)
-        cum_t = kv.new_zeros(b, h, n, dtype=gate_dtype(kv.device)) if log_g is None else \
-            log_g.to(gate_dtype(kv.device)).expand(b, h, n).cumsum(-1)
-        packs.append(torch.cat([kv.flatten(2)] + ([z] if norm else []) + [cum_t[..., -1:].to(dt)], dim=-1))
-        pieces.append((fq, fk, v_c, mask, kw_c, cum_t))
-    parts, work = _start_gather(torch.stack(packs), group)  # (chunks per rank, B, H, F) from every rank
-    intra = [linear_attention(fq, fk, v_c, mask, normalize=norm, chunk=mech.chunk, partial=True,  # type: ignore
-                              **kw_c) for fq, fk, v_c, mask, kw_c, _ in pieces]  # while the states travel
-    work.wait()
-    flat = _Gathered.apply(torch.stack(packs), parts, group).flatten(0, 1)
+        if gates[0] is None:
+            cum_t = kv.new_zeros(b, h, n, dtype=gate_dtype(kv.device))
+        else:
+            cum_t = torch.cat([g.to(gate_dtype(kv.device)).expand(b, h, -1 if g.shape[-1] > 1 else ts_len)
+                               for g, ts_len in zip(gates, _lengths(n, step))], dim=-1).cumsum(-1)
+        return torch.cat([kv.flatten(2)] + ([z] if norm else []) + [cum_t[..., -1:].to(dt)], dim=-1), cum_t  # type: ignore
+
+    def attend(q_c: Tensor, k_c: Tensor, v_c: Tensor, logits: Tensor | None, at: Mask, mask: Mask,
+               start: LinearState | None = None) -> Any:
+        """The op on the chunk: from the state ``start``, or (None) its intra-chunk part unnormalised."""
+        opts = {"normalize": norm, "chunk": mech.chunk, "partial": start is None, "state": start}  # type: ignore
+        if mech.tokenwise and base is None and logits is None:  # type: ignore[attr-defined]
+            def phi(x: Tensor, is_query: bool) -> Tensor:  # applied tile by tile inside the op
+                return mech.features(x, is_query=is_query, scale=scale, mask=at)  # type: ignore[attr-defined]
+
+            return linear_attention(q_c, k_c, v_c, mask, phi=phi, **opts, **kw)
+        fk, kw_c = key_features(k_c, logits, at)
+        fq = mech.features(q_c, is_query=True, scale=scale, mask=at)  # type: ignore[attr-defined]
+        return linear_attention(fq, fk, v_c, mask, **opts, **kw_c)
+
+    def inter(q_c: Tensor, num: Tensor, den: Tensor | None, s0: Tensor, z0: Tensor | None, cum_t: Tensor,
+              at: Mask) -> Tensor:
+        fq = mech.features(q_c, is_query=True, scale=scale, mask=at).to(dt)  # type: ignore[attr-defined]
+        groups = fq.shape[1] // s0.shape[1]
+        if causal and (kw.get("decay") is not None or kw.get("log_decay") is not None or gate_logits is not None):
+            fq = fq * cum_t.exp().to(dt).repeat_interleave(groups, dim=1).unsqueeze(-1)  # exp(A_t) phi(q_t)
+        num = torch.matmul(fq, repeat_kv(s0, groups)).add_(num)
+        if z0 is None or den is None:
+            return num
+        den = torch.matmul(fq, repeat_kv(z0[..., None], groups)).squeeze(-1).add_(den)
+        del fq
+        return _safe_divide(num, den.unsqueeze(-1))
+
+    packs, cums = [], []
+    for _ in chunks:
+        pack, cum_t = state(len(packs))
+        packs.append(pack)
+        cums.append(cum_t)
+    if overlap:
+        parts, work = _start_gather(torch.stack(packs), group)  # (chunks per rank, B, H, F) from every rank
+        partial = [attend(q_c, k_c, v_c, logits, at, mask)  # while the states travel
+                   for q_c, k_c, v_c, logits, _, at, mask in chunks]
+        work.wait()
+        flat = _Gathered.apply(torch.stack(packs), parts, group).flatten(0, 1)
+    else:
+        flat = _all_gather(torch.stack(packs), group).flatten(0, 1)
     where = {g: i for i, g in enumerate(g for r in range(world) for g in _chunk_ids(layout, r, world))}
     states = flat[torch.tensor([where[g] for g in range(total)], device=flat.device)]  # sequence order
-    d, e = kv.shape[2], kv.shape[3]
+    d, e = _state_dims(states.shape[-1], v.shape[-1], norm)
     s_all = states[..., : d * e].unflatten(-1, (d, e))
     z_all = states[..., d * e: d * e + d] if norm else None
     cum = states[..., -1].cumsum(0)  # A_j = sum_{m <= j} a_m over the chunks in sequence order
     outs = []
     idx = torch.arange(total, device=flat.device)
-    for (fq, _, _, _, _, cum_t), (num, den), g in zip(pieces, intra, ids):
+    for c, ((q_c, k_c, v_c, logits, _, at, mask), cum_t, g) in enumerate(zip(chunks, cums, ids)):
         if causal:  # chunk i < g weighs exp(A_{g-1} - A_i): the gates of the chunks between i and g
             before = (idx < g).view(-1, 1, 1)
             diff = cum[g - 1] - cum if g > 0 else torch.zeros_like(cum)
@@ -315,18 +380,27 @@ def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, 
         else:  # every other chunk, undecayed
             w = (idx != g).view(-1, 1, 1).to(s_all.dtype).expand_as(cum)
         s0 = (w[..., None, None] * s_all).sum(0)
-        groups = fq.shape[1] // s0.shape[1]
-        fq_t = fq.to(dt) * cum_t.exp().to(dt).repeat_interleave(groups, dim=1).unsqueeze(-1)  # exp(A_t) phi(q_t)
-        num = num + torch.matmul(fq_t, repeat_kv(s0, groups))
-        if norm:
-            z0 = (w[..., None] * z_all).sum(0)
-            den = den + torch.matmul(fq_t, repeat_kv(z0[..., None], groups)).squeeze(-1)
-            num = _safe_divide(num, den.unsqueeze(-1))
-        outs.append(num.to(v.dtype))
-    out = torch.cat(outs, dim=2)
+        z0 = (w[..., None] * z_all).sum(0) if z_all is not None else None
+        if overlap:
+            num, den = partial[c]
+            outs.append(checkpoint(inter, q_c, num, den, s0, z0, cum_t, at, use_reentrant=False).to(v.dtype))
+        else:
+            outs.append(attend(q_c, k_c, v_c, logits, at, mask, LinearState(s0, z0, g * n)).to(v.dtype))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     if isinstance(mech, DecayedLinear):
         out = mech._norm(out)  # per token (over heads): local
     return out
+
+
+def _lengths(n: int, step: int) -> list[int]:
+    """The lengths of the stretches of ``step`` tokens covering ``n``."""
+    return [min(step, n - t0) for t0 in range(0, n, step)]
+
+
+def _state_dims(width: int, e: int, normalize: bool) -> tuple[int, int]:
+    """``(D, E)`` of a packed state of ``width = D E (+ D) + 1`` entries with values of width ``E``."""
+    d = (width - 1) // (e + (1 if normalize else 0))
+    return d, e
 
 
 # ----- ring attention ---------------------------------------------------------------------------------
@@ -686,7 +760,7 @@ def sequence_parallel_attention(
     q: Tensor, k: Tensor, v: Tensor, method: str | Mechanism = "softmax", *, group: Any = None,
     is_causal: bool = False, strategy: str = "auto", layout: str = "contiguous",
     key_padding_mask: Tensor | None = None, scale: float | None = None, gate_logits: Tensor | None = None,
-    **options: Any,
+    overlap: bool = False, **options: Any,
 ) -> Tensor:
     """Attention of this rank's queries over the whole sequence, each rank holding a shard.
 
@@ -707,6 +781,10 @@ def sequence_parallel_attention(
         scale: score scale (default ``E ** -0.5``).
         gate_logits: this rank's shard ``(B, H, n)`` of the per-token gate logits of a gated kernel form
             (``rfa`` with ``gate=True``; its layer computes them from the layer input); causal, lasp2.
+        overlap: lasp2 computes each chunk's intra-chunk attention while the states travel (asynchronous
+            ``all_gather``), adding the inter-chunk part after; this keeps about 1.8x the activation memory
+            of the default single pass from the gathered states (measured: benchmarks/sequence_parallel.py),
+            so it pays where the exchange is slow beside the chunk's computation.
         **options: the mechanism's options (with a method id only).
 
     Returns:
@@ -735,7 +813,7 @@ def sequence_parallel_attention(
     except ValueError as e:
         error = str(e)
     shapes = [tuple(t.shape) if isinstance(t, Tensor) else None for t in (q, k, v, key_padding_mask, gate_logits)]
-    _agree(group, "sequence_parallel_attention", [*shapes, str(strategy), str(layout), is_causal], error)
+    _agree(group, "sequence_parallel_attention", [*shapes, str(strategy), str(layout), is_causal, bool(overlap)], error)
     assert spec is not None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = q.dtype
@@ -771,7 +849,7 @@ def sequence_parallel_attention(
         why = _lasp2_capable(type(mech))
         if why:
             raise ValueError(f"strategy 'lasp2' cannot run method {spec.name!r}: {why}")
-        out = _lasp2(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout, gate_logits)
+        out = _lasp2(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout, gate_logits, bool(overlap))
     return out.to(dtype)
 
 

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Case", "build", "make_mechanism", "time_case", "peak_memory_mb", "peak_memory_batch", "rss_mb"]
+__all__ = ["Case", "build", "make_mechanism", "time_case", "peak_memory_mb", "peak_memory_batch", "rss_mb", "cpu_peak_mb", "cuda_peak_mb"]
 
 
 @dataclass
@@ -260,6 +260,12 @@ def _measure_here(case: Case) -> float:
     small, _ = build(Case(**{**asdict(case), "n": min(case.n, 256)}))
     small()
     del small
+    return cpu_peak_mb(fn)
+
+
+def cpu_peak_mb(fn: Callable[[], Any]) -> float:
+    """Peak resident memory (MiB) of one call of ``fn`` above the resident memory before it (the kernel's
+    peak-RSS counter, reset first; without that, only meaningful in a fresh process)."""
     gc.collect()
     reset = _reset_peak_rss()
     base = rss_mb()

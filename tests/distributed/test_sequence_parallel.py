@@ -45,6 +45,9 @@ CASES = [
     ("softmax", "ulysses", False, "zigzag", False, H, {}),
     ("linear", "auto", True, "zigzag", False, H, {}),
     ("rfa", "lasp2", True, "zigzag", True, 2, {"num_features": 8, "chunk": 4}),
+    ("lightning", "lasp2", True, "zigzag", True, H, {"chunk": 4, "overlap": True}),
+    ("performer", "lasp2", False, "contiguous", True, H, {"num_features": 16, "overlap": True}),
+    ("linear", "lasp2", True, "contiguous", True, 2, {"chunk": 4, "overlap": True}),
 ]
 
 
@@ -63,6 +66,8 @@ def _inputs(hkv: int, padding: bool, seed: int) -> tuple:
 
 def _case(case: tuple, seed: int, group=None) -> None:
     method, strategy, causal, layout, padding, hkv, options = case
+    sp_options = dict(options)
+    options = {k: v for k, v in options.items() if k != "overlap"}  # a keyword of the sequence-parallel call
     q, k, v, grad, kp = _inputs(hkv, padding, seed)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.manual_seed(seed)  # randomised mechanisms draw their features from here, both sides
@@ -74,7 +79,7 @@ def _case(case: tuple, seed: int, group=None) -> None:
     kp_l = None if kp is None else fad.shard_sequence(kp, layout=layout, dim=1)
     torch.manual_seed(seed + dist.get_rank())  # rank 0 draws as the single process; the others differ
     out = fad.sequence_parallel_attention(*mine, method, is_causal=causal, strategy=strategy, layout=layout,
-                                          key_padding_mask=kp_l, group=group, **options)
+                                          key_padding_mask=kp_l, group=group, **sp_options)
     (out * fad.shard_sequence(grad, layout=layout)).sum().backward()
     checks = [("out", out, want)] + [(f"d{n}", t.grad, w.grad) for n, t, w in zip("qkv", mine, leaves)]
     for name, got, full in checks:
