@@ -24,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,10 +41,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP = [
     ("linear", "lasp2", True, 65536, {}),
     ("linear", "lasp2+overlap", True, 65536, {}),
-    ("lightning", "lasp2", True, 32768, {}),
+    ("lightning", "lasp2", True, 16384, {}),
     ("softmax", "ring", True, 4096, {}),
-    ("local", "halo", True, 32768, {"window": 256}),
-    ("efficient", "ulysses", False, 32768, {}),
+    ("local", "halo", True, 16384, {"window": 256}),
+    ("efficient", "ulysses", False, 16384, {}),
 ]
 
 
@@ -121,8 +122,8 @@ def run_one(args: argparse.Namespace) -> dict:
     print(f"rank {rank}/{world} {args.method} {strategy} {args.layout} causal={args.causal} n={args.length}: "
           f"fwd+bwd median {row['median_s'] * 1e3:.1f} ms, peak {peak:.0f} MiB, "
           f"sends {row['sent_mib']:.2f} MiB per layer", flush=True)
-    if args.json:
-        print("ROW " + json.dumps(row), flush=True)
+    if args.json:  # one file per rank (their printed lines may interleave)
+        Path(args.json, f"row_{rank}.json").write_text(json.dumps(row))
     if args.check and distributed:
         full = fad.unshard_sequence(out, layout=args.layout)
         if rank == 0:
@@ -144,14 +145,15 @@ def sweep(args: argparse.Namespace) -> None:
         for world in (1, 2, 4):
             if world == 1 and "+" in strategy:
                 continue  # the same single process as the plain strategy's
+            out_dir = tempfile.mkdtemp()
             cmd = [__file__, "--method", method, "--strategy", strategy.split("+")[0], "--length", str(length),
-                   "--options", json.dumps(options), "--repeat", str(args.repeat), "--json",
+                   "--options", json.dumps(options), "--repeat", str(args.repeat), "--json", out_dir,
                    "--threads", str(args.threads or world)] + (["--causal"] if causal else []) + \
                 (["--overlap"] if strategy.endswith("+overlap") else [])
             cmd = ([sys.executable] if world == 1 else
                    [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]) + cmd
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            got = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+            got = [json.loads(f.read_text()) for f in sorted(Path(out_dir).glob("row_*.json"))]
             if proc.returncode or len(got) != world:
                 raise RuntimeError(f"{method} world {world} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
             for r in got:
@@ -205,7 +207,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in all (0: the cores, split over ranks)")
     ap.add_argument("--overlap", action="store_true", help="lasp2: overlap the intra-chunk attention with the exchange")
     ap.add_argument("--check", action="store_true", help="compare with the single process on rank 0")
-    ap.add_argument("--json", action="store_true", help="print the result as a ROW line (for --sweep)")
+    ap.add_argument("--json", default="", help="a folder to write each rank's result to (for --sweep)")
     ap.add_argument("--sweep", action="store_true", help="every strategy at 1, 2, 4 processes; write results")
     ap.add_argument("--note", default="", help="a note for the results file (e.g. the machine was shared)")
     args = ap.parse_args()
