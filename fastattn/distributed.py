@@ -13,12 +13,13 @@ Strategies (:func:`sequence_parallel_attention`):
 
 * ``"lasp2"`` (LASP-2, Sun et al., 2025, arXiv:2502.07563) for kernel mechanisms
   ``phi(Q) (phi(K)^T V)``: each rank forms the state of each chunk it holds (``sum_s w_s phi(k_s) v_s^T``
-  with the decay weights, and the normaliser), one asynchronous ``all_gather`` exchanges the states while
-  the intra-chunk attention is computed (:func:`~fastattn.ops.linear.engine.linear_attention`,
-  unnormalised), then each chunk adds the inter-chunk part from the decayed sum of the earlier chunks'
-  states (``prod`` of the gates composition; every other chunk when not causal). Decays per head
-  (``lightning``, ``transnormer``) and per token (gated ``rfa``: ``gate_logits`` from its layer,
-  ``KernelMechanism.token_gates``) compose alike. Backward: the
+  with the decay weights, and the normaliser), one ``all_gather`` exchanges the states, and each chunk runs
+  :func:`~fastattn.ops.linear.engine.linear_attention` once from the decayed sum of the earlier chunks'
+  states (``prod`` of the gates composition; every other chunk when not causal). With ``overlap=True`` the
+  ``all_gather`` is asynchronous and the intra-chunk attention (unnormalised) is computed while the states
+  travel, the inter-chunk part added after (more activation memory: see ``sequence_parallel_attention``).
+  Decays per head (``lightning``, ``transnormer``) and per token (gated ``rfa``: ``gate_logits`` from its
+  layer, ``KernelMechanism.token_gates``) compose alike. Backward: the
   gradient of the gathered states is summed over the ranks (``all_reduce``), so the gradient of a chunk's
   initial state flows back to the earlier ranks' keys and values. Traffic per layer is one state per chunk,
   independent of the sequence length.
