@@ -13,9 +13,13 @@ Strategies (:func:`sequence_parallel_attention`):
 
 * ``"lasp2"`` (LASP-2, Sun et al., 2025, arXiv:2502.07563) for kernel mechanisms
   ``phi(Q) (phi(K)^T V)``: each rank forms the state of each chunk it holds (``sum_s w_s phi(k_s) v_s^T``
-  with the decay weights, and the normaliser), one ``all_gather`` exchanges the states, each chunk starts
-  from the decayed sum of the earlier chunks' states (``prod lambda^len`` composition; every other chunk
-  when not causal) and runs :func:`~fastattn.ops.linear.engine.linear_attention` from it. Backward: the
+  with the decay weights, and the normaliser), one ``all_gather`` exchanges the states, and each chunk runs
+  :func:`~fastattn.ops.linear.engine.linear_attention` once from the decayed sum of the earlier chunks'
+  states (``prod`` of the gates composition; every other chunk when not causal). With ``overlap=True`` the
+  ``all_gather`` is asynchronous and the intra-chunk attention (unnormalised) is computed while the states
+  travel, the inter-chunk part added after (more activation memory: see ``sequence_parallel_attention``).
+  Decays per head (``lightning``, ``transnormer``) and per token (gated ``rfa``: ``gate_logits`` from its
+  layer, ``KernelMechanism.token_gates``) compose alike. Backward: the
   gradient of the gathered states is summed over the ranks (``all_reduce``), so the gradient of a chunk's
   initial state flows back to the earlier ranks' keys and values. Traffic per layer is one state per chunk,
   independent of the sequence length.
@@ -26,19 +30,25 @@ Strategies (:func:`sequence_parallel_attention`):
   (:func:`~fastattn.ops.softmax.online.merge_partials`); causally future blocks are skipped. Backward runs
   :func:`~fastattn.ops.softmax.flash.flash_block_backward` per block, dK/dV travelling around the ring with
   their block back to its owner. Contiguous and zigzag layouts.
+* ``"halo"`` for sliding-window patterns (``local``, ``diet``, ``handcrafted`` diagonal, ``longformer``
+  without global tokens: mechanisms declaring ``windowed`` whose pattern's reach ``r`` depends on ``i - j``
+  alone, :meth:`~fastattn.ops.sparse.patterns.Pattern.reach`): each chunk receives the last ``r`` keys and
+  values of the chunk before it (and, not causal, the first ``r`` of the one after) point-to-point from
+  their owners, and runs the mechanism on the extended stretch; backward sends the halos' gradients
+  back. Traffic ``2 r`` tokens per chunk, independent of the sequence length; needs ``r <= `` one chunk.
 * ``"ulysses"`` (DeepSpeed-Ulysses, Jacobs et al., 2023, arXiv:2309.14509) for any mechanism whose heads are
-  independent and alike: ``all_to_all`` from sequence to head sharding, the mechanism's full-sequence
-  computation on ``H / W`` heads, ``all_to_all`` back.
-* ``"auto"``: ring for exact mechanisms, lasp2 for kernel mechanisms it can run, ulysses otherwise.
+  independent and alike (``Mechanism.heads_independent``): ``all_to_all`` from sequence to head sharding,
+  the mechanism's full-sequence computation on ``H / W`` heads, ``all_to_all`` back.
+* ``"auto"``: ring for exact mechanisms, lasp2 for kernel mechanisms it can run, halo for windows that fit
+  in a chunk, ulysses otherwise.
 
 :class:`SequenceParallelAttention` is the standard layer around it
 (``fastattn.MultiheadAttention(..., sequence_parallel_group=g)``). Every rank must make the same calls
 (they are collectives, and every rank must run backward); a rank's bad input is a ``ValueError`` on every
 rank, never a wait.
 
-Not here (yet): a halo exchange for windowed sparse patterns (they run through Ulysses), the overlap of
-LASP-2's intra-chunk computation with the state exchange, per-token gates (gated ``rfa``) under LASP-2,
-``attn_mask`` and dropout.
+Not here (yet): ``attn_mask``, dropout, and overlap in LASP-2's backward (the ``all_reduce`` of the states'
+gradients runs when autograd reaches it).
 """
 
 from __future__ import annotations
@@ -49,22 +59,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from fastattn.core.base import Mechanism
 from fastattn.core.checks import check_inputs, repeat_kv
 from fastattn.core.layer import ProjectedAttention
 from fastattn.core.masks import Mask
-from fastattn.ops.linear.engine import linear_attention, linear_state, log_gates
+from fastattn.ops.linear.engine import _safe_divide, linear_attention, linear_state, log_gates
 from fastattn.ops.linear.state import LinearState
+from fastattn.ops.linear.tiled import gate_dtype
 from fastattn.ops.softmax.flash import flash_block_backward, flash_block_forward
 from fastattn.ops.softmax.online import compute_dtype, merge_partials
 from fastattn.registry import get_method
 
-__all__ = ["LAYOUTS", "STRATEGIES", "SequenceParallelAttention", "choose_strategy", "sequence_parallel_attention", "shard_sequence",
-           "unshard_sequence"]
+__all__ = ["LAYOUTS", "STRATEGIES", "SequenceParallelAttention", "choose_strategy", "sequence_parallel_attention",
+           "sequence_parallel_layer", "shard_sequence", "unshard_sequence"]
 
 LAYOUTS = ("contiguous", "zigzag")
-STRATEGIES = ("auto", "lasp2", "ring", "ulysses")
+STRATEGIES = ("auto", "lasp2", "ring", "halo", "ulysses")
 
 
 # ----- groups and layouts ---------------------------------------------------------------------------
@@ -120,24 +132,36 @@ def shard_sequence(
     return out[0] if single else tuple(out)
 
 
-class _AllGather(torch.autograd.Function):
-    """``(W, *x.shape)``: every rank's ``x``. Backward: the gradients of all ranks summed
+def _start_gather(x: Tensor, group: Any) -> tuple[list[Tensor], Any]:
+    """Start an asynchronous ``all_gather`` of ``x`` (no autograd): the receive buffers and the work."""
+    _, world = _group(group)
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    return parts, dist.all_gather(parts, x, group=group, async_op=True)
+
+
+class _Gathered(torch.autograd.Function):
+    """``(W, *x.shape)``: every rank's ``x``, from the buffers of a finished :func:`_start_gather` of ``x``
+    (so that computation can overlap the exchange). Backward: the gradients of all ranks summed
     (``all_reduce``), this rank's slice."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
-        rank, world = _group(group)
-        ctx.group, ctx.rank = group, rank
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x, group=group)
+    def forward(ctx: Any, x: Tensor, parts: list[Tensor], group: Any) -> Tensor:
+        ctx.group, ctx.rank = group, _group(group)[0]
         return torch.stack(parts)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None
+        return grad[ctx.rank], None, None
+
+
+def _all_gather(x: Tensor, group: Any) -> Tensor:
+    """``(W, *x.shape)``: every rank's ``x``, differentiable (see :class:`_Gathered`)."""
+    parts, work = _start_gather(x, group)
+    work.wait()
+    return _Gathered.apply(x, parts, group)
 
 
 def _natural_order(x: Tensor, layout: str, world: int, dim: int) -> Tensor:
@@ -165,7 +189,7 @@ def unshard_sequence(t: Tensor, group: Any = None, layout: str = "contiguous", d
     _check_layout(layout)
     _, world = _group(group)
     _agree(group, "unshard_sequence", [*t.shape, dim])
-    gathered = _AllGather.apply(t, group)
+    gathered = _all_gather(t, group)
     return _natural_order(torch.cat(gathered.unbind(0), dim=dim), layout, world, dim)
 
 
@@ -192,7 +216,7 @@ def _lasp2_capable(cls: type) -> str | None:
     if not issubclass(cls, KernelMechanism):
         return "it is not a kernel mechanism phi(Q) (phi(K)^T V)"
     decayed = issubclass(cls, DecayedLinear) and cls.forward is DecayedLinear.forward
-    if not decayed and cls.forward is not KernelMechanism.forward:
+    if not (decayed or cls.kernel_form) and cls.forward is not KernelMechanism.forward:
         return "its forward is more than its feature map and the linear-attention op"
     if not (cls.tokenwise or decayed):
         return "its feature map is not token-wise (it looks across positions)"
@@ -217,7 +241,14 @@ def _shift_base(cs: list[Tensor], kps: list[Tensor | None], group: Any) -> Tenso
 
 
 def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, scale: float,
-           group: Any, layout: str) -> Tensor:
+           group: Any, layout: str, gate_logits: Tensor | None = None, overlap: bool = False) -> Tensor:
+    """LASP-2 (see the module docstring). Each chunk's state is formed first (checkpointed: its features
+    are recomputed in backward) and exchanged. Without ``overlap``, each chunk then runs the op once from
+    the decayed sum of the earlier chunks' states. With ``overlap``, the ``all_gather`` is asynchronous
+    and the intra-chunk attention (the chunk's own keys, no initial state, unnormalised) is computed while
+    the states travel; the inter-chunk part ``exp(A_t) phi(q_t) S_0`` (``A_t`` the chunk's log-gates up to
+    ``t``) is added to numerator and denominator afterwards (checkpointed). Token-wise feature maps run
+    inside the op's tiles, so no feature tensor is kept."""
     from fastattn.mechanisms.kernel.decayed import DecayedLinear
 
     rank, world = _group(group)
@@ -230,49 +261,119 @@ def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, 
     norm = mech.normalize  # type: ignore[attr-defined]
     dt = compute_dtype(v.dtype)
     n = q.shape[2] // len(ids)
-    feats = []
+    log_scale = getattr(mech, "key_log_scale", None)
+    chunks = []
     for c in range(len(ids)):
         sl = slice(c * n, (c + 1) * n)
         kp_c = None if kp is None else kp[:, sl]
         at = Mask(n, n, key_padding=kp_c, causal=causal, k_start=ids[c] * n)  # features see global positions
-        fq = mech.features(q[:, :, sl], is_query=True, scale=scale, mask=at)  # type: ignore[attr-defined]
-        fk = mech.features(k[:, :, sl], is_query=False, scale=scale, mask=at)  # type: ignore[attr-defined]
-        log_scale = getattr(mech, "key_log_scale", None)
-        feats.append((fq, fk, None if log_scale is None else log_scale(k[:, :, sl], scale=scale, mask=at), kp_c))
+        logits = None if gate_logits is None else gate_logits[:, :, sl]
+        chunks.append((q[:, :, sl], k[:, :, sl], v[:, :, sl], logits, kp_c, at, Mask(n, n, key_padding=kp_c, causal=causal)))
     base = None
-    if feats[0][2] is not None:
+    with torch.no_grad():
+        c_logs = [None if log_scale is None else log_scale(k_c, scale=scale, mask=at)
+                  for _, k_c, _, _, _, at, _ in chunks]
+    if c_logs[0] is not None:
         if not norm:
             raise ValueError("strategy 'lasp2': key log-scales need the normalised form")
-        base = _shift_base([f[2] for f in feats], [f[3] for f in feats], group)
-    pieces, packs = [], []
-    for c, (fq, fk, c_log, kp_c) in enumerate(feats):
-        sl = slice(c * n, (c + 1) * n)
-        mask = Mask(n, n, key_padding=kp_c, causal=causal)
+        base = _shift_base(c_logs, [ch[4] for ch in chunks], group)  # type: ignore[arg-type]
+
+    def key_features(k_c: Tensor, logits: Tensor | None, at: Mask) -> tuple[Tensor, dict]:
+        fk = mech.features(k_c, is_query=False, scale=scale, mask=at)  # type: ignore[attr-defined]
+        kw_c = kw
+        if logits is not None:  # per-token gates: gated key features and their log-gates
+            fk, log_decay = mech.token_gates(fk, logits)  # type: ignore[attr-defined]
+            kw_c = {"log_decay": log_decay}
         if base is not None:
+            c_log = log_scale(k_c, scale=scale, mask=at)  # type: ignore[misc]
             fk = fk * torch.exp((c_log - base[..., None]).clamp_max(0.0)).to(fk.dtype).unsqueeze(-1)
-        v_c = v[:, :, sl]
-        keep = mask.key_keep(dt)
-        fk_s, v_s = fk.to(dt), v_c.to(dt)
-        log_g, _ = log_gates(kw.get("decay"), kw.get("log_decay"), fk_s, keep)
+        return fk, kw_c
+
+    def tile_state(k_t: Tensor, v_t: Tensor, logits: Tensor | None, at: Mask, s0: Tensor | None,
+                   z0: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The state after a stretch of keys continuing ``(s0, z0)``, and the stretch's log-gates."""
+        fk, kw_c = key_features(k_t, logits, at)
+        keep = Mask(at.lq, at.lk, key_padding=at.key_padding).key_keep(dt)
+        fk_s, v_s = fk.to(dt), v_t.to(dt)
+        log_g, _ = log_gates(kw_c.get("decay"), kw_c.get("log_decay"), fk_s, keep)
         if keep is not None:
             fk_s, v_s = fk_s * keep, v_s * keep
-        kv, z = linear_state(fk_s, v_s, log_g=log_g, normalize=norm)
+        kv, z = linear_state(fk_s, v_s, log_g=log_g, s0=s0, z0=z0, normalize=norm)
+        return kv, z, log_g
+
+    def state(c: int) -> tuple[Tensor, Tensor]:
+        """Chunk ``c``'s packed state ``(B, H, F)`` and ``A_t`` ``(B, H, n)``, stretch by stretch (each
+        checkpointed: its features are recomputed in backward, one stretch at a time). Feature maps that
+        look across positions, or whose keys are shifted by log-scales, take the chunk as one stretch."""
+        _, k_c, v_c, logits, kp_c, _, _ = chunks[c]
+        step = -(-n // 8) if mech.tokenwise and base is None else n  # type: ignore[attr-defined]
+        kv = z = None
+        gates = []
+        for t0 in range(0, n, step):
+            ts = slice(t0, min(t0 + step, n))
+            at = Mask(ts.stop - t0, ts.stop - t0, key_padding=None if kp_c is None else kp_c[:, ts], causal=causal,
+                      k_start=ids[c] * n + t0)
+            kv, z, log_g = checkpoint(tile_state, k_c[:, :, ts], v_c[:, :, ts],
+                                      None if logits is None else logits[..., ts], at, kv, z, use_reentrant=False)
+            gates.append(log_g)
+        assert kv is not None
         b, h = kv.shape[:2]
-        a = kv.new_zeros(b, h) if log_g is None else log_g.to(dt).expand(b, h, n).sum(-1)  # log prod of gates
-        packs.append(torch.cat([kv.flatten(2)] + ([z] if norm else []) + [a[..., None]], dim=-1))
-        pieces.append((fq, fk, v_c, mask))
-    gathered = _AllGather.apply(torch.stack(packs), group)  # (W, chunks per rank, B, H, F)
-    flat = gathered.flatten(0, 1)
+        # A_t: the log-product of the chunk's gates up to each token (0 without decay)
+        if gates[0] is None:
+            cum_t = kv.new_zeros(b, h, n, dtype=gate_dtype(kv.device))
+        else:
+            cum_t = torch.cat([g.to(gate_dtype(kv.device)).expand(b, h, -1 if g.shape[-1] > 1 else ts_len)
+                               for g, ts_len in zip(gates, _lengths(n, step))], dim=-1).cumsum(-1)
+        return torch.cat([kv.flatten(2)] + ([z] if norm else []) + [cum_t[..., -1:].to(dt)], dim=-1), cum_t  # type: ignore
+
+    def attend(q_c: Tensor, k_c: Tensor, v_c: Tensor, logits: Tensor | None, at: Mask, mask: Mask,
+               start: LinearState | None = None) -> Any:
+        """The op on the chunk: from the state ``start``, or (None) its intra-chunk part unnormalised."""
+        opts = {"normalize": norm, "chunk": mech.chunk, "partial": start is None, "state": start}  # type: ignore
+        if mech.tokenwise and base is None and logits is None:  # type: ignore[attr-defined]
+            def phi(x: Tensor, is_query: bool) -> Tensor:  # applied tile by tile inside the op
+                return mech.features(x, is_query=is_query, scale=scale, mask=at)  # type: ignore[attr-defined]
+
+            return linear_attention(q_c, k_c, v_c, mask, phi=phi, **opts, **kw)
+        fk, kw_c = key_features(k_c, logits, at)
+        fq = mech.features(q_c, is_query=True, scale=scale, mask=at)  # type: ignore[attr-defined]
+        return linear_attention(fq, fk, v_c, mask, **opts, **kw_c)
+
+    def inter(q_c: Tensor, num: Tensor, den: Tensor | None, s0: Tensor, z0: Tensor | None, cum_t: Tensor,
+              at: Mask) -> Tensor:
+        fq = mech.features(q_c, is_query=True, scale=scale, mask=at).to(dt)  # type: ignore[attr-defined]
+        groups = fq.shape[1] // s0.shape[1]
+        if causal and (kw.get("decay") is not None or kw.get("log_decay") is not None or gate_logits is not None):
+            fq = fq * cum_t.exp().to(dt).repeat_interleave(groups, dim=1).unsqueeze(-1)  # exp(A_t) phi(q_t)
+        num = torch.matmul(fq, repeat_kv(s0, groups)).add_(num)
+        if z0 is None or den is None:
+            return num
+        den = torch.matmul(fq, repeat_kv(z0[..., None], groups)).squeeze(-1).add_(den)
+        del fq
+        return _safe_divide(num, den.unsqueeze(-1))
+
+    packs, cums = [], []
+    for _ in chunks:
+        pack, cum_t = state(len(packs))
+        packs.append(pack)
+        cums.append(cum_t)
+    if overlap:
+        parts, work = _start_gather(torch.stack(packs), group)  # (chunks per rank, B, H, F) from every rank
+        partial = [attend(q_c, k_c, v_c, logits, at, mask)  # while the states travel
+                   for q_c, k_c, v_c, logits, _, at, mask in chunks]
+        work.wait()
+        flat = _Gathered.apply(torch.stack(packs), parts, group).flatten(0, 1)
+    else:
+        flat = _all_gather(torch.stack(packs), group).flatten(0, 1)
     where = {g: i for i, g in enumerate(g for r in range(world) for g in _chunk_ids(layout, r, world))}
     states = flat[torch.tensor([where[g] for g in range(total)], device=flat.device)]  # sequence order
-    d, e = kv.shape[2], kv.shape[3]
+    d, e = _state_dims(states.shape[-1], v.shape[-1], norm)
     s_all = states[..., : d * e].unflatten(-1, (d, e))
     z_all = states[..., d * e: d * e + d] if norm else None
-    a_all = states[..., -1]
-    cum = a_all.cumsum(0)  # A_j = sum_{m <= j} a_m over the chunks in sequence order
+    cum = states[..., -1].cumsum(0)  # A_j = sum_{m <= j} a_m over the chunks in sequence order
     outs = []
-    for (fq, fk, v_c, mask), g in zip(pieces, ids):
-        idx = torch.arange(total, device=flat.device)
+    idx = torch.arange(total, device=flat.device)
+    for c, ((q_c, k_c, v_c, logits, _, at, mask), cum_t, g) in enumerate(zip(chunks, cums, ids)):
         if causal:  # chunk i < g weighs exp(A_{g-1} - A_i): the gates of the chunks between i and g
             before = (idx < g).view(-1, 1, 1)
             diff = cum[g - 1] - cum if g > 0 else torch.zeros_like(cum)
@@ -281,12 +382,26 @@ def _lasp2(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, 
             w = (idx != g).view(-1, 1, 1).to(s_all.dtype).expand_as(cum)
         s0 = (w[..., None, None] * s_all).sum(0)
         z0 = (w[..., None] * z_all).sum(0) if z_all is not None else None
-        outs.append(linear_attention(fq, fk, v_c, mask, normalize=norm, chunk=mech.chunk,  # type: ignore
-                                     state=LinearState(s0, z0, g * n), **kw))
-    out = torch.cat(outs, dim=2)
+        if overlap:
+            num, den = partial[c]
+            outs.append(checkpoint(inter, q_c, num, den, s0, z0, cum_t, at, use_reentrant=False).to(v.dtype))
+        else:
+            outs.append(attend(q_c, k_c, v_c, logits, at, mask, LinearState(s0, z0, g * n)).to(v.dtype))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     if isinstance(mech, DecayedLinear):
         out = mech._norm(out)  # per token (over heads): local
     return out
+
+
+def _lengths(n: int, step: int) -> list[int]:
+    """The lengths of the stretches of ``step`` tokens covering ``n``."""
+    return [min(step, n - t0) for t0 in range(0, n, step)]
+
+
+def _state_dims(width: int, e: int, normalize: bool) -> tuple[int, int]:
+    """``(D, E)`` of a packed state of ``width = D E (+ D) + 1`` entries with values of width ``E``."""
+    d = (width - 1) // (e + (1 if normalize else 0))
+    return d, e
 
 
 # ----- ring attention ---------------------------------------------------------------------------------
@@ -396,6 +511,124 @@ def _ring(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, c
     return _Ring.apply(q, k, v, kp, info)
 
 
+# ----- halo exchange ------------------------------------------------------------------------------------
+def _owner(layout: str, chunk: int, world: int) -> int:
+    """The rank holding global chunk ``chunk``."""
+    return chunk if layout == "contiguous" or chunk < world else 2 * world - 1 - chunk
+
+
+def _p2p(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[tuple[int, ...], int, int]], group: Any,
+         rank: int, like: Tensor) -> list[Tensor]:
+    """Point-to-point: each ``(tensor, dst, tag)`` of ``sends`` goes to rank ``dst``; each
+    ``(shape, src, tag)`` of ``recvs`` is received from rank ``src`` (returned in order). A transfer to
+    oneself is a copy."""
+    mine = {tag: t for t, dst, tag in sends if dst == rank}
+    out: list[Tensor | None] = []
+    ops = []
+    for shape, src, tag in recvs:
+        if src == rank:
+            out.append(mine[tag].clone())
+            continue
+        buf = like.new_empty(shape)
+        out.append(buf)
+        ops.append(dist.P2POp(dist.irecv, buf, _global(group, src), group, tag))
+    ops += [dist.P2POp(dist.isend, t.contiguous(), _global(group, dst), group, tag)
+            for t, dst, tag in sends if dst != rank]
+    if ops:
+        _wait(dist.batch_isend_irecv(ops))
+    return out  # type: ignore[return-value]
+
+
+class _Halo(torch.autograd.Function):
+    """Each of this rank's chunks (``n`` rows of ``block`` ``(B, H, L, F)``, global id ``g``) extended by
+    its halos: ``(C, B, H, r + n [+ r], F)``, the last ``r`` rows of chunk ``g - 1`` before it and, when
+    ``both``, the first ``r`` rows of chunk ``g + 1`` after it (zeros where the sequence ends), received
+    point-to-point from the neighbours' owners. Backward: the halos' gradients travel back to their
+    owners and add to those rows. (One output holding the chunks too, so every rank's backward runs and
+    meets its peers' sends, even where a rank uses no halo.)"""
+
+    @staticmethod
+    def forward(ctx: Any, block: Tensor, r: int, both: bool, group: Any, layout: str) -> Tensor:
+        rank, world = _group(group)
+        ids, total = _chunk_ids(layout, rank, world), _num_chunks(layout, world)
+        n = block.shape[2] // len(ids)
+        ctx.meta = (r, both, group, layout, n, block.shape)
+        sends, recvs, slots = _halo_routes(ids, total, world, layout, n, r, both, block.shape)
+        got = _p2p([(block[:, :, rows], dst, tag) for rows, dst, tag in sends], recvs, group, rank, block)
+        ext = block.new_zeros(len(ids), *block.shape[:2], r + n + (r if both else 0), block.shape[3])
+        for c in range(len(ids)):
+            ext[c, :, :, r:r + n] = block[:, :, c * n:(c + 1) * n]
+        for (side, c), t in zip(slots, got):
+            if side == 0:
+                ext[c, :, :, :r] = t
+            else:
+                ext[c, :, :, r + n:] = t
+        return ext
+
+    @staticmethod
+    def backward(ctx: Any, d_ext: Tensor) -> tuple[Tensor | None, ...]:
+        r, both, group, layout, n, shape = ctx.meta
+        rank, world = _group(group)
+        ids, total = _chunk_ids(layout, rank, world), _num_chunks(layout, world)
+        sends, recvs, slots = _halo_routes(ids, total, world, layout, n, r, both, shape)
+        halo = [(d_ext[c, :, :, :r] if side == 0 else d_ext[c, :, :, r + n:]) for side, c in slots]
+        # reversed roles: each received halo's gradient goes back to its sender, on the sender's tag
+        back = _p2p([(t, src, tag) for t, (_, src, tag) in zip(halo, recvs)],
+                    [(tuple(shape[:2]) + (r, shape[3]), dst, tag) for _, dst, tag in sends], group, rank, d_ext)
+        grad = torch.cat([d_ext[c, :, :, r:r + n] for c in range(len(ids))], dim=2)
+        for (rows, _, _), t in zip(sends, back):
+            grad[:, :, rows] += t
+        return grad, None, None, None, None
+
+
+def _halo_routes(ids: list[int], total: int, world: int, layout: str, n: int, r: int, both: bool,
+                 shape: Any) -> tuple[list, list, list]:
+    """What this rank sends (``(rows, dst, tag)``) and receives (``(shape, src, tag)``, with the
+    ``(side, local chunk)`` each received halo fills) in a halo exchange. Tags name the halo: ``2 g`` the
+    previous-side halo of chunk ``g``, ``2 g + 1`` its next-side halo."""
+    sends, recvs, slots = [], [], []
+    for c, g in enumerate(ids):
+        if g + 1 < total:  # my last r rows are chunk g + 1's previous-side halo
+            sends.append((slice((c + 1) * n - r, (c + 1) * n), _owner(layout, g + 1, world), 2 * (g + 1)))
+        if both and g > 0:  # my first r rows are chunk g - 1's next-side halo
+            sends.append((slice(c * n, c * n + r), _owner(layout, g - 1, world), 2 * (g - 1) + 1))
+        if g > 0:
+            recvs.append(((*shape[:2], r, shape[3]), _owner(layout, g - 1, world), 2 * g))
+            slots.append((0, c))
+        if both and g + 1 < total:
+            recvs.append(((*shape[:2], r, shape[3]), _owner(layout, g + 1, world), 2 * g + 1))
+            slots.append((1, c))
+    return sends, recvs, slots
+
+
+def _halo(mech: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, scale: float,
+          group: Any, layout: str, reach: int) -> Tensor:
+    """A sliding-window pattern of reach ``r``: each chunk's keys and values are extended by the last
+    ``r`` tokens of the previous chunk (and, not causal, the first ``r`` of the next), received from
+    their owners, and the mechanism runs on the extended stretch. Its pattern depends on ``i - j``
+    alone, so the stretch's own positions give the global result; not causal, ``r`` placeholder queries
+    after the chunk's own align the queries with the keys (their outputs are dropped)."""
+    rank, world = _group(group)
+    ids, total = _chunk_ids(layout, rank, world), _num_chunks(layout, world)
+    n, e = q.shape[2] // len(ids), k.shape[-1]
+    block = torch.cat([k, v] + ([] if kp is None else [_pad_channel(kp, k)]), dim=-1)
+    ext = _Halo.apply(block, reach, not causal, group, layout)
+    outs = []
+    for c, g in enumerate(ids):
+        lo = 0 if g > 0 else reach  # the previous chunk's last r tokens, where there is one
+        hi = reach + n + (reach if not causal and g + 1 < total else 0)
+        ext_c = ext[c, :, :, lo:hi]
+        after = hi - reach - n  # keys after the chunk: as many placeholder queries
+        qc = q[:, :, c * n:(c + 1) * n]
+        if after:
+            qc = torch.cat([qc, qc.new_zeros(*qc.shape[:2], after, qc.shape[3])], dim=2)
+        kc, vc, kpc = _unpack(ext_c, 0, hi - lo, e, kp is not None)
+        out = mech.run_checked(qc, kc, vc, key_padding_mask=kpc, is_causal=causal, scale=scale, attn_mask=None,
+                               dropout_p=0.0, backend="auto")
+        outs.append(out[:, :, :n])
+    return torch.cat(outs, dim=2)
+
+
 # ----- Ulysses ----------------------------------------------------------------------------------------
 class _AllToAll(torch.autograd.Function):
     """Split ``x`` into ``W`` parts along ``scatter``, send part ``j`` to rank ``j``, concatenate what
@@ -420,13 +653,13 @@ def _all_to_all(x: Tensor, group: Any, scatter: int, gather: int) -> Tensor:
 
 
 def _ulysses_capable(mech: Mechanism) -> str | None:
-    from fastattn.mechanisms.kernel.base import KernelMechanism
-
-    if isinstance(mech, KernelMechanism) and mech.decay() is not None:
-        return "its heads differ (per-head decay rates)"
-    for name, t in [*mech.named_parameters(), *mech.named_buffers()]:
-        if mech.num_heads > 1 and t.dim() > 0 and t.shape[0] == mech.num_heads:
-            return f"its heads differ (per-head {name!r})"
+    """Why ``mech`` cannot run under Ulysses (None when it can): its heads must be independent and alike
+    (``Mechanism.heads_independent``), since each rank runs a module of ``H / W`` heads."""
+    if not mech.heads_independent:
+        return (f"its heads are not independent and alike ({type(mech).__name__}.heads_independent is False: "
+                f"per-head parameters, buffers, patterns or decays, or a norm across heads)")
+    if any(True for _ in mech.parameters()):
+        return "the module has learned parameters"
     return None
 
 
@@ -438,8 +671,6 @@ def _ulysses(full: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None
         raise ValueError(f"ulysses shards heads: query heads ({h}) and key/value heads ({hkv}) must be "
                          f"divisible by the group size ({world})")
     why = _ulysses_capable(full)
-    if any(True for _ in full.parameters()):
-        why = "the module has learned parameters"
     if why:
         raise ValueError(f"strategy 'ulysses' cannot run method {full.spec.name!r}: {why}")
     # the same mechanism on H / W heads, with the full module's buffers (none of them per head)
@@ -456,7 +687,7 @@ def _ulysses(full: Mechanism, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None
     qh, kh, vh = to_heads(q), to_heads(k), to_heads(v)
     full_kp = None
     if kp is not None:
-        full_kp = _natural_order(torch.cat(_AllGather.apply(kp.to(torch.uint8), group).unbind(0), dim=1),
+        full_kp = _natural_order(torch.cat(_all_gather(kp.to(torch.uint8), group).unbind(0), dim=1),
                                  layout, world, dim=1).bool()
     out = mech.run_checked(qh, kh, vh, key_padding_mask=full_kp, is_causal=causal, scale=scale, attn_mask=None,
                            dropout_p=0.0, backend="auto")
@@ -476,16 +707,41 @@ def _build(spec: Any, opts: Any, q: Tensor, k: Tensor, group: Any) -> Mechanism:
     return mech
 
 
-def choose_strategy(method: str, strategy: str = "auto") -> str:
-    """The strategy ``sequence_parallel_attention`` runs ``method`` with (``"auto"`` resolved)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+def _window(mech: Mechanism, length: int) -> int | None:
+    reach = getattr(mech, "window_reach", None)
+    return None if reach is None else reach(length)
+
+
+def _resolve(mech: Mechanism, strategy: str, length: int | None, chunk: int | None) -> str:
+    """``strategy`` with ``"auto"`` resolved for the built module ``mech`` on a sequence of ``length``
+    tokens cut into chunks of ``chunk`` (None: not known yet)."""
     if strategy != "auto":
         return strategy
-    spec = get_method(method)
+    spec = mech.spec
     if spec.exact:
         return "ring"
-    return "lasp2" if _lasp2_capable(spec.cls) is None else "ulysses"
+    if _lasp2_capable(type(mech)) is None:
+        return "lasp2"
+    reach = _window(mech, length or 1)
+    if reach is not None and (chunk is None or reach <= chunk):
+        return "halo"
+    return "ulysses"
+
+
+def choose_strategy(method: str | Mechanism, strategy: str = "auto", *, length: int | None = None,
+                    chunk: int | None = None, **options: Any) -> str:
+    """The strategy ``sequence_parallel_attention`` runs ``method`` with (``"auto"`` resolved): ring for
+    exact mechanisms, lasp2 for kernel mechanisms it can run, halo for sliding-window patterns whose reach
+    fits in one chunk (``chunk`` tokens; ``length`` the whole sequence's), ulysses otherwise. ``method``: a
+    registry id (with its ``options``; a small probe module is built) or a built module."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if isinstance(method, Mechanism):
+        mech = method
+    else:
+        spec = get_method(method)
+        mech = spec.cls(spec.make_options(**options), head_dim=8, num_heads=8)
+    return _resolve(mech, strategy, length, chunk)
 
 
 def _check_shard(spec: Any, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, per_rank: int,
@@ -504,7 +760,8 @@ def _check_shard(spec: Any, q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, 
 def sequence_parallel_attention(
     q: Tensor, k: Tensor, v: Tensor, method: str | Mechanism = "softmax", *, group: Any = None,
     is_causal: bool = False, strategy: str = "auto", layout: str = "contiguous",
-    key_padding_mask: Tensor | None = None, scale: float | None = None, **options: Any,
+    key_padding_mask: Tensor | None = None, scale: float | None = None, gate_logits: Tensor | None = None,
+    overlap: bool = False, **options: Any,
 ) -> Tensor:
     """Attention of this rank's queries over the whole sequence, each rank holding a shard.
 
@@ -518,11 +775,17 @@ def sequence_parallel_attention(
             ranks, which ``MultiheadAttention(..., sequence_parallel_group=g)`` ensures).
         group: the process group (default: the world).
         is_causal: causal masking over the global positions.
-        strategy: ``"auto"``, ``"lasp2"``, ``"ring"`` or ``"ulysses"`` (see the module docstring).
+        strategy: ``"auto"``, ``"lasp2"``, ``"ring"``, ``"halo"`` or ``"ulysses"`` (see the module docstring).
         layout: how the sequence was sharded, ``"contiguous"`` or ``"zigzag"``.
         key_padding_mask: this rank's shard ``(B, n)`` of the padding mask (True = padding), sharded like
             the keys.
         scale: score scale (default ``E ** -0.5``).
+        gate_logits: this rank's shard ``(B, H, n)`` of the per-token gate logits of a gated kernel form
+            (``rfa`` with ``gate=True``; its layer computes them from the layer input); causal, lasp2.
+        overlap: lasp2 computes each chunk's intra-chunk attention while the states travel (asynchronous
+            ``all_gather``), adding the inter-chunk part after; this keeps about 1.8x the activation memory
+            of the default single pass from the gathered states (measured: benchmarks/sequence_parallel.py),
+            so it pays where the exchange is slow beside the chunk's computation.
         **options: the mechanism's options (with a method id only).
 
     Returns:
@@ -545,17 +808,39 @@ def sequence_parallel_attention(
             raise ValueError(f"method {spec.name!r} is not a sequence mechanism; sequence parallelism runs those only")
         opts = given.options if given is not None else spec.make_options(**options)
         _check_shard(spec, q, k, v, key_padding_mask, is_causal, len(_chunk_ids(layout, rank, world)), layout)
+        if gate_logits is not None and tuple(gate_logits.shape) != tuple(q.shape[:3]):
+            raise ValueError(f"gate_logits must be this rank's (B, H, n) = {tuple(q.shape[:3])}, "
+                             f"got {tuple(gate_logits.shape)}")
     except ValueError as e:
         error = str(e)
-    shapes = [tuple(t.shape) if isinstance(t, Tensor) else None for t in (q, k, v, key_padding_mask)]
-    _agree(group, "sequence_parallel_attention", [*shapes, str(strategy), str(layout), is_causal], error)
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else None for t in (q, k, v, key_padding_mask, gate_logits)]
+    _agree(group, "sequence_parallel_attention", [*shapes, str(strategy), str(layout), is_causal, bool(overlap)], error)
     assert spec is not None
-    chosen = choose_strategy(spec.name, strategy)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = q.dtype
     mech = given if given is not None else _build(spec, opts, q, k, group)
+    per_rank = len(_chunk_ids(layout, rank, world))
+    length, chunk = q.shape[2] * world, q.shape[2] // per_rank
+    chosen = _resolve(mech, strategy, length, chunk)
+    gated = bool(getattr(mech, "gated", False))
+    if gated != (gate_logits is not None):
+        raise ValueError(f"method {spec.name!r}: " + (
+            "gated: pass its gate_logits (MultiheadAttention(..., sequence_parallel_group=g) computes them)"
+            if gated else "gate_logits given, but the method has no per-token gates"))
+    if gated and (chosen != "lasp2" or not is_causal):
+        raise ValueError(f"gated {spec.name!r} runs under strategy 'lasp2' with is_causal=True only "
+                         f"(got strategy {chosen!r}, is_causal={is_causal})")
     if chosen == "ulysses":
         return _ulysses(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout).to(dtype)
+    if chosen == "halo":
+        reach = _window(mech, length)
+        if reach is None:
+            raise ValueError(f"strategy 'halo' runs sliding-window patterns; method {spec.name!r} with options "
+                             f"{mech.options} is not one (global tokens, extra nodes or a non-window pattern)")
+        if reach > chunk:
+            raise ValueError(f"strategy 'halo': the window reaches {reach} tokens, more than one chunk "
+                             f"({chunk} tokens); use fewer ranks, a longer sequence or strategy='ulysses'")
+        return _halo(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout, reach)
     q, k, v = mech.upcast(q, k, v)
     if chosen == "ring":
         if not spec.exact:
@@ -565,7 +850,7 @@ def sequence_parallel_attention(
         why = _lasp2_capable(type(mech))
         if why:
             raise ValueError(f"strategy 'lasp2' cannot run method {spec.name!r}: {why}")
-        out = _lasp2(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout)
+        out = _lasp2(mech, q, k, v, key_padding_mask, is_causal, scale, group, layout, gate_logits, bool(overlap))
     return out.to(dtype)
 
 
@@ -573,7 +858,8 @@ def sequence_parallel_attention(
 class SequenceParallelAttention(ProjectedAttention):
     """The standard layer (:class:`~fastattn.core.layer.ProjectedAttention`) on a sequence sharded over
     ``group``: the projections act on this rank's tokens, the core runs through
-    :func:`sequence_parallel_attention`. ``MultiheadAttention(..., sequence_parallel_group=g)`` builds it.
+    :func:`sequence_parallel_attention`. ``MultiheadAttention(..., sequence_parallel_group=g)`` builds it
+    (mixed into the method's layer form where that declares ``sequence_parallel``: :func:`sequence_parallel_layer`).
 
     At construction the parameters and buffers (random features included) are broadcast from the group's
     first rank, so every rank holds the same layer. The gradients of the parameters are then this rank's
@@ -591,7 +877,7 @@ class SequenceParallelAttention(ProjectedAttention):
             raise ValueError("sequence parallelism does not run attention dropout; use dropout=0")
         if config.backend == "reference":
             raise ValueError("the reference backend is single-process; use backend='auto' or 'torch'")
-        choose_strategy(self.options.core, strategy)  # an unknown combination fails here, not at forward
+        choose_strategy(self.core, strategy)  # an unknown strategy fails here, not at forward
         self.group, self.strategy, self.layout = group, strategy, layout
         _group(group)
         with torch.no_grad():
@@ -605,7 +891,7 @@ class SequenceParallelAttention(ProjectedAttention):
             raise ValueError("sequence parallelism cannot apply an attn_mask (only key_padding_mask)")
         return sequence_parallel_attention(
             q, k, v, self.core, group=self.group, is_causal=masks.get("is_causal", False), strategy=self.strategy,
-            layout=self.layout, key_padding_mask=masks.get("key_padding_mask"),
+            layout=self.layout, key_padding_mask=masks.get("key_padding_mask"), gate_logits=masks.get("gate_logits"),
         )
 
     def forward(self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,
@@ -618,3 +904,17 @@ class SequenceParallelAttention(ProjectedAttention):
 
     def step(self, x: Tensor, state: Any, *, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Any]:
         raise ValueError("decoding (step) is not sequence-parallel; decode with an ordinary layer")
+
+
+def sequence_parallel_layer(form: type | None) -> type:
+    """The sequence-parallel version of a layer form (``Mechanism.layer_form`` declaring
+    ``sequence_parallel``; None: the standard layer): :class:`SequenceParallelAttention` mixed into it,
+    so the form's own parts act on this rank's tokens and its core call (``attend``) runs sequence-parallel."""
+    if form is None:
+        return SequenceParallelAttention
+    if not getattr(form, "sequence_parallel", False):
+        raise ValueError(f"layer form {form.__name__} has no sequence-parallel version")
+    return _FORMS.setdefault(form, type(f"SequenceParallel{form.__name__}", (SequenceParallelAttention, form), {}))
+
+
+_FORMS: dict[type, type] = {}

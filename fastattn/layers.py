@@ -92,11 +92,12 @@ class MultiheadAttention(nn.Module):
         self.embed_dim, self.head_dim, self.kdim, self.vdim = embed_dim, config.head_dim, config.kdim, config.vdim
         self.dropout, self.batch_first = dropout, batch_first
         if sequence_parallel_group is not None:  # inputs are this rank's shard (fastattn.distributed)
-            if spec.level == "layer" or getattr(spec.cls, "layer_form", None) is not None:
+            form = getattr(spec.cls, "layer_form", None)
+            if spec.level == "layer" or not (form is None or form.sequence_parallel):
                 raise ValueError(f"method {method!r} has its own layer form; it has no sequence-parallel version")
-            from .distributed import SequenceParallelAttention
+            from .distributed import sequence_parallel_layer
 
-            mechanism = SequenceParallelAttention(
+            mechanism = sequence_parallel_layer(form)(
                 ProjectedAttention.Options(core=method, core_options=options), config, generator=generator,
                 group=sequence_parallel_group, strategy=sequence_parallel_strategy, layout=sequence_parallel_layout,
             )

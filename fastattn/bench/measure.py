@@ -45,7 +45,7 @@ import torch
 
 __all__ = [
     "Case", "build", "interleaved_times", "is_layer", "make_layer", "make_mechanism", "time_case", "peak_memory_mb",
-    "peak_memory_batch", "rss_mb",
+    "peak_memory_batch", "rss_mb", "cpu_peak_mb", "cuda_peak_mb",
 ]
 
 
@@ -363,6 +363,12 @@ def _measure_here(case: Case) -> float:
     small, _ = build(Case(**{**asdict(case), "n": min(case.n, 256)}))
     small()
     del small
+    return cpu_peak_mb(fn)
+
+
+def cpu_peak_mb(fn: Callable[[], Any]) -> float:
+    """Peak resident memory (MiB) of one call of ``fn`` above the resident memory before it (the kernel's
+    peak-RSS counter, reset first; without that, only meaningful in a fresh process)."""
     gc.collect()
     reset = _reset_peak_rss()
     base = rss_mb()

@@ -55,6 +55,12 @@ class Mechanism(Registered):
     # True when the output is a discontinuous function of the inputs (content-based selection: a token
     # changes bucket or cluster under rounding), so half-precision checks compare per-row medians.
     discontinuous: ClassVar[bool] = False
+    # True when the heads are independent and alike: each head's output depends on that head's q, k, v
+    # only, by the same rule in every head (no per-head parameters, buffers, patterns or decays, no
+    # normalisation across heads), so a module of fewer heads with the same buffers computes any subset
+    # of the heads. Ulysses sequence parallelism (head sharding) requires it. A class whose heads differ
+    # declares False (a property where its options decide).
+    heads_independent: ClassVar[bool] = True
     # The layer ``MultiheadAttention(method=<this id>)`` builds, where the paper's layer does more than
     # project, attend and project back (a gate computed from the layer input, two attention stages with
     # their own projections): a :class:`~fastattn.core.layer.ProjectedAttention` subclass taking the same

@@ -185,6 +185,10 @@ class ProjectedAttention(LayerMechanism):
     # Whether ``need_weights`` returns the core's attention matrix; a subclass whose output is not an
     # average of value rows under those weights (gated heads) sets it to False.
     returns_core_weights: ClassVar[bool] = True
+    # A layer form (``Mechanism.layer_form``) whose extra parts act on each token alone and reach the core
+    # only through :meth:`attend` (extra keywords such as per-token ``gate_logits`` included) sets True:
+    # it then has a sequence-parallel version (``MultiheadAttention(..., sequence_parallel_group=g)``).
+    sequence_parallel: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Options:

@@ -34,10 +34,20 @@ CASES = [
     ("softmax", "ring", False, "contiguous", True, H, {}),
     ("softmax", "ring", True, "zigzag", True, 2, {}),
     ("flash", "ring", True, "zigzag", False, H, {"block_q": 2, "block_k": 3}),
-    ("local", "ulysses", True, "contiguous", True, H, {}),
+    ("local", "auto", True, "contiguous", True, H, {}),  # the window (256) exceeds a chunk: ulysses
+    ("local", "halo", True, "contiguous", False, H, {"window": 3, "block": 2}),
+    ("local", "halo", False, "zigzag", True, H, {"window": 2, "block": 3}),
+    ("diet", "auto", False, "contiguous", True, 2,
+     {"window": 1, "dilation": 2, "layer": 1, "mode": "dilated_cascade", "block": 2}),
+    ("longformer", "halo", True, "zigzag", False, H,
+     {"window": 1, "dilation": (1, 2, 1, 2), "global_tokens": (), "block": 2}),
     ("local", "ulysses", True, "zigzag", False, H, {}),
     ("softmax", "ulysses", False, "zigzag", False, H, {}),
     ("linear", "auto", True, "zigzag", False, H, {}),
+    ("rfa", "lasp2", True, "zigzag", True, 2, {"num_features": 8, "chunk": 4}),
+    ("lightning", "lasp2", True, "zigzag", True, H, {"chunk": 4, "overlap": True}),
+    ("performer", "lasp2", False, "contiguous", True, H, {"num_features": 16, "overlap": True}),
+    ("linear", "lasp2", True, "contiguous", True, 2, {"chunk": 4, "overlap": True}),
 ]
 
 
@@ -56,6 +66,8 @@ def _inputs(hkv: int, padding: bool, seed: int) -> tuple:
 
 def _case(case: tuple, seed: int, group=None) -> None:
     method, strategy, causal, layout, padding, hkv, options = case
+    sp_options = dict(options)
+    options = {k: v for k, v in options.items() if k != "overlap"}  # a keyword of the sequence-parallel call
     q, k, v, grad, kp = _inputs(hkv, padding, seed)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.manual_seed(seed)  # randomised mechanisms draw their features from here, both sides
@@ -67,7 +79,7 @@ def _case(case: tuple, seed: int, group=None) -> None:
     kp_l = None if kp is None else fad.shard_sequence(kp, layout=layout, dim=1)
     torch.manual_seed(seed + dist.get_rank())  # rank 0 draws as the single process; the others differ
     out = fad.sequence_parallel_attention(*mine, method, is_causal=causal, strategy=strategy, layout=layout,
-                                          key_padding_mask=kp_l, group=group, **options)
+                                          key_padding_mask=kp_l, group=group, **sp_options)
     (out * fad.shard_sequence(grad, layout=layout)).sum().backward()
     checks = [("out", out, want)] + [(f"d{n}", t.grad, w.grad) for n, t, w in zip("qkv", mine, leaves)]
     for name, got, full in checks:
@@ -88,6 +100,11 @@ def _layer(method: str, causal: bool, seed: int, **options) -> None:
     sp = fastattn.MultiheadAttention(d, H, method, batch_first=True, dtype=torch.float64,
                                      sequence_parallel_group=dist.group.WORLD, **options)
     g = torch.Generator().manual_seed(seed)
+    if options.get("gate"):  # gated rfa: gates that differ per token (the gate weight starts at zero)
+        w = torch.randn(H, d, dtype=torch.float64, generator=g)
+        with torch.no_grad():
+            for layer in (ref, sp):
+                layer.mechanism.gate_proj.weight.copy_(w)
     x = torch.randn(B, N, d, dtype=torch.float64, generator=g, requires_grad=True)
     grad = torch.randn(B, N, d, dtype=torch.float64, generator=g)
     want, _ = ref(x, is_causal=causal)
@@ -124,7 +141,12 @@ def _errors() -> None:
     _raises(lambda: fad.sequence_parallel_attention(*s, "efficient", strategy="lasp2"), "efficient",
             "token-wise")
     _raises(lambda: fad.sequence_parallel_attention(*s, "lightning", is_causal=True, strategy="ulysses"),
-            "ulysses", "lightning", "heads")
+            "ulysses", "lightning", "heads_independent")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "bigbird", strategy="ulysses", block=2, random_blocks=1),
+            "ulysses", "bigbird", "heads_independent")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "local", strategy="halo", window=9), "halo", "reaches 9")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "longformer", strategy="halo"), "halo", "longformer")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "softmax", strategy="halo"), "halo", "softmax")
     _raises(lambda: fad.sequence_parallel_attention(*s, "softmax", layout="diagonal"), "layout", "diagonal")
     _raises(lambda: fad.shard_sequence(q[:, :, :N - 1]), "divisible", str(N - 1))
     rank = dist.get_rank()
@@ -135,12 +157,21 @@ def _errors() -> None:
     alone = dist.new_group([0])  # every rank creates it
     if rank == 0:
         _raises(lambda: fad.sequence_parallel_attention(*s, "softmax", group=alone), "at least 2 ranks")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "rfa", is_causal=True, gate=True), "rfa", "gate_logits")
+    _raises(lambda: fad.sequence_parallel_attention(*s, "linear", is_causal=True, gate_logits=s[0][..., 0]),
+            "linear", "no per-token gates")
     with pytest.raises(ValueError, match="layer form"):
         fastattn.MultiheadAttention(H * E, H, "transnormer", sequence_parallel_group=dist.group.WORLD)
     assert fad.choose_strategy("softmax") == "ring"
     assert fad.choose_strategy("lightning") == "lasp2"
+    assert fad.choose_strategy("rfa", gate=True) == "lasp2"
     assert fad.choose_strategy("efficient") == "ulysses"
-    assert fad.choose_strategy("local") == "ulysses"
+    assert fad.choose_strategy("local") == "halo"
+    assert fad.choose_strategy("local", chunk=4, window=9) == "ulysses"
+    assert fad.choose_strategy("diet", mode="dilated") == "halo"
+    assert fad.choose_strategy("longformer") == "ulysses"  # global tokens
+    assert fad.choose_strategy("longformer", global_tokens=()) == "halo"
+    assert fad.choose_strategy("bigbird") == "ulysses"
 
 
 def _worker(rank: int, world: int, port: int) -> None:
@@ -155,7 +186,8 @@ def _worker(rank: int, world: int, port: int) -> None:
             except Exception:  # noqa: BLE001 -- collect: every rank runs every case (collectives in step)
                 failures.append(traceback.format_exc())
         for j, (method, causal, options) in enumerate(
-            [("linear", True, {}), ("lightning", True, {"chunk": 4}), ("softmax", False, {})]
+            [("linear", True, {}), ("lightning", True, {"chunk": 4}), ("softmax", False, {}),
+             ("rfa", True, {"gate": True, "num_features": 8, "chunk": 4}), ("local", False, {"window": 2})]
         ):
             try:
                 _layer(method, causal, seed=200 + j, **options)

@@ -46,6 +46,7 @@ class Routing(Mechanism):
     """Attention within online k-means clusters of queries and keys (argmax membership, bounded window)."""
 
     test_options = {"clusters": 3, "window": 24}
+    heads_independent = False  # per-head centroids
     discontinuous = True  # a token changes cluster under rounding: half-precision contract compares per-row medians
     deviations = (
         "Membership is the argmax centroid of every token (causal-safe) with a window of the cluster's "

@@ -79,6 +79,7 @@ class Scram(Mechanism):
     """Softmax over a window around each query's PatchMatch best key."""
 
     test_options = {"window": 8, "iterations": 3, "samples": 2}
+    heads_independent = False  # the candidate hash mixes in the head index
     discontinuous = True  # the best key flips under rounding: half-precision checks compare per-row medians
     deviations = (
         "One-dimensional (sequence) PatchMatch; the paper's image form with 2-D neighbours and patches is "

@@ -58,6 +58,7 @@ class DAPE(Mechanism):
     neighbouring keys (masked entries read as zeros)."""
 
     positional = True
+    heads_independent = False  # the convolution runs across the heads' scores
     test_options: ClassVar[dict[str, Any]] = {"mlp_width": 4, "query_chunk": 5}
     deviations: ClassVar[tuple[str, ...]] = (
         (

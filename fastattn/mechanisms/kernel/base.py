@@ -28,6 +28,10 @@ class KernelMechanism(Mechanism):
     # feature tensors are never stored (see :mod:`fastattn.ops.linear.tiled`).
     tokenwise: ClassVar[bool] = False
     log_decay: ClassVar[bool] = False  # True: decay() returns log lambda (finite where lambda underflows)
+    # True where a subclass overrides ``forward`` but still computes exactly the base form from
+    # ``features``, ``decay``, ``key_log_scale`` (and, gated, ``token_gates``): sequence parallelism may then
+    # recompute it chunk by chunk from states (LASP-2). The base class's own forward counts as such.
+    kernel_form: ClassVar[bool] = False
 
     @property
     def native_gqa(self) -> bool:  # type: ignore[override]
@@ -56,6 +60,17 @@ class KernelMechanism(Mechanism):
     def decay(self) -> Tensor | None:
         """Per-head decay ``(H,)`` in (0, 1] of the causal form (its log where ``log_decay``), or ``None``."""
         return None
+
+    @property
+    def gated(self) -> bool:
+        """True when this module's form decays its state by per-token gates that the caller computes
+        (from the layer input) and hands over as logits (:meth:`token_gates`)."""
+        return False
+
+    def token_gates(self, fk: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """A gated form's per-token gates from the caller's gate logits ``(B, H, L)``: the gated key features
+        and the per-token log-gates ``log g`` ``(B, H, L)`` that decay the causal state. Default: none."""
+        raise ValueError(f"method {self.spec.name!r} has no per-token gates")
 
     def _decay(self, decay: Tensor | None) -> dict[str, Tensor | None]:
         """The op's keyword for what :meth:`decay` returned (rates, or their logs where ``log_decay``)."""

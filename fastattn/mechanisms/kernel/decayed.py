@@ -101,6 +101,7 @@ class DecayedLinear(KernelMechanism):
 
     normalize = False
     log_decay = True
+    heads_independent = False  # per-head decay rates; the srms_concat norm spans the heads
 
     def __init__(self, options: Any = None, **kw: Any) -> None:
         super().__init__(options, **kw)

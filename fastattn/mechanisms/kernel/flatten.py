@@ -68,6 +68,7 @@ class FocusedLinearAttention(KernelMechanism):
     """Focused linear attention + depthwise-convolution rank restoration (see module docstring)."""
 
     test_options = {"kernel_size": 5}
+    heads_independent = False  # per-head depthwise convolution (dwc)
     deviations = (
         (
             "The depthwise convolution runs along the 1-D sequence with one kernel per head (the "

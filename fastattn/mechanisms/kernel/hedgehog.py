@@ -38,6 +38,7 @@ class Hedgehog(KernelMechanism):
     """Learned softmax-mimicking feature maps ``[softmax(Wx + b), softmax(-(Wx + b))]``."""
 
     test_options = {"chunk": 16}
+    heads_independent = False  # per-head learned feature maps
     deviations = (
         (
             "Feature map as in the authors' code, [softmax(z), softmax(-z)] (each half normalised), not the "

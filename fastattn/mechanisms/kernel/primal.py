@@ -89,6 +89,7 @@ class PrimalAttention(KernelMechanism):
 
     normalize = False
     test_options = {"rank": 6}
+    heads_independent = False  # per-head projections w_e, w_r and lam
 
     @dataclass(frozen=True)
     class Options:

@@ -49,6 +49,7 @@ class RFA(RandomFeatureMechanism):
     test_options = {"num_features": 16, "chunk": 16}
     deviations = ("The kernel width sigma is a fixed option; the paper learns it.",)
     tokenwise = True
+    kernel_form = True  # forward: the base form (features ignore the scale); gated: token_gates
 
     @dataclass(frozen=True)
     class Options:
@@ -100,8 +101,16 @@ class RFA(RandomFeatureMechanism):
             return fq, fk, None
         if not mask.causal:
             raise ValueError("gated rfa is a causal (recurrent) form; use is_causal=True or gate=False")
+        return (fq, *self.token_gates(fk, logits))
+
+    @property
+    def gated(self) -> bool:
+        return self.options.gate
+
+    def token_gates(self, fk: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys scaled by ``1 - g = sigmoid(-logits)``, log-gates ``log g = logsigmoid(logits)``."""
         logits = logits.to(fk.dtype)
-        return fq, fk * torch.sigmoid(-logits).unsqueeze(-1), F.logsigmoid(logits)
+        return fk * torch.sigmoid(-logits).unsqueeze(-1), F.logsigmoid(logits)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, logits: Tensor | None, reference: bool) -> Tensor:
         fq, fk, g = self._parts(q, k, mask, logits)
@@ -172,6 +181,7 @@ class RFALayer(ProjectedAttention):
     self-attention, ``context`` in cross-attention) whose logits gate the causal state."""
 
     returns_core_weights: ClassVar[bool] = False
+    sequence_parallel = True  # the gate is per token; its logits reach the core through attend
 
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__(options, config, generator=generator)
@@ -201,8 +211,17 @@ class RFALayer(ProjectedAttention):
             raise ValueError("gated rfa is a causal (recurrent) form; use is_causal=True or gate=False")
         q, k, v = self.project(x, context, value)
         logits = self.gate_logits(x if context is None else context)
+        return self.attend(q, k, v, reference=reference, key_padding_mask=key_padding_mask, is_causal=True,
+                           gate_logits=logits)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, reference: bool = False, **masks: Any) -> Tensor:
+        """The core; with ``gate_logits`` (gated), :meth:`RFA.run_gated` over them."""
+        logits = masks.pop("gate_logits", None)
+        if logits is None:
+            return super().attend(q, k, v, reference=reference, **masks)
         reference = reference or self.config.backend == "reference"
-        return self.core.run_gated(q, k, v, logits, key_padding_mask=key_padding_mask, reference=reference)
+        return self.core.run_gated(q, k, v, logits, key_padding_mask=masks.get("key_padding_mask"),
+                                   reference=reference)
 
     def forward(
         self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,

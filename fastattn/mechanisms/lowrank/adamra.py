@@ -47,6 +47,7 @@ class AdaMRA(Mechanism):
     """Heads over average-pooled keys/values at rates coarse to fine, kernel attention, a per-query router."""
 
     test_options: ClassVar[dict[str, Any]] = {"max_rate": 4}
+    heads_independent = False  # each head pools at its own rate; the router reads every head's query
     deviations = (
         (
             "Checked against the abstract only (no PDF or code reachable): average pooling, phi = elu + 1, the "

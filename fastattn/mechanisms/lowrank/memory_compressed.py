@@ -56,6 +56,7 @@ class MemoryCompressedAttention(Mechanism):
     native_gqa = True
     positional = True
     test_options: ClassVar[dict[str, Any]] = {"compression": 3, "mode": "both", "block": 8}
+    heads_independent = False  # per-head compression taps
     deviations = (
         (
             "The strided convolution has one weight per (head, tap), shared by the feature channels (a learned "

@@ -55,6 +55,7 @@ class Synthesizer(Mechanism):
 
     positional = True
     test_options: ClassVar[dict[str, Any]] = {"max_length": 64, "query_chunk": 16}
+    heads_independent = False  # per-head synthesised tables
     deviations = (
         (
             "Dense synthesizer rows are predicted from the per-head query q_i rather than from the layer "

@@ -54,9 +54,20 @@ class PatternMechanism(Mechanism):
 
     pruned_cache: ClassVar[bool] = False
     positional = True  # patterns and their nodes are laid out on absolute positions
+    # True when the output is the pattern's attention and nothing else (no extra nodes, no chained
+    # steps), so that where the pattern is a sliding window (:meth:`Pattern.reach`) a stretch of the
+    # sequence plus ``reach`` keys on each side computes that stretch's output (halo exchange in
+    # :mod:`fastattn.distributed`).
+    windowed: ClassVar[bool] = False
 
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         raise NotImplementedError
+
+    def window_reach(self, length: int) -> int | None:
+        """The window's reach ``w`` where this mechanism declares itself ``windowed`` and its pattern on
+        ``length`` tokens is a sliding window (query ``i`` sees only keys with ``|i - j| <= w``, by a rule
+        of ``i - j`` alone); else None."""
+        return self.pattern(length, length, torch.device("cpu")).reach() if self.windowed else None
 
     def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
         """Extra key/value nodes; ``scale`` is the call's score scale (None: ``E ** -0.5``), which any

@@ -95,6 +95,11 @@ class BigBirdAttention(PatternMechanism):
         self.register_buffer("random_table", torch.empty(tables, o.max_blocks, o.random_blocks, dtype=torch.long))
         self.redraw(generator)
 
+    @property
+    def heads_independent(self) -> bool:  # type: ignore[override]
+        """``per_head=True`` draws each head's random blocks separately."""
+        return not self.options.per_head
+
     @torch.no_grad()
     def redraw(self, generator: torch.Generator | None = None) -> None:
         """Draw new random blocks (uniform integers in ``random_table``)."""

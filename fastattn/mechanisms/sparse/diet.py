@@ -32,6 +32,7 @@ class DietAttention(PatternMechanism):
     """Dilated / cascaded sliding windows (see module docstring)."""
 
     test_options = {"window": 3, "dilation": 4, "layer": 1, "mode": "dilated_cascade", "block": 8}
+    windowed = True  # halo exchange where the pattern is a window (no global tokens)
     pruned_cache = True
     deviations = (
         "The cascade window |i - j| <= w 2^layer is one key wider than the authors' window of that layer.",

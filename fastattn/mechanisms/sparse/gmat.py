@@ -29,6 +29,7 @@ class GMATAttention(PatternMechanism):
     """Sliding-window token attention plus ``num_memory`` learned global memory tokens."""
 
     test_options = {"num_memory": 3, "window": 4, "block": 8}
+    heads_independent = False  # per-head memory tokens
     deviations = (
         "Memory tokens attend to the sequence only, not to each other (they have no value of their own).",
     )

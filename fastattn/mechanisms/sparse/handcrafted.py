@@ -32,6 +32,7 @@ class HandcraftedAttention(PatternMechanism):
     """Uniform weights over a fixed neighbourhood, block or the whole sequence."""
 
     test_options = {"kind": "diagonal", "window": 6, "block": 8}
+    windowed = True  # halo exchange where the pattern is a window (no global tokens)
     pruned_cache = True
 
     @dataclass(frozen=True)

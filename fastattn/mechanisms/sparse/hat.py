@@ -33,6 +33,7 @@ class HATAttention(PatternMechanism):
     """Segment-wise attention plus cross-segment attention between learned segment representatives."""
 
     test_options = {"segment": 8}
+    heads_independent = False  # per-head segment queries
 
     @dataclass(frozen=True)
     class Options:

@@ -57,6 +57,11 @@ class JukeboxAttention(PatternMechanism):
                 f"jukebox: num_heads ({self.num_heads}) must be >= len(kinds) = {len(self.options.kinds)}"
             )
 
+    @property
+    def heads_independent(self) -> bool:  # type: ignore[override]
+        """With several kinds, each head group has its own pattern."""
+        return len(self.options.kinds) == 1
+
     def kind_pattern(self, kind: str) -> Pattern:
         w = self.options.width
         if kind == "row":

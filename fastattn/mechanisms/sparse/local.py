@@ -27,6 +27,7 @@ class LocalAttention(PatternMechanism):
     """Each query sees the ``window`` keys on either side of it (one side when causal)."""
 
     test_options = {"window": 9, "block": 8}
+    windowed = True  # halo exchange where the pattern is a window (no global tokens)
     pruned_cache = True
 
     @dataclass(frozen=True)

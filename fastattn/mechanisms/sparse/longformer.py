@@ -37,6 +37,7 @@ class LongformerAttention(PatternMechanism):
     """Sliding (optionally dilated) window plus symmetric global tokens."""
 
     test_options = {"window": 5, "dilation": 2, "global_tokens": (0, 30), "block": 8}
+    windowed = True  # halo exchange where the pattern is a window (no global tokens)
     deviations = ("Global attention shares the window's projections (the paper has separate global ones).",)
     pruned_cache = True
 
@@ -66,6 +67,11 @@ class LongformerAttention(PatternMechanism):
         d = self.options.dilation
         if isinstance(d, tuple) and len(d) != self.num_heads:
             raise ValueError(f"longformer: {len(d)} per-head dilations for {self.num_heads} heads")
+
+    @property
+    def heads_independent(self) -> bool:  # type: ignore[override]
+        """Per-head dilations make the heads differ."""
+        return len(self.head_groups()) == 1
 
     def head_groups(self) -> list[tuple[int, list[int]]]:
         """``(dilation, heads)`` for each distinct dilation, in order of first appearance."""

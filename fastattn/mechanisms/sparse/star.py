@@ -52,6 +52,7 @@ class StarAttention(PatternMechanism):
     """Ring of satellites (radius ``radius``) plus one learned relay node."""
 
     test_options = {"radius": 2, "block": 8}
+    heads_independent = False  # a per-head relay node
     deviations = (
         (
             "The relay reads this call's satellites before they read it (the paper: satellites read the "

@@ -40,6 +40,9 @@ class Part:
     """One block part of a pattern. Subclasses define ``cover``, ``allow`` and ``needed``."""
 
     full = False  # True: every key of a covered block is allowed (no token predicate)
+    # The largest |i - j| the part allows where it is a function of i - j alone (a sliding window), else
+    # None (block-aligned, random, cyclic parts): what a halo exchange needs (see Pattern.reach).
+    reach: int | None = None
 
     def cover(self, qblk: Tensor, nkb: int, block: int, causal: bool) -> Tensor:
         """``(nqb, S)`` key-block ids covering every key the part allows to query blocks ``qblk``
@@ -68,6 +71,10 @@ class Window(Part):
 
     radius: int
 
+    @property
+    def reach(self) -> int:  # type: ignore[override]
+        return self.radius
+
     def cover(self, qblk, nkb, block, causal):
         r = -(-self.radius // block)
         return _offsets_cover(qblk, -r, 0 if causal else r)
@@ -86,6 +93,10 @@ class DilatedWindow(Part):
 
     radius: int
     dilation: int
+
+    @property
+    def reach(self) -> int:  # type: ignore[override]
+        return self.radius * self.dilation
 
     def cover(self, qblk, nkb, block, causal):
         r = -(-(self.radius * self.dilation) // block)
@@ -263,6 +274,17 @@ class Pattern:
             self.block, self.parts + other.parts, self.column or other.column,
             cat(self.global_keys, other.global_keys), cat(self.global_queries, other.global_queries),
         )
+
+    def reach(self) -> int | None:
+        """The largest ``|i - j|`` the pattern allows, where whether query ``i`` sees key ``j`` depends on
+        ``i - j`` alone (sliding and dilated windows; no global tokens, no column part); else None. Such a
+        pattern computed on a stretch of the sequence needs only ``reach`` keys beyond each end of it."""
+        if self.column is not None or not self.parts:
+            return None
+        if any(g is not None and g.numel() > 0 for g in (self.global_keys, self.global_queries)):
+            return None
+        reaches = [p.reach for p in self.parts]
+        return None if any(r is None for r in reaches) else max(reaches)  # type: ignore[type-var]
 
     def key(self) -> Hashable:
         """A hashable key equal for patterns of equal value (parts, parameters, tables and global
