@@ -44,13 +44,13 @@ token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from fastattn.core.layer import LayerConfig, ProjectedAttention
+from fastattn.core.layer import LayerConfig, ProjectedAttention, make_core
 from fastattn.ops.routing import Routing, experts_in, experts_out, loss_weights, route, router_loss
 from fastattn.registry import register
 
@@ -76,6 +76,7 @@ class SwitchHead(ProjectedAttention):
         experts: int = 4  # E value / output experts per head
         active_experts: int = 2  # k experts per token and head (moe_k)
         entropy_weight: float = 0.01  # weight of the selection-entropy regulariser in aux_loss (perplexity_reg)
+        head_dim: int | None = None  # width of each head; None: embed_dim / num_heads (the paper decouples it)
 
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__(options, config, generator=generator)
@@ -87,6 +88,21 @@ class SwitchHead(ProjectedAttention):
         self.experts, self.active_experts = e, k
         self.loss_weights = loss_weights(self.options, "entropy")
         fk = {"device": config.device, "dtype": config.dtype}
+        dh = self.options.head_dim
+        if dh is not None and dh != self.head_dim:
+            if dh < 1:
+                raise ValueError(f"head_dim must be >= 1 (or None for embed_dim / num_heads), got {dh}")
+            # the paper's few, narrower heads: q/k and the core at h * head_dim, not embed_dim
+            self.head_dim = dh
+            h, hkv = self.num_heads, self.num_kv_heads
+            core_config = replace(config, embed_dim=h * dh, kdim=None, vdim=None)
+            self.core = make_core(self.options.core, self.options.core_options, core_config, generator=generator)
+            self.q_proj = nn.Linear(config.embed_dim, h * dh, bias=config.bias, **fk)
+            self.k_proj = nn.Linear(config.kdim, hkv * dh, bias=config.bias, **fk)
+            for lin in (self.q_proj, self.k_proj):
+                nn.init.xavier_uniform_(lin.weight)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         # the expert projections replace the dense value and output projections
         self.v_proj = None
