@@ -31,13 +31,25 @@ training loss as it is.
 
 Defaults: ``E = 4`` experts per head, ``k = 2`` active (``moe_k = 2`` in the authors' code).
 
+**Few, narrower heads** (option ``head_dim``): the paper's point is to compute fewer attention matrices
+than the dense baseline of the same ``d_model`` -- a few heads, each of a width ``d_head`` of its own, not
+``d_model / h`` (the authors' configurations pair e.g. 2 SwitchHead heads with a 10-head baseline). With
+``head_dim`` set, ``q``/``k``, the core and the experts use ``h * head_dim`` channels while the layer's
+input and output stay ``embed_dim``; ``None`` (the default) keeps ``embed_dim / num_heads``. With as many
+heads as the baseline and ``d_model / h`` each, the attention costs what the baseline's does and the
+expert projections come on top (at n=4096, 8 heads of 64, forward+backward took 0.71x of multi-head
+attention's speed); with 2 heads of 128 at ``embed_dim`` 512 the layer is faster than 8-head multi-head
+attention (``benchmarks/gated_heads.py``, ``benchmarks/results/gated_heads.md``).
+
 Cost: the core over the ``h`` heads plus ``O(n D h E d)`` for the expert projections and ``O(n D h E)``
 for the routers. The fast path computes every expert in one batched einsum (value side) and one matmul
 (output side) and weighs unselected experts by 0 (the authors' Triton kernel computes only the selected
-ones). On CPU the selected form -- tokens grouped by expert, gathered, one batched matmul, scattered back --
-is slower than the one einsum over every expert: at n=4096, 8 heads, 2 of 4 experts, forward+backward of
-the value experts took 1815 ms against 913 ms (``benchmarks/switchhead_experts.py``, shared 2-core
-machine); the expert projections are a small part of the layer (the attention is ``O(n^2)``), so the
+ones). On CPU both selected forms measured slower than the one einsum over every expert
+(``benchmarks/switchhead_experts.py``, forward+backward of the value experts, shared 2-core machine):
+tokens grouped by expert, padded, one batched matmul (1815 ms against 913 ms at n=4096, 8 heads of 64),
+and the selections sorted by (head, expert) with one matmul per segment, ``index_select`` in and
+``index_add`` out (442 ms against 276 ms at n=4096, 2 heads of 128; the output side 682 against 303 ms):
+the gathers and scatters of the selected rows cost more than the half of the matmul they save. So the
 layer keeps the einsum. :meth:`SwitchHead.reference` writes the sums over the selected experts token by
 token.
 """
@@ -64,7 +76,7 @@ class SwitchHead(ProjectedAttention):
     """Mixture-of-experts value and output projections per head: value experts chosen by the key token,
     output experts by the query token (sigmoid gates, top-k)."""
 
-    test_options: ClassVar[dict[str, Any]] = {"experts": 3, "active_experts": 2}
+    test_options: ClassVar[dict[str, Any]] = {"experts": 3, "active_experts": 2, "head_dim": 6}
     deviations: ClassVar[tuple[str, ...]] = (
         "every expert is computed and unselected ones are weighed by 0 (the authors' kernel computes only "
         "the selected ones; on CPU the grouped form measured slower, benchmarks/switchhead_experts.py); no "
