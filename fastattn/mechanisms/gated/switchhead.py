@@ -37,9 +37,10 @@ than the dense baseline of the same ``d_model`` -- a few heads, each of a width 
 ``head_dim`` set, ``q``/``k``, the core and the experts use ``h * head_dim`` channels while the layer's
 input and output stay ``embed_dim``; ``None`` (the default) keeps ``embed_dim / num_heads``. With as many
 heads as the baseline and ``d_model / h`` each, the attention costs what the baseline's does and the
-expert projections come on top (at n=4096, 8 heads of 64, forward+backward took 0.71x of multi-head
-attention's speed); with 2 heads of 128 at ``embed_dim`` 512 the layer is faster than 8-head multi-head
-attention (``benchmarks/gated_heads.py``, ``benchmarks/results/gated_heads.md``).
+expert projections come on top. Forward+backward at n=4096, ``embed_dim`` 512, 2 of 4 experts, against
+8-head multi-head attention in one run (``benchmarks/gated_heads.py``, results in
+``benchmarks/results/gated_heads.md``, shared 2-core machine): 8 heads of 64 1.07x its speed non-causal,
+0.65x causal (earlier runs 0.71x non-causal); 4 heads of 64 1.72x and 1.29x; 2 heads of 128 2.04x and 1.30x.
 
 Cost: the core over the ``h`` heads plus ``O(n D h E d)`` for the expert projections and ``O(n D h E)``
 for the routers. The fast path computes every expert in one batched einsum (value side) and one matmul
@@ -48,9 +49,11 @@ ones). On CPU both selected forms measured slower than the one einsum over every
 (``benchmarks/switchhead_experts.py``, forward+backward of the value experts, shared 2-core machine):
 tokens grouped by expert, padded, one batched matmul (1815 ms against 913 ms at n=4096, 8 heads of 64),
 and the selections sorted by (head, expert) with one matmul per segment, ``index_select`` in and
-``index_add`` out (442 ms against 276 ms at n=4096, 2 heads of 128; the output side 682 against 303 ms):
-the gathers and scatters of the selected rows cost more than the half of the matmul they save. So the
-layer keeps the einsum. :meth:`SwitchHead.reference` writes the sums over the selected experts token by
+``index_add`` out (1364 ms against 328 ms at n=4096, 2 heads of 128, ``--heads 2 --head-dim 128``,
+``benchmarks/results/switchhead_experts_2x128.json``; bimodal under the machine's load, its best runs
+about the einsum's; the padded form 450 ms): the gathers and scatters of the selected rows cost as much as
+the half of the matmul they save, and the loop of smaller matmuls suffers most from a shared machine. So
+the layer keeps the einsum. :meth:`SwitchHead.reference` writes the sums over the selected experts token by
 token.
 """
 
