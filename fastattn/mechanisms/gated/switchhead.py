@@ -33,7 +33,7 @@ Defaults: ``E = 4`` experts per head, ``k = 2`` active (``moe_k = 2`` in the aut
 
 **Few, narrower heads** (option ``head_dim``): the paper's point is to compute fewer attention matrices
 than the dense baseline of the same ``d_model`` -- a few heads, each of a width ``d_head`` of its own, not
-``d_model / h`` (the authors' configurations pair e.g. 2 SwitchHead heads with a 10-head baseline). With
+``d_model / h`` (the abstract: 4 to 8 times fewer attention matrices than the standard Transformer). With
 ``head_dim`` set, ``q``/``k``, the core and the experts use ``h * head_dim`` channels while the layer's
 input and output stay ``embed_dim``; ``None`` (the default) keeps ``embed_dim / num_heads``. With as many
 heads as the baseline and ``d_model / h`` each, the attention costs what the baseline's does and the
