@@ -2,8 +2,9 @@
 multi-head attention layer (``MultiheadAttention`` with the softmax core, same width and heads), forward
 and forward+backward, each with the selected-pairs path (``fastattn/mechanisms/gated/base.py``) and with
 it switched off (every head computed, unselected pairs zeroed by their gates); switchhead (2 of 4 value /
-output experts per head) beside them. All cases of one length and mode interleaved in one process
-(machine load hits them alike), medians.
+output experts per head) beside them, with mha's 8 heads of 64 and in the paper's form of fewer heads of
+their own width (option ``head_dim``; 4 x 64 and 2 x 128 at the same embed_dim 512). All cases of one
+length and mode interleaved in one process (machine load hits them alike), medians.
 
     python benchmarks/gated_heads.py [--n 4096] [--repeats 5] [--threads 2] [--out benchmarks/results/gated_heads.json]
     python benchmarks/gated_heads.py --render benchmarks/results/gated_heads.json   # the .md beside it, again
@@ -27,7 +28,7 @@ from fastattn.bench.measure import Case, build, interleaved_times
 from fastattn.mechanisms.gated import base
 
 H, E = 8, 64
-# name -> (impl, options, selected path on)
+# name -> (impl, options, selected path on); an int instead: the number of heads (embed_dim stays H * E)
 CASES = {
     "mha": ("mha", {}, True),
     "moh 25% (1 shared + 1 of 7)": ("moh", {"shared_heads": 1, "active_heads": 1}, True),
@@ -38,7 +39,10 @@ CASES = {
     "moa 25%, every head computed": ("moa", {"active_heads": 2}, False),
     "moa 50% (4 of 8)": ("moa", {"active_heads": 4}, True),
     "moa 50%, every head computed": ("moa", {"active_heads": 4}, False),
-    "switchhead (2 of 4 experts)": ("switchhead", {"experts": 4, "active_experts": 2}, True),
+    "switchhead 8 heads x 64 (mha's heads), 2 of 4 experts": ("switchhead", {"experts": 4, "active_experts": 2}, True),
+    # the paper's form: few heads, each of its own width (h * head_dim below embed_dim), same embed_dim
+    "switchhead 4 heads x 64, 2 of 4 experts": ("switchhead", {"experts": 4, "active_experts": 2, "head_dim": 64}, 4),
+    "switchhead 2 heads x 128, 2 of 4 experts": ("switchhead", {"experts": 4, "active_experts": 2, "head_dim": 128}, 2),
 }
 
 
@@ -80,7 +84,9 @@ def main() -> None:
         for mode in a.modes.split(","):
             fns = {}
             for name, (impl, options, selected) in CASES.items():
-                case = Case(impl, a.n, h=H, e=E, causal=causal, mode=mode, threads=a.threads, options=options)
+                heads = H if isinstance(selected, bool) else selected
+                case = Case(impl, a.n, h=heads, e=H * E // heads, causal=causal, mode=mode, threads=a.threads,
+                            options=options)
                 fn, _ = build(case)
                 fraction = base.SELECTED_FRACTION if selected else 0.0
 

@@ -217,3 +217,21 @@ def test_options_and_parameters():
         _sh(core="switchhead")
     layer = _sh(bias=False)
     assert layer.mechanism.out_bias is None and layer(_x())[0].shape == (2, N, D)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dim_option_decouples_the_heads_from_the_width(causal):
+    """The paper's few heads of their own width: q/k, the core and the experts at ``head_dim``; the fast
+    path equals the reference, and decoding equals the causal forward."""
+    layer = _sh(h=2, head_dim=5, experts=3, active_experts=2)
+    m = layer.mechanism
+    assert m.head_dim == 5 and m.q_proj.weight.shape == (10, D) and m.k_proj.weight.shape == (10, D)
+    assert m.w_v.shape == (2, 3, D, 5) and m.w_o.shape == (2, 3, 5, D)
+    x = _x()
+    out = layer(x, is_causal=causal)[0]
+    assert out.shape == (2, N, D)
+    torch.testing.assert_close(out, m.reference(x, is_causal=causal))
+    if causal:
+        torch.testing.assert_close(layer.step(x, None)[0], out)
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        _sh(head_dim=0)

@@ -31,26 +31,41 @@ training loss as it is.
 
 Defaults: ``E = 4`` experts per head, ``k = 2`` active (``moe_k = 2`` in the authors' code).
 
+**Few, narrower heads** (option ``head_dim``): the paper's point is to compute fewer attention matrices
+than the dense baseline of the same ``d_model`` -- a few heads, each of a width ``d_head`` of its own, not
+``d_model / h`` (the abstract: 4 to 8 times fewer attention matrices than the standard Transformer). With
+``head_dim`` set, ``q``/``k``, the core and the experts use ``h * head_dim`` channels while the layer's
+input and output stay ``embed_dim``; ``None`` (the default) keeps ``embed_dim / num_heads``. With as many
+heads as the baseline and ``d_model / h`` each, the attention costs what the baseline's does and the
+expert projections come on top. Forward+backward at n=4096, ``embed_dim`` 512, 2 of 4 experts, against
+8-head multi-head attention in one run (``benchmarks/gated_heads.py``, results in
+``benchmarks/results/gated_heads.md``, shared 2-core machine): 8 heads of 64 1.07x its speed non-causal,
+0.65x causal (earlier runs 0.71x non-causal); 4 heads of 64 1.72x and 1.29x; 2 heads of 128 2.04x and 1.30x.
+
 Cost: the core over the ``h`` heads plus ``O(n D h E d)`` for the expert projections and ``O(n D h E)``
 for the routers. The fast path computes every expert in one batched einsum (value side) and one matmul
 (output side) and weighs unselected experts by 0 (the authors' Triton kernel computes only the selected
-ones). On CPU the selected form -- tokens grouped by expert, gathered, one batched matmul, scattered back --
-is slower than the one einsum over every expert: at n=4096, 8 heads, 2 of 4 experts, forward+backward of
-the value experts took 1815 ms against 913 ms (``benchmarks/switchhead_experts.py``, shared 2-core
-machine); the expert projections are a small part of the layer (the attention is ``O(n^2)``), so the
-layer keeps the einsum. :meth:`SwitchHead.reference` writes the sums over the selected experts token by
+ones). On CPU both selected forms measured slower than the one einsum over every expert
+(``benchmarks/switchhead_experts.py``, forward+backward of the value experts, shared 2-core machine):
+tokens grouped by expert, padded, one batched matmul (1815 ms against 913 ms at n=4096, 8 heads of 64),
+and the selections sorted by (head, expert) with one matmul per segment, ``index_select`` in and
+``index_add`` out (1364 ms against 328 ms at n=4096, 2 heads of 128, ``--heads 2 --head-dim 128``,
+``benchmarks/results/switchhead_experts_2x128.json``; bimodal under the machine's load, its best runs
+about the einsum's; the padded form 450 ms): the gathers and scatters of the selected rows cost as much as
+the half of the matmul they save, and the loop of smaller matmuls suffers most from a shared machine. So
+the layer keeps the einsum. :meth:`SwitchHead.reference` writes the sums over the selected experts token by
 token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from fastattn.core.layer import LayerConfig, ProjectedAttention
+from fastattn.core.layer import LayerConfig, ProjectedAttention, make_core
 from fastattn.ops.routing import Routing, experts_in, experts_out, loss_weights, route, router_loss
 from fastattn.registry import register
 
@@ -64,7 +79,7 @@ class SwitchHead(ProjectedAttention):
     """Mixture-of-experts value and output projections per head: value experts chosen by the key token,
     output experts by the query token (sigmoid gates, top-k)."""
 
-    test_options: ClassVar[dict[str, Any]] = {"experts": 3, "active_experts": 2}
+    test_options: ClassVar[dict[str, Any]] = {"experts": 3, "active_experts": 2, "head_dim": 6}
     deviations: ClassVar[tuple[str, ...]] = (
         "every expert is computed and unselected ones are weighed by 0 (the authors' kernel computes only "
         "the selected ones; on CPU the grouped form measured slower, benchmarks/switchhead_experts.py); no "
@@ -76,6 +91,7 @@ class SwitchHead(ProjectedAttention):
         experts: int = 4  # E value / output experts per head
         active_experts: int = 2  # k experts per token and head (moe_k)
         entropy_weight: float = 0.01  # weight of the selection-entropy regulariser in aux_loss (perplexity_reg)
+        head_dim: int | None = None  # width of each head; None: embed_dim / num_heads (the paper decouples it)
 
     def __init__(self, options: Any, config: LayerConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__(options, config, generator=generator)
@@ -87,6 +103,21 @@ class SwitchHead(ProjectedAttention):
         self.experts, self.active_experts = e, k
         self.loss_weights = loss_weights(self.options, "entropy")
         fk = {"device": config.device, "dtype": config.dtype}
+        dh = self.options.head_dim
+        if dh is not None and dh != self.head_dim:
+            if dh < 1:
+                raise ValueError(f"head_dim must be >= 1 (or None for embed_dim / num_heads), got {dh}")
+            # the paper's few, narrower heads: q/k and the core at h * head_dim, not embed_dim
+            self.head_dim = dh
+            h, hkv = self.num_heads, self.num_kv_heads
+            core_config = replace(config, embed_dim=h * dh, kdim=None, vdim=None)
+            self.core = make_core(self.options.core, self.options.core_options, core_config, generator=generator)
+            self.q_proj = nn.Linear(config.embed_dim, h * dh, bias=config.bias, **fk)
+            self.k_proj = nn.Linear(config.kdim, hkv * dh, bias=config.bias, **fk)
+            for lin in (self.q_proj, self.k_proj):
+                nn.init.xavier_uniform_(lin.weight)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         # the expert projections replace the dense value and output projections
         self.v_proj = None
