@@ -575,7 +575,10 @@ def test_decode_predictions_count_every_step_of_the_loop() -> None:
     specs = [fastattn.get_method("softmax")]
     rows = run_speed(cfg, specs, [], lambda s: None)
     step = next(r for r in rows if r["impl"] == "softmax" and r["n"] == 16)["median_ms"] / 1e3
-    cfg.case_budget_s = step * 4  # n=32: one step (~2 x step) fits, a loop of four (~8 x step) does not
+    # n=32 is predicted at 2 x step per decode step, 8 x step for the loop of four: over a budget of 2.5 x
+    # step only when the loop is counted (the margin absorbs a second run measuring n=16 up to 3x faster
+    # than the first on a loaded machine)
+    cfg.case_budget_s = step * 2.5
     rows = run_speed(cfg, specs, [], lambda s: None)
     assert next(r for r in rows if r["impl"] == "softmax" and r["n"] == 32)["status"] == "skipped"
 
