@@ -72,7 +72,7 @@ from fastattn.ops.softmax.flash import flash_block_backward, flash_block_forward
 from fastattn.ops.softmax.online import compute_dtype, merge_partials
 from fastattn.registry import get_method
 
-__all__ = ["LAYOUTS", "STRATEGIES", "SequenceParallelAttention", "choose_strategy", "sequence_parallel_attention",
+__all__ = ["LAYOUTS", "STRATEGIES", "LocalAttention", "SequenceParallelAttention", "choose_strategy", "sequence_parallel_attention",
            "sequence_parallel_layer", "shard_sequence", "unshard_sequence"]
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -918,3 +918,56 @@ def sequence_parallel_layer(form: type | None) -> type:
 
 
 _FORMS: dict[type, type] = {}
+
+
+# ----- interop: DeepSpeed-Ulysses ---------------------------------------------------------------------
+class LocalAttention(torch.nn.Module):
+    """A fastattn mechanism as the ``local_attention`` callable of DeepSpeed-Ulysses'
+    ``DistributedAttention(local_attention, sequence_process_group)``, which all-to-alls the sequence
+    shards to head shards, calls ``local_attention(query, key, value, *args, **kwargs)`` on the whole
+    sequence with this rank's heads, and all-to-alls back.
+
+    ``layout``: the tensors' order, ``"sbhd"`` (sequence, batch, heads, features: Megatron's, with
+    DeepSpeed's default ``scatter_idx=2, gather_idx=0``) or ``"bshd"``. The mechanism is built on the first
+    call for the heads it receives (``H / W``), from ``seed``: the same seed on every rank gives every rank
+    the same random parts (features, hashes), and the module keeps them across calls. Its heads must be
+    independent and alike (``Mechanism.heads_independent``): each rank runs a module of a subset of them.
+    Keywords: ``key_padding_mask`` (``(B, S)``, True = padding), ``is_causal`` (overrides the
+    constructor's); any other argument is a ``ValueError`` (never silently dropped)."""
+
+    def __init__(self, method: str = "softmax", *, layout: str = "sbhd", is_causal: bool = False, seed: int = 0,
+                 **options: Any) -> None:
+        super().__init__()
+        if layout not in ("sbhd", "bshd"):
+            raise ValueError(f"layout must be 'sbhd' or 'bshd', got {layout!r}")
+        self.spec = get_method(method)
+        if self.spec.level != "sequence":
+            raise ValueError(f"method {method!r} is a {self.spec.level}-level mechanism; LocalAttention runs "
+                             "sequence-level ones (DeepSpeed hands it projected query/key/value heads)")
+        self.options = self.spec.resolve_options(options)
+        self.layout, self.is_causal, self.seed = layout, is_causal, seed
+        self.mechanism: Mechanism | None = None
+
+    def _bhsd(self, x: Tensor, name: str) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ({self.layout}), got shape {tuple(x.shape)}")
+        return x.permute(1, 2, 0, 3) if self.layout == "sbhd" else x.transpose(1, 2)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any,
+                key_padding_mask: Tensor | None = None, is_causal: bool | None = None, **kwargs: Any) -> Tensor:
+        if args or kwargs:
+            extra = [f"positional #{i + 4}" for i in range(len(args))] + sorted(kwargs)
+            raise ValueError(f"LocalAttention takes query, key, value, key_padding_mask and is_causal; "
+                             f"got also {', '.join(extra)}")
+        q, k, v = self._bhsd(query, "query"), self._bhsd(key, "key"), self._bhsd(value, "value")
+        if self.mechanism is None:
+            gen = {"generator": torch.Generator().manual_seed(self.seed)} if self.spec.randomized else {}
+            mech = self.spec.cls(self.options, head_dim=q.shape[-1], num_heads=q.shape[1],
+                                 num_kv_heads=k.shape[1], **gen).to(q.device)
+            if not mech.heads_independent:
+                raise ValueError(f"method {self.spec.name!r} cannot run on a subset of heads "
+                                 f"({type(mech).__name__}.heads_independent is False), as Ulysses requires")
+            self.mechanism = mech
+        causal = self.is_causal if is_causal is None else is_causal
+        out = self.mechanism.run(q, k, v, key_padding_mask=key_padding_mask, is_causal=causal)
+        return out.permute(2, 0, 1, 3) if self.layout == "sbhd" else out.transpose(1, 2)
