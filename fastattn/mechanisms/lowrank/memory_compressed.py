@@ -19,8 +19,8 @@ through its node, as when the two kinds of layer are stacked).
   once its ``c``-th token arrives. Padding tokens are skipped, so each row of a padded batch decodes as if
   alone (in ``forward`` blocks sit at absolute positions, padding included).
 * Efficient paths: flash attention over the nodes (the node's last position as its key position, dead
-  nodes as a bias), or the block-sparse engine (``SameBlock`` local part plus the nodes). O(n (n / c + w) d)
-  time, O(n) memory.
+  nodes as a bias; non-causal with every node alive, torch's fused SDPA over the nodes), or the
+  block-sparse engine (``SameBlock`` local part plus the nodes). O(n (n / c + w) d) time, O(n) memory.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ class MemoryCompressedAttention(Mechanism):
         nk, nv = repeat_kv(nk, groups), repeat_kv(nv, groups)
         ends = node_ends(nk.shape[2], o.compression, q.device)
         if o.mode == "compressed":
+            if not mask.causal and bool(alive.all()):  # every query sees every node: torch's fused kernel
+                return torch.nn.functional.scaled_dot_product_attention(q, nk, nv, scale=scale)
             dead = torch.zeros(alive.shape, dtype=q.dtype, device=q.device).masked_fill(~alive, float("-inf"))
             node_mask = Mask(
                 q.shape[2], nk.shape[2], causal=mask.causal, q_start=mask.q_start,
