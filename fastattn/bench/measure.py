@@ -45,7 +45,7 @@ import torch
 
 __all__ = [
     "Case", "build", "interleaved_times", "is_layer", "make_layer", "make_mechanism", "time_case", "peak_memory_mb",
-    "peak_memory_batch", "rss_mb", "cpu_peak_mb", "cuda_peak_mb",
+    "peak_memory_batch", "rss_mb", "cpu_peak_mb", "cuda_peak_mb", "causal_only",
 ]
 
 
@@ -109,6 +109,30 @@ def make_layer(case: Case):
     width = case.h * case.e
     layer = MultiheadAttention(width, heads, method, batch_first=True, **case.options, **kwargs)
     return layer.to(case.device, getattr(torch, case.dtype)).eval(), width
+
+
+_CAUSAL_ONLY: dict[tuple[str, str], bool] = {}
+
+
+def causal_only(impl: str, options: dict | None = None) -> bool:
+    """True for a layer-level id that, with these options, has only a causal form (``requires_causal``:
+    compressive, intra, gated rfa): the bench skips its non-causal cases and bidirectional tasks."""
+    from ..layers import MultiheadAttention
+    from ..registry import get_method
+
+    if impl in ("sdpa", "naive", "mha") or impl.startswith("peer:"):
+        return False
+    key = (impl, repr(sorted((options or {}).items())))
+    if key not in _CAUSAL_ONLY:
+        spec = get_method(impl)
+        if spec.level != "layer":
+            _CAUSAL_ONLY[key] = False
+        else:  # a tiny instance: the property may depend on the options
+            heads = getattr(spec.cls, "fixed_heads", None) or 2
+            kw = {"generator": torch.Generator().manual_seed(0)} if spec.randomized else {}
+            layer = MultiheadAttention(8 * heads, heads, impl, batch_first=True, **(options or {}), **kw)
+            _CAUSAL_ONLY[key] = bool(layer.mechanism.requires_causal)
+    return _CAUSAL_ONLY[key]
 
 
 def _build_layer(case: Case) -> tuple[Callable[[], Any], tuple[torch.Tensor, ...]]:

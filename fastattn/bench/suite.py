@@ -21,7 +21,7 @@ from fastattn.ops.softmax.dense import dense_attention, dense_weights
 from ..registry import MethodSpec, get_method
 from .config import Config, feature_option
 from .inputs import gaussian_inputs, peaked_inputs, structured_inputs, trained_inputs
-from .measure import Case, build, make_mechanism, peak_memory_batch, peak_memory_mb, time_case
+from .measure import Case, build, causal_only, make_mechanism, peak_memory_batch, peak_memory_mb, time_case
 from .metrics import baselines, entropy, rel_error, row_kl, row_tv, scaled_error
 
 __all__ = ["Budget", "run_speed", "run_memory", "run_error", "run_peers", "peaked_inputs", "gaussian_inputs",
@@ -140,6 +140,8 @@ def _capability_skip(impl: str, mode: str, causal: bool, n: int | None = None, o
         return "no incremental decoding (decoding=False)"
     if causal and mode != "decode" and not spec.causal:
         return "no causal form"
+    if not causal and mode != "decode" and causal_only(impl, options):
+        return "a causal-only layer (requires is_causal=True)"
     if n is not None and "max_length" in spec.options:  # a length-tied table (projections, synthesized rows)
         limit = (options or {}).get("max_length", spec.options["max_length"])
         if n > limit:

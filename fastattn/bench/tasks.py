@@ -282,6 +282,7 @@ def train_task(cfg: Config, spec: MethodSpec, task: str, cap_s: float | None = N
 
 
 def run_tasks(cfg: Config, specs: list[MethodSpec], progress) -> list[dict]:
+    from .measure import causal_only
     from .suite import Budget, _err
 
     budget = Budget(cfg.section_budget_s.get("tasks", float("inf")))
@@ -295,6 +296,10 @@ def run_tasks(cfg: Config, specs: list[MethodSpec], progress) -> list[dict]:
         reason = budget.exhausted()
         if reason:
             rows.append({"task": task, "method": spec.name, "status": "skipped", "reason": reason})
+            continue
+        if task == "listops" and causal_only(spec.name):
+            rows.append({"task": task, "method": spec.name, "status": "skipped",
+                         "reason": "a causal-only layer (the task is bidirectional)"})
             continue
         progress(f"task {task} {spec.name}")
         # an equal share of what is left, so a slow mechanism cannot starve the others

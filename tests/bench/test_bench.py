@@ -599,3 +599,13 @@ def test_time_plot_has_one_row_of_panels_per_family(quick_run: Path, tmp_path: P
     paths = write_plots(res, out)
     assert matplotlib.image.imread(out / HEADLINE_PLOT).shape[0] > 1.7 * one
     assert {p.name for p in paths} >= {HEADLINE_PLOT, "memory_vs_length.png", "error_vs_length.png", "pick.png"}
+
+
+def test_causal_only_layers_are_skipped_not_errors_in_non_causal_cases() -> None:
+    from fastattn.bench.measure import causal_only
+    from fastattn.bench.suite import _capability_skip
+
+    assert causal_only("intra") and causal_only("compressive") and not causal_only("moh")
+    assert "causal-only" in _capability_skip("intra", "fwdbwd", False, 256, {})
+    assert _capability_skip("intra", "fwdbwd", True, 256, {}) is None
+    assert _capability_skip("moh", "fwd", False, 256, {}) is None
