@@ -72,6 +72,11 @@ def alignment(method: str, query_dim: int, key_dim: int, *, seed: int = 0, init_
     return a
 
 
+def tokens(b: int, n: int, d: int, seed: int = 1, dtype=torch.float64) -> torch.Tensor:
+    """A seeded ``(B, n, D)`` layer input (float64 by default)."""
+    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
 def grads(out: torch.Tensor, inputs, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out.shape, generator=g, dtype=out.dtype)

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import fastattn
-from helpers import load_torch_mha, torch_mha
+from helpers import load_torch_mha, torch_mha, tokens
 from fastattn.ops.cluster import kmeans
 
 D, H, N = 24, 6, 11
 
 
 def _x(b=2, n=N, d=D, seed=1):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return tokens(b, n, d, seed)
 
 
 def _gha(h=H, seed=0, **options):

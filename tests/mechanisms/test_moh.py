@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import fastattn
-from helpers import load_torch_mha, torch_mha
+from helpers import load_torch_mha, torch_mha, tokens
 
 D, H = 24, 6
 
 
 def _x(b=2, n=11, d=D, seed=1):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return tokens(b, n, d, seed)
 
 
 def _moh(h=H, seed=0, **options):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fastattn
+from helpers import tokens
 from fastattn.mechanisms.gated.papa import calibrate
 from fastattn.ops.constant import table_attention
 
@@ -21,7 +22,7 @@ D, H, N, NMAX = 24, 4, 11, 16
 
 
 def _x(b=2, n=N, d=D, seed=1):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return tokens(b, n, d, seed)
 
 
 def _papa(h=H, seed=0, random_table=True, **options):

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import fastattn
+from helpers import tokens
 
 D, H, N = 24, 4, 11
 
 
 def _x(b=2, n=N, d=D, seed=1):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return tokens(b, n, d, seed)
 
 
 def _sh(h=H, seed=0, **options):

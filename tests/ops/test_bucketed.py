@@ -24,6 +24,19 @@ def _inputs(lq, lk, seed=0, n_labels=3, rounds=2, b=2, h=2):
 MODES = [dict(causal=False, same_label=False), dict(causal=False, same_label=True), dict(causal=True, same_label=False)]
 
 
+def _tiles_equal_lists_and_formula(q, k, v, hq, hk, mask, kw):
+    """The dense-tile path equals the per-query lists and the formula, on values and gradients."""
+    fast = bucketed_attention(q, k, v, hq, hk, 3, mask, 0.3, **kw)
+    lists = bucketed_attention(q, k, v, hq, hk, 3, mask, 0.3, blocked=False, **kw)
+    allowed = selection_mask(hq, hk, 3, mask, chunk=kw["chunk"], window=kw["window"], same_label=kw["same_label"])
+    ref = bucketed_reference(q, k, v, allowed, mask, 0.3, self_penalty=kw["self_penalty"])
+    gf = grads(fast, (q, k, v))
+    for other in (lists, ref):
+        torch.testing.assert_close(fast, other, rtol=1e-9, atol=1e-11)
+        for a, b in zip(grads(other, (q, k, v)), gf):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("mode", MODES, ids=["chunks", "label-window", "causal"])
 @pytest.mark.parametrize("lq,lk", [(37, 37), (1, 37), (12, 37)])
 @pytest.mark.parametrize("padded", [False, True])
@@ -96,15 +109,7 @@ def test_blocked_path_for_a_shared_order_equals_dense_formula(mode, n, chunk, wi
     rd = bucketed._Round(hq[0], hq[0], *bucketed._positions(mask, 2, 2, q.device), 3, mode["causal"], chunk,
                          window, mode["same_label"])
     assert rd.shared
-    fast = bucketed_attention(q, k, v, hq, hq, 3, mask, 0.3, **kw)
-    lists = bucketed_attention(q, k, v, hq, hq, 3, mask, 0.3, blocked=False, **kw)
-    allowed = selection_mask(hq, hq, 3, mask, chunk=chunk, window=window, same_label=mode["same_label"])
-    ref = bucketed_reference(q, k, v, allowed, mask, 0.3, self_penalty=-5e4)
-    gf = grads(fast, (q, k, v))
-    for other in (lists, ref):
-        torch.testing.assert_close(fast, other, rtol=1e-9, atol=1e-11)
-        for a, b in zip(grads(other, (q, k, v)), gf):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    _tiles_equal_lists_and_formula(q, k, v, hq, hq, mask, kw)
 
 
 @pytest.mark.parametrize("mode", MODES, ids=["chunks", "label-window", "causal"])
@@ -117,15 +122,7 @@ def test_blocked_path_with_separate_orders_equals_lists(mode, lq, lk, chunk, win
     kpm[1, lk - 6:] = True
     mask = Mask(lq, lk, key_padding=kpm, causal=mode["causal"])
     kw = dict(chunk=chunk, window=window, self_penalty=-5e4, same_label=mode["same_label"])
-    fast = bucketed_attention(q, k, v, hq, hk, 3, mask, 0.3, **kw)
-    lists = bucketed_attention(q, k, v, hq, hk, 3, mask, 0.3, blocked=False, **kw)
-    allowed = selection_mask(hq, hk, 3, mask, chunk=chunk, window=window, same_label=mode["same_label"])
-    ref = bucketed_reference(q, k, v, allowed, mask, 0.3, self_penalty=-5e4)
-    gf = grads(fast, (q, k, v))
-    for other in (lists, ref):
-        torch.testing.assert_close(fast, other, rtol=1e-9, atol=1e-11)
-        for a, b in zip(grads(other, (q, k, v)), gf):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    _tiles_equal_lists_and_formula(q, k, v, hq, hk, mask, kw)
 
 
 def test_skewed_labels_fall_back_to_lists():
