@@ -11,7 +11,7 @@ import fastattn
 from fastattn.core.masks import Mask
 from fastattn.mechanisms.kernel.decayed import srms_norm, tnl_decay
 from fastattn.mechanisms.kernel.fastmax import fastmax_normalize, taylor_features
-from fastattn.mechanisms.kernel.random_features import draw_gaussian_projection
+from fastattn.ops.features import draw_gaussian_projection
 
 from helpers import grads, make_mech, qkv, rel_err
 

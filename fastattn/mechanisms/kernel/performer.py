@@ -39,11 +39,14 @@ from torch import Tensor
 
 from fastattn.core.masks import Mask
 from fastattn.registry import register
-from .random_features import RandomFeatureMechanism, draw_gaussian_projection
+from fastattn.ops.features import (
+    draw_gaussian_projection, random_projection, softmax_kernel_estimate, softmax_kernel_features,
+    softmax_kernel_log_scale,
+)
+from .random_features import RandomFeatureMechanism
 
 __all__ = ["Performer", "draw_gaussian_projection"]
 
-_LOG_SCALE_BLOCK = 1024  # tokens per block when computing key log-scales (bounds the (L, m) temporary)
 
 
 @register("performer", complexity="O(n m d)", causal=True, decoding=True, padding=True, randomized=True, time_growth=1.0, memory_growth=1.0)
@@ -68,41 +71,22 @@ class Performer(RandomFeatureMechanism):
             if self.chunk < 1:
                 raise ValueError(f"chunk must be >= 1, got {self.chunk}")
 
-    def _exponents(self, x: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """``x`` pre-scaled by ``scale ** 0.5`` and the exponents ``w . x - |x|^2 / 2`` (unshifted)."""
-        dt = x.dtype
-        w = self.projection.to(dt)
-        x = x.to(dt) * math.sqrt(scale)
-        return x, torch.matmul(x, w.t()) - 0.5 * (x * x).sum(dim=-1, keepdim=True)
-
     def kernel_estimate(self, q: Tensor, k: Tensor, scale: float = 1.0) -> Tensor:
         """The unstabilised random-feature estimate ``phi(q) . phi(k)`` ``(..., Lq, Lk)`` of
         ``exp(scale * q . k)`` (for tests and analysis)."""
-        _, a = self._exponents(q, scale)
-        _, b = self._exponents(k, scale)
-        return torch.matmul(a.exp(), b.exp().transpose(-1, -2)) / self.options.num_features
-
-    def _projected(self, x: Tensor, scale: float) -> Tensor:
-        """``w . x`` for every feature, ``x`` pre-scaled by ``scale ** 0.5``: ``(..., L, m)``."""
-        w = self.projection.to(x.dtype) * math.sqrt(scale)
-        return torch.matmul(x, w.t())
+        return softmax_kernel_estimate(q, k, self.projection, scale)
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
         # Factors common to all features of a token are left out: for a query they cancel in the
         # normalised attention; for a key the op multiplies exp(key_log_scale) back (module docstring).
         # No 1/sqrt(m), and exp(-|x|^2/2) is part of the key's log-scale.
-        a = self._projected(x, scale)
         if self.options.kernel == "relu":
-            return F.relu(a)
-        return torch.exp(a - a.amax(dim=-1, keepdim=True).detach())
+            return F.relu(random_projection(x, self.projection, scale))
+        return softmax_kernel_features(x, self.projection, scale)
 
     def key_log_scale(self, k: Tensor, *, scale: float, mask: Mask) -> Tensor | None:
-        """``c_s = max_j w_j . k_s - |k_s|^2 / 2`` (``k`` pre-scaled by ``scale ** 0.5``): the positive
-        features of key ``s`` are ``exp(c_s)`` times :meth:`features`. None for the relu kernel. The
-        maximum is a constant for autograd (as in :meth:`features`, where it cancels); ``-|k|^2 / 2``
-        is differentiable."""
+        """The key's log-scale (:func:`~fastattn.ops.features.softmax_kernel_log_scale`): its positive
+        features are ``exp(c_s)`` times :meth:`features`. None for the relu kernel."""
         if self.options.kernel == "relu":
             return None
-        with torch.no_grad():
-            top = [self._projected(x, scale).amax(dim=-1) for x in k.split(_LOG_SCALE_BLOCK, dim=-2)]
-        return (torch.cat(top, dim=-1) if len(top) != 1 else top[0]) - 0.5 * scale * (k * k).sum(dim=-1)
+        return softmax_kernel_log_scale(k, self.projection, scale)

@@ -4,30 +4,12 @@ the ``generator`` given at construction, with an explicit :meth:`RandomFeatureMe
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import Tensor
 
+from fastattn.ops.features import draw_gaussian_projection  # written once in the ops layer
 from .base import KernelMechanism
 
 __all__ = ["draw_gaussian_projection", "RandomFeatureMechanism"]
-
-
-def draw_gaussian_projection(
-    m: int, d: int, *, orthogonal: bool, generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """``(m, d)`` rows ``w_i ~ N(0, I_d)``; with ``orthogonal`` the rows of each block of ``d`` are
-    exactly orthogonal (Haar-random orthogonal matrix with chi-distributed row norms)."""
-    if not orthogonal:
-        return torch.randn(m, d, generator=generator, dtype=torch.float64).to(dtype)
-    g = torch.randn(math.ceil(m / d), d, d, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(g)
-    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # sign fix: Haar-distributed
-    w = q.transpose(-1, -2).reshape(-1, d)[:m]
-    norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1, keepdim=True)
-    return (w * norms).to(dtype)
 
 
 class RandomFeatureMechanism(KernelMechanism):

@@ -42,7 +42,9 @@ from torch import Tensor
 
 from fastattn.core.base import Mechanism
 from fastattn.core.masks import Mask
-from fastattn.mechanisms.kernel.performer import Performer
+from fastattn.ops.features import (
+    draw_gaussian_projection, softmax_kernel_estimate, softmax_kernel_features, softmax_kernel_log_scale,
+)
 from fastattn.ops.linear.engine import linear_attention
 from fastattn.ops.softmax.online import merge_partials
 from fastattn.ops.sparse.engine import block_sparse_attention
@@ -95,18 +97,24 @@ class ScatterbrainAttention(Mechanism):
     def __init__(self, options=None, *, head_dim: int, num_heads: int, num_kv_heads: int | None = None,
                  generator: torch.Generator | None = None) -> None:
         super().__init__(options, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
-        o = self.options
-        self.performer = Performer(
-            Performer.Options(num_features=o.num_features, orthogonal=o.orthogonal, chunk=o.chunk),
-            head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, generator=generator,
-        )
+        self._generator = generator
+        self.register_buffer("projection", torch.empty(self.options.num_features, head_dim))
+        self.redraw(generator)
+
+    @torch.no_grad()
+    def redraw(self, generator: torch.Generator | None = None) -> None:
+        """Draw Performer's random matrix anew into the ``projection`` buffer (from ``generator``, else
+        the one given at construction)."""
+        g = generator if generator is not None else self._generator
+        w = draw_gaussian_projection(self.options.num_features, self.head_dim, orthogonal=self.options.orthogonal,
+                                     generator=g)
+        self.projection.copy_(w.to(self.projection))
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _features(self, x: Tensor, is_query: bool, scale: float, mask: Mask) -> tuple[Tensor, Tensor]:
         """Shifted positive features and their log-scales: ``phi(x) = f * exp(c)`` (``1 / sqrt(m)`` in ``c``)."""
-        p = self.performer
-        f = p.features(x, is_query=is_query, scale=scale, mask=mask)
-        c = p.key_log_scale(x, scale=scale, mask=mask) - 0.5 * math.log(self.options.num_features)
+        f = softmax_kernel_features(x, self.projection, scale)
+        c = softmax_kernel_log_scale(x, self.projection, scale) - 0.5 * math.log(self.options.num_features)
         return f, c
 
     def _low_rank(self, fq: Tensor, cq: Tensor, fk: Tensor, ck: Tensor, v: Tensor, keep: Tensor, s: int) -> tuple[Tensor, Tensor]:
@@ -171,7 +179,7 @@ class ScatterbrainAttention(Mechanism):
         shift = scores.masked_fill(~support, float("-inf")).amax(-1, keepdim=True).detach()
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         exact = torch.exp(scores - shift).masked_fill(~support, 0.0)
-        phi = self.performer.kernel_estimate(q, k, scale) * torch.exp(-shift)  # phi(q) . phi(k)
+        phi = softmax_kernel_estimate(q, k, self.projection, scale) * torch.exp(-shift)  # phi(q) . phi(k)
         phi_all = phi.masked_fill(~allowed, 0.0)
         phi_s = phi.masked_fill(~support, 0.0)
         a = exact - phi_s + phi_all
@@ -190,7 +198,7 @@ class ScatterbrainAttention(Mechanism):
     def sparse_correction(self, q: Tensor, k: Tensor, mask: Mask, scale: float) -> Tensor:
         """``(e^s - phi . phi)`` on the support, 0 elsewhere (unnormalised, for analysis: it has negative
         entries wherever the estimate exceeds the exact value)."""
-        phi = self.performer.kernel_estimate(q, k, scale)
+        phi = softmax_kernel_estimate(q, k, self.projection, scale)
         allowed = self._allowed(mask, q.device)
         qpos = torch.arange(q.shape[2], device=q.device)[:, None] + mask.q_start
         support = ((qpos - torch.arange(k.shape[2], device=q.device)[None, :]).abs() <= self.options.window) & allowed
