@@ -17,6 +17,18 @@ mean KL divergence ``KL(softmax(q k^T * scale) || A_phi)`` over query rows, wher
 row-normalised ``phi(q) phi(k)^T`` (same masks). The loss sees detached ``q, k`` (it trains the feature
 maps only, as in the paper's distillation stage) and costs O(n^2) -- it is opt-in. The learned maps
 make this mechanism layer-only.
+
+``window=w`` (LoLCATs, Zhang et al., 2024, arXiv:2410.10254, the same authors' follow-up): each query
+reads its last ``w`` keys (non-causal: the band ``|i - j| < w``) with softmax scores and all older ones
+through the feature maps, under one normaliser (:mod:`fastattn.ops.linear.window`)::
+
+    y_i = [sum_win g e^{s_ij - m_i} v_j + sum_older phi(q_i).phi(k_j) v_j]
+          / [sum_win g e^{s_ij - m_i} + sum_older phi(q_i).phi(k_j)]
+
+``m_i`` the row maximum of the window scores, ``g = sigmoid(window_factor)`` a learned per-head factor on
+the window term, initialised to 0.1 (the authors' released configs: logit -2.197, the linear term unscaled).
+O(n w d + n d^2); decoding keeps the linear state of keys that left the window plus a ring of the last ``w``
+keys / values. The mimicry loss then compares the softmax weights with the hybrid's normalised weights.
 """
 
 from __future__ import annotations
@@ -26,7 +38,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+import math
+
+from fastattn.core.base import repeat_kv
 from fastattn.core.masks import Mask, masked_softmax
+from fastattn.ops.linear.window import (
+    WindowLinearState, dense_window_linear_attention, dense_window_linear_weights, window_linear_attention,
+)
 from fastattn.registry import register
 from .base import KernelMechanism
 
@@ -44,6 +62,12 @@ class Hedgehog(KernelMechanism):
             "Feature map as in the authors' code, [softmax(z), softmax(-z)] (each half normalised), not the "
             "paper's [exp(z), exp(-z)]; softmax='joint' gives one softmax over both halves."
         ),
+        (
+            "window > 0 (LoLCATs): the mimicry loss (fastattn.hf.distill stage 1) is Hedgehog's KL between the "
+            "softmax weights and the hybrid's normalised weights; the LoLCATs paper trains the same form with "
+            "the MSE of the attention outputs. Non-causal (encoders), which LoLCATs does not define, uses the "
+            "band |i - j| < window for the softmax term."
+        ),
     )
 
     @dataclass(frozen=True)
@@ -51,8 +75,11 @@ class Hedgehog(KernelMechanism):
         distill: bool = False  # compute the mimicry loss (KL to softmax weights) as aux_loss
         chunk: int = 128  # chunk length of the causal scan
         softmax: str = "halves"  # halves: [softmax(z), softmax(-z)] (authors) | joint: softmax([z, -z])
+        window: int = 0  # > 0: LoLCATs -- softmax over the last `window` keys, linear attention before them
 
         def __post_init__(self) -> None:
+            if self.window < 0:
+                raise ValueError(f"window must be >= 0 (0: no softmax window), got {self.window}")
             if self.chunk < 1:
                 raise ValueError(f"chunk must be >= 1, got {self.chunk}")
             if self.softmax not in ("halves", "joint"):
@@ -66,6 +93,16 @@ class Hedgehog(KernelMechanism):
         self.q_bias = nn.Parameter(torch.zeros(h, d))
         self.k_weight = nn.Parameter(eye.clone())
         self.k_bias = nn.Parameter(torch.zeros(h, d))
+        if self.options.window:  # g = sigmoid(window_factor), 0.1 at init (LoLCATs' released configs)
+            self.window_factor = nn.Parameter(torch.full((h,), math.log(0.1 / 0.9)))
+
+    @property
+    def window(self) -> int:
+        return int(self.options.window)
+
+    def window_weight(self, dtype: torch.dtype) -> Tensor:
+        """The window term's per-head factor ``g = sigmoid(window_factor)`` ``(H,)``."""
+        return torch.sigmoid(self.window_factor.to(dtype))
 
     def features(self, x: Tensor, *, is_query: bool, scale: float, mask: Mask) -> Tensor:
         dt = x.dtype
@@ -81,11 +118,16 @@ class Hedgehog(KernelMechanism):
         q, k = q.detach().to(dt), k.detach().to(dt)
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         teacher = masked_softmax(s, mask.additive(dt, q.device))
-        a = torch.matmul(self.features(q, is_query=True, scale=scale, mask=mask),
-                         self.features(k, is_query=False, scale=scale, mask=mask).transpose(-1, -2))
-        allowed = mask.allowed(q.device)
-        if allowed is not None:
-            a = a * allowed.to(a.dtype)
+        fq = self.features(q, is_query=True, scale=scale, mask=mask)
+        fk = self.features(k, is_query=False, scale=scale, mask=mask)
+        if self.window:  # the hybrid's weights (masked already)
+            a = dense_window_linear_weights(q, k, fq, fk, mask, window=self.window, scale=scale,
+                                            weight=self.window_weight(dt))
+        else:
+            a = torch.matmul(fq, fk.transpose(-1, -2))
+            allowed = mask.allowed(q.device)
+            if allowed is not None:
+                a = a * allowed.to(a.dtype)
         student = a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
         tiny = torch.finfo(dt).tiny
         kl = (teacher * (torch.log(teacher.clamp_min(tiny)) - torch.log(student.clamp_min(tiny)))).sum(-1)
@@ -95,4 +137,35 @@ class Hedgehog(KernelMechanism):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
         if self.options.distill:
             self.aux_loss = self.mimicry_loss(q, k, mask, scale)
-        return super().forward(q, k, v, mask, scale, dropout_p)
+        if not self.window:
+            return super().forward(q, k, v, mask, scale, dropout_p)
+        fq = self.features(q, is_query=True, scale=scale, mask=mask)
+        fk = self.features(k, is_query=False, scale=scale, mask=mask)
+        return window_linear_attention(q, k, fq, fk, v, mask, window=self.window, scale=scale,
+                                       weight=self.window_weight(q.dtype), chunk=self.chunk)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
+        if not self.window:
+            return super().reference(q, k, v, mask, scale)
+        fq = self.features(q, is_query=True, scale=scale, mask=mask)
+        fk = self.features(k, is_query=False, scale=scale, mask=mask)
+        return dense_window_linear_attention(q, k, fq, fk, v, mask, window=self.window, scale=scale,
+                                             weight=self.window_weight(q.dtype))
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state, scale: float, key_padding_mask: Tensor | None = None):
+        if not self.window:
+            return super().step(q, k, v, state, scale, key_padding_mask)
+        if state is not None and not isinstance(state, WindowLinearState):
+            raise ValueError(f"hedgehog with window={self.window} continues a WindowLinearState, got "
+                             f"{type(state).__name__}")
+        dtype = q.dtype
+        q, k, v = self.upcast(q, k, v)
+        groups = q.shape[1] // k.shape[1]
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # per-head feature maps
+        mask = Mask(lq=q.shape[2], lk=k.shape[2], key_padding=key_padding_mask, causal=True)
+        fq = self.features(q, is_query=True, scale=scale, mask=mask)
+        fk = self.features(k, is_query=False, scale=scale, mask=mask)
+        out, new_state = window_linear_attention(q, k, fq, fk, v, mask, window=self.window, scale=scale,
+                                                 weight=self.window_weight(q.dtype), chunk=self.chunk,
+                                                 state=state, return_state=True)
+        return out.to(dtype), new_state
