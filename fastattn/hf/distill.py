@@ -3,8 +3,9 @@
 Stage 1, attention transfer (Hedgehog, Zhang et al. 2024, arXiv:2402.04347, section 4; LoLCATs' first
 stage): every swapped layer sees the *original* model's hidden states -- its output is exact softmax
 attention of its own ``q, k, v`` -- and its learned parts are trained to mimic softmax there: the
-mechanism's ``mimicry_loss`` where it has one (Hedgehog: KL divergence between the softmax weights and the
-feature-map weights, row by row), else the mean squared error between its output and softmax's. Only the
+mechanism's ``mimicry_loss`` where it has one and ``mimics_weights`` (Hedgehog: KL divergence between the
+softmax weights and the feature-map weights, row by row), else the mean squared error between its output and
+softmax's (LoLCATs, and Hedgehog with a softmax window by default). Only the
 fastattn parameters train; the model's weights stay frozen. Layers are independent in this stage, so one
 forward trains them all.
 
@@ -92,12 +93,12 @@ def transfer_loss(core: nn.Module, q: Tensor, k: Tensor, v: Tensor, pad: Tensor 
 def layer_loss(core: nn.Module, q: Tensor, k: Tensor, v: Tensor, pad: Tensor | None, causal: bool,
                scale: float | None, teacher: Tensor | None = None) -> Tensor:
     """One layer's transfer loss: its ``mimicry_loss`` (KL of softmax weights to its own) where the
-    mechanism has one, else the squared error of its output against softmax's (``teacher``)."""
+    mechanism has one and mimics weights, else the squared error of its output against softmax's (``teacher``)."""
     import fastattn
     from fastattn.core.checks import build_mask, repeat_kv
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if hasattr(core, "mimicry_loss"):
+    if hasattr(core, "mimicry_loss") and getattr(core, "mimics_weights", True):
         kk = repeat_kv(k, q.shape[1] // k.shape[1])
         qf, kf = core.upcast(q, kk)
         return core.mimicry_loss(qf, kf, build_mask(qf, kf, pad, None, causal), scale)

@@ -101,15 +101,21 @@ def test_decoders_stay_causal(arch: str, method: str) -> None:
     assert (a[0, 6:] - b[0, 6:]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_generate_with_cache_equals_without(method: str) -> None:
-    model = llama(_name(method))
+def _generate_cached_equals_uncached(model, row: int = 0, pad: int = 3):
+    """Greedy ``generate()`` of 6 tokens after a 7-token prompt (row ``row`` left-padded by ``pad``) is
+    the same with the cache as without; returns the prompt and its mask."""
     ids = torch.randint(1, V, (2, 7))
     mask = torch.ones_like(ids)
-    mask[1, :2] = 0
+    mask[row, :pad] = 0
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+    return ids, mask
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_generate_with_cache_equals_without(method: str) -> None:
+    _generate_cached_equals_uncached(llama(_name(method)), row=1, pad=2)
 
 
 def test_one_mechanism_per_layer_fixed_across_calls() -> None:
@@ -191,12 +197,8 @@ def test_linearize_hedgehog_decodes_from_a_constant_state(arch: str) -> None:
 
     model = fh.linearize(BUILD[arch](), "hedgehog", chunk=4)
     _perturb(model)
-    ids = torch.randint(1, V, (2, 7))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ids, mask = _generate_cached_equals_uncached(model)
     with torch.no_grad():
-        assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
     layers = out.past_key_values.layers
     assert [type(layer).__name__ for layer in layers] == ["FastattnStateLayer"] * 2
@@ -205,6 +207,30 @@ def test_linearize_hedgehog_decodes_from_a_constant_state(arch: str) -> None:
     _padded_equals_alone(model, decoder=True)
     names = [n for n, _ in model.named_parameters() if "fastattn_core" in n]
     assert len(names) == 8 and all(p.requires_grad for n, p in model.named_parameters() if n in names)
+
+
+def test_linearize_hedgehog_with_a_softmax_window() -> None:
+    """LoLCATs' hybrid (window=4 < the 13 generated positions): options pass through linearize, decoding
+    keeps the window's ring and the older keys' linear state, generate() with the cache equals without."""
+    from fastattn.ops.linear.window import WindowLinearState
+
+    model = fh.linearize(llama(), "hedgehog", window=4, chunk=4)
+    _perturb(model)
+    assert model.config.fastattn["options"]["window"] == 4
+    ids, mask = _generate_cached_equals_uncached(model)
+    with torch.no_grad():
+        state = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values.layers[0].state
+    assert isinstance(state, WindowLinearState) and state.k.shape[2] == 4 and state.kv.shape == (2, 4, 16, 8)
+    _padded_equals_alone(model, decoder=True)
+    enc = fh.linearize(bert(), "hedgehog", window=2)
+    _perturb(enc)
+    _padded_equals_alone(enc, decoder=False)
+    batches = [{"input_ids": torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(i)),
+                "use_cache": False} for i in range(2)]
+    g0 = model.model.layers[0].self_attn.fastattn_core.window_factor.detach().clone()
+    report = fh.distill(model, batches, steps=10, lr=3e-2, progress=False)  # LoLCATs' output MSE
+    assert report.transfer_losses[-1] < report.transfer_losses[0]
+    assert not torch.equal(g0, model.model.layers[0].self_attn.fastattn_core.window_factor)
 
 
 def test_linearize_hybrid_and_encoder() -> None:

@@ -73,6 +73,9 @@ def test_a_window_covering_the_sequence_is_softmax(causal: bool) -> None:
         torch.testing.assert_close(got * keep, want * keep, rtol=1e-10, atol=1e-12)
     kl = mech.mimicry_loss(q, k.repeat_interleave(2, 1), Mask(61, 61, causal=causal), 16 ** -0.5)
     assert kl.abs() < 1e-10  # the hybrid's weights are softmax's
+    mse = mech.output_mimicry_loss(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                   Mask(61, 61, causal=causal), 16 ** -0.5)
+    assert mse.abs() < 1e-20
     assert rel_err(_mech(window=W).run(q, k, v, is_causal=causal), want) > 1e-2  # a short window is not
 
 
@@ -143,3 +146,22 @@ def test_op_grouped_query_heads_native() -> None:
     torch.testing.assert_close(got, window_linear_attention(q, r(k), fq, r(fk), r(v), mask, **kw))
     torch.testing.assert_close(got, dense_window_linear_attention(q, k, fq, fk, v, mask, window=W, scale=0.3,
                                                                   weight=weight))
+
+
+def test_attention_transfer_loss_follows_each_paper() -> None:
+    spec = get_method("hedgehog")
+    assert make_mech(spec).mimics_weights and not make_mech(spec, window=4).mimics_weights  # auto
+    assert make_mech(spec, window=4, mimicry="kl").mimics_weights
+    assert not make_mech(spec, mimicry="mse").mimics_weights
+    with pytest.raises(ValueError, match="mimicry must be"):
+        make_mech(spec, mimicry="l2")
+    q, k, v = qkv(hkv=4)
+    mask = Mask(61, 61, causal=True)
+    for mimicry in ("kl", "mse"):
+        mech = make_mech(spec, hkv=4, window=W, distill=True, mimicry=mimicry).double()
+        mech.load_state_dict(_mech(window=W).state_dict())
+        mech.run(q, k, v, is_causal=True)
+        want = (mech.mimicry_loss(q, k, mask, 16 ** -0.5) if mimicry == "kl"
+                else mech.output_mimicry_loss(q, k, v, mask, 16 ** -0.5))
+        assert mech.aux_loss > 1e-4 and torch.equal(mech.aux_loss, want)
+        assert torch.autograd.grad(mech.aux_loss, mech.window_factor)[0].abs().sum() > 0

@@ -28,7 +28,9 @@ through the feature maps, under one normaliser (:mod:`fastattn.ops.linear.window
 ``m_i`` the row maximum of the window scores, ``g = sigmoid(window_factor)`` a learned per-head factor on
 the window term, initialised to 0.1 (the authors' released configs: logit -2.197, the linear term unscaled).
 O(n w d + n d^2); decoding keeps the linear state of keys that left the window plus a ring of the last ``w``
-keys / values. The mimicry loss then compares the softmax weights with the hybrid's normalised weights.
+keys / values. Attention transfer follows each paper (``mimicry="auto"``): Hedgehog's KL of weights without
+a window; with one, LoLCATs' mean squared error between the hybrid's output and softmax attention's
+(``mimicry="kl"`` instead compares the softmax weights with the hybrid's normalised weights).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import math
 
 from fastattn.core.base import repeat_kv
 from fastattn.core.masks import Mask, masked_softmax
+from fastattn.ops.softmax.dense import dense_attention
 from fastattn.ops.linear.window import (
     WindowLinearState, dense_window_linear_attention, dense_window_linear_weights, window_linear_attention,
 )
@@ -63,10 +66,8 @@ class Hedgehog(KernelMechanism):
             "paper's [exp(z), exp(-z)]; softmax='joint' gives one softmax over both halves."
         ),
         (
-            "window > 0 (LoLCATs): the mimicry loss (fastattn.hf.distill stage 1) is Hedgehog's KL between the "
-            "softmax weights and the hybrid's normalised weights; the LoLCATs paper trains the same form with "
-            "the MSE of the attention outputs. Non-causal (encoders), which LoLCATs does not define, uses the "
-            "band |i - j| < window for the softmax term."
+            "window > 0 (LoLCATs) on encoders: LoLCATs defines the causal hybrid only; non-causal here takes "
+            "the band |i - j| < window for the softmax term and linear attention on both sides of it."
         ),
     )
 
@@ -76,8 +77,12 @@ class Hedgehog(KernelMechanism):
         chunk: int = 128  # chunk length of the causal scan
         softmax: str = "halves"  # halves: [softmax(z), softmax(-z)] (authors) | joint: softmax([z, -z])
         window: int = 0  # > 0: LoLCATs -- softmax over the last `window` keys, linear attention before them
+        # the attention-transfer loss: kl (weights, Hedgehog) | mse (outputs, LoLCATs) | auto (mse iff window)
+        mimicry: str = "auto"
 
         def __post_init__(self) -> None:
+            if self.mimicry not in ("auto", "kl", "mse"):
+                raise ValueError(f"mimicry must be 'auto', 'kl' or 'mse', got {self.mimicry!r}")
             if self.window < 0:
                 raise ValueError(f"window must be >= 0 (0: no softmax window), got {self.window}")
             if self.chunk < 1:
@@ -95,6 +100,13 @@ class Hedgehog(KernelMechanism):
         self.k_bias = nn.Parameter(torch.zeros(h, d))
         if self.options.window:  # g = sigmoid(window_factor), 0.1 at init (LoLCATs' released configs)
             self.window_factor = nn.Parameter(torch.full((h,), math.log(0.1 / 0.9)))
+
+    @property
+    def mimics_weights(self) -> bool:
+        """True when attention transfer compares weights (:meth:`mimicry_loss`), False when it compares
+        outputs with softmax attention's (:meth:`output_mimicry_loss`)."""
+        m = self.options.mimicry
+        return m == "kl" or (m == "auto" and not self.window)
 
     @property
     def window(self) -> int:
@@ -134,15 +146,30 @@ class Hedgehog(KernelMechanism):
         rows = teacher.sum(-1) > 0  # rows with at least one visible key
         return (kl * rows).sum() / rows.sum().clamp_min(1)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
-        if self.options.distill:
-            self.aux_loss = self.mimicry_loss(q, k, mask, scale)
+    def output_mimicry_loss(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
+        """Mean squared error between this mechanism's output and softmax attention's on detached
+        ``q, k, v`` (LoLCATs' attention transfer), over the queries that see a key."""
+        q, k, v = q.detach(), k.detach(), v.detach()
+        with torch.no_grad():
+            teacher = dense_attention(q, k, v, mask, scale)
+        err = ((self.forward_hybrid(q, k, v, mask, scale) - teacher) ** 2).mean(-1)
+        allowed = mask.allowed(q.device)
+        rows = torch.ones_like(err) if allowed is None else allowed.any(-1).to(err.dtype).expand_as(err)
+        return (err * rows).sum() / rows.sum().clamp_min(1)
+
+    def forward_hybrid(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         if not self.window:
-            return super().forward(q, k, v, mask, scale, dropout_p)
+            return super().forward(q, k, v, mask, scale)
         fq = self.features(q, is_query=True, scale=scale, mask=mask)
         fk = self.features(k, is_query=False, scale=scale, mask=mask)
         return window_linear_attention(q, k, fq, fk, v, mask, window=self.window, scale=scale,
                                        weight=self.window_weight(q.dtype), chunk=self.chunk)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
+        if self.options.distill:
+            self.aux_loss = (self.mimicry_loss(q, k, mask, scale) if self.mimics_weights
+                             else self.output_mimicry_loss(q, k, v, mask, scale))
+        return self.forward_hybrid(q, k, v, mask, scale)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         if not self.window:
