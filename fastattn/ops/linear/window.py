@@ -9,8 +9,9 @@ which it reads through feature maps ``phi``::
 
 with ``s_ij = q_i . k_j * scale``, ``m_i`` the row maximum of the window scores and ``g`` a per-head
 weight of the window term. ``m_i`` is part of the form (the linear term is not divided by ``e^{m_i}``),
-so its gradient is kept (as the form is written). With ``w`` at least the sequence length every visible
-key is in the window: exactly softmax attention.
+so its gradient is kept, as in the LoLCATs authors' code. With ``w`` at least the sequence length every
+visible key is in the window: exactly softmax attention. Padding keys are dropped from both terms but keep
+their positions (the window is counted in positions, so a left-padded row equals the row alone).
 
 :func:`window_linear_attention` costs O(n w d + n D Ev): the window term in query chunks of ``w``
 against a ``2w`` key span (band mask), the rest by the linear engine on keys shifted by ``w`` (query at
