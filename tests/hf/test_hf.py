@@ -290,3 +290,13 @@ def test_distill_on_recorded_attention_inputs() -> None:
     report = fh.distill(model, batches, steps=20, lr=3e-2, capture=2, progress=False)
     assert report.transfer_losses[-1] < 0.7 * report.transfer_losses[0]
     assert not any(getattr(m, "fastattn_transfer", False) for m in model.modules())
+
+
+def test_convert_reports_the_share_of_pairs_inside_the_softmax_window() -> None:
+    from fastattn.hf.convert import _window_share
+
+    assert _window_share(128, 0) == 0.0
+    assert _window_share(64, 64) == 1.0 and _window_share(10, 100) == 1.0
+    # length 4, window 2: rows see 1, 2, 2, 2 keys inside the window out of 1 + 2 + 3 + 4
+    assert _window_share(4, 2) == pytest.approx(7 / 10)
+    assert _window_share(512, 64) < _window_share(128, 64)
