@@ -24,8 +24,9 @@ the call; zero in eval mode, as in the peer).
   forming a full segment), so ``step`` over chunks of any size equals the forward over the prefix.
 * **Efficient forward.** The memories of every segment are functions of the input, so all segments run
   at once: the compressed slots of the whole input (blocks of ``c`` at fixed positions), and per segment
-  the gathered ``[n_cm slots, n_m memories, n_s tokens]`` under flash attention (causal inside the
-  segment). O(n (n_cm + n_m + n_s) D) time, O(n D) memory. The reference is the paper's recurrence
+  the gathered ``[n_cm slots, n_m memories, n_s tokens]`` under torch's fused SDPA kernel with a boolean
+  mask (causal inside the segment, padding). O(n (n_cm + n_m + n_s) D) time, O(n D) memory (the mask:
+  ``n (n_cm + n_m + n_s)`` bytes). The reference is the paper's recurrence
   literally: segment by segment, FIFO memories, compression at each segment boundary.
 * Padding: padded tokens are never attended to (memories carry their padding), a compressed slot with no
   real token is masked, and the reconstruction loss ignores padded queries and memories. ``step`` with a
@@ -47,7 +48,7 @@ from fastattn.core.base import repeat_kv
 from fastattn.core.layer import LayerMechanism
 from fastattn.core.masks import Mask, masked_softmax
 from fastattn.core.state import DecodingState
-from fastattn.ops.softmax.flash import flash_attention
+from fastattn.ops.softmax.fused import fused_attention
 from fastattn.registry import register
 
 __all__ = ["CompressiveAttention", "CompressiveState"]
@@ -254,8 +255,7 @@ class CompressiveAttention(LayerMechanism):
         # slots [n_cm + n_m memories, n_s tokens]; queries bottom-right: the memories are always visible
         mask = Mask(n_s, t, causal=True, key_padding=~ok.reshape(b * g_count, t))
         flat = lambda z: z.reshape(b * g_count, self.num_heads, z.shape[3], z.shape[4])
-        # small tiles: the batch of one tile is every (row, segment, head), so its scores stay ~tile_q * tile_k * B G H
-        out = flash_attention(flat(qs), flat(keys), flat(values), mask, self.head_dim ** -0.5, block_q=128, block_k=256)
+        out = fused_attention(flat(qs), flat(keys), flat(values), mask, self.head_dim ** -0.5)
         out = out.view(b, g_count, self.num_heads, n_s, self.head_dim).permute(0, 2, 1, 3, 4).reshape(b, self.num_heads, total, -1)
         out = out[:, :, lk - lq: lk]
         self.aux_loss = self._aux(x, hkd, hvd, okp, keep, lq, lk, g_count) if self.training else x.new_zeros(())
