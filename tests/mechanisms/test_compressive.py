@@ -161,3 +161,50 @@ def test_matches_the_peer_self_attention_block():
     got, _ = ours(x, is_causal=True)
     torch.testing.assert_close(got, torch.cat(outs, 1), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ours.aux_loss, torch.stack(aux).mean(), rtol=1e-10, atol=1e-12)
+
+
+def _literal_aux(m, x, kpm, n_s, n_m):
+    """The reconstruction loss written segment by segment: after complete segment g (start s) the memories
+    at [s - n_m, s - n_m + n_s) are evicted; mean over real queries, heads and channels of
+    (attn(q, old) - attn(q, f_c(old)))^2, segments evicting no real memory left out."""
+    keep = ~kpm
+    total, count = 0.0, 0.0
+    q_all = _heads(m.q_proj, x, H).detach()
+    for s in range(0, x.shape[1] - n_s + 1, n_s):
+        idx = torch.arange(s - n_m, s - n_m + n_s)
+        ok = keep[:, idx.clamp(min=0)] & (idx >= 0)
+        if not ok.any():
+            continue
+        old = x[:, idx.clamp(min=0)].detach()
+        ck, cv, c_ok = m.compress(old, old, ok)
+        q = q_all[:, :, s:s + n_s]
+        outs = []
+        for hk, hv, kok in ((old, old, ok), (ck, cv, c_ok)):
+            k, v = (
+                (h @ lin.weight.detach().T + lin.bias.detach()).view(2, -1, HKV, D // H).transpose(1, 2)
+                .repeat_interleave(H // HKV, 1)
+                for h, lin in ((hk, m.k_proj), (hv, m.v_proj))
+            )  # projections detached: f_c is trained alone
+            scores = (q @ k.transpose(-1, -2)) * (D // H) ** -0.5
+            p = torch.softmax(scores.masked_fill(~kok[:, None, None], float("-inf")), -1).nan_to_num()
+            outs.append(p @ v)
+        w = keep[:, s:s + n_s].to(x.dtype)[:, None, :, None]
+        total = total + ((outs[0] - outs[1]) ** 2 * w).sum()
+        count = count + w.sum() * H * (D // H)
+    return total / count
+
+
+def test_aux_loss_at_awkward_size_equals_the_segment_by_segment_loss():
+    """n = 61 (a partial last segment), GQA, left and right padding: aux_loss and its gradient to f_c."""
+    layer = _layer(segment=6, memory=12, compressed_memory=4, compression=3).train()
+    m = layer.mechanism
+    x = _x(n=61)
+    kpm = torch.zeros(2, 61, dtype=torch.bool)
+    kpm[1, :14] = True
+    kpm[0, 55:] = True
+    layer(x, key_padding_mask=kpm, is_causal=True)
+    expect = _literal_aux(m, x, kpm, 6, 12)
+    torch.testing.assert_close(layer.aux_loss, expect, rtol=1e-10, atol=1e-12)
+    params = [m.compress_k.weight, m.compress_k.bias]
+    for a, b in zip(torch.autograd.grad(layer.aux_loss, params), torch.autograd.grad(expect, params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

@@ -134,3 +134,32 @@ def test_causal_chunks_do_not_change_values_or_gradients():
         torch.testing.assert_close(out, results[0][0], rtol=1e-10, atol=1e-12)
         for a, b in zip(gs, results[0][1]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_causal_kernel_path_equals_reference_at_awkward_size():
+    """n = 61, one head and GQA, padding, several kernel chunks: the linear-kernel causal form equals the
+    authors' token loop on values and gradients, and decoding in uneven pieces equals the forward."""
+    n = 61
+    for heads, kv_heads in ((1, 1), (4, 2)):
+        torch.manual_seed(0)
+        layer = fastattn.MultiheadAttention(D, heads, "luna", num_kv_heads=kv_heads, batch_first=True,
+                                            dtype=torch.float64, pack_length=3, chunk=8)
+        m = layer.mechanism
+        x = _x(n=n).requires_grad_(True)
+        kpm = torch.zeros(2, n, dtype=torch.bool)
+        kpm[1, :5] = True  # left padding
+        kpm[1, 50:] = True
+        fast, _ = layer(x, key_padding_mask=kpm, is_causal=True)
+        ref = m.reference(x, key_padding_mask=kpm, is_causal=True)
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+        w = _x(n=n, seed=7)
+        params = [x, *layer.parameters()]
+        for a, b in zip(torch.autograd.grad((fast * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        with torch.no_grad():
+            state, pieces = None, []
+            for i, j in ((0, 1), (1, 18), (18, 19), (19, n)):
+                y, state = layer.step(x[:, i:j], state, key_padding_mask=kpm[:, i:j])
+                pieces.append(y)
+            torch.testing.assert_close(torch.cat(pieces, 1), fast, rtol=1e-10, atol=1e-12)
+            assert state.count.tolist() == [n, 45] and state.length == n

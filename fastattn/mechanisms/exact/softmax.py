@@ -2,19 +2,19 @@
 
 ``Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V`` -- O(n^2 d) time, O(n^2) memory for the weights.
 The exact reference every approximation in fastattn is measured against. The fast path is
-``torch.nn.functional.scaled_dot_product_attention``; decoding keeps a KV cache.
+``torch.nn.functional.scaled_dot_product_attention`` under any mask
+(:func:`~fastattn.ops.softmax.fused.fused_attention`); decoding keeps a KV cache.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.base import Mechanism
 from fastattn.ops.softmax.dense import dense_attention, dense_weights
+from fastattn.ops.softmax.fused import fused_attention
 from fastattn.core.masks import Mask
 from fastattn.registry import register
 
@@ -34,22 +34,7 @@ class SoftmaxAttention(Mechanism):
         pass
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:
-        if mask.used() <= {"causal"} and (not mask.causal or mask.lq == mask.lk):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale, dropout_p=dropout_p)
-        allowed = mask.allowed(q.device)
-        if mask.bias is None and allowed is None:  # e.g. causal decoding: the new tokens see every key
-            return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
-        if mask.bias is None:
-            assert allowed is not None
-            dead = ~allowed.any(dim=-1, keepdim=True)
-            sdpa_mask: Tensor = allowed | dead  # dead rows attend anywhere, then are zeroed: no NaN
-        else:
-            bias = mask.additive(q.dtype, q.device)
-            assert bias is not None
-            dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
-            sdpa_mask = bias.masked_fill(dead, 0.0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, scale=scale, dropout_p=dropout_p)
-        return out.masked_fill(dead, 0.0)
+        return fused_attention(q, k, v, mask, scale, dropout_p)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         return dense_attention(q, k, v, mask, scale)

@@ -24,8 +24,9 @@ the call; zero in eval mode, as in the peer).
   forming a full segment), so ``step`` over chunks of any size equals the forward over the prefix.
 * **Efficient forward.** The memories of every segment are functions of the input, so all segments run
   at once: the compressed slots of the whole input (blocks of ``c`` at fixed positions), and per segment
-  the gathered ``[n_cm slots, n_m memories, n_s tokens]`` under flash attention (causal inside the
-  segment). O(n (n_cm + n_m + n_s) D) time, O(n D) memory. The reference is the paper's recurrence
+  the gathered ``[n_cm slots, n_m memories, n_s tokens]`` under torch's fused SDPA kernel with a boolean
+  mask (causal inside the segment, padding). O(n (n_cm + n_m + n_s) D) time, O(n D) memory (the mask:
+  ``n (n_cm + n_m + n_s)`` bytes). The reference is the paper's recurrence
   literally: segment by segment, FIFO memories, compression at each segment boundary.
 * Padding: padded tokens are never attended to (memories carry their padding), a compressed slot with no
   real token is masked, and the reconstruction loss ignores padded queries and memories. ``step`` with a
@@ -47,7 +48,7 @@ from fastattn.core.base import repeat_kv
 from fastattn.core.layer import LayerMechanism
 from fastattn.core.masks import Mask, masked_softmax
 from fastattn.core.state import DecodingState
-from fastattn.ops.softmax.flash import flash_attention
+from fastattn.ops.softmax.fused import fused_attention
 from fastattn.registry import register
 
 __all__ = ["CompressiveAttention", "CompressiveState"]
@@ -191,25 +192,6 @@ class CompressiveAttention(LayerMechanism):
         bias = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill(~ok, float("-inf"))
         return masked_softmax(scale * q @ k.transpose(-1, -2), bias[:, None]) @ v
 
-    def _reconstruction(self, q_h: Tensor, q_ok: Tensor, old_k: Tensor, old_v: Tensor, old_ok: Tensor) -> tuple[Tensor, Tensor]:
-        """Sum of squared differences and the count of entries for one compression: ``q_h (B, n, D)`` the
-        segment's queries' hidden states, ``old_* (B, n_s, .)`` the evicted memories."""
-        ck, cv, c_ok = self.compress(old_k.detach(), old_v.detach(), old_ok)
-        s = self.head_dim ** -0.5
-        wq, bq = self.q_proj.weight.detach(), None if self.q_proj.bias is None else self.q_proj.bias.detach()
-        q = self._heads(F.linear(q_h.detach(), wq, bq), self.num_heads)
-
-        def kv(hk: Tensor, hv: Tensor) -> tuple[Tensor, Tensor]:
-            g = self.num_heads // self.num_kv_heads
-            k = F.linear(hk, self.k_proj.weight.detach(), None if self.k_proj.bias is None else self.k_proj.bias.detach())
-            v = F.linear(hv, self.v_proj.weight.detach(), None if self.v_proj.bias is None else self.v_proj.bias.detach())
-            return repeat_kv(self._heads(k, self.num_kv_heads), g), repeat_kv(self._heads(v, self.num_kv_heads), g)
-
-        a = self._attend(q, *kv(old_k.detach(), old_v.detach()), old_ok[:, None], s)
-        b = self._attend(q, *kv(ck, cv), c_ok[:, None], s)
-        w = q_ok.to(q.dtype)[:, None, :, None]
-        return ((a - b) ** 2 * w).sum(), w.sum() * self.num_heads * self.head_dim
-
     # ---- the efficient path ---------------------------------------------------------------------
     def forward(
         self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None, *,
@@ -237,11 +219,7 @@ class CompressiveAttention(LayerMechanism):
         node_idx = (starts[:, None] - n_m) // c - n_cm + torch.arange(n_cm, device=x.device)  # (G, n_cm)
         mem_idx = starts[:, None] - n_m + torch.arange(n_m, device=x.device)  # (G, n_m)
         seg_idx = starts[:, None] + torch.arange(n_s, device=x.device)  # (G, n_s)
-
-        def gather(t: Tensor, idx: Tensor) -> Tensor:  # (B, H, L, d) -> (B, G, H, S, d)
-            out = t[:, :, idx.clamp(min=0)]  # (B, H, G, S, d)
-            return out.permute(0, 2, 1, 3, 4)
-
+        gather = self._gather
         keys = torch.cat([gather(nk, node_idx), gather(mk, mem_idx), gather(sk, seg_idx)], 3)
         values = torch.cat([gather(nv, node_idx), gather(mv, mem_idx), gather(sv, seg_idx)], 3)
         ok = torch.cat([
@@ -254,11 +232,10 @@ class CompressiveAttention(LayerMechanism):
         # slots [n_cm + n_m memories, n_s tokens]; queries bottom-right: the memories are always visible
         mask = Mask(n_s, t, causal=True, key_padding=~ok.reshape(b * g_count, t))
         flat = lambda z: z.reshape(b * g_count, self.num_heads, z.shape[3], z.shape[4])
-        # small tiles: the batch of one tile is every (row, segment, head), so its scores stay ~tile_q * tile_k * B G H
-        out = flash_attention(flat(qs), flat(keys), flat(values), mask, self.head_dim ** -0.5, block_q=128, block_k=256)
+        out = fused_attention(flat(qs), flat(keys), flat(values), mask, self.head_dim ** -0.5)
         out = out.view(b, g_count, self.num_heads, n_s, self.head_dim).permute(0, 2, 1, 3, 4).reshape(b, self.num_heads, total, -1)
         out = out[:, :, lk - lq: lk]
-        self.aux_loss = self._aux(x, hkd, hvd, okp, keep, lq, lk, g_count) if self.training else x.new_zeros(())
+        self.aux_loss = self._aux(q.detach(), mk, mv, ck, cv, c_ok, okp, keep, lq, lk) if self.training else x.new_zeros(())
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, self.embed_dim)), None
 
     def _queries(self, x: Tensor, lk: int, total: int) -> Tensor:
@@ -267,24 +244,53 @@ class CompressiveAttention(LayerMechanism):
         q = self._heads(self.q_proj(x), self.num_heads)
         return F.pad(q, (0, 0, lk - lq, total - lk))
 
-    def _aux(self, x: Tensor, hkd: Tensor, hvd: Tensor, okp: Tensor, keep: Tensor, lq: int, lk: int, g_count: int) -> Tensor:
-        """The reconstruction loss of every compression of the call (after each complete segment)."""
+    @staticmethod
+    def _gather(t: Tensor, idx: Tensor) -> Tensor:
+        """``t (B, H, L, d)`` at positions ``idx (G, S)`` (negative: any, masked by the caller) -> ``(B, G, H, S, d)``."""
+        return t[:, :, idx.clamp(min=0)].permute(0, 2, 1, 3, 4)
+
+    def _aux(
+        self, q: Tensor, mk: Tensor, mv: Tensor, ck: Tensor, cv: Tensor, c_ok: Tensor, okp: Tensor, keep: Tensor,
+        lq: int, lk: int,
+    ) -> Tensor:
+        """The reconstruction loss of every compression of the call, all at once. After complete segment
+        ``g`` (start ``s``) the memories at ``[s - n_m, s - n_m + n_s)`` are evicted; their compressed slots
+        are the whole input's at the same blocks of ``c`` (``ck, cv``, trainable ``f_c``). With the
+        detached queries ``q (B, H, total, d)`` and memory keys / values ``mk, mv`` (current projections of
+        the detached input) and the compressed ones projected by detached weights, the loss is the mean of
+        ``(attn(q, old) - attn(q, f_c(old)))^2`` over the real queries of the segments that evict any real
+        memory (in any row), heads and channels."""
         n_s, n_m, _ = self.sizes
-        q_ok_all = F.pad(keep if lq == lk else torch.ones(x.shape[0], lq, dtype=torch.bool, device=x.device), (lk - lq, 0), value=False)
-        xq = F.pad(x, (0, 0, lk - lq, 0))
-        total, count = x.new_zeros(()), x.new_zeros(())
-        for g in range(lk // n_s):
-            s = g * n_s
-            lo, hi = s - n_m, s - n_m + n_s  # the evicted memories (negative positions: empty slots)
-            idx = torch.arange(lo, hi, device=x.device)
-            real = idx >= 0
-            old_ok = okp[:, idx.clamp(min=0)] & real
-            if not bool(old_ok.any()):
-                continue
-            old_k, old_v = hkd[:, idx.clamp(min=0)], hvd[:, idx.clamp(min=0)]
-            sq, cnt = self._reconstruction(xq[:, s:s + n_s], q_ok_all[:, s:s + n_s], old_k, old_v, old_ok)
-            total, count = total + sq, count + cnt
-        return total / count.clamp(min=1)
+        c, dev = self.options.compression, q.device
+        starts = torch.arange(lk // n_s, device=dev) * n_s
+        mem_idx = starts[:, None] - n_m + torch.arange(n_s, device=dev)  # (G, n_s): the evicted memories
+        used = (okp[:, mem_idx.clamp(min=0)] & (mem_idx >= 0)).any(2).any(0)
+        starts, mem_idx = starts[used], mem_idx[used]
+        if not starts.numel():
+            return q.new_zeros(())
+        seg_idx = starts[:, None] + torch.arange(n_s, device=dev)
+        node_idx = (starts[:, None] - n_m) // c + torch.arange(n_s // c, device=dev)
+        old_ok = okp[:, mem_idx.clamp(min=0)] & (mem_idx >= 0)  # (B, G, n_s)
+        node_ok = c_ok[:, node_idx.clamp(min=0)] & (node_idx >= 0)  # (B, G, n_s / c)
+        q_real = keep if lq == lk else torch.ones(keep.shape[0], lq, dtype=torch.bool, device=dev)
+        q_ok = F.pad(q_real, (lk - lq, 0), value=False)[:, seg_idx]  # (B, G, n_s)
+
+        def project(h: Tensor, lin: nn.Linear) -> Tensor:  # detached weights: f_c is trained alone
+            bias = None if lin.bias is None else lin.bias.detach()
+            out = self._heads(F.linear(h, lin.weight.detach(), bias), self.num_kv_heads)
+            return repeat_kv(out, self.num_heads // self.num_kv_heads)
+
+        b, g = q.shape[0], starts.shape[0]
+        flat = lambda z: z.reshape(b * g, self.num_heads, z.shape[3], z.shape[4])
+        qs, s = flat(self._gather(q, seg_idx)), self.head_dim ** -0.5
+        with torch.no_grad():
+            mask = Mask(n_s, n_s, key_padding=~old_ok.reshape(b * g, -1))
+            exact = fused_attention(qs, flat(self._gather(mk, mem_idx)), flat(self._gather(mv, mem_idx)), mask, s)
+        nk, nv = self._gather(project(ck, self.k_proj), node_idx), self._gather(project(cv, self.v_proj), node_idx)
+        mask = Mask(n_s, nk.shape[3], key_padding=~node_ok.reshape(b * g, -1))
+        approx = fused_attention(qs, flat(nk), flat(nv), mask, s)
+        w = q_ok.reshape(b * g, 1, n_s, 1).to(q.dtype)
+        return ((exact - approx) ** 2 * w).sum() / (w.sum() * self.num_heads * self.head_dim).clamp(min=1)
 
     # ---- the recurrence (reference and decoding) ------------------------------------------------
     def _advance(

@@ -37,7 +37,7 @@ SHARES = ("headwise", "key_value", "none")
 
 
 @register(
-    "linformer", complexity="O(n k d)", causal=False, decoding=False, padding=True,
+    "linformer", complexity="O(n k d), n <= max_length (length-tied E, F)", causal=False, decoding=False, padding=True,
     time_growth=1.0, memory_growth=1.0,
 )
 class Linformer(Mechanism):

@@ -14,8 +14,9 @@ output, which :meth:`LunaAttention.pack` returns for that use). Keys and values 
   ``softplus(0) = 1``), ``a_t = (1 / t) sum_{j <= t} (s q_t . k_j) pi_j`` (``k_j = x_j W_c``),
   ``A_t = softmax(a_t)`` over the ``l`` packed positions, ``out_t = (1 / t) sum_{j <= t} (A_t . pi_j)
   v_j`` (``v_j = k_j``). The efficient path keeps running sums ``K = sum k_j pi_j^T (d x l)``,
-  ``V = sum pi_j v_j^T (l x d)`` (prefix sums, the authors' parallel form, in checkpointed chunks of
-  ``chunk`` tokens so that only O(chunk d l) of them live at once); decoding carries them and ``t``
+  ``V = sum pi_j v_j^T (l x d)`` as the states of two unnormalised causal linear attentions (``a_t = q_t K_t``:
+  keys ``k``, values ``pi``; ``out_t = A_t V_t``: keys ``pi``, values ``v``) on the tiled kernel of
+  ``fastattn.ops.linear``, so no ``n x d x l`` prefix sums are formed; decoding carries them and ``t``
   (:class:`LunaState`). With padding, ``t`` counts real tokens and padded ``pi_j`` are zero, so a
   padded row decodes as if alone.
 * Grouped-query heads: ``W_c`` has ``Hkv`` heads, repeated over the query heads. The causal form needs
@@ -36,7 +37,8 @@ from fastattn.core.base import repeat_kv
 from fastattn.core.layer import LayerMechanism
 from fastattn.core.masks import Mask, masked_softmax
 from fastattn.core.state import DecodingState
-from fastattn.ops.chunked import checkpointed
+from fastattn.ops.linear.engine import linear_attention
+from fastattn.ops.linear.state import LinearState
 from fastattn.ops.softmax.dense import dense_attention
 from fastattn.registry import register
 
@@ -74,7 +76,7 @@ class LunaAttention(LayerMechanism):
     class Options:
         pack_length: int = 16  # l: length of the packed sequence P
         pack_heads: int = 0  # heads of the pack attention (0: the layer's heads)
-        chunk: int = 256  # causal form: tokens per checkpointed chunk of the prefix-sum scan
+        chunk: int = 64  # causal form: chunk length of the linear-attention kernel (values do not depend on it)
 
         def __post_init__(self) -> None:
             if self.chunk < 1:
@@ -165,39 +167,27 @@ class LunaAttention(LayerMechanism):
         kv = repeat_kv(self._heads(self.c_proj(x), self.num_kv_heads), self.num_heads // self.num_kv_heads)
         return q, kv, pi
 
-    def _causal_chunk(
-        self, x: Tensor, real: Tensor, key_sum: Tensor, value_sum: Tensor, count: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The parallel causal form over ``x (B, n, D)`` (``real (B, n)``: 1 for real tokens) after the running
-        sums: prefix sums of ``k_j pi_j^T`` and ``pi_j v_j^T``, divided by the running count of real tokens.
-        Returns the head outputs and the sums after the chunk."""
-        q, kv, pi = self._causal_inputs(x, real)
-        counts = real.cumsum(1) + count[:, None]
-        key_sums = torch.einsum("bhnd,bhnl->bhndl", kv, pi).cumsum(2) + key_sum[:, :, None]
-        value_sums = torch.einsum("bhnl,bhnd->bhnld", pi, kv).cumsum(2) + value_sum[:, :, None]
-        t = counts.clamp(min=1)[:, None, :, None]
-        a = torch.einsum("bhnd,bhndl->bhnl", q, key_sums) / t
-        out = torch.einsum("bhnl,bhnld->bhnd", torch.softmax(a, dim=-1), value_sums) / t
-        return self._merge(out), key_sums[:, :, -1], value_sums[:, :, -1], counts[:, -1]
-
     def _causal(self, x: Tensor, keep: Tensor | None, state: LunaState | None) -> tuple[Tensor, LunaState]:
-        """The causal form in chunks of ``chunk`` tokens, each checkpointed under autograd (its O(chunk d l)
-        prefix sums are recomputed in backward), carrying the running sums from chunk to chunk."""
+        """The parallel causal form: ``a_t = q_t K_t`` and ``out_t = A_t V_t`` are two unnormalised causal
+        linear attentions (keys ``k``, values ``pi``; then keys ``pi``, values ``v``), run by the tiled
+        linear-attention kernel with the running sums as its initial and final states, and divided by the
+        running count of real tokens. Nothing ``n x d x l`` is formed or saved: memory beyond the inputs is
+        O(n l) per head."""
         b, n, _ = x.shape
         real = torch.ones(b, n, dtype=x.dtype, device=x.device) if keep is None else keep.to(x.dtype)
-        if state is None:
-            d, l = self.head_dim, self.options.pack_length
-            sums = (x.new_zeros(b, self.num_heads, d, l), x.new_zeros(b, self.num_heads, l, d), x.new_zeros(b))
-        else:
-            sums = (state.key_sum, state.value_sum, state.count.to(x.dtype))
-        grad = torch.is_grad_enabled()
-        outs = []
-        for i in range(0, n, self.options.chunk):
-            args = (x[:, i:i + self.options.chunk], real[:, i:i + self.options.chunk], *sums)
-            out, *sums = checkpointed(self._causal_chunk, *args) if grad else self._causal_chunk(*args)
-            outs.append(out)
-        length = n + (0 if state is None else state.length)
-        return torch.cat(outs, 1), LunaState(sums[0], sums[1], sums[2].round().long(), length)
+        q, kv, pi = self._causal_inputs(x, keep)
+        count = x.new_zeros(b) if state is None else state.count.to(x.dtype)
+        t = (real.cumsum(1) + count[:, None]).clamp(min=1)[:, None, :, None]
+        past = 0 if state is None else state.length
+        key0 = None if state is None else LinearState(state.key_sum, None, past)
+        value0 = None if state is None else LinearState(state.value_sum, None, past)
+        mask, chunk = Mask(n, n, causal=True), self.options.chunk
+        a, keys = linear_attention(q, kv, pi, mask, normalize=False, chunk=chunk, state=key0, return_state=True)
+        weights = torch.softmax(a / t, dim=-1)
+        out, values = linear_attention(weights, pi, kv, mask, normalize=False, chunk=chunk, state=value0,
+                                       return_state=True)
+        sums = LunaState(keys.kv, values.kv, (count + real.sum(1)).round().long(), past + n)
+        return self._merge(out / t), sums
 
     # ---- the contract ---------------------------------------------------------------------------
     def forward(

@@ -47,7 +47,7 @@ def _uniform(*shape: int, fan_in: int) -> nn.Parameter:
 
 
 @register(
-    "synthesizer", complexity="O(n^2 d)", causal=True, decoding=True, padding=True,
+    "synthesizer", complexity="O(n^2 d), n <= max_length (length-tied tables)", causal=True, decoding=True, padding=True,
     time_growth=2.0, memory_growth=1.0,
 )
 class Synthesizer(Mechanism):
