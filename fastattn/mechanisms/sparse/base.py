@@ -11,8 +11,9 @@ from torch import Tensor
 
 from fastattn.core.base import Mechanism, repeat_kv
 from fastattn.core.masks import Mask
-from fastattn.core.state import DecodingState
+from fastattn.core.state import DecodingState, KVCache
 from fastattn.ops.softmax.dense import dense_attention
+from fastattn.ops.sparse.decode import range_attention
 from fastattn.ops.sparse.engine import block_sparse_attention
 from fastattn.ops.sparse.nodes import Nodes
 from fastattn.ops.sparse.plan import Plan, cached_plan, eager
@@ -106,11 +107,49 @@ class PatternMechanism(Mechanism):
         Default: one pattern for every head; causality and padding are applied by the caller."""
         return self.pattern(qpos.shape[1], lk, qpos.device).dense(qpos, kpos)[:, None]
 
+    def decode_patterns(self, heads: int) -> list[tuple[int, int, Pattern]] | None:
+        """Where the output is pattern attention and nothing else: ``(first, end, pattern)`` for each
+        group of query heads ``first .. end - 1`` (together all ``heads``), so that a one-token step
+        gathers the keys each group's pattern keeps (:func:`~fastattn.ops.sparse.decode.range_attention`)
+        instead of planning a call over the whole cache. None (default): the general step."""
+        return None
+
+    def gathered_step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None
+    ) -> tuple[Tensor, KVCache] | None:
+        """The one-token step over a :class:`KVCache` without padding, O(kept keys): the cache grows in
+        place and each head group attends to the ranges of cache positions its pattern keeps for the new
+        position (the cache index is the position when no token was padding). None where it does not
+        apply (prefill, several tokens, padding, patterns that cannot list their keys)."""
+        if (
+            q.shape[2] != 1 or not isinstance(state, KVCache) or state.key_padding is not None
+            or (key_padding_mask is not None and bool(key_padding_mask.any()))
+        ):
+            return None
+        groups = self.decode_patterns(q.shape[1])
+        if groups is None:
+            return None
+        i = state.length
+        ranges = [pat.key_ranges(i) for _, _, pat in groups]
+        if any(r is None for r in ranges):
+            return None
+        cache = state.append(k, v)
+        dtype = q.dtype
+        (qc,), kc, vc = self.upcast(q), cache.k, cache.v  # gathered keys/values take qc's dtype
+        if len(groups) == 1:
+            out = range_attention(qc, kc, vc, ranges[0], scale)  # type: ignore[arg-type]
+        else:
+            per = q.shape[1] // k.shape[1]
+            out = torch.cat([range_attention(qc[:, a:b], kc, vc, r, scale, a, per)  # type: ignore[arg-type]
+                             for (a, b, _), r in zip(groups, ranges)], 1)
+        return out.to(dtype), cache
+
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
     ) -> tuple[Tensor, Any]:
         if not self.pruned_cache:
-            return super().step(q, k, v, state, scale, key_padding_mask)
+            fast = self.gathered_step(q, k, v, state, scale, key_padding_mask)
+            return fast if fast is not None else super().step(q, k, v, state, scale, key_padding_mask)
         b, t = q.shape[0], q.shape[2]
         dtype = q.dtype
         real = torch.ones(b, t, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
