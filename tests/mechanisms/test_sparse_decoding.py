@@ -35,6 +35,8 @@ def test_key_ranges_list_each_causal_key_of_the_pattern_once(pat):
 
 @pytest.mark.parametrize("method,options,h,hkv", [
     ("sparse_transformer", {"stride": 8}, 4, 2),
+    ("jukebox", {"width": 8}, 6, 2),  # three head groups, not aligned with the key heads
+    ("jukebox", {"width": 5, "kinds": ("column", "row")}, 3, 1),
 ])
 def test_one_token_steps_gather_and_equal_the_forward(monkeypatch, method, options, h, hkv):
     mech = make_mech(fastattn.get_method(method), h=h, hkv=hkv, **options).double()
