@@ -11,6 +11,7 @@ import torch
 import fastattn
 from fastattn.mechanisms.sparse import base
 from fastattn.ops.sparse import engine
+from fastattn.ops.sparse.decode import ExtendedCache
 from fastattn.ops.sparse.patterns import (
     BlockWindow, DilatedWindow, Pattern, PrevBlock, SameBlock, Strided, Window,
 )
@@ -58,3 +59,41 @@ def test_one_token_steps_gather_and_equal_the_forward(monkeypatch, method, optio
         outs.append(out)
     assert state.length == n
     torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-9, atol=1e-10)
+
+
+def _qkv(h, hkv, n, e=16, b=2):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h, n, e, generator=g, dtype=torch.float64)
+    return (q, *(torch.randn(b, hkv, n, e, generator=g, dtype=torch.float64) for _ in range(2)))
+
+
+@pytest.mark.parametrize("options", [{}, {"block": 3, "radius": 2, "factor": 3, "levels": 3}])
+def test_multiscale_steps_pool_each_span_once_and_equal_the_forward(options):
+    """Mixed steps (the general step returns a plain cache, whose tables the next one-token step rebuilds),
+    then one-token steps that append each completed span's mean to its level's table."""
+    mech = make_mech(fastattn.get_method("multiscale"), h=4, hkv=2, **options).double()
+    q, k, v = _qkv(4, 2, 80)
+    full = mech.run(q, k, v, is_causal=True)
+    outs, state, t = [], None, 0
+    for size in [1, 1, 5, 1, 1, 1, 20] + [1] * 48 + [2]:
+        out, state = mech.step(q[:, :, t:t + size], k[:, :, t:t + size], v[:, :, t:t + size], state, 0.25)
+        outs.append(out)
+        t += size
+        if size == 1 and t > 7:
+            o = mech.options
+            assert isinstance(state, ExtendedCache)
+            assert [tb.length for tb in state.tables] == [t // (o.block * o.factor ** j) for j in range(o.levels)]
+    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-9, atol=1e-10)
+
+
+def test_extended_cache_selects_and_moves_its_tables():
+    mech = make_mech(fastattn.get_method("multiscale"), h=4, hkv=2).double()
+    q, k, v = _qkv(4, 2, 30, b=3)
+    _, state = mech.step(q[:, :, :28], k[:, :, :28], v[:, :, :28], None, 0.25)
+    _, state = mech.step(q[:, :, 28:29], k[:, :, 28:29], v[:, :, 28:29], state, 0.25)
+    picked = state.select([2, 0])
+    out, _ = mech.step(q[[2, 0], :, 29:], k[[2, 0], :, 29:], v[[2, 0], :, 29:], picked, 0.25)
+    torch.testing.assert_close(out, mech.run(q, k, v, is_causal=True)[[2, 0], :, 29:], rtol=1e-9, atol=1e-10)
+    assert picked.batch_size == 2 and all(t.k.shape[0] == 2 for t in picked.tables)
+    moved = state.to("meta")
+    assert moved.length == 29 and all(t.k.device.type == "meta" for t in (moved.cache, *moved.tables))

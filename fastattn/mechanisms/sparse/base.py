@@ -13,7 +13,7 @@ from fastattn.core.base import Mechanism, repeat_kv
 from fastattn.core.masks import Mask
 from fastattn.core.state import DecodingState, KVCache
 from fastattn.ops.softmax.dense import dense_attention
-from fastattn.ops.sparse.decode import range_attention
+from fastattn.ops.sparse.decode import one_token_unpadded, range_attention
 from fastattn.ops.sparse.engine import block_sparse_attention
 from fastattn.ops.sparse.nodes import Nodes
 from fastattn.ops.sparse.plan import Plan, cached_plan, eager
@@ -121,10 +121,7 @@ class PatternMechanism(Mechanism):
         place and each head group attends to the ranges of cache positions its pattern keeps for the new
         position (the cache index is the position when no token was padding). None where it does not
         apply (prefill, several tokens, padding, patterns that cannot list their keys)."""
-        if (
-            q.shape[2] != 1 or not isinstance(state, KVCache) or state.key_padding is not None
-            or (key_padding_mask is not None and bool(key_padding_mask.any()))
-        ):
+        if not isinstance(state, KVCache) or one_token_unpadded(q, state, key_padding_mask) is None:
             return None
         groups = self.decode_patterns(q.shape[1])
         if groups is None:

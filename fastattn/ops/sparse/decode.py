@@ -3,7 +3,9 @@
 
 The work is O(kept keys) per token, with a handful of PyTorch ops and no plan: what the decoding
 steps of the sparse patterns that keep every key use (the ranges come from
-:meth:`~fastattn.ops.sparse.patterns.Pattern.key_ranges`).
+:meth:`~fastattn.ops.sparse.patterns.Pattern.key_ranges`). :class:`ExtendedCache` carries, beside the
+key/value cache, tables derived from it once (pooled spans, a first hop's outputs) that later steps
+gather from in the same way, so no step recomputes them.
 """
 
 from __future__ import annotations
@@ -15,8 +17,44 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.checks import repeat_kv
+from fastattn.core.state import DecodingState, KVCache
 
-__all__ = ["gather_ranges", "range_attention"]
+__all__ = ["ExtendedCache", "gather_ranges", "one_token_unpadded", "range_attention", "sources_attention"]
+
+
+class ExtendedCache(DecodingState):
+    """A :class:`KVCache` of every key (``cache``) plus ``tables``: key/value tables derived from it
+    (each a :class:`KVCache`, growing in place), e.g. span means or the outputs of a first attention hop,
+    filled as the positions they depend on arrive. ``length``, :meth:`select` and :meth:`to` follow the
+    cache; the tables are selected and moved with it."""
+
+    def __init__(self, cache: KVCache, tables: Sequence[KVCache]) -> None:
+        self.cache, self.tables = cache, tuple(tables)
+
+    @property
+    def length(self) -> int:  # type: ignore[override]
+        return self.cache.length
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.k.shape[0]
+
+    def select(self, index) -> "ExtendedCache":  # type: ignore[override]
+        return ExtendedCache(self.cache.select(index), [t.select(index) for t in self.tables])
+
+    def to(self, device: torch.device | str) -> "ExtendedCache":
+        return ExtendedCache(self.cache.to(device), [t.to(device) for t in self.tables])
+
+
+def one_token_unpadded(q: Tensor, state: object, key_padding_mask: Tensor | None) -> KVCache | None:
+    """The :class:`KVCache` of ``state`` (itself, or an :class:`ExtendedCache`'s) where this step is one
+    token and neither it nor any cached key is padding (cache index = position); else None."""
+    cache = state.cache if isinstance(state, ExtendedCache) else state
+    if q.shape[2] != 1 or not isinstance(cache, KVCache) or cache.key_padding is not None:
+        return None
+    if key_padding_mask is not None and bool(key_padding_mask.any()):
+        return None
+    return cache
 
 
 def gather_ranges(x: Tensor, ranges: Sequence[range], dim: int = 2) -> Tensor:
@@ -39,11 +77,25 @@ def range_attention(
     at positions ``ranges`` only (every query sees the same keys). ``q`` holds query heads
     ``first .. first + Hq - 1`` of a layer where ``per`` query heads share a key head (default: ``q`` is
     every head, ``per = Hq / Hkv``). The gathered keys and values take ``q``'s dtype. No key: zeros."""
-    if not any(len(r) for r in ranges):
-        return q.new_zeros(*q.shape[:3], v.shape[3])
-    per = q.shape[1] // k.shape[1] if per is None else per
-    kg = repeat_kv(gather_ranges(k, ranges).to(q.dtype), per)
-    vg = repeat_kv(gather_ranges(v, ranges).to(q.dtype), per)
+    return sources_attention(q, [(k, v, ranges)], scale, first, per)
+
+
+def sources_attention(
+    q: Tensor, sources: Sequence[tuple[Tensor, Tensor, Sequence[range]]], scale: float, first: int = 0,
+    per: int | None = None,
+) -> Tensor:
+    """:func:`range_attention` over several key/value sources in one softmax: ``(k, v, ranges)`` each
+    (e.g. the cached tokens and a table of span means)."""
+    ev = sources[0][1].shape[3]
+    sources = [(k, v, [r for r in rs if len(r)]) for k, v, rs in sources]
+    sources = [s for s in sources if s[2]]
+    if not sources:
+        return q.new_zeros(*q.shape[:3], ev)
+    per = q.shape[1] // sources[0][0].shape[1] if per is None else per
+    ks = [gather_ranges(k, rs) for k, _, rs in sources]
+    vs = [gather_ranges(v, rs) for _, v, rs in sources]
+    kg = repeat_kv((ks[0] if len(ks) == 1 else torch.cat(ks, 2)).to(q.dtype), per)
+    vg = repeat_kv((vs[0] if len(vs) == 1 else torch.cat(vs, 2)).to(q.dtype), per)
     if kg.shape[1] != q.shape[1]:
         kg, vg = kg[:, first:first + q.shape[1]], vg[:, first:first + q.shape[1]]
     return F.scaled_dot_product_attention(q, kg, vg, scale=scale)
