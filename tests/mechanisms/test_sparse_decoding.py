@@ -97,3 +97,20 @@ def test_extended_cache_selects_and_moves_its_tables():
     assert picked.batch_size == 2 and all(t.k.shape[0] == 2 for t in picked.tables)
     moved = state.to("meta")
     assert moved.length == 29 and all(t.k.device.type == "meta" for t in (moved.cache, *moved.tables))
+
+
+@pytest.mark.parametrize("options", [{"group": 5}, {"group": 4, "causal_form": "masked"}, {"group": 4, "stage": "long"}])
+def test_interlaced_steps_keep_the_long_range_outputs_and_equal_the_forward(options):
+    """Mixed steps: after a general step the next one-token step rebuilds the table of long-range outputs
+    in one call, later ones append the new key's output; the table always covers every cached key."""
+    mech = make_mech(fastattn.get_method("interlaced"), h=4, hkv=2, **options).double()
+    q, k, v = _qkv(4, 2, 50)
+    full = mech.run(q, k, v, is_causal=True)
+    outs, state, t = [], None, 0
+    for size in [1, 1, 6, 1, 1, 9] + [1] * 29 + [2]:
+        out, state = mech.step(q[:, :, t:t + size], k[:, :, t:t + size], v[:, :, t:t + size], state, 0.25)
+        outs.append(out)
+        t += size
+        if size == 1 and t > 2 and mech.options.stage == "both":
+            assert isinstance(state, ExtendedCache) and state.tables[0].length == t
+    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-9, atol=1e-10)

@@ -94,8 +94,10 @@ def sources_attention(
     per = q.shape[1] // sources[0][0].shape[1] if per is None else per
     ks = [gather_ranges(k, rs) for k, _, rs in sources]
     vs = [gather_ranges(v, rs) for _, v, rs in sources]
-    kg = repeat_kv((ks[0] if len(ks) == 1 else torch.cat(ks, 2)).to(q.dtype), per)
-    vg = repeat_kv((vs[0] if len(vs) == 1 else torch.cat(vs, 2)).to(q.dtype), per)
+    kg, vg = (xs[0] if len(xs) == 1 else torch.cat(xs, 2) for xs in (ks, vs))
+    if kg.dtype != q.dtype or vg.dtype != q.dtype:
+        kg, vg = kg.to(q.dtype), vg.to(q.dtype)
+    kg, vg = repeat_kv(kg, per), repeat_kv(vg, per)
     if kg.shape[1] != q.shape[1]:
         kg, vg = kg[:, first:first + q.shape[1]], vg[:, first:first + q.shape[1]]
     return F.scaled_dot_product_attention(q, kg, vg, scale=scale)
