@@ -114,3 +114,20 @@ def test_interlaced_steps_keep_the_long_range_outputs_and_equal_the_forward(opti
         if size == 1 and t > 2 and mech.options.stage == "both":
             assert isinstance(state, ExtendedCache) and state.tables[0].length == t
     torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("options", [{"width": 5}, {"width": 4, "causal_form": "masked"}, {"width": 3, "axes": "column"}])
+def test_axial_steps_keep_complete_rows_upper_context_and_equal_the_forward(options):
+    """Mixed steps: the table of row attentions holds exactly the complete rows before the current one."""
+    mech = make_mech(fastattn.get_method("axial"), h=4, hkv=2, **options).double()
+    q, k, v = _qkv(4, 2, 50)
+    full = mech.run(q, k, v, is_causal=True)
+    outs, state, t = [], None, 0
+    for size in [1, 1, 6, 1, 1, 9] + [1] * 29 + [2]:
+        out, state = mech.step(q[:, :, t:t + size], k[:, :, t:t + size], v[:, :, t:t + size], state, 0.25)
+        outs.append(out)
+        t += size
+        if size == 1 and t > 2 and mech.options.causal_form == "upper_context" and mech.options.axes == "both":
+            w = mech.options.width
+            assert isinstance(state, ExtendedCache) and state.tables[0].length == (t - 1) - (t - 1) % w
+    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-9, atol=1e-10)
