@@ -67,23 +67,34 @@ def _qkv(h, hkv, n, e=16, b=2):
     return (q, *(torch.randn(b, hkv, n, e, generator=g, dtype=torch.float64) for _ in range(2)))
 
 
-@pytest.mark.parametrize("options", [{}, {"block": 3, "radius": 2, "factor": 3, "levels": 3}])
-def test_multiscale_steps_pool_each_span_once_and_equal_the_forward(options):
-    """Mixed steps (the general step returns a plain cache, whose tables the next one-token step rebuilds),
-    then one-token steps that append each completed span's mean to its level's table."""
-    mech = make_mech(fastattn.get_method("multiscale"), h=4, hkv=2, **options).double()
-    q, k, v = _qkv(4, 2, 80)
+def _mixed_steps(method, options, sizes, check):
+    """Steps of ``sizes`` tokens (general steps return a plain cache, whose tables the next one-token
+    step rebuilds in one call); ``check(options, state, t)`` after each one-token step; the outputs
+    equal the causal forward."""
+    mech = make_mech(fastattn.get_method(method), h=4, hkv=2, **options).double()
+    q, k, v = _qkv(4, 2, sum(sizes))
     full = mech.run(q, k, v, is_causal=True)
     outs, state, t = [], None, 0
-    for size in [1, 1, 5, 1, 1, 1, 20] + [1] * 48 + [2]:
+    for size in sizes:
         out, state = mech.step(q[:, :, t:t + size], k[:, :, t:t + size], v[:, :, t:t + size], state, 0.25)
         outs.append(out)
         t += size
-        if size == 1 and t > 7:
-            o = mech.options
-            assert isinstance(state, ExtendedCache)
-            assert [tb.length for tb in state.tables] == [t // (o.block * o.factor ** j) for j in range(o.levels)]
+        if size == 1 and t > 2:
+            check(mech.options, state, t)
     torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-9, atol=1e-10)
+
+
+MIXED = [1, 1, 6, 1, 1, 9] + [1] * 29 + [2]
+
+
+@pytest.mark.parametrize("options", [{}, {"block": 3, "radius": 2, "factor": 3, "levels": 3}])
+def test_multiscale_steps_pool_each_span_once_and_equal_the_forward(options):
+    """One-token steps append each completed span's mean to its level's table."""
+    def check(o, state, t):
+        assert isinstance(state, ExtendedCache)
+        assert [tb.length for tb in state.tables] == [t // (o.block * o.factor ** j) for j in range(o.levels)]
+
+    _mixed_steps("multiscale", options, [1, 1, 5, 1, 1, 1, 20] + [1] * 48 + [2], check)
 
 
 def test_extended_cache_selects_and_moves_its_tables():
@@ -101,33 +112,19 @@ def test_extended_cache_selects_and_moves_its_tables():
 
 @pytest.mark.parametrize("options", [{"group": 5}, {"group": 4, "causal_form": "masked"}, {"group": 4, "stage": "long"}])
 def test_interlaced_steps_keep_the_long_range_outputs_and_equal_the_forward(options):
-    """Mixed steps: after a general step the next one-token step rebuilds the table of long-range outputs
-    in one call, later ones append the new key's output; the table always covers every cached key."""
-    mech = make_mech(fastattn.get_method("interlaced"), h=4, hkv=2, **options).double()
-    q, k, v = _qkv(4, 2, 50)
-    full = mech.run(q, k, v, is_causal=True)
-    outs, state, t = [], None, 0
-    for size in [1, 1, 6, 1, 1, 9] + [1] * 29 + [2]:
-        out, state = mech.step(q[:, :, t:t + size], k[:, :, t:t + size], v[:, :, t:t + size], state, 0.25)
-        outs.append(out)
-        t += size
-        if size == 1 and t > 2 and mech.options.stage == "both":
+    """The table of long-range outputs always covers every cached key (one new column per token)."""
+    def check(o, state, t):
+        if o.stage == "both":
             assert isinstance(state, ExtendedCache) and state.tables[0].length == t
-    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-9, atol=1e-10)
+
+    _mixed_steps("interlaced", options, MIXED, check)
 
 
 @pytest.mark.parametrize("options", [{"width": 5}, {"width": 4, "causal_form": "masked"}, {"width": 3, "axes": "column"}])
 def test_axial_steps_keep_complete_rows_upper_context_and_equal_the_forward(options):
-    """Mixed steps: the table of row attentions holds exactly the complete rows before the current one."""
-    mech = make_mech(fastattn.get_method("axial"), h=4, hkv=2, **options).double()
-    q, k, v = _qkv(4, 2, 50)
-    full = mech.run(q, k, v, is_causal=True)
-    outs, state, t = [], None, 0
-    for size in [1, 1, 6, 1, 1, 9] + [1] * 29 + [2]:
-        out, state = mech.step(q[:, :, t:t + size], k[:, :, t:t + size], v[:, :, t:t + size], state, 0.25)
-        outs.append(out)
-        t += size
-        if size == 1 and t > 2 and mech.options.causal_form == "upper_context" and mech.options.axes == "both":
-            w = mech.options.width
-            assert isinstance(state, ExtendedCache) and state.tables[0].length == (t - 1) - (t - 1) % w
-    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-9, atol=1e-10)
+    """The table of row attentions holds exactly the complete rows before the current one."""
+    def check(o, state, t):
+        if o.causal_form == "upper_context" and o.axes == "both":
+            assert isinstance(state, ExtendedCache) and state.tables[0].length == (t - 1) - (t - 1) % o.width
+
+    _mixed_steps("axial", options, MIXED, check)
