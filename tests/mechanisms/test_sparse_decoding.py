@@ -34,6 +34,14 @@ def test_key_ranges_list_each_causal_key_of_the_pattern_once(pat):
         assert sorted(got) == dense[i].nonzero().flatten().tolist()
 
 
+def _forbid_engine(monkeypatch, mech):
+    def no_engine(*a, **kw):
+        raise AssertionError("a one-token step planned an engine call")
+
+    for module in (engine, base, importlib.import_module(type(mech).__module__)):
+        monkeypatch.setattr(module, "block_sparse_attention", no_engine, raising=module is engine or module is base)
+
+
 @pytest.mark.parametrize("method,options,h,hkv", [
     ("sparse_transformer", {"stride": 8}, 4, 2),
     ("jukebox", {"width": 8}, 6, 2),  # three head groups, not aligned with the key heads
@@ -48,12 +56,7 @@ def test_one_token_steps_gather_and_equal_the_forward(monkeypatch, method, optio
     full = mech.run(q, k, v, is_causal=True)
     out, state = mech.step(q[:, :, :3], k[:, :, :3], v[:, :, :3], None, e ** -0.5)  # prefill: the engine
     outs = [out]
-
-    def no_engine(*a, **kw):
-        raise AssertionError("a one-token step planned an engine call")
-
-    for module in (engine, base, importlib.import_module(type(mech).__module__)):
-        monkeypatch.setattr(module, "block_sparse_attention", no_engine, raising=module is engine or module is base)
+    _forbid_engine(monkeypatch, mech)
     for t in range(3, n):
         out, state = mech.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state, e ** -0.5)
         outs.append(out)
@@ -65,6 +68,40 @@ def _qkv(h, hkv, n, e=16, b=2):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(b, h, n, e, generator=g, dtype=torch.float64)
     return (q, *(torch.randn(b, hkv, n, e, generator=g, dtype=torch.float64) for _ in range(2)))
+
+
+@pytest.mark.parametrize("method,options", [("sparse_transformer", {"stride": 4}), ("jukebox", {"width": 4})])
+def test_left_padded_rows_gather_as_if_alone(monkeypatch, method, options):
+    """After a left-padded prompt, one-token steps gather each row's keys at its own positions (rows with
+    different padding counts one by one) and give each row's output alone; a padding token after real
+    ones sends later steps back to the general path, still exact."""
+    mech = make_mech(fastattn.get_method(method), h=4, hkv=2, **options).double()
+    q, k, v = _qkv(4, 2, 30, b=3)
+    prompt, lead = 6, (0, 4, 1)
+    pad = torch.zeros(3, prompt, dtype=torch.bool)
+    for row, m in enumerate(lead):
+        pad[row, :m] = True
+    _, state = mech.step(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], None, 0.25, key_padding_mask=pad)
+    with monkeypatch.context() as mp:
+        _forbid_engine(mp, mech)
+        outs = []
+        for t in range(prompt, 20):
+            out, state = mech.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state, 0.25)
+            outs.append(out)
+    assert state.key_padding is not None
+    late = torch.tensor([[False], [True], [False]])  # row 1: a padding token after real ones
+    out, state = mech.step(q[:, :, 20:21], k[:, :, 20:21], v[:, :, 20:21], state, 0.25, key_padding_mask=late)
+    outs.append(out)
+    for t in range(21, 30):
+        out, state = mech.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state, 0.25)
+        outs.append(out)
+    got = torch.cat(outs, 2)
+    for row, m in enumerate(lead):
+        keep = [p for p in range(m, 30) if not (row == 1 and p == 20)]
+        qr, kr, vr = (x[row:row + 1, :, keep] for x in (q, k, v))
+        alone = mech.run(qr, kr, vr, is_causal=True)[:, :, prompt - m:]
+        mine = got[row:row + 1, :, [t - prompt for t in range(prompt, 30) if not (row == 1 and t == 20)]]
+        torch.testing.assert_close(mine, alone, rtol=1e-9, atol=1e-10)
 
 
 def _mixed_steps(method, options, sizes, check):

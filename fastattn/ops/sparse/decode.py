@@ -19,7 +19,9 @@ from torch import Tensor
 from fastattn.core.checks import repeat_kv
 from fastattn.core.state import DecodingState, KVCache
 
-__all__ = ["ExtendedCache", "gather_ranges", "one_token_unpadded", "range_attention", "sources_attention"]
+__all__ = [
+    "ExtendedCache", "gather_ranges", "left_padding", "one_token_unpadded", "range_attention", "sources_attention",
+]
 
 
 class ExtendedCache(DecodingState):
@@ -44,6 +46,18 @@ class ExtendedCache(DecodingState):
 
     def to(self, device: torch.device | str) -> "ExtendedCache":
         return ExtendedCache(self.cache.to(device), [t.to(device) for t in self.tables])
+
+
+def left_padding(cache: KVCache) -> list[int] | None:
+    """Each row's count of padding keys in ``cache`` where every row's padding keys precede its real ones
+    (left padding: a row's position ``p`` is then at cache index ``p + count``); None where some padding
+    key follows a real one."""
+    pad = cache.key_padding
+    if pad is None:
+        return [0] * cache.k.shape[0]
+    if pad.shape[1] > 1 and bool((pad[:, 1:] & ~pad[:, :-1]).any()):
+        return None
+    return pad.sum(1).tolist()
 
 
 def one_token_unpadded(q: Tensor, state: object, key_padding_mask: Tensor | None) -> KVCache | None:
