@@ -4,9 +4,11 @@ Forward+backward at n=4096 for bp_transformer / fastmax / sac; one decoding step
 tokens for the sparse mechanisms that keep every key (axial, interlaced, jukebox, multiscale,
 sparse_transformer). B=1, H=8, E=64, fp32, CPU.
 
-    python benchmarks/slow_mechanisms.py [--n 4096] [--decode-n 1024] [--repeats 3] [--only fastmax,...]
+    python benchmarks/slow_mechanisms.py [--n 4096] [--decode-n 1024[,8192]] [--repeats 3] [--only fastmax,...]
 
-Writes benchmarks/results/slow_mechanisms.json (times, ratios, each case's top operators).
+Writes benchmarks/results/slow_mechanisms.json (times, ratios, each case's top operators). With
+``--only``, the rows of the cases run replace the same cases' rows in an existing file (each row keeps
+the command and machine load of the run that made it) and the other rows stay.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _top_ops(fn, k: int = 6) -> list[tuple[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=4096)
-    ap.add_argument("--decode-n", type=int, default=1024)
+    ap.add_argument("--decode-n", default="1024", help="cached tokens of the decode cases, comma-separated")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated ids (default: all)")
@@ -70,7 +72,10 @@ def main() -> None:
     a = ap.parse_args()
     only = set(filter(None, a.only.split(",")))
     rows = []
-    for impl, mode, n in [(m, "fwdbwd", a.n) for m in FWDBWD] + [(m, "decode", a.decode_n) for m in DECODE]:
+    command = " ".join(["python", "benchmarks/slow_mechanisms.py", *sys.argv[1:]])
+    decode_ns = [int(x) for x in str(a.decode_n).split(",") if x]
+    cases_run = [(m, "fwdbwd", a.n) for m in FWDBWD] + [(m, "decode", n) for m in DECODE for n in decode_ns]
+    for impl, mode, n in cases_run:
         if only and impl not in only:
             continue
         cases = {impl: Case(impl, n, mode=mode, causal=mode == "decode", threads=a.threads),
@@ -90,10 +95,17 @@ def main() -> None:
         for name, share, count in ops:
             print(f"    {share:5.1f}%  {name} (x{count})")
         rows.append({"impl": impl, "mode": mode, "n": n, "median_s": med, "speed_vs_sdpa": ratio, "top_ops": ops})
-    result = {"command": " ".join(["python", "benchmarks/slow_mechanisms.py", *sys.argv[1:]]),
-              "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                          "threads": a.threads, "load_avg": os.getloadavg()},
-              "rows": rows}
+    machine = {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+               "threads": a.threads, "load_avg": os.getloadavg()}
+    result = {"command": command, "machine": machine, "rows": rows}
+    if only and os.path.exists(a.out):  # update these cases' rows, keep the others
+        with open(a.out) as f:
+            old = json.load(f)
+        for r in rows:
+            r["command"], r["machine"] = command, machine
+        done = {(r["impl"], r["mode"], r["n"]) for r in rows}
+        kept = [r for r in old.get("rows", []) if (r["impl"], r["mode"], r["n"]) not in done]
+        result = {**old, "rows": kept + rows}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)

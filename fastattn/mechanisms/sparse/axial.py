@@ -16,19 +16,27 @@ as its queries (as ``interlaced`` does), so that it is defined for any query len
 ``causal_form="masked"`` masks each axis instead (rows ``c' <= c``, columns ``r' <= r``; the form before):
 no number of layers then reaches an earlier row to the right of the current column.
 O(n (width + n / width) d).
+
+Decoding: a one-token step gathers its row and its column from the cache; for the upper context the
+state keeps the row attention ``u`` of every complete row (an
+:class:`~fastattn.ops.sparse.decode.ExtendedCache` table, a row computed once, when it completes), so a
+step costs O(width + n / width) keys (plus, once per row, that row's ``width x width`` attention).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.masks import Mask
+from fastattn.core.state import KVCache
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
+from fastattn.ops.sparse.decode import ExtendedCache, one_token_unpadded, range_attention, sources_attention
 from fastattn.ops.sparse.engine import block_sparse_attention
 from fastattn.ops.sparse.reference import pattern_reference
 from fastattn.ops.sparse.patterns import Pattern, SameBlock, Strided
@@ -98,3 +106,32 @@ class AxialAttention(PatternMechanism):
         """The union of the axes' patterns (the keys the layer reaches; each axis is its own softmax)."""
         pats = self.axis_patterns()
         return pats[0] if len(pats) == 1 else pats[0] + pats[1]
+
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
+        """One unpadded token: each axis gathers its row / column from the cache; the upper context reads
+        the state's table of complete rows' row attention (rows added as they complete). Else the
+        general step (a plain cache; the table is rebuilt, in one call, at the next one-token step)."""
+        old = one_token_unpadded(q, state, key_padding_mask)
+        if old is None:
+            cache = state.cache if isinstance(state, ExtendedCache) else state
+            return super().step(q, k, v, cache, scale, key_padding_mask)
+        w, i = self.options.width, old.length
+        cache = old.append(k, v)
+        (qc,), kc, vc = self.upcast(q), cache.k, cache.v
+        if not (self.options.axes == "both" and self.options.causal_form == "upper_context"):
+            out = sum(range_attention(qc, kc, vc, p.key_ranges(i), scale)  # type: ignore[arg-type]
+                      for p in self.axis_patterns())
+            return out.to(q.dtype), cache  # type: ignore[union-attr]
+        table = state.tables[0] if isinstance(state, ExtendedCache) else KVCache(k[:, :, :0, :0], v[:, :, :0])
+        done = i - i % w  # positions of the complete rows before this one
+        if table.length < done:  # each new complete row attends to itself, unmasked (keys as queries)
+            rows = kc[:, :, table.length:done].unflatten(2, (-1, w))
+            (rq,) = self.upcast(rows)
+            u = F.scaled_dot_product_attention(rq, rq, vc[:, :, table.length:done].unflatten(2, (-1, w)).to(rq.dtype),
+                                               scale=scale).flatten(2, 3)
+            table = table.append(k.new_zeros(*u.shape[:3], 0), u.to(v.dtype))
+        row = range_attention(qc, kc, vc, [range(done, i + 1)], scale)
+        upper = sources_attention(qc, [(kc, table.v, [range(i % w, done, w)])], scale)
+        return (row + upper).to(q.dtype), ExtendedCache(cache, [table])

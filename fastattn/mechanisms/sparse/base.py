@@ -11,8 +11,9 @@ from torch import Tensor
 
 from fastattn.core.base import Mechanism, repeat_kv
 from fastattn.core.masks import Mask
-from fastattn.core.state import DecodingState
+from fastattn.core.state import DecodingState, KVCache
 from fastattn.ops.softmax.dense import dense_attention
+from fastattn.ops.sparse.decode import left_padding, range_attention
 from fastattn.ops.sparse.engine import block_sparse_attention
 from fastattn.ops.sparse.nodes import Nodes
 from fastattn.ops.sparse.plan import Plan, cached_plan, eager
@@ -106,11 +107,59 @@ class PatternMechanism(Mechanism):
         Default: one pattern for every head; causality and padding are applied by the caller."""
         return self.pattern(qpos.shape[1], lk, qpos.device).dense(qpos, kpos)[:, None]
 
+    def decode_patterns(self, heads: int) -> list[tuple[int, int, Pattern]] | None:
+        """Where the output is pattern attention and nothing else: ``(first, end, pattern)`` for each
+        group of query heads ``first .. end - 1`` (together all ``heads``), so that a one-token step
+        gathers the keys each group's pattern keeps (:func:`~fastattn.ops.sparse.decode.range_attention`)
+        instead of planning a call over the whole cache. None (default): the general step."""
+        return None
+
+    def gathered_step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None
+    ) -> tuple[Tensor, KVCache] | None:
+        """The one-token step over a :class:`KVCache`, O(kept keys): the cache grows in place and each
+        head group attends to the ranges of cache positions its pattern keeps for the new position. A
+        row's cache index is its position plus its count of padding keys where those all precede its
+        real ones (left padding; rows with different counts attend one by one). None where it does not
+        apply (prefill, several tokens, a padding token now or after a real one, patterns that cannot
+        list their keys)."""
+        if q.shape[2] != 1 or not isinstance(state, KVCache):
+            return None
+        if key_padding_mask is not None and bool(key_padding_mask.any()):
+            return None
+        groups = self.decode_patterns(q.shape[1])
+        lead = left_padding(state)
+        if groups is None or lead is None:
+            return None
+        n = state.length
+        per_lead = {}
+        for m in set(lead):  # ranges of cache indices, one list per head group, for each padding count
+            ranges = [pat.key_ranges(n - m) for _, _, pat in groups]
+            if any(r is None for r in ranges):
+                return None
+            per_lead[m] = [[range(r.start + m, r.stop + m, r.step) for r in rs] for rs in ranges]  # type: ignore[union-attr]
+        cache = state.append(k, v)
+        (qc,), kc, vc = self.upcast(q), cache.k, cache.v  # gathered keys/values take qc's dtype
+        per = q.shape[1] // k.shape[1]
+
+        def attend(qr: Tensor, kr: Tensor, vr: Tensor, ranges: list[list[range]]) -> Tensor:
+            if len(groups) == 1:
+                return range_attention(qr, kr, vr, ranges[0], scale)
+            return torch.cat([range_attention(qr[:, a:b], kr, vr, r, scale, a, per)
+                              for (a, b, _), r in zip(groups, ranges)], 1)
+
+        if len(per_lead) == 1:
+            out = attend(qc, kc, vc, per_lead[lead[0]])
+        else:
+            out = torch.cat([attend(qc[r:r + 1], kc[r:r + 1], vc[r:r + 1], per_lead[m]) for r, m in enumerate(lead)])
+        return out.to(q.dtype), cache
+
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
     ) -> tuple[Tensor, Any]:
         if not self.pruned_cache:
-            return super().step(q, k, v, state, scale, key_padding_mask)
+            fast = self.gathered_step(q, k, v, state, scale, key_padding_mask)
+            return fast if fast is not None else super().step(q, k, v, state, scale, key_padding_mask)
         b, t = q.shape[0], q.shape[2]
         dtype = q.dtype
         real = torch.ones(b, t, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask

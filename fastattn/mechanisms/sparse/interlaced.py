@@ -43,9 +43,10 @@ from torch import Tensor
 
 from fastattn.core.layer import LayerConfig, LayerMechanism, ProjectedAttention
 from fastattn.core.masks import Mask
-from fastattn.core.state import StackedState
+from fastattn.core.state import KVCache, StackedState
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
+from fastattn.ops.sparse.decode import ExtendedCache, one_token_unpadded, range_attention
 from fastattn.ops.sparse.engine import block_sparse_attention
 from fastattn.ops.sparse.reference import pattern_reference
 from fastattn.ops.sparse.patterns import Pattern, PrevBlock, SameBlock, Strided
@@ -182,3 +183,33 @@ class InterlacedAttention(PatternMechanism):
         if self.options.stage == "short":
             return self.short_pattern()
         return self.long_pattern() + self.short_pattern()
+
+    def decode_patterns(self, heads: int) -> list[tuple[int, int, Pattern]] | None:
+        if self.options.stage == "both":
+            return None  # two hops: :meth:`step`
+        return [(0, heads, self.long_pattern() if self.options.stage == "long" else self.short_pattern(True))]
+
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
+        """``stage="both"``, one unpadded token: the new key's long-range output (its column), kept in
+        the state's table, then the short-range hop over the table; else the general step (a plain
+        cache; the table is rebuilt, by one long-range call, at the next one-token step)."""
+        old = one_token_unpadded(q, state, key_padding_mask) if self.options.stage == "both" else None
+        if old is None:
+            cache = state.cache if isinstance(state, ExtendedCache) else state
+            return super().step(q, k, v, cache, scale, key_padding_mask)
+        p, i = self.options.group, old.length
+        cache = old.append(k, v)
+        table = state.tables[0] if isinstance(state, ExtendedCache) else KVCache(k[:, :, :0, :0], v[:, :, :0])
+        (qc, kc) = self.upcast(q, cache.k)
+        if table.length < i:  # long-range outputs of the keys cached before (after a general step)
+            lo = table.length
+            done = block_sparse_attention(kc[:, :, lo:i], kc[:, :, :i], cache.v[:, :, :i].to(kc.dtype),
+                                          Mask(i - lo, i, causal=True), scale, self.long_pattern())
+            table = table.append(k.new_zeros(*done.shape[:3], 0), done.to(v.dtype))
+        long_i = range_attention(kc[:, :, i:], kc, cache.v, [range(i % p, i + 1, p)], scale, per=1)
+        table = table.append(k[..., :0], long_i.to(v.dtype))
+        ranges = self.short_pattern(True).key_ranges(i)
+        out = range_attention(qc, kc, table.v, ranges, scale)  # type: ignore[arg-type]
+        return out.to(q.dtype), ExtendedCache(cache, [table])

@@ -70,11 +70,18 @@ class JukeboxAttention(PatternMechanism):
             return Pattern(w, column=Strided(w))
         return Pattern(w, (PrevBlock(w),))
 
-    def _per_group(self, fn, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
-        kinds, h = self.options.kinds, q.shape[1]
+    def head_groups(self, h: int) -> list[tuple[int, int, str]]:
+        """``(first, end, kind)``: the consecutive query heads of each kind, as even as ``h`` allows."""
+        kinds = self.options.kinds
         cut = [round(i * h / len(kinds)) for i in range(len(kinds) + 1)]
+        return list(zip(cut, cut[1:], kinds))
+
+    def decode_patterns(self, heads: int) -> list[tuple[int, int, Pattern]]:
+        return [(a, b, self.kind_pattern(kind)) for a, b, kind in self.head_groups(heads)]
+
+    def _per_group(self, fn, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
         outs = [fn(q[:, a:b], k[:, a:b], v[:, a:b], mask, scale, self.kind_pattern(kind))
-                for a, b, kind in zip(cut, cut[1:], kinds)]
+                for a, b, kind in self.head_groups(q.shape[1])]
         return torch.cat(outs, dim=1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, dropout_p: float = 0.0) -> Tensor:

@@ -13,19 +13,26 @@ farther the coarser. With fine block ``s``, radius ``r`` and pooling factor ``f`
 Every position is counted exactly once, at the finest scale that reaches it, all in one softmax.
 Causal: only past tokens, and only spans that end at or before ``i``. The summaries are extra nodes of
 the engine, scored densely: O(n (r s + n / s) d).
+
+Decoding keeps the span means of every complete span of each level in the state (one table per level,
+a span pooled once, when its last position arrives); a one-token step gathers its fine blocks from the
+cache and its spans from the tables: O(r s + f r + n / s_L) keys per token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fastattn.core.masks import Mask
+from fastattn.core.state import KVCache
 from fastattn.registry import register
 from .base import PatternMechanism, check_positive
 from fastattn.ops.compress import span_means
+from fastattn.ops.sparse.decode import ExtendedCache, one_token_unpadded, sources_attention
 from fastattn.ops.sparse.nodes import Nodes
 from fastattn.ops.sparse.patterns import BlockWindow, Pattern
 
@@ -85,3 +92,32 @@ class MultiscaleAttention(PatternMechanism):
     def nodes(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None) -> Nodes | None:
         o = self.options
         return retina_nodes(k, v, mask, o.block, o.radius, o.factor, o.levels)
+
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, scale: float, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
+        """One unpadded token: the fine blocks from the cache and the retina's spans from the state's
+        per-level tables of span means (filled as spans complete); else the general step (which returns
+        a plain cache; the tables are rebuilt at the next one-token step)."""
+        old = one_token_unpadded(q, state, key_padding_mask)
+        if old is None:
+            cache = state.cache if isinstance(state, ExtendedCache) else state
+            return super().step(q, k, v, cache, scale, key_padding_mask)
+        o = self.options
+        cache = old.append(k, v)
+        i = cache.length - 1
+        tables = list(state.tables) if isinstance(state, ExtendedCache) else []
+        sources = [(cache.k, cache.v, [range(max(0, (i // o.block - o.radius) * o.block), i + 1)])]
+        for level in range(1, o.levels + 1):
+            p = o.block * o.factor ** (level - 1)
+            table = tables[level - 1] if len(tables) >= level else KVCache(cache.k[:, :, :0], cache.v[:, :, :0])
+            done = (i + 1) // p  # complete spans
+            if table.length < done:  # pool the spans completed since the last step
+                lo, hi = table.length * p, done * p
+                table = table.append(span_means(cache.k[:, :, lo:hi], None, p)[0],  # type: ignore[arg-type]
+                                     span_means(cache.v[:, :, lo:hi], None, p)[0])  # type: ignore[arg-type]
+            tables[level - 1:level] = [table]
+            first = 0 if level == o.levels else max(0, (i // (p * o.factor) - o.radius) * o.factor)
+            sources.append((table.k, table.v, [range(first, min(done, i // p - o.radius))]))
+        (qc,) = self.upcast(q)
+        return sources_attention(qc, sources, scale).to(q.dtype), ExtendedCache(cache, tables)

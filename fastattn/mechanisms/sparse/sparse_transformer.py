@@ -32,7 +32,16 @@ class SparseTransformerAttention(PatternMechanism):
     """Strided or fixed factorised attention, both sets in one softmax (see module docstring)."""
 
     test_options = {"stride": 8, "summary": 2}
-    pruned_cache = True  # fixed: the own block and the summaries; strided: every key (column part)
+
+    @property
+    def pruned_cache(self) -> bool:  # type: ignore[override]
+        """Fixed: a cache pruned to the own block and the summaries. Strided keeps every key (column
+        part), in a :class:`~fastattn.core.state.KVCache` whose one-token steps gather the window and
+        the column (:meth:`decode_patterns`)."""
+        return self.options.mode == "fixed"
+
+    def decode_patterns(self, heads: int) -> list[tuple[int, int, Pattern]] | None:
+        return [(0, heads, self.pattern(1, 1, torch.device("cpu")))] if self.options.mode == "strided" else None
 
     @dataclass(frozen=True)
     class Options:

@@ -64,6 +64,12 @@ class Part:
         Default: yes (an unbounded cache)."""
         return torch.ones_like(kpos, dtype=torch.bool)
 
+    def keys(self, i: int, block: int) -> range | None:
+        """The causal keys ``j <= i`` the part lets query position ``i`` see, as one ``range`` (the
+        decoding step gathers them); None when they are not one range (then decoding takes the general
+        path)."""
+        return None
+
 
 @dataclass(frozen=True)
 class Window(Part):
@@ -84,6 +90,9 @@ class Window(Part):
 
     def needed(self, kpos, next_pos):
         return kpos >= next_pos - self.radius
+
+    def keys(self, i, block):
+        return range(max(0, i - self.radius), i + 1)
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,9 @@ class DilatedWindow(Part):
     def needed(self, kpos, next_pos):
         return kpos >= next_pos - self.radius * self.dilation
 
+    def keys(self, i, block):
+        return range(i - min(self.radius, i // self.dilation) * self.dilation, i + 1, self.dilation)
+
 
 @dataclass(frozen=True)
 class SameBlock(Part):
@@ -125,6 +137,9 @@ class SameBlock(Part):
 
     def needed(self, kpos, next_pos):
         return torch.div(kpos, self.size, rounding_mode="floor") == next_pos // self.size
+
+    def keys(self, i, block):
+        return range(i - i % self.size, i + 1)
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,9 @@ class BlockWindow(Part):
         fl = lambda x: torch.div(x, block, rounding_mode="floor")  # noqa: E731
         return (fl(qpos) - fl(kpos)).abs() <= self.radius
 
+    def keys(self, i, block):
+        return range(max(0, (i // block - self.radius) * block), i + 1)
+
 
 @dataclass(frozen=True)
 class PrevBlock(Part):
@@ -184,6 +202,10 @@ class PrevBlock(Part):
 
     def needed(self, kpos, next_pos):
         return torch.div(kpos, self.size, rounding_mode="floor") >= next_pos // self.size - 1
+
+    def keys(self, i, block):
+        start = i - i % self.size
+        return range(max(0, start - self.size), start)
 
 
 @dataclass(frozen=True)
@@ -219,6 +241,9 @@ class Strided:
 
     def needed(self, kpos, next_pos):
         return torch.ones_like(kpos, dtype=torch.bool)
+
+    def keys(self, i: int, block: int) -> range:
+        return range(i % self.stride, i + 1, self.stride)
 
 
 def value_key(x: object) -> Hashable:
@@ -318,6 +343,39 @@ class Pattern:
         for p in self.parts + ((self.column,) if self.column is not None else ()):
             out = out | p.needed(kpos, next_pos)
         return out
+
+    def key_ranges(self, i: int) -> list[range] | None:
+        """The keys ``j <= i`` query position ``i`` may see, as disjoint ranges (each key once): what a
+        decoding step gathers, O(kept) work. None where a part cannot list its keys as a range, where
+        there are global tokens or more than one part with a stride (the general path then)."""
+        if any(g is not None and g.numel() > 0 for g in (self.global_keys, self.global_queries)):
+            return None
+        parts = self.parts + ((self.column,) if self.column is not None else ())
+        rs = [p.keys(i, self.block) for p in parts]
+        if any(r is None for r in rs):
+            return None
+        dense = sorted((r.start, r.stop) for r in rs if r.step == 1 and len(r))  # type: ignore[union-attr]
+        strided = [r for r in rs if r.step != 1 and len(r)]  # type: ignore[union-attr]
+        if len(strided) > 1:
+            return None
+        spans: list[tuple[int, int]] = []
+        for lo, hi in dense:  # merge the contiguous ranges
+            if spans and lo <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
+            else:
+                spans.append((lo, hi))
+        out = [range(lo, hi) for lo, hi in spans]
+        for r in strided:  # its elements outside the merged spans
+            start = r.start
+            for lo, hi in spans:
+                if hi <= start or lo >= r.stop:
+                    continue
+                if lo > start:
+                    out.append(range(start, min(lo, r.stop), r.step))
+                start += -(-(hi - start) // r.step) * r.step
+            if start < r.stop:
+                out.append(range(start, r.stop, r.step))
+        return [r for r in out if len(r)]
 
     # ---- the block layout the engine gathers ---------------------------------------------------
     def layout(self, qblk: Tensor, nkb: int, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
