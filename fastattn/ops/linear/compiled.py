@@ -3,9 +3,10 @@
 ``linear_cpu.cpp`` (next to this file) holds the kernels: the causal recurrence as one pass per token
 over an L1-resident state, one parallel region over the (batch, key/value head) rows per sweep, with
 state in and out, per-head decay and per-token gates, grouped-query heads, forward and a hand-written
-backward, for causal calls (non-causal ones stay on the tiled kernels, see :func:`linear_attention`).
-They are registered as the ``torch.library`` custom ops ``fastattn::linear_attention_cpp`` / ``fastattn::linear_attention_cpp_backward`` (same
-schema and shapes as the tiled ops, so ``torch.compile`` keeps one graph around them).
+backward; non-causal calls sum the state and read it out a block of tokens at a time (each state
+element loaded once per block). A known feature map (elu + 1, :data:`FUSED_FEATURES`) is applied inside
+the kernels, forward and backward, so no feature tensor is allocated. They are registered as the ``torch.library`` custom ops ``fastattn::linear_attention_cpp`` / ``fastattn::linear_attention_cpp_backward`` (the
+tiled ops' schema and shapes plus the fused feature map's number, so ``torch.compile`` keeps one graph around them).
 
 The extension is compiled by :func:`torch.utils.cpp_extension.load` the first time it is needed (about
 half a minute; ``-O3 -march=native``, OpenMP) and cached in torch's extension directory
@@ -212,19 +213,21 @@ def linear_attention(
     chunk: int = 64,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """:func:`~fastattn.ops.linear.tiled.tiled_linear_attention` on the compiled kernels (same arguments
-    and results; ``chunk`` is unused: the causal kernel is a per-token recurrence). A feature map
-    ``phi`` is applied first (the features exist in full). Non-causal calls and one-token steps run on
-    :func:`tiled_linear_attention`: the former are two matrix products, which the tiled kernels run at
-    GEMM speed with the feature map applied tile by tile (materialised features measured 2x slower,
-    ``benchmarks/results/cpp_1thread_cputime.json``); the latter are a handful of ops there. A ``phi``
-    with ``phi.fused`` in :data:`FUSED_FEATURES` is applied inside the kernels (forward and backward),
-    so no feature tensor is allocated."""
-    if not causal or q.shape[2] == 1:
+    and results; ``chunk`` is unused: the causal kernel is a per-token recurrence, the non-causal one
+    sums the state over blocks of tokens). A ``phi`` with ``phi.fused`` in :data:`FUSED_FEATURES` is
+    applied inside the kernels (forward and backward), so no feature tensor is allocated; another
+    ``phi`` is applied first (the features exist in full) for causal calls, while non-causal calls with
+    such a ``phi`` run on :func:`tiled_linear_attention` (two matrix products with the feature map
+    applied tile by tile; materialised features measured 2x slower,
+    ``benchmarks/results/cpp_1thread_cputime.json``). One-token steps run there too (a handful of ops)."""
+    feature = FUSED_FEATURES.get(getattr(phi, "fused", None), 0)
+    if (causal and q.shape[2] == 1) or (not causal and phi is not None and not feature):
         return tiled_linear_attention(q, k, v, phi=phi, log_g=log_g, s0=s0, z0=z0, causal=causal,
                                       normalize=normalize, chunk=chunk)
-    if q.shape[2] != k.shape[2]:
+    if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"the causal kernel needs equal query and key lengths, got {q.shape[2]} and {k.shape[2]}")
-    feature = FUSED_FEATURES.get(getattr(phi, "fused", None), 0)
+    if not causal and log_g is not None:
+        raise ValueError("gates (decay) need the causal form")
     if phi is not None and not feature:
         q, k = phi(q, True), phi(k, False)
     out, den, s_n, z_n = _op(q, k, v, log_g, s0, z0, causal, normalize, feature)

@@ -8,8 +8,8 @@
 // dS_0), forwards again for S_t (giving dq). Gates are exact per token (no exp of differences). The
 // gradient of the cumulative log-gate, dA_t = sum_j q_jt . dq_jt - k_t . dk_t, is returned per token;
 // the Python side turns it into the log-gates' gradient (as the tiled kernels do).
-// Causal only: the non-causal form is two matrix products, which the tiled PyTorch kernels already run
-// at GEMM speed with their feature maps applied tile by tile (faster than materialised features).
+// Non-causal: the state summed over the keys, then read out by the queries, tb tokens at a time (see
+// rank_update / readout below); backward likewise (the tiled kernels' formulas).
 //
 // Ungated calls run code without the gate multiplies (template flag): two fused multiply-adds per state
 // element and token forward, five backward. A token-wise feature map may be fused (``feature`` 1:
@@ -527,6 +527,221 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
   });
 }
 
+// ---- non-causal -----------------------------------------------------------------------------------
+// Two rank-blocked loops do all the work, tb tokens at a time so that each state element is loaded and
+// stored once per tb tokens (GEMM-like: tb fused multiply-adds per load):
+//   rank_update: S (D x W) += sum_u x_u y_u^T;      readout: out_u = x_u S (a W-vector per token).
+// Forward: S = S_0 + sum_s k'_s v_s^T, z = z_0 + sum_s k'_s, out_t = q'_t S / q'_t . z. Backward (S, z
+// the final state): dq'_t = S G_t + gd_t z (a readout of S^T), dS = dS_n + sum_t q'_t G_t^T, dz = dz_n
+// + sum_t gd_t q'_t, then dv_s = dS^T k'_s (a readout of dS), dk'_s = dS v_s + dz (a readout of dS^T).
+constexpr int TB = 8;  // tokens per block
+
+template <typename T, int tb>
+void rank_update_(T* __restrict__ S, int64_t D, int64_t W, const T* const* x, const T* const* y) {
+  using SI = Simd<T>;
+  using V = typename SI::V;
+  const T* xu[tb];  // the pointers in registers (not reloaded after every store to S)
+  for (int u = 0; u < tb; ++u) xu[u] = x[u];
+  int64_t e = 0;
+  for (; e + SI::N <= W; e += SI::N) {
+    V yb[tb];
+    for (int u = 0; u < tb; ++u) yb[u] = SI::load(y[u] + e);
+    for (int64_t i = 0; i < D; ++i) {
+      V s = SI::load(S + i * W + e);
+      for (int u = 0; u < tb; ++u) s += SI::splat(xu[u][i]) * yb[u];
+      SI::store(S + i * W + e, s);
+    }
+  }
+  for (; e < W; ++e)
+    for (int64_t i = 0; i < D; ++i)
+      for (int u = 0; u < tb; ++u) S[i * W + e] += xu[u][i] * y[u][e];
+}
+
+template <typename T>
+void rank_update(T* S, int64_t D, int64_t W, int tb, const T* const* x, const T* const* y) {
+  if (tb == TB) return rank_update_<T, TB>(S, D, W, x, y);
+  for (int u = 0; u < tb; ++u) rank_update_<T, 1>(S, D, W, x + u, y + u);
+}
+
+template <typename T, int tb>
+void readout_(const T* __restrict__ S, int64_t D, int64_t W, const T* const* x, T* const* out) {
+  using SI = Simd<T>;
+  using V = typename SI::V;
+  const T* xu[tb];
+  for (int u = 0; u < tb; ++u) xu[u] = x[u];
+  int64_t e = 0;
+  for (; e + SI::N <= W; e += SI::N) {
+    V acc[tb] = {};
+    for (int64_t i = 0; i < D; ++i) {
+      const V s = SI::load(S + i * W + e);
+      for (int u = 0; u < tb; ++u) acc[u] += SI::splat(xu[u][i]) * s;
+    }
+    for (int u = 0; u < tb; ++u) SI::store(out[u] + e, acc[u]);
+  }
+  for (; e < W; ++e)
+    for (int u = 0; u < tb; ++u) {
+      T a = 0;
+      for (int64_t i = 0; i < D; ++i) a += xu[u][i] * S[i * W + e];
+      out[u][e] = a;
+    }
+}
+
+template <typename T>
+void readout(const T* S, int64_t D, int64_t W, int tb, const T* const* x, T* const* out) {
+  if (tb == TB) return readout_<T, TB>(S, D, W, x, out);
+  for (int u = 0; u < tb; ++u) readout_<T, 1>(S, D, W, x + u, out + u);
+}
+
+template <typename T>
+void transpose(const T* __restrict__ a, T* __restrict__ at, int64_t R, int64_t C) {  // (R, C) -> (C, R)
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < C; ++j) at[j * R + i] = a[i * C + j];
+}
+
+template <typename T>
+void noncausal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const c10::optional<Tensor>& s0,
+                       const c10::optional<Tensor>& z0, bool normalize, int feature, Tensor& out, Tensor& den,
+                       Tensor& s_n, Tensor& z_n) {
+  const int64_t B = k.size(0), Hkv = k.size(1), Lk = k.size(2), D = k.size(3), Ev = v.size(3);
+  const int64_t Lq = q.size(2), gq = q.size(1) / Hkv, H = q.size(1);
+  Rows<T> Q(q), K(k), V(v), O(out);
+  T* dn = normalize ? den.data_ptr<T>() : nullptr;
+  T* sn = s_n.data_ptr<T>();
+  T* zn = normalize ? z_n.data_ptr<T>() : nullptr;
+  const T* S0 = (s0.has_value() && s0->defined()) ? s0->data_ptr<T>() : nullptr;
+  const T* Z0 = (normalize && z0.has_value() && z0->defined()) ? z0->data_ptr<T>() : nullptr;
+  at::parallel_for(0, B * Hkv, grain(std::max(Lq, Lk), D, Ev), [&](int64_t r0, int64_t r1) {
+    std::vector<T> fb(TB * D);
+    const T* xs[TB];
+    const T* ys[TB];
+    T* os[TB];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / Hkv, h = r % Hkv;
+      T* __restrict__ S = sn + r * D * Ev;
+      T* __restrict__ z = normalize ? zn + r * D : nullptr;
+      for (int64_t i = 0; i < D * Ev; ++i) S[i] = S0 ? S0[r * D * Ev + i] : T(0);
+      if (normalize)
+        for (int64_t i = 0; i < D; ++i) z[i] = Z0 ? Z0[r * D + i] : T(0);
+      for (int64_t t0 = 0; t0 < Lk; t0 += TB) {
+        const int tb = static_cast<int>(std::min<int64_t>(TB, Lk - t0));
+        for (int u = 0; u < tb; ++u) {
+          xs[u] = features(feature, K.at(b, h, t0 + u), fb.data() + u * D, D);
+          ys[u] = V.at(b, h, t0 + u);
+          if (normalize)
+            for (int64_t i = 0; i < D; ++i) z[i] += xs[u][i];
+        }
+        rank_update(S, D, Ev, tb, xs, ys);
+      }
+      for (int64_t j = 0; j < gq; ++j) {
+        const int64_t hq = h * gq + j;
+        for (int64_t t0 = 0; t0 < Lq; t0 += TB) {
+          const int tb = static_cast<int>(std::min<int64_t>(TB, Lq - t0));
+          for (int u = 0; u < tb; ++u) {
+            xs[u] = features(feature, Q.at(b, hq, t0 + u), fb.data() + u * D, D);
+            os[u] = O.at(b, hq, t0 + u);
+          }
+          readout(S, D, Ev, tb, xs, os);
+          if (!normalize) continue;
+          for (int u = 0; u < tb; ++u) {
+            const T d = dot(xs[u], z, D);
+            dn[(b * H + hq) * Lq + t0 + u] = d;
+            const T inv = d == T(0) ? T(1) : T(1) / d;
+            for (int64_t e = 0; e < Ev; ++e) os[u][e] *= inv;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void noncausal_backward(const Tensor& q, const Tensor& k, const Tensor& v, bool normalize, int feature,
+                        const Tensor& out, const Tensor& den, const Tensor& s_n, const Tensor& z_n, const Tensor& dout,
+                        const c10::optional<Tensor>& dden, const c10::optional<Tensor>& dsn,
+                        const c10::optional<Tensor>& dzn, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& ds0,
+                        Tensor& dz0) {
+  const int64_t B = k.size(0), Hkv = k.size(1), Lk = k.size(2), D = k.size(3), Ev = v.size(3);
+  const int64_t Lq = q.size(2), gq = q.size(1) / Hkv, H = q.size(1);
+  Rows<T> Q(q), K(k), V(v), O(out), dO(dout), dQ(dq), dK(dk), dV(dv);
+  const T* dn = normalize ? den.data_ptr<T>() : nullptr;
+  const bool has_dden = normalize && dden.has_value() && dden->defined();
+  const T* ddn = has_dden ? dden->data_ptr<T>() : nullptr;
+  const T* sn = s_n.data_ptr<T>();
+  const T* zn = normalize ? z_n.data_ptr<T>() : nullptr;
+  const T* dSn = (dsn.has_value() && dsn->defined()) ? dsn->data_ptr<T>() : nullptr;
+  const T* dZn = (normalize && dzn.has_value() && dzn->defined()) ? dzn->data_ptr<T>() : nullptr;
+  T* dS0 = ds0.data_ptr<T>();
+  T* dZ0 = normalize ? dz0.data_ptr<T>() : nullptr;
+  at::parallel_for(0, B * Hkv, grain(std::max(Lq, Lk), D, Ev), [&](int64_t r0, int64_t r1) {
+    std::vector<T> fb(TB * D), Gb(TB * Ev), ST(D * Ev), gd(TB);
+    const T* xs[TB];
+    const T* ys[TB];
+    T* os[TB];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / Hkv, h = r % Hkv;
+      T* __restrict__ dS = dS0 + r * D * Ev;
+      T* __restrict__ dz = normalize ? dZ0 + r * D : nullptr;
+      for (int64_t i = 0; i < D * Ev; ++i) dS[i] = dSn ? dSn[r * D * Ev + i] : T(0);
+      if (normalize)
+        for (int64_t i = 0; i < D; ++i) dz[i] = dZn ? dZn[r * D + i] : T(0);
+      transpose(sn + r * D * Ev, ST.data(), D, Ev);
+      const T* z = normalize ? zn + r * D : nullptr;
+      for (int64_t j = 0; j < gq; ++j) {  // queries: dq, and dS, dz summed
+        const int64_t hq = h * gq + j;
+        for (int64_t t0 = 0; t0 < Lq; t0 += TB) {
+          const int tb = static_cast<int>(std::min<int64_t>(TB, Lq - t0));
+          for (int u = 0; u < tb; ++u) {
+            const int64_t t = t0 + u;
+            xs[u] = features(feature, Q.at(b, hq, t), fb.data() + u * D, D);
+            const T* o = dO.at(b, hq, t);
+            T* Gu = Gb.data() + u * Ev;
+            ys[u] = Gu;
+            os[u] = dQ.at(b, hq, t);
+            if (!normalize) {
+              for (int64_t e = 0; e < Ev; ++e) Gu[e] = o[e];
+              continue;
+            }
+            const T d = dn[(b * H + hq) * Lq + t];
+            const T inv = d == T(0) ? T(1) : T(1) / d;
+            for (int64_t e = 0; e < Ev; ++e) Gu[e] = o[e] * inv;
+            gd[u] = d == T(0) ? T(0) : -dot(o, O.at(b, hq, t), Ev) * inv;
+            if (has_dden) gd[u] += ddn[(b * H + hq) * Lq + t];
+          }
+          readout(ST.data(), Ev, D, tb, ys, os);  // dq' = S G
+          rank_update(dS, D, Ev, tb, xs, ys);      // dS += q' G^T
+          for (int u = 0; u < tb; ++u) {
+            if (normalize)
+              for (int64_t i = 0; i < D; ++i) {
+                os[u][i] += gd[u] * z[i];
+                dz[i] += gd[u] * xs[u][i];
+              }
+            chain(feature, os[u], xs[u], D);
+          }
+        }
+      }
+      transpose(dS, ST.data(), D, Ev);  // now dS^T
+      for (int64_t t0 = 0; t0 < Lk; t0 += TB) {  // keys: dv = dS^T k', dk' = dS v + dz
+        const int tb = static_cast<int>(std::min<int64_t>(TB, Lk - t0));
+        for (int u = 0; u < tb; ++u) {
+          xs[u] = features(feature, K.at(b, h, t0 + u), fb.data() + u * D, D);
+          os[u] = dV.at(b, h, t0 + u);
+        }
+        readout(dS, D, Ev, tb, xs, os);
+        for (int u = 0; u < tb; ++u) {
+          ys[u] = V.at(b, h, t0 + u);
+          os[u] = dK.at(b, h, t0 + u);
+        }
+        readout(ST.data(), Ev, D, tb, ys, os);
+        for (int u = 0; u < tb; ++u) {
+          if (normalize)
+            for (int64_t i = 0; i < D; ++i) os[u][i] += dz[i];
+          chain(feature, os[u], xs[u], D);
+        }
+      }
+    }
+  });
+}
+
 // ---- entry points --------------------------------------------------------------------------------
 
 std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> log_g, c10::optional<Tensor> s0,
@@ -536,8 +751,8 @@ std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> 
   v = last_contiguous(v);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Ev = v.size(3);
-  TORCH_CHECK(causal, "the compiled kernels are causal (non-causal calls run on the tiled kernels)");
-  TORCH_CHECK(k.size(2) == L, "the causal kernel needs equal query and key lengths");
+  TORCH_CHECK(!causal || k.size(2) == L, "the causal kernel needs equal query and key lengths");
+  TORCH_CHECK(causal || !(log_g.has_value() && log_g->defined()), "gates (decay) need the causal form");
   TORCH_CHECK(feature == 0 || feature == 1, "unknown fused feature map ", feature);
   auto opts = v.options();
   Tensor out = at::empty({B, H, L, Ev}, opts);
@@ -552,7 +767,9 @@ std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> 
   if (z0.has_value() && z0->defined()) z0c = z0->contiguous();
   const int f = static_cast<int>(feature);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "fastattn_linear_forward", [&] {
-    if (gates.any())
+    if (!causal)
+      noncausal_forward<scalar_t>(q, k, v, s0c, z0c, normalize, f, out, den, s_n, z_n);
+    else if (gates.any())
       causal_forward<scalar_t, true>(q, k, v, gates, s0c, z0c, normalize, f, out, den, s_n, z_n);
     else
       causal_forward<scalar_t, false>(q, k, v, gates, s0c, z0c, normalize, f, out, den, s_n, z_n);
@@ -573,7 +790,6 @@ std::vector<Tensor> backward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor>
   const int64_t Hkv = k.size(1), Ev = v.size(3);
   auto opts = v.options();
   auto present = [](const c10::optional<Tensor>& x) { return x.has_value() && x->defined(); };
-  TORCH_CHECK(causal, "the compiled kernels are causal (non-causal calls run on the tiled kernels)");
   TORCH_CHECK(feature == 0 || feature == 1, "unknown fused feature map ", feature);
   Tensor dq = at::empty({B, H, L, D}, opts), dk = at::empty({B, Hkv, L, D}, opts);
   Tensor dv = at::empty({B, Hkv, L, Ev}, opts);
@@ -590,7 +806,11 @@ std::vector<Tensor> backward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor>
   Tensor denc = normalize ? den.contiguous() : den;
   const int f = static_cast<int>(feature);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "fastattn_linear_backward", [&] {
-    if (gates.any())
+    if (!causal)
+      noncausal_backward<scalar_t>(q, k, v, normalize, f, out, denc, s_n.contiguous(),
+                                   normalize ? z_n.contiguous() : z_n, dout, cont(dden), cont(dsn), cont(dzn), dq, dk,
+                                   dv, ds0, dz0);
+    else if (gates.any())
       causal_backward<scalar_t, true>(q, k, v, gates, cont(s0), cont(z0), normalize, f, out, denc, dout, cont(dden),
                                       cont(dsn), cont(dzn), dq, dk, dv, ds0, dz0, dcum);
     else
