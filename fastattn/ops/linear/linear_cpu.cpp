@@ -329,6 +329,12 @@ inline void dq_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, int64
   }
 }
 
+// dst = src[0:n] (an initial state), or zeros where there is none.
+template <typename T>
+inline void init_state(T* __restrict__ dst, const T* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src ? src[i] : T(0);
+}
+
 // Rows per task: small calls (a decoding step) run on the calling thread -- waking a thread pool costs
 // more than their arithmetic, and on a loaded machine a whole scheduler slice.
 inline int64_t grain(int64_t L, int64_t D, int64_t Ev) {
@@ -354,9 +360,9 @@ void causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Gat
       const int64_t b = r / Hkv, h = r % Hkv;
       T* __restrict__ S = sn + r * D * Ev;  // the running state lives in the output
       T* __restrict__ z = normalize ? zn + r * D : nullptr;
-      for (int64_t i = 0; i < D * Ev; ++i) S[i] = S0 ? S0[r * D * Ev + i] : T(0);
+      init_state(S, S0 ? S0 + r * D * Ev : nullptr, D * Ev);
       if (normalize)
-        for (int64_t i = 0; i < D; ++i) z[i] = Z0 ? Z0[r * D + i] : T(0);
+        init_state(z, Z0 ? Z0 + r * D : nullptr, D);
       for (int64_t t = 0; t < L; ++t) {
         const T g = gated ? static_cast<T>(gates.at(b, h, t)) : T(1);
         const T* kt = features(feature, K.at(b, h, t), fkb.data(), D);
@@ -437,9 +443,9 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
       // backwards: R = dL/dS_t, rz = dL/dz_t
       T* __restrict__ R = dS0 + r * D * Ev;
       T* __restrict__ rz = normalize ? dZ0 + r * D : nullptr;
-      for (int64_t i = 0; i < D * Ev; ++i) R[i] = dSn ? dSn[r * D * Ev + i] : T(0);
+      init_state(R, dSn ? dSn + r * D * Ev : nullptr, D * Ev);
       if (normalize)
-        for (int64_t i = 0; i < D; ++i) rz[i] = dZn ? dZn[r * D + i] : T(0);
+        init_state(rz, dZn ? dZn + r * D : nullptr, D);
       for (int64_t t = L - 1; t >= 0; --t) {
         const T gn = (gated && t + 1 < L) ? static_cast<T>(gates.at(b, h, t + 1)) : T(1);
         grads(b, h, t);
@@ -485,8 +491,8 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
           for (int64_t i = 0; i < D; ++i) rz[i] *= g0;
       }
       // forwards: S_t, z_t give dq
-      for (int64_t i = 0; i < D * Ev; ++i) S[i] = S0 ? S0[r * D * Ev + i] : T(0);
-      for (int64_t i = 0; i < D; ++i) z[i] = Z0 ? Z0[r * D + i] : T(0);
+      init_state(S.data(), S0 ? S0 + r * D * Ev : nullptr, D * Ev);
+      init_state(z.data(), Z0 ? Z0 + r * D : nullptr, D);
       for (int64_t t = 0; t < L; ++t) {
         const T g = gated ? static_cast<T>(gates.at(b, h, t)) : T(1);
         grads(b, h, t);
@@ -619,9 +625,9 @@ void noncausal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
       const int64_t b = r / Hkv, h = r % Hkv;
       T* __restrict__ S = sn + r * D * Ev;
       T* __restrict__ z = normalize ? zn + r * D : nullptr;
-      for (int64_t i = 0; i < D * Ev; ++i) S[i] = S0 ? S0[r * D * Ev + i] : T(0);
+      init_state(S, S0 ? S0 + r * D * Ev : nullptr, D * Ev);
       if (normalize)
-        for (int64_t i = 0; i < D; ++i) z[i] = Z0 ? Z0[r * D + i] : T(0);
+        init_state(z, Z0 ? Z0 + r * D : nullptr, D);
       for (int64_t t0 = 0; t0 < Lk; t0 += TB) {
         const int tb = static_cast<int>(std::min<int64_t>(TB, Lk - t0));
         for (int u = 0; u < tb; ++u) {
@@ -681,9 +687,9 @@ void noncausal_backward(const Tensor& q, const Tensor& k, const Tensor& v, bool 
       const int64_t b = r / Hkv, h = r % Hkv;
       T* __restrict__ dS = dS0 + r * D * Ev;
       T* __restrict__ dz = normalize ? dZ0 + r * D : nullptr;
-      for (int64_t i = 0; i < D * Ev; ++i) dS[i] = dSn ? dSn[r * D * Ev + i] : T(0);
+      init_state(dS, dSn ? dSn + r * D * Ev : nullptr, D * Ev);
       if (normalize)
-        for (int64_t i = 0; i < D; ++i) dz[i] = dZn ? dZn[r * D + i] : T(0);
+        init_state(dz, dZn ? dZn + r * D : nullptr, D);
       transpose(sn + r * D * Ev, ST.data(), D, Ev);
       const T* z = normalize ? zn + r * D : nullptr;
       for (int64_t j = 0; j < gq; ++j) {  // queries: dq, and dS, dz summed
