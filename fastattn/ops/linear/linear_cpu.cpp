@@ -249,10 +249,11 @@ inline void fwd_token(T* S, int64_t Ev, int64_t D, const T* kt, const T* qt, con
 template <typename T, int nv, bool gated>
 inline void rev_block(T* __restrict__ R, int64_t Ev, int64_t e0, int64_t D, int64_t gq, const T* const* qt,
                       const T* __restrict__ G, const T* __restrict__ kt, const T* __restrict__ vt, T gn,
-                      T* __restrict__ dk, T* __restrict__ dv) {
+                      T* __restrict__ dk, T* __restrict__ dv, typename Simd<T>::V* __restrict__ P) {
   using SI = Simd<T>;
   using V = typename SI::V;
   V dvb[nv] = {}, vb[nv], gb[nv];
+  const T* __restrict__ q0 = qt[0];
   const V gv = SI::splat(gn);
   for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
   if (gq == 1)
@@ -264,7 +265,7 @@ inline void rev_block(T* __restrict__ R, int64_t Ev, int64_t e0, int64_t D, int6
     for (int u = 0; u < nv; ++u) {
       V x = gated ? gv * SI::load(Rr + u * SI::N) : SI::load(Rr + u * SI::N);
       if (gq == 1) {
-        x += SI::splat(qt[0][i]) * gb[u];
+        x += SI::splat(q0[i]) * gb[u];
       } else {
         for (int64_t j = 0; j < gq; ++j) x += SI::splat(qt[j][i]) * SI::load(G + j * Ev + e0 + u * SI::N);
       }
@@ -274,20 +275,18 @@ inline void rev_block(T* __restrict__ R, int64_t Ev, int64_t e0, int64_t D, int6
     }
     return part;
   };
+  for (int64_t i = 0; i < D; ++i) P[i] = row(i);  // the rows' lanes, summed below N rows at a time
   int64_t i = 0;
-  for (; i + SI::N <= D; i += SI::N) {  // N rows at a time: their lane sums in one vector
-    V parts[SI::N];
-    for (int64_t r = 0; r < SI::N; ++r) parts[r] = row(i + r);
-    SI::store(dk + i, SI::load(dk + i) + reduce_rows(parts));
-  }
-  for (; i < D; ++i) dk[i] += SI::hsum(row(i));
+  for (; i + SI::N <= D; i += SI::N) SI::store(dk + i, SI::load(dk + i) + reduce_rows(P + i));
+  for (; i < D; ++i) dk[i] += SI::hsum(P[i]);
   for (int u = 0; u < nv; ++u) SI::store(dv + e0 + u * SI::N, dvb[u]);
 }
 
 // Backward, forwards sweep, one token, one block: S_i = g S_i + k_i v, dq_ji += S_i . G_j.
 template <typename T, int nv, bool gated>
 inline void dq_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, int64_t gq, T* const* dq,
-                     const T* __restrict__ G, const T* __restrict__ kt, const T* __restrict__ vt, T g) {
+                     const T* __restrict__ G, const T* __restrict__ kt, const T* __restrict__ vt, T g,
+                     typename Simd<T>::V* __restrict__ P) {
   using SI = Simd<T>;
   using V = typename SI::V;
   V vb[nv];
@@ -297,21 +296,21 @@ inline void dq_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, int64
   if (gq == 1) {  // N rows at a time: their lane sums in one vector
     V gb[nv];
     for (int u = 0; u < nv; ++u) gb[u] = SI::load(G + e0 + u * SI::N);
-    for (; i0 + SI::N <= D; i0 += SI::N) {
-      V parts[SI::N];
-      for (int64_t r = 0; r < SI::N; ++r) {
-        T* Sr = S + (i0 + r) * Ev + e0;
-        const V ki = SI::splat(kt[i0 + r]);
-        V part{};
-        for (int u = 0; u < nv; ++u) {
-          const V x = (gated ? gv * SI::load(Sr + u * SI::N) : SI::load(Sr + u * SI::N)) + ki * vb[u];
-          SI::store(Sr + u * SI::N, x);
-          part += x * gb[u];
-        }
-        parts[r] = part;
+    for (int64_t i = 0; i < D; ++i) {  // the rows' lanes, summed below N rows at a time
+      T* Sr = S + i * Ev + e0;
+      const V ki = SI::splat(kt[i]);
+      V part{};
+      for (int u = 0; u < nv; ++u) {
+        const V x = (gated ? gv * SI::load(Sr + u * SI::N) : SI::load(Sr + u * SI::N)) + ki * vb[u];
+        SI::store(Sr + u * SI::N, x);
+        part += x * gb[u];
       }
-      SI::store(dq[0] + i0, SI::load(dq[0] + i0) + reduce_rows(parts));
+      P[i] = part;
     }
+    T* __restrict__ d0 = dq[0];
+    for (; i0 + SI::N <= D; i0 += SI::N) SI::store(d0 + i0, SI::load(d0 + i0) + reduce_rows(P + i0));
+    for (; i0 < D; ++i0) d0[i0] += SI::hsum(P[i0]);
+    return;
   }
   for (int64_t i = i0; i < D; ++i) {
     T* Sr = S + i * Ev + e0;
@@ -416,6 +415,7 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
   T* dc = gated ? dcum.data_ptr<T>() : nullptr;  // (B, Hkv, L)
   at::parallel_for(0, B * Hkv, grain(L, D, Ev), [&](int64_t r0, int64_t r1) {
     std::vector<T> G(gq * Ev), gd(gq, T(0)), S(D * Ev), z(D), fqb(gq * D), fkb(D);
+    std::vector<typename SI::V> P(D);  // per-row partial sums of a block (summed across lanes after it)
     std::vector<const T*> qs(gq);
     std::vector<T*> dqs(gq);
     // qs_j = phi(q_j), G_j = dout_j / den_j and gd_j = -(dout_j . out_j) / den_j + dden_j (0 + dden
@@ -467,9 +467,9 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
         }
         int64_t e0 = 0;
         for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N)
-          rev_block<T, NV, gated>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt);
+          rev_block<T, NV, gated>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt, P.data());
         for (; e0 + SI::N <= Ev; e0 += SI::N)
-          rev_block<T, 1, gated>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt);
+          rev_block<T, 1, gated>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt, P.data());
         for (int64_t e = e0; e < Ev; ++e) dvt[e] = 0;
         for (int64_t i = 0; i < D && e0 < Ev; ++i) {
           T* Rr = R + i * Ev;
@@ -512,9 +512,9 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
         }
         int64_t e0 = 0;
         for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N)
-          dq_block<T, NV, gated>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g);
+          dq_block<T, NV, gated>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g, P.data());
         for (; e0 + SI::N <= Ev; e0 += SI::N)
-          dq_block<T, 1, gated>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g);
+          dq_block<T, 1, gated>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g, P.data());
         for (int64_t i = 0; i < D && e0 < Ev; ++i) {
           T* Sr = S.data() + i * Ev;
           for (int64_t e = e0; e < Ev; ++e) {
