@@ -208,21 +208,25 @@ inline void fwd_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, cons
   using V = typename SI::V;
   V a[nv] = {}, vb[nv];
   const V gv = SI::splat(g);
+  #pragma GCC unroll 16
   for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
   for (int64_t i = 0; i < D; ++i) {
     T* Sr = S + i * Ev + e0;
     const V qi = SI::splat(qt[i]);
     if (update) {
       const V ki = SI::splat(kt[i]);
+      #pragma GCC unroll 16
       for (int u = 0; u < nv; ++u) {
         const V x = (gated ? gv * SI::load(Sr + u * SI::N) : SI::load(Sr + u * SI::N)) + ki * vb[u];
         SI::store(Sr + u * SI::N, x);
         a[u] += qi * x;
       }
     } else {
+      #pragma GCC unroll 16
       for (int u = 0; u < nv; ++u) a[u] += qi * SI::load(Sr + u * SI::N);
     }
   }
+  #pragma GCC unroll 16
   for (int u = 0; u < nv; ++u) SI::store(acc + e0 + u * SI::N, a[u]);
 }
 
@@ -255,13 +259,16 @@ inline void rev_block(T* __restrict__ R, int64_t Ev, int64_t e0, int64_t D, int6
   V dvb[nv] = {}, vb[nv], gb[nv];
   const T* __restrict__ q0 = qt[0];
   const V gv = SI::splat(gn);
+  #pragma GCC unroll 16
   for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
   if (gq == 1)
+    #pragma GCC unroll 16
     for (int u = 0; u < nv; ++u) gb[u] = SI::load(G + e0 + u * SI::N);
   auto row = [&](int64_t i) -> V {  // R_i updated; returns the lanes of R_i . v
     T* Rr = R + i * Ev + e0;
     const V ki = SI::splat(kt[i]);
     V part{};
+    #pragma GCC unroll 16
     for (int u = 0; u < nv; ++u) {
       V x = gated ? gv * SI::load(Rr + u * SI::N) : SI::load(Rr + u * SI::N);
       if (gq == 1) {
@@ -279,6 +286,7 @@ inline void rev_block(T* __restrict__ R, int64_t Ev, int64_t e0, int64_t D, int6
   int64_t i = 0;
   for (; i + SI::N <= D; i += SI::N) SI::store(dk + i, SI::load(dk + i) + reduce_rows(P + i));
   for (; i < D; ++i) dk[i] += SI::hsum(P[i]);
+  #pragma GCC unroll 16
   for (int u = 0; u < nv; ++u) SI::store(dv + e0 + u * SI::N, dvb[u]);
 }
 
@@ -291,15 +299,18 @@ inline void dq_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, int64
   using V = typename SI::V;
   V vb[nv];
   const V gv = SI::splat(g);
+  #pragma GCC unroll 16
   for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
   int64_t i0 = 0;
   if (gq == 1) {  // N rows at a time: their lane sums in one vector
     V gb[nv];
+    #pragma GCC unroll 16
     for (int u = 0; u < nv; ++u) gb[u] = SI::load(G + e0 + u * SI::N);
     for (int64_t i = 0; i < D; ++i) {  // the rows' lanes, summed below N rows at a time
       T* Sr = S + i * Ev + e0;
       const V ki = SI::splat(kt[i]);
       V part{};
+      #pragma GCC unroll 16
       for (int u = 0; u < nv; ++u) {
         const V x = (gated ? gv * SI::load(Sr + u * SI::N) : SI::load(Sr + u * SI::N)) + ki * vb[u];
         SI::store(Sr + u * SI::N, x);
@@ -316,12 +327,14 @@ inline void dq_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, int64
     T* Sr = S + i * Ev + e0;
     const V ki = SI::splat(kt[i]);
     V x[nv];
+    #pragma GCC unroll 16
     for (int u = 0; u < nv; ++u) {
       x[u] = (gated ? gv * SI::load(Sr + u * SI::N) : SI::load(Sr + u * SI::N)) + ki * vb[u];
       SI::store(Sr + u * SI::N, x[u]);
     }
     for (int64_t j = 0; j < gq; ++j) {
       V part{};
+      #pragma GCC unroll 16
       for (int u = 0; u < nv; ++u) part += x[u] * SI::load(G + j * Ev + e0 + u * SI::N);
       dq[j][i] += SI::hsum(part);
     }
@@ -420,7 +433,10 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
     std::vector<T*> dqs(gq);
     // qs_j = phi(q_j), G_j = dout_j / den_j and gd_j = -(dout_j . out_j) / den_j + dden_j (0 + dden
     // where den == 0)
-    auto grads = [&](int64_t b, int64_t h, int64_t t) {
+    // The denominator's gradient gd of every token of a row, computed in the backwards sweep and read in
+    // the forwards one (which then does not read the output again).
+    std::vector<T> gds(normalize ? gq * L : 0);
+    auto grads = [&](int64_t b, int64_t h, int64_t t, bool first) {
       for (int64_t j = 0; j < gq; ++j) {
         const int64_t hq = h * gq + j;
         const T* __restrict__ o = dO.at(b, hq, t);
@@ -434,9 +450,26 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
         const T d = dn[(b * H + hq) * L + t];
         const T inv = d == T(0) ? T(1) : T(1) / d;
         for (int64_t e = 0; e < Ev; ++e) Gj[e] = o[e] * inv;
-        gd[j] = d == T(0) ? T(0) : -dot(o, O.at(b, hq, t), Ev) * inv;
-        if (has_dden) gd[j] += ddn[(b * H + hq) * L + t];
+        if (first) {
+          gds[j * L + t] = d == T(0) ? T(0) : -dot(o, O.at(b, hq, t), Ev) * inv;
+          if (has_dden) gds[j * L + t] += ddn[(b * H + hq) * L + t];
+        }
+        gd[j] = gds[j * L + t];
       }
+    };
+    // The rows of token t of the inputs the sweeps read, fetched into the cache ahead of use.
+    auto prefetch = [&](int64_t b, int64_t h, int64_t t) {
+      if (t < 0 || t >= L) return;
+      auto lines = [](const T* p, int64_t n) {
+        for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(T))) __builtin_prefetch(p + i);
+      };
+      for (int64_t j = 0; j < gq; ++j) {
+        lines(dO.at(b, h * gq + j, t), Ev);
+        lines(Q.at(b, h * gq + j, t), D);
+        lines(O.at(b, h * gq + j, t), Ev);
+      }
+      lines(K.at(b, h, t), D);
+      lines(V.at(b, h, t), Ev);
     };
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / Hkv, h = r % Hkv;
@@ -448,7 +481,8 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
         init_state(rz, dZn ? dZn + r * D : nullptr, D);
       for (int64_t t = L - 1; t >= 0; --t) {
         const T gn = (gated && t + 1 < L) ? static_cast<T>(gates.at(b, h, t + 1)) : T(1);
-        grads(b, h, t);
+        grads(b, h, t, true);
+        prefetch(b, h, t - 4);
         const T* kt = features(feature, K.at(b, h, t), fkb.data(), D);
         const T* vt = V.at(b, h, t);
         T* dkt = dK.at(b, h, t);
@@ -495,7 +529,8 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
       init_state(z.data(), Z0 ? Z0 + r * D : nullptr, D);
       for (int64_t t = 0; t < L; ++t) {
         const T g = gated ? static_cast<T>(gates.at(b, h, t)) : T(1);
-        grads(b, h, t);
+        grads(b, h, t, false);
+        prefetch(b, h, t + 4);
         const T* kt = features(feature, K.at(b, h, t), fkb.data(), D);
         const T* vt = V.at(b, h, t);
         {
@@ -547,25 +582,30 @@ void rank_update_(T* __restrict__ S, int64_t D, int64_t W, const T* const* x, co
   using SI = Simd<T>;
   using V = typename SI::V;
   const T* xu[tb];  // the pointers in registers (not reloaded after every store to S)
+  #pragma GCC unroll 16
   for (int u = 0; u < tb; ++u) xu[u] = x[u];
   int64_t e = 0;
   for (; e + SI::N <= W; e += SI::N) {
     V yb[tb];
+    #pragma GCC unroll 16
     for (int u = 0; u < tb; ++u) yb[u] = SI::load(y[u] + e);
     for (int64_t i = 0; i < D; ++i) {
       V s = SI::load(S + i * W + e);
+      #pragma GCC unroll 16
       for (int u = 0; u < tb; ++u) s += SI::splat(xu[u][i]) * yb[u];
       SI::store(S + i * W + e, s);
     }
   }
   for (; e < W; ++e)
     for (int64_t i = 0; i < D; ++i)
+      #pragma GCC unroll 16
       for (int u = 0; u < tb; ++u) S[i * W + e] += xu[u][i] * y[u][e];
 }
 
 template <typename T>
 void rank_update(T* S, int64_t D, int64_t W, int tb, const T* const* x, const T* const* y) {
   if (tb == TB) return rank_update_<T, TB>(S, D, W, x, y);
+  #pragma GCC unroll 16
   for (int u = 0; u < tb; ++u) rank_update_<T, 1>(S, D, W, x + u, y + u);
 }
 
@@ -574,17 +614,21 @@ void readout_(const T* __restrict__ S, int64_t D, int64_t W, const T* const* x, 
   using SI = Simd<T>;
   using V = typename SI::V;
   const T* xu[tb];
+  #pragma GCC unroll 16
   for (int u = 0; u < tb; ++u) xu[u] = x[u];
   int64_t e = 0;
   for (; e + SI::N <= W; e += SI::N) {
     V acc[tb] = {};
     for (int64_t i = 0; i < D; ++i) {
       const V s = SI::load(S + i * W + e);
+      #pragma GCC unroll 16
       for (int u = 0; u < tb; ++u) acc[u] += SI::splat(xu[u][i]) * s;
     }
+    #pragma GCC unroll 16
     for (int u = 0; u < tb; ++u) SI::store(out[u] + e, acc[u]);
   }
   for (; e < W; ++e)
+    #pragma GCC unroll 16
     for (int u = 0; u < tb; ++u) {
       T a = 0;
       for (int64_t i = 0; i < D; ++i) a += xu[u][i] * S[i * W + e];
@@ -595,6 +639,7 @@ void readout_(const T* __restrict__ S, int64_t D, int64_t W, const T* const* x, 
 template <typename T>
 void readout(const T* S, int64_t D, int64_t W, int tb, const T* const* x, T* const* out) {
   if (tb == TB) return readout_<T, TB>(S, D, W, x, out);
+  #pragma GCC unroll 16
   for (int u = 0; u < tb; ++u) readout_<T, 1>(S, D, W, x + u, out + u);
 }
 
@@ -630,6 +675,7 @@ void noncausal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
         init_state(z, Z0 ? Z0 + r * D : nullptr, D);
       for (int64_t t0 = 0; t0 < Lk; t0 += TB) {
         const int tb = static_cast<int>(std::min<int64_t>(TB, Lk - t0));
+        #pragma GCC unroll 16
         for (int u = 0; u < tb; ++u) {
           xs[u] = features(feature, K.at(b, h, t0 + u), fb.data() + u * D, D);
           ys[u] = V.at(b, h, t0 + u);
@@ -642,12 +688,14 @@ void noncausal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
         const int64_t hq = h * gq + j;
         for (int64_t t0 = 0; t0 < Lq; t0 += TB) {
           const int tb = static_cast<int>(std::min<int64_t>(TB, Lq - t0));
+          #pragma GCC unroll 16
           for (int u = 0; u < tb; ++u) {
             xs[u] = features(feature, Q.at(b, hq, t0 + u), fb.data() + u * D, D);
             os[u] = O.at(b, hq, t0 + u);
           }
           readout(S, D, Ev, tb, xs, os);
           if (!normalize) continue;
+          #pragma GCC unroll 16
           for (int u = 0; u < tb; ++u) {
             const T d = dot(xs[u], z, D);
             dn[(b * H + hq) * Lq + t0 + u] = d;
@@ -696,6 +744,7 @@ void noncausal_backward(const Tensor& q, const Tensor& k, const Tensor& v, bool 
         const int64_t hq = h * gq + j;
         for (int64_t t0 = 0; t0 < Lq; t0 += TB) {
           const int tb = static_cast<int>(std::min<int64_t>(TB, Lq - t0));
+          #pragma GCC unroll 16
           for (int u = 0; u < tb; ++u) {
             const int64_t t = t0 + u;
             xs[u] = features(feature, Q.at(b, hq, t), fb.data() + u * D, D);
@@ -715,6 +764,7 @@ void noncausal_backward(const Tensor& q, const Tensor& k, const Tensor& v, bool 
           }
           readout(ST.data(), Ev, D, tb, ys, os);  // dq' = S G
           rank_update(dS, D, Ev, tb, xs, ys);      // dS += q' G^T
+          #pragma GCC unroll 16
           for (int u = 0; u < tb; ++u) {
             if (normalize)
               for (int64_t i = 0; i < D; ++i) {
@@ -728,16 +778,19 @@ void noncausal_backward(const Tensor& q, const Tensor& k, const Tensor& v, bool 
       transpose(dS, ST.data(), D, Ev);  // now dS^T
       for (int64_t t0 = 0; t0 < Lk; t0 += TB) {  // keys: dv = dS^T k', dk' = dS v + dz
         const int tb = static_cast<int>(std::min<int64_t>(TB, Lk - t0));
+        #pragma GCC unroll 16
         for (int u = 0; u < tb; ++u) {
           xs[u] = features(feature, K.at(b, h, t0 + u), fb.data() + u * D, D);
           os[u] = dV.at(b, h, t0 + u);
         }
         readout(dS, D, Ev, tb, xs, os);
+        #pragma GCC unroll 16
         for (int u = 0; u < tb; ++u) {
           ys[u] = V.at(b, h, t0 + u);
           os[u] = dK.at(b, h, t0 + u);
         }
         readout(ST.data(), Ev, D, tb, ys, os);
+        #pragma GCC unroll 16
         for (int u = 0; u < tb; ++u) {
           if (normalize)
             for (int64_t i = 0; i < D; ++i) os[u][i] += dz[i];
