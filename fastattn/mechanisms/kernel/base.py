@@ -27,6 +27,9 @@ class KernelMechanism(Mechanism):
     # fine): the engine may then apply it tile by tile and recompute it in backward, so the full
     # feature tensors are never stored (see :mod:`fastattn.ops.linear.tiled`).
     tokenwise: ClassVar[bool] = False
+    # The name of a feature map the compiled kernels can apply themselves (a key of
+    # ``fastattn.ops.linear.compiled.FUSED_FEATURES``) where ``features`` is exactly that map.
+    fused_features: ClassVar[str | None] = None
     log_decay: ClassVar[bool] = False  # True: decay() returns log lambda (finite where lambda underflows)
     # True where a subclass overrides ``forward`` but still computes exactly the base form from
     # ``features``, ``decay``, ``key_log_scale`` (and, gated, ``token_gates``): sequence parallelism may then
@@ -86,6 +89,8 @@ class KernelMechanism(Mechanism):
         if self.tokenwise:
             def phi(x: Tensor, is_query: bool) -> Tensor:
                 return self.features(x, is_query=is_query, scale=scale, mask=mask)
+
+            phi.fused = self.fused_features  # type: ignore[attr-defined]
 
             return linear_attention(q, k, v, mask, phi=phi, normalize=self.normalize, chunk=self.chunk,
                                     key_log_scale=c, **self._decay(decay))

@@ -23,6 +23,7 @@ class LinearAttention(KernelMechanism):
 
     test_options = {"chunk": 16}
     tokenwise = True
+    fused_features = "elu_plus_one"
 
     @dataclass(frozen=True)
     class Options:

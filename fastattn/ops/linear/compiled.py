@@ -3,9 +3,10 @@
 ``linear_cpu.cpp`` (next to this file) holds the kernels: the causal recurrence as one pass per token
 over an L1-resident state, one parallel region over the (batch, key/value head) rows per sweep, with
 state in and out, per-head decay and per-token gates, grouped-query heads, forward and a hand-written
-backward, for causal calls (non-causal ones stay on the tiled kernels, see :func:`linear_attention`).
-They are registered as the ``torch.library`` custom ops ``fastattn::linear_attention_cpp`` / ``fastattn::linear_attention_cpp_backward`` (same
-schema and shapes as the tiled ops, so ``torch.compile`` keeps one graph around them).
+backward; non-causal calls sum the state and read it out a block of tokens at a time (each state
+element loaded once per block). A known feature map (elu + 1, :data:`FUSED_FEATURES`) is applied inside
+the kernels, forward and backward, so no feature tensor is allocated. They are registered as the ``torch.library`` custom ops ``fastattn::linear_attention_cpp`` / ``fastattn::linear_attention_cpp_backward`` (the
+tiled ops' schema and shapes plus the fused feature map's number, so ``torch.compile`` keeps one graph around them).
 
 The extension is compiled by :func:`torch.utils.cpp_extension.load` the first time it is needed (about
 half a minute; ``-O3 -march=native``, OpenMP) and cached in torch's extension directory
@@ -143,11 +144,15 @@ def use() -> Iterator[None]:
         _ON[0] -= 1
 
 
-_FWD = ("(Tensor q, Tensor k, Tensor v, Tensor? log_g, Tensor? s0, Tensor? z0, bool causal, bool normalize) "
-        "-> (Tensor, Tensor, Tensor, Tensor)")
+_FWD = ("(Tensor q, Tensor k, Tensor v, Tensor? log_g, Tensor? s0, Tensor? z0, bool causal, bool normalize, "
+        "int feature=0) -> (Tensor, Tensor, Tensor, Tensor)")
 _BWD = ("(Tensor q, Tensor k, Tensor v, Tensor? log_g, Tensor? s0, Tensor? z0, Tensor out, Tensor den, "
         "Tensor s_n, Tensor z_n, Tensor? dout, Tensor? dden, Tensor? dsn, Tensor? dzn, bool causal, "
-        "bool normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+        "bool normalize, int feature=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+# Feature maps the kernels apply themselves (a FeatureMap carrying ``fused = name``): the op then takes the
+# raw q, k and no feature tensor is materialised (forward or backward).
+FUSED_FEATURES = {"elu_plus_one": 1}
 
 
 def _module():
@@ -157,41 +162,46 @@ def _module():
 
 
 @torch.library.custom_op("fastattn::linear_attention_cpp", mutates_args=(), schema=_FWD)
-def _op(q, k, v, log_g, s0, z0, causal, normalize):
-    out, den, s_n, z_n = _module().forward(q, k, v, log_g, s0, z0, causal, normalize)
+def _op(q, k, v, log_g, s0, z0, causal, normalize, feature=0):
+    out, den, s_n, z_n = _module().forward(q, k, v, log_g, s0, z0, causal, normalize, feature)
     return out, den, s_n, z_n
 
 
-_op.register_fake(fake_forward)
+@_op.register_fake
+def _fake(q, k, v, log_g, s0, z0, causal, normalize, feature=0):
+    return fake_forward(q, k, v, log_g, s0, z0, causal, normalize)
 
 
 @torch.library.custom_op("fastattn::linear_attention_cpp_backward", mutates_args=(), schema=_BWD)
-def _op_backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize):
+def _op_backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize, feature=0):
     if dout is None:
         dout = torch.zeros_like(out)
     if not normalize:
         dden = dzn = None
     dq, dk, dv, ds0, dz0, dcum = _module().backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn,
-                                                    dzn, causal, normalize)
+                                                    dzn, causal, normalize, feature)
     if log_g is None or not causal:
         return dq, dk, dv, v.new_empty(0), ds0, dz0
     return dq, dk, dv, log_gate_grad(dcum, log_g, s_n, z_n if normalize else None, dsn, dzn), ds0, dz0
 
 
-_op_backward.register_fake(fake_backward)
+@_op_backward.register_fake
+def _fake_backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize, feature=0):
+    return fake_backward(q, k, v, log_g, s0, z0, out, den, s_n, z_n, dout, dden, dsn, dzn, causal, normalize)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, log_g, s0, z0, causal, normalize = inputs
+    q, k, v, log_g, s0, z0, causal, normalize, *feature = inputs
     ctx.save_for_backward(q, k, v, log_g, s0, z0, *output)
-    ctx.args = (causal, normalize)
+    ctx.args = (causal, normalize, *feature)
     ctx.has = (log_g is not None and causal, s0 is not None, z0 is not None and normalize)
 
 
 def _backward(ctx, dout, dden, dsn, dzn):
     dq, dk, dv, dlog_g, ds0, dz0 = torch.ops.fastattn.linear_attention_cpp_backward(
         *ctx.saved_tensors, dout, dden, dsn, dzn, *ctx.args)
-    return dq, dk, dv, *(g if h else None for g, h in zip((dlog_g, ds0, dz0), ctx.has)), None, None
+    return (dq, dk, dv, *(g if h else None for g, h in zip((dlog_g, ds0, dz0), ctx.has)), None, None,
+            *(None,) * (len(ctx.args) - 2))
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
@@ -203,17 +213,22 @@ def linear_attention(
     chunk: int = 64,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """:func:`~fastattn.ops.linear.tiled.tiled_linear_attention` on the compiled kernels (same arguments
-    and results; ``chunk`` is unused: the causal kernel is a per-token recurrence). A feature map
-    ``phi`` is applied first (the features exist in full). Non-causal calls and one-token steps run on
-    :func:`tiled_linear_attention`: the former are two matrix products, which the tiled kernels run at
-    GEMM speed with the feature map applied tile by tile (materialised features measured 2x slower,
-    ``benchmarks/results/cpp_1thread_cputime.json``); the latter are a handful of ops there."""
-    if not causal or q.shape[2] == 1:
+    and results; ``chunk`` is unused: the causal kernel is a per-token recurrence, the non-causal one
+    sums the state over blocks of tokens). A ``phi`` with ``phi.fused`` in :data:`FUSED_FEATURES` is
+    applied inside the kernels (forward and backward), so no feature tensor is allocated; another
+    ``phi`` is applied first (the features exist in full) for causal calls, while non-causal calls with
+    such a ``phi`` run on :func:`tiled_linear_attention` (two matrix products with the feature map
+    applied tile by tile; materialised features measured 2x slower,
+    ``benchmarks/results/cpp_1thread_cputime.json``). One-token steps run there too (a handful of ops)."""
+    feature = FUSED_FEATURES.get(getattr(phi, "fused", None), 0)
+    if (causal and q.shape[2] == 1) or (not causal and phi is not None and not feature):
         return tiled_linear_attention(q, k, v, phi=phi, log_g=log_g, s0=s0, z0=z0, causal=causal,
                                       normalize=normalize, chunk=chunk)
-    if q.shape[2] != k.shape[2]:
+    if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"the causal kernel needs equal query and key lengths, got {q.shape[2]} and {k.shape[2]}")
-    if phi is not None:
+    if not causal and log_g is not None:
+        raise ValueError("gates (decay) need the causal form")
+    if phi is not None and not feature:
         q, k = phi(q, True), phi(k, False)
-    out, den, s_n, z_n = _op(q, k, v, log_g, s0, z0, causal, normalize)
+    out, den, s_n, z_n = _op(q, k, v, log_g, s0, z0, causal, normalize, feature)
     return out, (den if normalize else None), s_n, (z_n if normalize else None)

@@ -8,8 +8,14 @@
 // dS_0), forwards again for S_t (giving dq). Gates are exact per token (no exp of differences). The
 // gradient of the cumulative log-gate, dA_t = sum_j q_jt . dq_jt - k_t . dk_t, is returned per token;
 // the Python side turns it into the log-gates' gradient (as the tiled kernels do).
-// Causal only: the non-causal form is two matrix products, which the tiled PyTorch kernels already run
-// at GEMM speed with their feature maps applied tile by tile (faster than materialised features).
+// Non-causal: the state summed over the keys, then read out by the queries, tb tokens at a time (see
+// rank_update / readout below); backward likewise (the tiled kernels' formulas).
+//
+// Ungated calls run code without the gate multiplies (template flag): two fused multiply-adds per state
+// element and token forward, five backward. A token-wise feature map may be fused (``feature`` 1:
+// elu(x) + 1 = max(x + 1, exp(min(x, 0))), derivative min(phi, 1)): q and k are then the raw inputs, the
+// features of a token are computed into a small buffer when the token is visited (forward and both
+// backward sweeps), and the gradients are chained through the map in place -- no feature tensor exists.
 //
 // Layout: q (B, H, L, D), k (B, Hkv, L, D), v (B, Hkv, L, Ev) with any strides on the first three
 // axes and a contiguous last one; H = gq * Hkv (grouped-query heads share a state); log_g (B, Hkv, L)
@@ -134,39 +140,102 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
   return s;
 }
 
+// exp of float32 lanes <= 0 (Cephes' expf polynomial, about 1 ulp; below -87 the result is
+// exp(-87) ~ 2e-38 instead of a denormal or 0: a feature that small adds nothing).
+typedef int I16 __attribute__((vector_size(64)));
+inline F16 exp_nonpositive(F16 x) {
+  const F16 lo = F16{} + -87.0f;
+  x = x < lo ? lo : x;
+  const F16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const F16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  F16 p = F16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
+  F16 scale;
+  __builtin_memcpy(&scale, &bits, sizeof(F16));
+  return p * scale;
+}
+
+template <typename T>
+inline T elu1(T x) {
+  return std::max(x + T(1), std::exp(std::min(x, T(0))));
+}
+
+// The features of one token, phi(x) for D inputs, into f (feature 1: elu + 1).
+inline void elu1_row(const float* __restrict__ x, float* __restrict__ f, int64_t D) {
+  using SI = Simd<float>;
+  int64_t i = 0;
+  for (; i + SI::N <= D; i += SI::N) {
+    const F16 xi = SI::load(x + i);
+    const F16 zero{};
+    const F16 e = exp_nonpositive(xi < zero ? xi : zero);
+    const F16 y = xi + 1.0f;
+    SI::store(f + i, y > e ? y : e);
+  }
+  for (; i < D; ++i) f[i] = elu1(x[i]);
+}
+
+inline void elu1_row(const double* __restrict__ x, double* __restrict__ f, int64_t D) {
+  for (int64_t i = 0; i < D; ++i) f[i] = elu1(x[i]);
+}
+
+// A token's features: x itself (feature 0) or phi(x) written to buf.
+template <typename T>
+inline const T* features(int feature, const T* x, T* buf, int64_t D) {
+  if (feature == 0) return x;
+  elu1_row(x, buf, D);
+  return buf;
+}
+
+// The chain rule through the feature map, in place: dx = dphi * phi'(x), phi' = min(phi, 1) for elu + 1.
+template <typename T>
+inline void chain(int feature, T* __restrict__ d, const T* __restrict__ f, int64_t D) {
+  if (feature == 0) return;
+  for (int64_t i = 0; i < D; ++i) d[i] *= std::min(f[i], T(1));
+}
+
 // Forward, one token, one block [e0, e0 + nv * N) of the value axis, one query head:
 // (update) S_i = g S_i + k_i v for every row i, and acc = sum_i q_i S_i.
-template <typename T, int nv, bool update>
+template <typename T, int nv, bool update, bool gated>
 inline void fwd_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, const T* __restrict__ kt,
                       const T* __restrict__ qt, const T* __restrict__ vt, T g, T* __restrict__ acc) {
   using SI = Simd<T>;
   using V = typename SI::V;
   V a[nv] = {}, vb[nv];
   const V gv = SI::splat(g);
+  #pragma GCC unroll 16
   for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
   for (int64_t i = 0; i < D; ++i) {
     T* Sr = S + i * Ev + e0;
     const V qi = SI::splat(qt[i]);
     if (update) {
       const V ki = SI::splat(kt[i]);
+      #pragma GCC unroll 16
       for (int u = 0; u < nv; ++u) {
-        const V x = gv * SI::load(Sr + u * SI::N) + ki * vb[u];
+        const V x = (gated ? gv * SI::load(Sr + u * SI::N) : SI::load(Sr + u * SI::N)) + ki * vb[u];
         SI::store(Sr + u * SI::N, x);
         a[u] += qi * x;
       }
     } else {
+      #pragma GCC unroll 16
       for (int u = 0; u < nv; ++u) a[u] += qi * SI::load(Sr + u * SI::N);
     }
   }
+  #pragma GCC unroll 16
   for (int u = 0; u < nv; ++u) SI::store(acc + e0 + u * SI::N, a[u]);
 }
 
-template <typename T, bool update>
+template <typename T, bool update, bool gated>
 inline void fwd_token(T* S, int64_t Ev, int64_t D, const T* kt, const T* qt, const T* vt, T g, T* acc) {
   using SI = Simd<T>;
   int64_t e0 = 0;
-  for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N) fwd_block<T, NV, update>(S, Ev, e0, D, kt, qt, vt, g, acc);
-  for (; e0 + SI::N <= Ev; e0 += SI::N) fwd_block<T, 1, update>(S, Ev, e0, D, kt, qt, vt, g, acc);
+  for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N) fwd_block<T, NV, update, gated>(S, Ev, e0, D, kt, qt, vt, g, acc);
+  for (; e0 + SI::N <= Ev; e0 += SI::N) fwd_block<T, 1, update, gated>(S, Ev, e0, D, kt, qt, vt, g, acc);
   if (e0 < Ev) {
     for (int64_t e = e0; e < Ev; ++e) acc[e] = 0;
     for (int64_t i = 0; i < D; ++i) {
@@ -181,25 +250,29 @@ inline void fwd_token(T* S, int64_t Ev, int64_t D, const T* kt, const T* qt, con
 
 // Backward, backwards sweep, one token, one block of the value axis: R_i = gn R_i + sum_j q_ji G_j,
 // dv += k_i R_i, dk_i += R_i . v (added to dk, which holds the normaliser's part on entry).
-template <typename T, int nv>
+template <typename T, int nv, bool gated>
 inline void rev_block(T* __restrict__ R, int64_t Ev, int64_t e0, int64_t D, int64_t gq, const T* const* qt,
                       const T* __restrict__ G, const T* __restrict__ kt, const T* __restrict__ vt, T gn,
-                      T* __restrict__ dk, T* __restrict__ dv) {
+                      T* __restrict__ dk, T* __restrict__ dv, typename Simd<T>::V* __restrict__ P) {
   using SI = Simd<T>;
   using V = typename SI::V;
   V dvb[nv] = {}, vb[nv], gb[nv];
+  const T* __restrict__ q0 = qt[0];
   const V gv = SI::splat(gn);
+  #pragma GCC unroll 16
   for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
   if (gq == 1)
+    #pragma GCC unroll 16
     for (int u = 0; u < nv; ++u) gb[u] = SI::load(G + e0 + u * SI::N);
   auto row = [&](int64_t i) -> V {  // R_i updated; returns the lanes of R_i . v
     T* Rr = R + i * Ev + e0;
     const V ki = SI::splat(kt[i]);
     V part{};
+    #pragma GCC unroll 16
     for (int u = 0; u < nv; ++u) {
-      V x = gv * SI::load(Rr + u * SI::N);
+      V x = gated ? gv * SI::load(Rr + u * SI::N) : SI::load(Rr + u * SI::N);
       if (gq == 1) {
-        x += SI::splat(qt[0][i]) * gb[u];
+        x += SI::splat(q0[i]) * gb[u];
       } else {
         for (int64_t j = 0; j < gq; ++j) x += SI::splat(qt[j][i]) * SI::load(G + j * Ev + e0 + u * SI::N);
       }
@@ -209,59 +282,69 @@ inline void rev_block(T* __restrict__ R, int64_t Ev, int64_t e0, int64_t D, int6
     }
     return part;
   };
+  for (int64_t i = 0; i < D; ++i) P[i] = row(i);  // the rows' lanes, summed below N rows at a time
   int64_t i = 0;
-  for (; i + SI::N <= D; i += SI::N) {  // N rows at a time: their lane sums in one vector
-    V parts[SI::N];
-    for (int64_t r = 0; r < SI::N; ++r) parts[r] = row(i + r);
-    SI::store(dk + i, SI::load(dk + i) + reduce_rows(parts));
-  }
-  for (; i < D; ++i) dk[i] += SI::hsum(row(i));
+  for (; i + SI::N <= D; i += SI::N) SI::store(dk + i, SI::load(dk + i) + reduce_rows(P + i));
+  for (; i < D; ++i) dk[i] += SI::hsum(P[i]);
+  #pragma GCC unroll 16
   for (int u = 0; u < nv; ++u) SI::store(dv + e0 + u * SI::N, dvb[u]);
 }
 
 // Backward, forwards sweep, one token, one block: S_i = g S_i + k_i v, dq_ji += S_i . G_j.
-template <typename T, int nv>
+template <typename T, int nv, bool gated>
 inline void dq_block(T* __restrict__ S, int64_t Ev, int64_t e0, int64_t D, int64_t gq, T* const* dq,
-                     const T* __restrict__ G, const T* __restrict__ kt, const T* __restrict__ vt, T g) {
+                     const T* __restrict__ G, const T* __restrict__ kt, const T* __restrict__ vt, T g,
+                     typename Simd<T>::V* __restrict__ P) {
   using SI = Simd<T>;
   using V = typename SI::V;
   V vb[nv];
   const V gv = SI::splat(g);
+  #pragma GCC unroll 16
   for (int u = 0; u < nv; ++u) vb[u] = SI::load(vt + e0 + u * SI::N);
   int64_t i0 = 0;
   if (gq == 1) {  // N rows at a time: their lane sums in one vector
     V gb[nv];
+    #pragma GCC unroll 16
     for (int u = 0; u < nv; ++u) gb[u] = SI::load(G + e0 + u * SI::N);
-    for (; i0 + SI::N <= D; i0 += SI::N) {
-      V parts[SI::N];
-      for (int64_t r = 0; r < SI::N; ++r) {
-        T* Sr = S + (i0 + r) * Ev + e0;
-        const V ki = SI::splat(kt[i0 + r]);
-        V part{};
-        for (int u = 0; u < nv; ++u) {
-          const V x = gv * SI::load(Sr + u * SI::N) + ki * vb[u];
-          SI::store(Sr + u * SI::N, x);
-          part += x * gb[u];
-        }
-        parts[r] = part;
+    for (int64_t i = 0; i < D; ++i) {  // the rows' lanes, summed below N rows at a time
+      T* Sr = S + i * Ev + e0;
+      const V ki = SI::splat(kt[i]);
+      V part{};
+      #pragma GCC unroll 16
+      for (int u = 0; u < nv; ++u) {
+        const V x = (gated ? gv * SI::load(Sr + u * SI::N) : SI::load(Sr + u * SI::N)) + ki * vb[u];
+        SI::store(Sr + u * SI::N, x);
+        part += x * gb[u];
       }
-      SI::store(dq[0] + i0, SI::load(dq[0] + i0) + reduce_rows(parts));
+      P[i] = part;
     }
+    T* __restrict__ d0 = dq[0];
+    for (; i0 + SI::N <= D; i0 += SI::N) SI::store(d0 + i0, SI::load(d0 + i0) + reduce_rows(P + i0));
+    for (; i0 < D; ++i0) d0[i0] += SI::hsum(P[i0]);
+    return;
   }
   for (int64_t i = i0; i < D; ++i) {
     T* Sr = S + i * Ev + e0;
     const V ki = SI::splat(kt[i]);
     V x[nv];
+    #pragma GCC unroll 16
     for (int u = 0; u < nv; ++u) {
-      x[u] = gv * SI::load(Sr + u * SI::N) + ki * vb[u];
+      x[u] = (gated ? gv * SI::load(Sr + u * SI::N) : SI::load(Sr + u * SI::N)) + ki * vb[u];
       SI::store(Sr + u * SI::N, x[u]);
     }
     for (int64_t j = 0; j < gq; ++j) {
       V part{};
+      #pragma GCC unroll 16
       for (int u = 0; u < nv; ++u) part += x[u] * SI::load(G + j * Ev + e0 + u * SI::N);
       dq[j][i] += SI::hsum(part);
     }
   }
+}
+
+// dst = src[0:n] (an initial state), or zeros where there is none.
+template <typename T>
+inline void init_state(T* __restrict__ dst, const T* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src ? src[i] : T(0);
 }
 
 // Rows per task: small calls (a decoding step) run on the calling thread -- waking a thread pool costs
@@ -271,9 +354,9 @@ inline int64_t grain(int64_t L, int64_t D, int64_t Ev) {
   return std::max<int64_t>(1, (int64_t(1) << 20) / work);
 }
 
-template <typename T>
+template <typename T, bool gated>
 void causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Gates& gates,
-                    const c10::optional<Tensor>& s0, const c10::optional<Tensor>& z0, bool normalize,
+                    const c10::optional<Tensor>& s0, const c10::optional<Tensor>& z0, bool normalize, int feature,
                     Tensor& out, Tensor& den, Tensor& s_n, Tensor& z_n) {
   const int64_t B = k.size(0), Hkv = k.size(1), L = k.size(2), D = k.size(3), Ev = v.size(3);
   const int64_t gq = q.size(1) / Hkv;
@@ -284,27 +367,31 @@ void causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Gat
   const T* S0 = (s0.has_value() && s0->defined()) ? s0->data_ptr<T>() : nullptr;
   const T* Z0 = (normalize && z0.has_value() && z0->defined()) ? z0->data_ptr<T>() : nullptr;
   at::parallel_for(0, B * Hkv, grain(L, D, Ev), [&](int64_t r0, int64_t r1) {
-    std::vector<T> acc(Ev);
+    std::vector<T> acc(Ev), fkb(D), fqb(D);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / Hkv, h = r % Hkv;
       T* __restrict__ S = sn + r * D * Ev;  // the running state lives in the output
       T* __restrict__ z = normalize ? zn + r * D : nullptr;
-      for (int64_t i = 0; i < D * Ev; ++i) S[i] = S0 ? S0[r * D * Ev + i] : T(0);
+      init_state(S, S0 ? S0 + r * D * Ev : nullptr, D * Ev);
       if (normalize)
-        for (int64_t i = 0; i < D; ++i) z[i] = Z0 ? Z0[r * D + i] : T(0);
+        init_state(z, Z0 ? Z0 + r * D : nullptr, D);
       for (int64_t t = 0; t < L; ++t) {
-        const T g = gates.any() ? static_cast<T>(gates.at(b, h, t)) : T(1);
-        const T* kt = K.at(b, h, t);
+        const T g = gated ? static_cast<T>(gates.at(b, h, t)) : T(1);
+        const T* kt = features(feature, K.at(b, h, t), fkb.data(), D);
         const T* vt = V.at(b, h, t);
-        if (normalize)
-          for (int64_t i = 0; i < D; ++i) z[i] = g * z[i] + kt[i];
+        if (normalize) {
+          if (gated)
+            for (int64_t i = 0; i < D; ++i) z[i] = g * z[i] + kt[i];
+          else
+            for (int64_t i = 0; i < D; ++i) z[i] += kt[i];
+        }
         for (int64_t j = 0; j < gq; ++j) {
           const int64_t hq = h * gq + j;
-          const T* qt = Q.at(b, hq, t);
+          const T* qt = features(feature, Q.at(b, hq, t), fqb.data(), D);
           if (j == 0)
-            fwd_token<T, true>(S, Ev, D, kt, qt, vt, g, acc.data());
+            fwd_token<T, true, gated>(S, Ev, D, kt, qt, vt, g, acc.data());
           else
-            fwd_token<T, false>(S, Ev, D, kt, qt, vt, g, acc.data());
+            fwd_token<T, false, gated>(S, Ev, D, kt, qt, vt, g, acc.data());
           T* o = O.at(b, hq, t);
           T inv = 1;
           if (normalize) {
@@ -319,9 +406,9 @@ void causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Gat
   });
 }
 
-template <typename T>
+template <typename T, bool gated>
 void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Gates& gates,
-                     const c10::optional<Tensor>& s0, const c10::optional<Tensor>& z0, bool normalize,
+                     const c10::optional<Tensor>& s0, const c10::optional<Tensor>& z0, bool normalize, int feature,
                      const Tensor& out, const Tensor& den, const Tensor& dout, const c10::optional<Tensor>& dden,
                      const c10::optional<Tensor>& dsn, const c10::optional<Tensor>& dzn, Tensor& dq, Tensor& dk,
                      Tensor& dv, Tensor& ds0, Tensor& dz0, Tensor& dcum) {
@@ -338,18 +425,23 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
   const T* dZn = (normalize && dzn.has_value() && dzn->defined()) ? dzn->data_ptr<T>() : nullptr;
   T* dS0 = ds0.data_ptr<T>();
   T* dZ0 = normalize ? dz0.data_ptr<T>() : nullptr;
-  T* dc = gates.any() ? dcum.data_ptr<T>() : nullptr;  // (B, Hkv, L)
+  T* dc = gated ? dcum.data_ptr<T>() : nullptr;  // (B, Hkv, L)
   at::parallel_for(0, B * Hkv, grain(L, D, Ev), [&](int64_t r0, int64_t r1) {
-    std::vector<T> G(gq * Ev), gd(gq, T(0)), S(D * Ev), z(D);
+    std::vector<T> G(gq * Ev), gd(gq, T(0)), S(D * Ev), z(D), fqb(gq * D), fkb(D);
+    std::vector<typename SI::V> P(D);  // per-row partial sums of a block (summed across lanes after it)
     std::vector<const T*> qs(gq);
     std::vector<T*> dqs(gq);
-    // G_j = dout_j / den_j and gd_j = -(dout_j . out_j) / den_j + dden_j (0 + dden where den == 0)
-    auto grads = [&](int64_t b, int64_t h, int64_t t) {
+    // qs_j = phi(q_j), G_j = dout_j / den_j and gd_j = -(dout_j . out_j) / den_j + dden_j (0 + dden
+    // where den == 0)
+    // The denominator's gradient gd of every token of a row, computed in the backwards sweep and read in
+    // the forwards one (which then does not read the output again).
+    std::vector<T> gds(normalize ? gq * L : 0);
+    auto grads = [&](int64_t b, int64_t h, int64_t t, bool first) {
       for (int64_t j = 0; j < gq; ++j) {
         const int64_t hq = h * gq + j;
         const T* __restrict__ o = dO.at(b, hq, t);
         T* __restrict__ Gj = G.data() + j * Ev;
-        qs[j] = Q.at(b, hq, t);
+        qs[j] = features(feature, Q.at(b, hq, t), fqb.data() + j * D, D);
         dqs[j] = dQ.at(b, hq, t);
         if (!normalize) {
           for (int64_t e = 0; e < Ev; ++e) Gj[e] = o[e];
@@ -358,27 +450,46 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
         const T d = dn[(b * H + hq) * L + t];
         const T inv = d == T(0) ? T(1) : T(1) / d;
         for (int64_t e = 0; e < Ev; ++e) Gj[e] = o[e] * inv;
-        gd[j] = d == T(0) ? T(0) : -dot(o, O.at(b, hq, t), Ev) * inv;
-        if (has_dden) gd[j] += ddn[(b * H + hq) * L + t];
+        if (first) {
+          gds[j * L + t] = d == T(0) ? T(0) : -dot(o, O.at(b, hq, t), Ev) * inv;
+          if (has_dden) gds[j * L + t] += ddn[(b * H + hq) * L + t];
+        }
+        gd[j] = gds[j * L + t];
       }
+    };
+    // The rows of token t of the inputs the sweeps read, fetched into the cache ahead of use.
+    auto prefetch = [&](int64_t b, int64_t h, int64_t t) {
+      if (t < 0 || t >= L) return;
+      auto lines = [](const T* p, int64_t n) {
+        for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(T))) __builtin_prefetch(p + i);
+      };
+      for (int64_t j = 0; j < gq; ++j) {
+        lines(dO.at(b, h * gq + j, t), Ev);
+        lines(Q.at(b, h * gq + j, t), D);
+        lines(O.at(b, h * gq + j, t), Ev);
+      }
+      lines(K.at(b, h, t), D);
+      lines(V.at(b, h, t), Ev);
     };
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / Hkv, h = r % Hkv;
       // backwards: R = dL/dS_t, rz = dL/dz_t
       T* __restrict__ R = dS0 + r * D * Ev;
       T* __restrict__ rz = normalize ? dZ0 + r * D : nullptr;
-      for (int64_t i = 0; i < D * Ev; ++i) R[i] = dSn ? dSn[r * D * Ev + i] : T(0);
+      init_state(R, dSn ? dSn + r * D * Ev : nullptr, D * Ev);
       if (normalize)
-        for (int64_t i = 0; i < D; ++i) rz[i] = dZn ? dZn[r * D + i] : T(0);
+        init_state(rz, dZn ? dZn + r * D : nullptr, D);
       for (int64_t t = L - 1; t >= 0; --t) {
-        const T gn = (gates.any() && t + 1 < L) ? static_cast<T>(gates.at(b, h, t + 1)) : T(1);
-        grads(b, h, t);
-        const T* kt = K.at(b, h, t);
+        const T gn = (gated && t + 1 < L) ? static_cast<T>(gates.at(b, h, t + 1)) : T(1);
+        grads(b, h, t, true);
+        prefetch(b, h, t - 4);
+        const T* kt = features(feature, K.at(b, h, t), fkb.data(), D);
         const T* vt = V.at(b, h, t);
         T* dkt = dK.at(b, h, t);
         T* dvt = dV.at(b, h, t);
         if (normalize) {  // rz = gn rz + sum_j gd_j q_j; dk starts from it
-          for (int64_t i = 0; i < D; ++i) rz[i] *= gn;
+          if (gated)
+            for (int64_t i = 0; i < D; ++i) rz[i] *= gn;
           for (int64_t j = 0; j < gq; ++j) {
             const T* __restrict__ qj = qs[j];
             const T gdj = gd[j];
@@ -390,9 +501,9 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
         }
         int64_t e0 = 0;
         for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N)
-          rev_block<T, NV>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt);
+          rev_block<T, NV, gated>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt, P.data());
         for (; e0 + SI::N <= Ev; e0 += SI::N)
-          rev_block<T, 1>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt);
+          rev_block<T, 1, gated>(R, Ev, e0, D, gq, qs.data(), G.data(), kt, vt, gn, dkt, dvt, P.data());
         for (int64_t e = e0; e < Ev; ++e) dvt[e] = 0;
         for (int64_t i = 0; i < D && e0 < Ev; ++i) {
           T* Rr = R + i * Ev;
@@ -405,24 +516,29 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
           }
         }
         if (dc) dc[r * L + t] = -dot(kt, dkt, D);
+        chain(feature, dkt, kt, D);
       }
-      if (gates.any()) {  // dS_0 = g_1 R_1
+      if (gated) {  // dS_0 = g_1 R_1
         const T g0 = L > 0 ? static_cast<T>(gates.at(b, h, 0)) : T(1);
         for (int64_t i = 0; i < D * Ev; ++i) R[i] *= g0;
         if (normalize)
           for (int64_t i = 0; i < D; ++i) rz[i] *= g0;
       }
       // forwards: S_t, z_t give dq
-      for (int64_t i = 0; i < D * Ev; ++i) S[i] = S0 ? S0[r * D * Ev + i] : T(0);
-      for (int64_t i = 0; i < D; ++i) z[i] = Z0 ? Z0[r * D + i] : T(0);
+      init_state(S.data(), S0 ? S0 + r * D * Ev : nullptr, D * Ev);
+      init_state(z.data(), Z0 ? Z0 + r * D : nullptr, D);
       for (int64_t t = 0; t < L; ++t) {
-        const T g = gates.any() ? static_cast<T>(gates.at(b, h, t)) : T(1);
-        grads(b, h, t);
-        const T* kt = K.at(b, h, t);
+        const T g = gated ? static_cast<T>(gates.at(b, h, t)) : T(1);
+        grads(b, h, t, false);
+        prefetch(b, h, t + 4);
+        const T* kt = features(feature, K.at(b, h, t), fkb.data(), D);
         const T* vt = V.at(b, h, t);
         {
           T* __restrict__ zz = z.data();
-          for (int64_t i = 0; i < D; ++i) zz[i] = g * zz[i] + kt[i];
+          if (gated)
+            for (int64_t i = 0; i < D; ++i) zz[i] = g * zz[i] + kt[i];
+          else
+            for (int64_t i = 0; i < D; ++i) zz[i] += kt[i];
           for (int64_t j = 0; j < gq; ++j) {
             T* __restrict__ dqj = dqs[j];
             const T c = normalize ? gd[j] : T(0);
@@ -431,9 +547,9 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
         }
         int64_t e0 = 0;
         for (; e0 + NV * SI::N <= Ev; e0 += NV * SI::N)
-          dq_block<T, NV>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g);
+          dq_block<T, NV, gated>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g, P.data());
         for (; e0 + SI::N <= Ev; e0 += SI::N)
-          dq_block<T, 1>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g);
+          dq_block<T, 1, gated>(S.data(), Ev, e0, D, gq, dqs.data(), G.data(), kt, vt, g, P.data());
         for (int64_t i = 0; i < D && e0 < Ev; ++i) {
           T* Sr = S.data() + i * Ev;
           for (int64_t e = e0; e < Ev; ++e) {
@@ -446,6 +562,240 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
           for (int64_t j = 0; j < gq; ++j) s += dot(qs[j], dqs[j], D);
           dc[r * L + t] += s;
         }
+        for (int64_t j = 0; j < gq; ++j) chain(feature, dqs[j], qs[j], D);
+      }
+    }
+  });
+}
+
+// ---- non-causal -----------------------------------------------------------------------------------
+// Two rank-blocked loops do all the work, tb tokens at a time so that each state element is loaded and
+// stored once per tb tokens (GEMM-like: tb fused multiply-adds per load):
+//   rank_update: S (D x W) += sum_u x_u y_u^T;      readout: out_u = x_u S (a W-vector per token).
+// Forward: S = S_0 + sum_s k'_s v_s^T, z = z_0 + sum_s k'_s, out_t = q'_t S / q'_t . z. Backward (S, z
+// the final state): dq'_t = S G_t + gd_t z (a readout of S^T), dS = dS_n + sum_t q'_t G_t^T, dz = dz_n
+// + sum_t gd_t q'_t, then dv_s = dS^T k'_s (a readout of dS), dk'_s = dS v_s + dz (a readout of dS^T).
+constexpr int TB = 8;  // tokens per block
+
+template <typename T, int tb>
+void rank_update_(T* __restrict__ S, int64_t D, int64_t W, const T* const* x, const T* const* y) {
+  using SI = Simd<T>;
+  using V = typename SI::V;
+  const T* xu[tb];  // the pointers in registers (not reloaded after every store to S)
+  #pragma GCC unroll 16
+  for (int u = 0; u < tb; ++u) xu[u] = x[u];
+  int64_t e = 0;
+  for (; e + SI::N <= W; e += SI::N) {
+    V yb[tb];
+    #pragma GCC unroll 16
+    for (int u = 0; u < tb; ++u) yb[u] = SI::load(y[u] + e);
+    for (int64_t i = 0; i < D; ++i) {
+      V s = SI::load(S + i * W + e);
+      #pragma GCC unroll 16
+      for (int u = 0; u < tb; ++u) s += SI::splat(xu[u][i]) * yb[u];
+      SI::store(S + i * W + e, s);
+    }
+  }
+  for (; e < W; ++e)
+    for (int64_t i = 0; i < D; ++i)
+      #pragma GCC unroll 16
+      for (int u = 0; u < tb; ++u) S[i * W + e] += xu[u][i] * y[u][e];
+}
+
+template <typename T>
+void rank_update(T* S, int64_t D, int64_t W, int tb, const T* const* x, const T* const* y) {
+  if (tb == TB) return rank_update_<T, TB>(S, D, W, x, y);
+  #pragma GCC unroll 16
+  for (int u = 0; u < tb; ++u) rank_update_<T, 1>(S, D, W, x + u, y + u);
+}
+
+template <typename T, int tb>
+void readout_(const T* __restrict__ S, int64_t D, int64_t W, const T* const* x, T* const* out) {
+  using SI = Simd<T>;
+  using V = typename SI::V;
+  const T* xu[tb];
+  #pragma GCC unroll 16
+  for (int u = 0; u < tb; ++u) xu[u] = x[u];
+  int64_t e = 0;
+  for (; e + SI::N <= W; e += SI::N) {
+    V acc[tb] = {};
+    for (int64_t i = 0; i < D; ++i) {
+      const V s = SI::load(S + i * W + e);
+      #pragma GCC unroll 16
+      for (int u = 0; u < tb; ++u) acc[u] += SI::splat(xu[u][i]) * s;
+    }
+    #pragma GCC unroll 16
+    for (int u = 0; u < tb; ++u) SI::store(out[u] + e, acc[u]);
+  }
+  for (; e < W; ++e)
+    #pragma GCC unroll 16
+    for (int u = 0; u < tb; ++u) {
+      T a = 0;
+      for (int64_t i = 0; i < D; ++i) a += xu[u][i] * S[i * W + e];
+      out[u][e] = a;
+    }
+}
+
+template <typename T>
+void readout(const T* S, int64_t D, int64_t W, int tb, const T* const* x, T* const* out) {
+  if (tb == TB) return readout_<T, TB>(S, D, W, x, out);
+  #pragma GCC unroll 16
+  for (int u = 0; u < tb; ++u) readout_<T, 1>(S, D, W, x + u, out + u);
+}
+
+template <typename T>
+void transpose(const T* __restrict__ a, T* __restrict__ at, int64_t R, int64_t C) {  // (R, C) -> (C, R)
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < C; ++j) at[j * R + i] = a[i * C + j];
+}
+
+template <typename T>
+void noncausal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const c10::optional<Tensor>& s0,
+                       const c10::optional<Tensor>& z0, bool normalize, int feature, Tensor& out, Tensor& den,
+                       Tensor& s_n, Tensor& z_n) {
+  const int64_t B = k.size(0), Hkv = k.size(1), Lk = k.size(2), D = k.size(3), Ev = v.size(3);
+  const int64_t Lq = q.size(2), gq = q.size(1) / Hkv, H = q.size(1);
+  Rows<T> Q(q), K(k), V(v), O(out);
+  T* dn = normalize ? den.data_ptr<T>() : nullptr;
+  T* sn = s_n.data_ptr<T>();
+  T* zn = normalize ? z_n.data_ptr<T>() : nullptr;
+  const T* S0 = (s0.has_value() && s0->defined()) ? s0->data_ptr<T>() : nullptr;
+  const T* Z0 = (normalize && z0.has_value() && z0->defined()) ? z0->data_ptr<T>() : nullptr;
+  at::parallel_for(0, B * Hkv, grain(std::max(Lq, Lk), D, Ev), [&](int64_t r0, int64_t r1) {
+    std::vector<T> fb(TB * D);
+    const T* xs[TB];
+    const T* ys[TB];
+    T* os[TB];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / Hkv, h = r % Hkv;
+      T* __restrict__ S = sn + r * D * Ev;
+      T* __restrict__ z = normalize ? zn + r * D : nullptr;
+      init_state(S, S0 ? S0 + r * D * Ev : nullptr, D * Ev);
+      if (normalize)
+        init_state(z, Z0 ? Z0 + r * D : nullptr, D);
+      for (int64_t t0 = 0; t0 < Lk; t0 += TB) {
+        const int tb = static_cast<int>(std::min<int64_t>(TB, Lk - t0));
+        #pragma GCC unroll 16
+        for (int u = 0; u < tb; ++u) {
+          xs[u] = features(feature, K.at(b, h, t0 + u), fb.data() + u * D, D);
+          ys[u] = V.at(b, h, t0 + u);
+          if (normalize)
+            for (int64_t i = 0; i < D; ++i) z[i] += xs[u][i];
+        }
+        rank_update(S, D, Ev, tb, xs, ys);
+      }
+      for (int64_t j = 0; j < gq; ++j) {
+        const int64_t hq = h * gq + j;
+        for (int64_t t0 = 0; t0 < Lq; t0 += TB) {
+          const int tb = static_cast<int>(std::min<int64_t>(TB, Lq - t0));
+          #pragma GCC unroll 16
+          for (int u = 0; u < tb; ++u) {
+            xs[u] = features(feature, Q.at(b, hq, t0 + u), fb.data() + u * D, D);
+            os[u] = O.at(b, hq, t0 + u);
+          }
+          readout(S, D, Ev, tb, xs, os);
+          if (!normalize) continue;
+          #pragma GCC unroll 16
+          for (int u = 0; u < tb; ++u) {
+            const T d = dot(xs[u], z, D);
+            dn[(b * H + hq) * Lq + t0 + u] = d;
+            const T inv = d == T(0) ? T(1) : T(1) / d;
+            for (int64_t e = 0; e < Ev; ++e) os[u][e] *= inv;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void noncausal_backward(const Tensor& q, const Tensor& k, const Tensor& v, bool normalize, int feature,
+                        const Tensor& out, const Tensor& den, const Tensor& s_n, const Tensor& z_n, const Tensor& dout,
+                        const c10::optional<Tensor>& dden, const c10::optional<Tensor>& dsn,
+                        const c10::optional<Tensor>& dzn, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& ds0,
+                        Tensor& dz0) {
+  const int64_t B = k.size(0), Hkv = k.size(1), Lk = k.size(2), D = k.size(3), Ev = v.size(3);
+  const int64_t Lq = q.size(2), gq = q.size(1) / Hkv, H = q.size(1);
+  Rows<T> Q(q), K(k), V(v), O(out), dO(dout), dQ(dq), dK(dk), dV(dv);
+  const T* dn = normalize ? den.data_ptr<T>() : nullptr;
+  const bool has_dden = normalize && dden.has_value() && dden->defined();
+  const T* ddn = has_dden ? dden->data_ptr<T>() : nullptr;
+  const T* sn = s_n.data_ptr<T>();
+  const T* zn = normalize ? z_n.data_ptr<T>() : nullptr;
+  const T* dSn = (dsn.has_value() && dsn->defined()) ? dsn->data_ptr<T>() : nullptr;
+  const T* dZn = (normalize && dzn.has_value() && dzn->defined()) ? dzn->data_ptr<T>() : nullptr;
+  T* dS0 = ds0.data_ptr<T>();
+  T* dZ0 = normalize ? dz0.data_ptr<T>() : nullptr;
+  at::parallel_for(0, B * Hkv, grain(std::max(Lq, Lk), D, Ev), [&](int64_t r0, int64_t r1) {
+    std::vector<T> fb(TB * D), Gb(TB * Ev), ST(D * Ev), gd(TB);
+    const T* xs[TB];
+    const T* ys[TB];
+    T* os[TB];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / Hkv, h = r % Hkv;
+      T* __restrict__ dS = dS0 + r * D * Ev;
+      T* __restrict__ dz = normalize ? dZ0 + r * D : nullptr;
+      init_state(dS, dSn ? dSn + r * D * Ev : nullptr, D * Ev);
+      if (normalize)
+        init_state(dz, dZn ? dZn + r * D : nullptr, D);
+      transpose(sn + r * D * Ev, ST.data(), D, Ev);
+      const T* z = normalize ? zn + r * D : nullptr;
+      for (int64_t j = 0; j < gq; ++j) {  // queries: dq, and dS, dz summed
+        const int64_t hq = h * gq + j;
+        for (int64_t t0 = 0; t0 < Lq; t0 += TB) {
+          const int tb = static_cast<int>(std::min<int64_t>(TB, Lq - t0));
+          #pragma GCC unroll 16
+          for (int u = 0; u < tb; ++u) {
+            const int64_t t = t0 + u;
+            xs[u] = features(feature, Q.at(b, hq, t), fb.data() + u * D, D);
+            const T* o = dO.at(b, hq, t);
+            T* Gu = Gb.data() + u * Ev;
+            ys[u] = Gu;
+            os[u] = dQ.at(b, hq, t);
+            if (!normalize) {
+              for (int64_t e = 0; e < Ev; ++e) Gu[e] = o[e];
+              continue;
+            }
+            const T d = dn[(b * H + hq) * Lq + t];
+            const T inv = d == T(0) ? T(1) : T(1) / d;
+            for (int64_t e = 0; e < Ev; ++e) Gu[e] = o[e] * inv;
+            gd[u] = d == T(0) ? T(0) : -dot(o, O.at(b, hq, t), Ev) * inv;
+            if (has_dden) gd[u] += ddn[(b * H + hq) * Lq + t];
+          }
+          readout(ST.data(), Ev, D, tb, ys, os);  // dq' = S G
+          rank_update(dS, D, Ev, tb, xs, ys);      // dS += q' G^T
+          #pragma GCC unroll 16
+          for (int u = 0; u < tb; ++u) {
+            if (normalize)
+              for (int64_t i = 0; i < D; ++i) {
+                os[u][i] += gd[u] * z[i];
+                dz[i] += gd[u] * xs[u][i];
+              }
+            chain(feature, os[u], xs[u], D);
+          }
+        }
+      }
+      transpose(dS, ST.data(), D, Ev);  // now dS^T
+      for (int64_t t0 = 0; t0 < Lk; t0 += TB) {  // keys: dv = dS^T k', dk' = dS v + dz
+        const int tb = static_cast<int>(std::min<int64_t>(TB, Lk - t0));
+        #pragma GCC unroll 16
+        for (int u = 0; u < tb; ++u) {
+          xs[u] = features(feature, K.at(b, h, t0 + u), fb.data() + u * D, D);
+          os[u] = dV.at(b, h, t0 + u);
+        }
+        readout(dS, D, Ev, tb, xs, os);
+        #pragma GCC unroll 16
+        for (int u = 0; u < tb; ++u) {
+          ys[u] = V.at(b, h, t0 + u);
+          os[u] = dK.at(b, h, t0 + u);
+        }
+        readout(ST.data(), Ev, D, tb, ys, os);
+        #pragma GCC unroll 16
+        for (int u = 0; u < tb; ++u) {
+          if (normalize)
+            for (int64_t i = 0; i < D; ++i) os[u][i] += dz[i];
+          chain(feature, os[u], xs[u], D);
+        }
       }
     }
   });
@@ -454,14 +804,15 @@ void causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Ga
 // ---- entry points --------------------------------------------------------------------------------
 
 std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> log_g, c10::optional<Tensor> s0,
-                            c10::optional<Tensor> z0, bool causal, bool normalize) {
+                            c10::optional<Tensor> z0, bool causal, bool normalize, int64_t feature) {
   q = last_contiguous(q);
   k = last_contiguous(k);
   v = last_contiguous(v);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Ev = v.size(3);
-  TORCH_CHECK(causal, "the compiled kernels are causal (non-causal calls run on the tiled kernels)");
-  TORCH_CHECK(k.size(2) == L, "the causal kernel needs equal query and key lengths");
+  TORCH_CHECK(!causal || k.size(2) == L, "the causal kernel needs equal query and key lengths");
+  TORCH_CHECK(causal || !(log_g.has_value() && log_g->defined()), "gates (decay) need the causal form");
+  TORCH_CHECK(feature == 0 || feature == 1, "unknown fused feature map ", feature);
   auto opts = v.options();
   Tensor out = at::empty({B, H, L, Ev}, opts);
   Tensor den = normalize ? at::empty({B, H, L, 1}, opts) : at::empty({0}, opts);
@@ -473,8 +824,14 @@ std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> 
   c10::optional<Tensor> s0c, z0c;
   if (s0.has_value() && s0->defined()) s0c = s0->contiguous();
   if (z0.has_value() && z0->defined()) z0c = z0->contiguous();
+  const int f = static_cast<int>(feature);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "fastattn_linear_forward", [&] {
-    causal_forward<scalar_t>(q, k, v, gates, s0c, z0c, normalize, out, den, s_n, z_n);
+    if (!causal)
+      noncausal_forward<scalar_t>(q, k, v, s0c, z0c, normalize, f, out, den, s_n, z_n);
+    else if (gates.any())
+      causal_forward<scalar_t, true>(q, k, v, gates, s0c, z0c, normalize, f, out, den, s_n, z_n);
+    else
+      causal_forward<scalar_t, false>(q, k, v, gates, s0c, z0c, normalize, f, out, den, s_n, z_n);
   });
   return {out, den, s_n, z_n};
 }
@@ -482,7 +839,7 @@ std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> 
 std::vector<Tensor> backward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor> log_g, c10::optional<Tensor> s0,
                              c10::optional<Tensor> z0, Tensor out, Tensor den, Tensor s_n, Tensor z_n,
                              Tensor dout, c10::optional<Tensor> dden, c10::optional<Tensor> dsn,
-                             c10::optional<Tensor> dzn, bool causal, bool normalize) {
+                             c10::optional<Tensor> dzn, bool causal, bool normalize, int64_t feature) {
   q = last_contiguous(q);
   k = last_contiguous(k);
   v = last_contiguous(v);
@@ -492,7 +849,7 @@ std::vector<Tensor> backward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor>
   const int64_t Hkv = k.size(1), Ev = v.size(3);
   auto opts = v.options();
   auto present = [](const c10::optional<Tensor>& x) { return x.has_value() && x->defined(); };
-  TORCH_CHECK(causal, "the compiled kernels are causal (non-causal calls run on the tiled kernels)");
+  TORCH_CHECK(feature == 0 || feature == 1, "unknown fused feature map ", feature);
   Tensor dq = at::empty({B, H, L, D}, opts), dk = at::empty({B, Hkv, L, D}, opts);
   Tensor dv = at::empty({B, Hkv, L, Ev}, opts);
   Tensor ds0 = at::empty({B, Hkv, D, Ev}, opts);
@@ -506,9 +863,18 @@ std::vector<Tensor> backward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor>
     return c10::nullopt;
   };
   Tensor denc = normalize ? den.contiguous() : den;
+  const int f = static_cast<int>(feature);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "fastattn_linear_backward", [&] {
-    causal_backward<scalar_t>(q, k, v, gates, cont(s0), cont(z0), normalize, out, denc, dout, cont(dden), cont(dsn),
-                              cont(dzn), dq, dk, dv, ds0, dz0, dcum);
+    if (!causal)
+      noncausal_backward<scalar_t>(q, k, v, normalize, f, out, denc, s_n.contiguous(),
+                                   normalize ? z_n.contiguous() : z_n, dout, cont(dden), cont(dsn), cont(dzn), dq, dk,
+                                   dv, ds0, dz0);
+    else if (gates.any())
+      causal_backward<scalar_t, true>(q, k, v, gates, cont(s0), cont(z0), normalize, f, out, denc, dout, cont(dden),
+                                      cont(dsn), cont(dzn), dq, dk, dv, ds0, dz0, dcum);
+    else
+      causal_backward<scalar_t, false>(q, k, v, gates, cont(s0), cont(z0), normalize, f, out, denc, dout,
+                                       cont(dden), cont(dsn), cont(dzn), dq, dk, dv, ds0, dz0, dcum);
   });
   return {dq, dk, dv, ds0, dz0, dcum};
 }
