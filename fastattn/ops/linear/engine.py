@@ -254,6 +254,9 @@ def linear_attention(
             rescale = (m0 - m_key[..., 0]).exp().to(dt)
             s0 = s0 * rescale[..., None, None]
             z0 = z0 * rescale[..., None]
+    if (mask.causal and lq == lk == 1 and s0 is not None and log_g is None and key_log_scale is None
+            and phi is None and not partial):
+        return _one_token(fq, fk, v, s0, z0, state.length, dtype, return_state)
     augment = partial and normalize  # the denominator as one more value column of ones
     if augment:
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
@@ -285,6 +288,25 @@ def linear_attention(
         return result
     m_n = None if m_key is None else m_key[..., -1] if lk else m0
     return result, LinearState(s_n, z_n, (0 if state is None else state.length) + lk, m_n)
+
+
+def _one_token(fq: Tensor, fk: Tensor, v: Tensor, s0: Tensor, z0: Tensor | None, length: int, dtype: torch.dtype,
+               return_state: bool) -> Tensor | tuple:
+    """One decoding step without gates: ``S += k'^T v``, ``z += k'``, ``out = q' S / q' z`` -- the causal
+    kernels' result for a single token, in a handful of ops (a step's cost is then per-call overhead,
+    not a chunked sweep). Query heads are grouped over their key/value head."""
+    b, hkv, d, e = s0.shape
+    g = fq.shape[1] // hkv
+    s_n = torch.baddbmm(s0.reshape(b * hkv, d, e), fk.reshape(b * hkv, d, 1), v.reshape(b * hkv, 1, e))
+    q = fq.reshape(b * hkv, g, d)
+    out = torch.bmm(q, s_n).view(b, hkv * g, 1, e)
+    z_n = None
+    if z0 is not None:
+        z_n = z0 + fk[:, :, 0]
+        den = torch.bmm(q, z_n.reshape(b * hkv, d, 1)).view(b, hkv * g, 1, 1)
+        out = out / torch.where(den == 0, torch.ones_like(den), den)
+    out = out.to(dtype)
+    return (out, LinearState(s_n.view(b, hkv, d, e), z_n, length + 1, None)) if return_state else out
 
 
 def dense_kernel_attention(
