@@ -41,6 +41,9 @@ from .tiled import FeatureMap, fake_backward, fake_forward, log_gate_grad, tiled
 __all__ = ["active", "build", "linear_attention", "status", "use"]
 
 _SOURCE = Path(__file__).with_name("linear_cpu.cpp")
+# every source of the one extension: the linear kernels (which hold the Python module) and the
+# block-sparse engine's kernels (fastattn/ops/sparse/compiled.py)
+_SOURCES = (_SOURCE, Path(__file__).parent.parent / "sparse" / "sparse_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LOCK = threading.Lock()
 _MODULE = None
@@ -63,7 +66,9 @@ def _cpu_model() -> str:
 
 
 def _name() -> str:
-    h = hashlib.sha1(_SOURCE.read_bytes())
+    h = hashlib.sha1()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
     h.update(" ".join(_FLAGS).encode())
     h.update(_cpu_model().encode())
     h.update(torch.__version__.encode())
@@ -73,8 +78,9 @@ def _name() -> str:
 def _missing_tool() -> str | None:
     if _env() == "0":
         return "disabled by FASTATTN_CPP=0"
-    if not _SOURCE.exists():
-        return f"kernel source {_SOURCE.name} is missing from the installation"
+    for src in _SOURCES:
+        if not src.exists():
+            return f"kernel source {src.name} is missing from the installation"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         return f"no C++ compiler found ({cxx!r} not on PATH)"
@@ -101,7 +107,7 @@ def build() -> str | None:
         if _MODULE is None and _FAILED is None:
             try:
                 from torch.utils.cpp_extension import load
-                _MODULE = load(name=_name(), sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+                _MODULE = load(name=_name(), sources=[str(src) for src in _SOURCES], extra_cflags=_FLAGS,
                                extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as e:  # noqa: BLE001 -- the reason is reported, the PyTorch path stays
                 lines = [ln for ln in str(e).splitlines() if ln.strip()]

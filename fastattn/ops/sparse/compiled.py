@@ -1,0 +1,208 @@
+"""The compiled CPU backend of the block-sparse engine (``backend="cpp"``): C++ kernels on a plan.
+
+``sparse_cpu.cpp`` (next to this file) is built into the same extension as the linear kernels, by the one
+build helper :mod:`fastattn.ops.linear.compiled` (built on first use and cached; :func:`build`, the
+``use()`` switch and the reasons it is unavailable are that module's). While the switch is on,
+:func:`~fastattn.ops.sparse.engine.block_sparse_attention` hands a call to :func:`attention` here, which
+runs it as the ``torch.library`` custom ops ``fastattn::block_sparse_cpp`` (forward: output and
+log-sum-exp) and ``fastattn::block_sparse_cpp_backward`` (flash-style: dq, dk, dv from the output,
+log-sum-exp and output gradient), float32 and float64 (half inputs in float32, as the engine).
+
+**What the kernels take.** A :class:`~fastattn.ops.sparse.plan.Plan` flattened once per plan
+(:func:`flat_plan`, kept in ``plan.compiled``): per query block, its key *slots* (the gathered blocks'
+positions, then the global keys) with the element mask of each slot (causal diagonal, window edges,
+padded blocks) and, for the backward's key sweep, the inverse lists (which query blocks see each key
+block / global key). Key padding, the scale and grouped-query heads (``k, v`` with fewer heads than
+``q``) are arguments. The rows of global queries (which see every key) are computed densely by PyTorch
+ops (:func:`_dense_rows`, ``O(rows x Lk)``) and written over the kernel's rows (the kernel's own rows
+there then get no gradient).
+
+**Fallback.** A call with extra nodes, or a pattern with a column part (:class:`Strided`), returns
+``None`` from :func:`attention` and runs on the PyTorch engine (same results, no error).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastattn.core.masks import Mask
+from fastattn.ops.linear.compiled import _module, active, build  # the one build helper
+from .nodes import Nodes
+from .plan import Plan
+
+__all__ = ["active", "attention", "build", "flat_plan", "unsupported"]
+
+
+def unsupported(plan: Plan, nodes: Nodes | None, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the compiled kernels cannot take this call (None: they can)."""
+    if device.type != "cpu":
+        return "CPU only"
+    if dtype not in (torch.float32, torch.float64):
+        return f"float32/float64 only, got {dtype}"
+    if nodes is not None:
+        return "extra nodes are not in the compiled kernels"
+    if plan.column_allowed is not None:
+        return "a column part (strided pattern) is not in the compiled kernels"
+    return None
+
+
+def flat_plan(plan: Plan, block: int, lk: int) -> dict[str, Tensor]:
+    """The plan as the kernels read it (built once per plan, kept in ``plan.compiled``): ``kidx (nqb, W)``
+    int64 key positions of each query block's slots, ``allow (nqb, W, b)`` uint8 element masks (slots
+    major), ``slot_any (nqb, W)``, and the inverse lists of the key tasks (the ``nkb`` key blocks, then
+    the global keys ``gk``) in CSR form: ``tptr`` (tasks + 1), ``tj`` (query block), ``to`` (first slot)."""
+    key = ("flat", block, lk)
+    hit = plan.compiled.get(key)
+    if hit is not None:
+        return hit
+    nqb, bs, dev = plan.nqb, block, plan.qblk.device
+    kpos, allowed = [], []
+    S = plan.idx.shape[1] if plan.block_allowed is not None else 0
+    if S:
+        kpos.append(plan.block_kpos.reshape(nqb, S * bs))  # type: ignore[union-attr]
+        allowed.append(plan.block_allowed)
+    G = 0
+    if plan.gk is not None:
+        G = plan.gk.numel()
+        kpos.append(plan.gk[None, :].expand(nqb, G))
+        allowed.append(plan.global_allowed)
+    if not kpos:  # nothing but global queries: one masked slot
+        kpos.append(torch.zeros(nqb, 1, dtype=torch.long, device=dev))
+        allowed.append(torch.zeros(nqb, bs, 1, dtype=torch.bool, device=dev))
+    kidx = torch.cat(kpos, 1).to(torch.long).contiguous()
+    a = torch.cat(allowed, -1)  # (nqb, b, W)
+    slot_any = a.any(1)
+    # inverse lists: (key block u | global key g) -> [(query block j, first slot o)]
+    task, tj, to = [], [], []
+    if S:
+        j = torch.arange(nqb, device=dev)[:, None].expand(nqb, S)
+        live = plan.valid & slot_any[:, :S * bs].view(nqb, S, bs).any(-1)
+        task.append(plan.idx[live])
+        tj.append(j[live])
+        to.append((torch.arange(S, device=dev) * bs)[None, :].expand(nqb, S)[live])
+    if G:
+        j = torch.arange(nqb, device=dev)[:, None].expand(nqb, G)
+        live = slot_any[:, S * bs:S * bs + G]
+        task.append((plan.nkb + torch.arange(G, device=dev))[None, :].expand(nqb, G)[live])
+        tj.append(j[live])
+        to.append((S * bs + torch.arange(G, device=dev))[None, :].expand(nqb, G)[live])
+    ntask = plan.nkb + G
+    if task:
+        t, jj, oo = torch.cat(task), torch.cat(tj), torch.cat(to)
+        order = torch.argsort(t * nqb + jj)
+        t, jj, oo = t[order], jj[order], oo[order]
+        counts = torch.bincount(t, minlength=ntask)
+    else:
+        jj = oo = torch.zeros(0, dtype=torch.long, device=dev)
+        counts = torch.zeros(ntask, dtype=torch.long, device=dev)
+    tptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    flat = {
+        "kidx": kidx, "allow": a.transpose(1, 2).contiguous().to(torch.uint8),
+        "slot_any": slot_any.contiguous().to(torch.uint8),
+        "tptr": tptr.to(torch.long).contiguous(), "tj": jj.to(torch.long).contiguous(),
+        "to": oo.to(torch.long).contiguous(),
+        "gk": (plan.gk if plan.gk is not None else torch.zeros(0, dtype=torch.long, device=dev)).to(torch.long),
+    }
+    plan.compiled[key] = flat
+    return flat
+
+
+# ---- the custom ops -------------------------------------------------------------------------------
+_PLAN = "Tensor kidx, Tensor allow, Tensor slot_any, Tensor tptr, Tensor tj, Tensor to, Tensor gk"
+_FWD = f"(Tensor q, Tensor k, Tensor v, {_PLAN}, Tensor? kpad, int lpad, int block, float scale) -> (Tensor, Tensor)"
+_BWD = (f"(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dout, Tensor? dlse, {_PLAN}, Tensor? kpad, "
+        "int lpad, int block, float scale) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("fastattn::block_sparse_cpp", mutates_args=(), schema=_FWD)
+def _op(q, k, v, kidx, allow, slot_any, tptr, tj, to, gk, kpad, lpad, block, scale):
+    out, lse = _module().block_sparse_forward(q, k, v, kidx, allow, slot_any, kpad, lpad, block, scale)
+    return out, lse
+
+
+@_op.register_fake
+def _fake(q, k, v, kidx, allow, slot_any, tptr, tj, to, gk, kpad, lpad, block, scale):
+    return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3])
+
+
+@torch.library.custom_op("fastattn::block_sparse_cpp_backward", mutates_args=(), schema=_BWD)
+def _op_backward(q, k, v, out, lse, dout, dlse, kidx, allow, slot_any, tptr, tj, to, gk, kpad, lpad, block, scale):
+    if dout is None:
+        dout = torch.zeros_like(out)
+    delta = (dout * out).sum(-1)
+    if dlse is not None:  # d lse / d s = p: the softmax backward with delta - dlse
+        delta = delta - torch.where(torch.isfinite(lse), dlse, 0.0)
+    dq, dk, dv, dkg, dvg = _module().block_sparse_backward(q, k, v, dout, lse, delta, kidx, allow, slot_any, kpad,
+                                                           tptr, tj, to, gk, lpad, block, scale)
+    if gk.numel():
+        dk = dk.index_add_(2, gk, dkg)
+        dv = dv.index_add_(2, gk, dvg)
+    return dq, dk, dv
+
+
+@_op_backward.register_fake
+def _fake_backward(q, k, v, out, lse, dout, dlse, kidx, allow, slot_any, tptr, tj, to, gk, kpad, lpad, block, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, *plan, kpad, lpad, block, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, *plan, kpad)
+    ctx.args = (lpad, block, scale)
+
+
+def _backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple:
+    q, k, v, out, lse, *plan, kpad = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastattn.block_sparse_cpp_backward(q, k, v, out, lse, dout, dlse, *plan, kpad, *ctx.args)
+    return (dq, dk, dv) + (None,) * 11
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+_KEYS = ("kidx", "allow", "slot_any", "tptr", "tj", "to", "gk")
+
+
+def _dense_rows(
+    q: Tensor, k: Tensor, v: Tensor, rows: Tensor, mask: Mask, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Output ``(B, H, r, Ev)`` and log-sum-exp ``(B, H, r)`` (``-inf`` where no key) of the query
+    ``rows``, which see every key (causally: up to their own position; not padded keys), by PyTorch ops
+    (differentiable; rows with no key give zeros)."""
+    H, Hk = q.shape[1], k.shape[1]
+    if Hk != H:
+        k, v = k.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1)
+    s = torch.matmul(q.index_select(2, rows) * scale, k.transpose(-1, -2))  # (B, H, r, Lk)
+    lq, lk = q.shape[2], k.shape[2]
+    kpos = torch.arange(lk, device=q.device)
+    allowed = torch.ones(1, 1, 1, lk, dtype=torch.bool, device=q.device)
+    if mask.causal:
+        allowed = allowed & (kpos <= (rows + lk - lq)[:, None])[None, None]
+    if mask.key_padding is not None:
+        allowed = allowed & ~mask.key_padding[:, None, None, :]
+    alive = allowed.any(-1, keepdim=True)
+    s = s.masked_fill(~(allowed | ~alive), float("-inf"))  # rows with no key: unmasked, zeroed below
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    p = torch.exp(s - lse) * alive
+    lse = lse.masked_fill(~alive, float("-inf"))
+    return torch.matmul(p, v), lse[..., 0]
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, block: int, plan: Plan, nodes: Nodes | None,
+) -> tuple[Tensor, Tensor] | None:
+    """``(out (B, H, Lq, Ev), lse (B, H, Lq))`` of the block-sparse call on the compiled kernels
+    (``q`` in float32/float64; ``k, v`` may have fewer heads, a divisor of ``q``'s); ``None`` when they
+    cannot take it (:func:`unsupported`: the caller then runs the PyTorch engine)."""
+    if unsupported(plan, nodes, q.dtype, q.device) is not None:
+        return None
+    flat = flat_plan(plan, block, k.shape[2])
+    kp = mask.key_padding
+    kpad = None if kp is None else kp.to(torch.uint8).contiguous()
+    out, lse = _op(q, k, v, *(flat[n] for n in _KEYS), kpad, plan.lpad, block, float(scale))
+    if plan.gq is not None:
+        o, l = _dense_rows(q, k, v, plan.gq, mask, scale)
+        out = out.index_copy(2, plan.gq, o.to(out.dtype))
+        lse = lse.index_copy(2, plan.gq, l.to(lse.dtype))
+    return out, lse
