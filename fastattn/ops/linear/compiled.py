@@ -8,6 +8,10 @@ element loaded once per block). A known feature map (elu + 1, :data:`FUSED_FEATU
 the kernels, forward and backward, so no feature tensor is allocated. They are registered as the ``torch.library`` custom ops ``fastattn::linear_attention_cpp`` / ``fastattn::linear_attention_cpp_backward`` (the
 tiled ops' schema and shapes plus the fused feature map's number, so ``torch.compile`` keeps one graph around them).
 
+The same extension holds the block-sparse engine's kernels (``../sparse/sparse_cpu.cpp``, called by
+:mod:`fastattn.ops.sparse.compiled`): this module is the one build helper and the one ``use()`` switch of
+the compiled backend.
+
 The extension is compiled by :func:`torch.utils.cpp_extension.load` the first time it is needed (about
 half a minute; ``-O3 -march=native``, OpenMP) and cached in torch's extension directory
 (``TORCH_EXTENSIONS_DIR``), keyed by the source, the flags and the CPU model, so later processes only

@@ -31,7 +31,7 @@ from torch import Tensor
 from fastattn.core.masks import Mask
 from fastattn.ops.linear.compiled import _module, active, build  # the one build helper
 from .nodes import Nodes
-from .plan import Plan
+from .plan import Plan, eager
 
 __all__ = ["active", "attention", "build", "flat_plan", "unsupported"]
 
@@ -49,9 +49,11 @@ def unsupported(plan: Plan, nodes: Nodes | None, dtype: torch.dtype, device: tor
     return None
 
 
+@eager
 def flat_plan(plan: Plan, block: int, lk: int) -> dict[str, Tensor]:
     """The plan as the kernels read it (built once per plan, kept in ``plan.compiled``): ``kidx (nqb, W)``
-    int64 key positions of each query block's slots, ``allow (nqb, W, b)`` uint8 element masks (slots
+    int64 key positions of each query block's slots (index work: never traced by ``torch.compile``), the rows
+    ``[rlo, rhi)`` (int32, ``(nqb, W)``) that see each slot, ``allow (nqb, W, b)`` uint8 element masks (slots
     major), ``slot_any (nqb, W)``, and the inverse lists of the key tasks (the ``nkb`` key blocks, then
     the global keys ``gk``) in CSR form: ``tptr`` (tasks + 1), ``tj`` (query block), ``to`` (first slot)."""
     key = ("flat", block, lk)
@@ -99,8 +101,13 @@ def flat_plan(plan: Plan, block: int, lk: int) -> dict[str, Tensor]:
         jj = oo = torch.zeros(0, dtype=torch.long, device=dev)
         counts = torch.zeros(ntask, dtype=torch.long, device=dev)
     tptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    # the rows each slot's key is seen by lie in [rlo, rhi) (the kernels skip the others)
+    rows = torch.arange(bs, device=dev)[None, :, None]
+    rlo = torch.where(a, rows, bs).amin(1).clamp(max=bs)
+    rhi = torch.where(a, rows + 1, 0).amax(1)
     flat = {
         "kidx": kidx, "allow": a.transpose(1, 2).contiguous().to(torch.uint8),
+        "rlo": rlo.to(torch.int32).contiguous(), "rhi": rhi.to(torch.int32).contiguous(),
         "slot_any": slot_any.contiguous().to(torch.uint8),
         "tptr": tptr.to(torch.long).contiguous(), "tj": jj.to(torch.long).contiguous(),
         "to": oo.to(torch.long).contiguous(),
@@ -111,32 +118,34 @@ def flat_plan(plan: Plan, block: int, lk: int) -> dict[str, Tensor]:
 
 
 # ---- the custom ops -------------------------------------------------------------------------------
-_PLAN = "Tensor kidx, Tensor allow, Tensor slot_any, Tensor tptr, Tensor tj, Tensor to, Tensor gk"
+_PLAN = ("Tensor kidx, Tensor allow, Tensor slot_any, Tensor rlo, Tensor rhi, Tensor tptr, Tensor tj, Tensor to, "
+         "Tensor gk")
 _FWD = f"(Tensor q, Tensor k, Tensor v, {_PLAN}, Tensor? kpad, int lpad, int block, float scale) -> (Tensor, Tensor)"
 _BWD = (f"(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dout, Tensor? dlse, {_PLAN}, Tensor? kpad, "
         "int lpad, int block, float scale) -> (Tensor, Tensor, Tensor)")
 
 
 @torch.library.custom_op("fastattn::block_sparse_cpp", mutates_args=(), schema=_FWD)
-def _op(q, k, v, kidx, allow, slot_any, tptr, tj, to, gk, kpad, lpad, block, scale):
-    out, lse = _module().block_sparse_forward(q, k, v, kidx, allow, slot_any, kpad, lpad, block, scale)
+def _op(q, k, v, kidx, allow, slot_any, rlo, rhi, tptr, tj, to, gk, kpad, lpad, block, scale):
+    out, lse = _module().block_sparse_forward(q, k, v, kidx, allow, slot_any, rlo, rhi, kpad, lpad, block, scale)
     return out, lse
 
 
 @_op.register_fake
-def _fake(q, k, v, kidx, allow, slot_any, tptr, tj, to, gk, kpad, lpad, block, scale):
+def _fake(q, k, v, kidx, allow, slot_any, rlo, rhi, tptr, tj, to, gk, kpad, lpad, block, scale):
     return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3])
 
 
 @torch.library.custom_op("fastattn::block_sparse_cpp_backward", mutates_args=(), schema=_BWD)
-def _op_backward(q, k, v, out, lse, dout, dlse, kidx, allow, slot_any, tptr, tj, to, gk, kpad, lpad, block, scale):
+def _op_backward(q, k, v, out, lse, dout, dlse, kidx, allow, slot_any, rlo, rhi, tptr, tj, to, gk, kpad, lpad, block,
+                 scale):
     if dout is None:
         dout = torch.zeros_like(out)
     delta = (dout * out).sum(-1)
     if dlse is not None:  # d lse / d s = p: the softmax backward with delta - dlse
         delta = delta - torch.where(torch.isfinite(lse), dlse, 0.0)
-    dq, dk, dv, dkg, dvg = _module().block_sparse_backward(q, k, v, dout, lse, delta, kidx, allow, slot_any, kpad,
-                                                           tptr, tj, to, gk, lpad, block, scale)
+    dq, dk, dv, dkg, dvg = _module().block_sparse_backward(q, k, v, dout, lse, delta, kidx, allow, slot_any, rlo, rhi,
+                                                           kpad, tptr, tj, to, gk, lpad, block, scale)
     if gk.numel():
         dk = dk.index_add_(2, gk, dkg)
         dv = dv.index_add_(2, gk, dvg)
@@ -144,7 +153,8 @@ def _op_backward(q, k, v, out, lse, dout, dlse, kidx, allow, slot_any, tptr, tj,
 
 
 @_op_backward.register_fake
-def _fake_backward(q, k, v, out, lse, dout, dlse, kidx, allow, slot_any, tptr, tj, to, gk, kpad, lpad, block, scale):
+def _fake_backward(q, k, v, out, lse, dout, dlse, kidx, allow, slot_any, rlo, rhi, tptr, tj, to, gk, kpad, lpad,
+                   block, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -157,11 +167,11 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple:
     q, k, v, out, lse, *plan, kpad = ctx.saved_tensors
     dq, dk, dv = torch.ops.fastattn.block_sparse_cpp_backward(q, k, v, out, lse, dout, dlse, *plan, kpad, *ctx.args)
-    return (dq, dk, dv) + (None,) * 11
+    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
-_KEYS = ("kidx", "allow", "slot_any", "tptr", "tj", "to", "gk")
+_KEYS = ("kidx", "allow", "slot_any", "rlo", "rhi", "tptr", "tj", "to", "gk")
 
 
 def _dense_rows(

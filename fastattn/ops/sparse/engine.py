@@ -31,6 +31,10 @@ accumulates the key/value gradients in place (the adjoint of the gather: slice a
 ``index_add_``), so the working set of forward+backward is one group's temporaries plus O(n d) for the
 inputs, output and gradients. Without grad (inference) the same loop runs once and saves nothing.
 Double backward is not supported.
+
+**Compiled kernels.** While the compiled backend is on (``backend="cpp"``, the switch of
+:mod:`fastattn.ops.linear.compiled`), a CPU call the C++ kernels take runs on them instead
+(:mod:`fastattn.ops.sparse.compiled`: same results; extra nodes and column parts stay here).
 """
 
 from __future__ import annotations

@@ -49,14 +49,17 @@ struct Vec {
 
 // C[r][d] (+)= sum_k A[r][k * sak] * B[k][d] for r < R, d < D: A and B given as row pointers, C with
 // row stride ldc. Blocks of RT rows x CV vectors of columns stay in registers across the k loop.
+// Optional ranges skip work that is known to be zero: per row r, only k in [klo[r], khi[r]) contributes
+// (A is zero elsewhere) and only columns in [dlo[r], dhi[r]) are wanted (others are set to 0 when not
+// adding); a block of rows takes the union of its rows' ranges (columns rounded out to whole vectors).
 template <typename T, int RT, int CV>
-inline void mm_block(int64_t K, const T* const* A, int64_t sak, const T* const* B, int64_t d0, T* C, int64_t ldc,
-                     bool add) {
+inline void mm_block(int64_t k0, int64_t k1, const T* const* A, int64_t sak, const T* const* B, int64_t d0, T* C,
+                     int64_t ldc, bool add) {
   using S = Vec<T>;
   typename S::V acc[RT][CV];
   for (int i = 0; i < RT; ++i)
     for (int c = 0; c < CV; ++c) acc[i][c] = add ? S::load(C + i * ldc + d0 + c * S::N) : typename S::V{};
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     const T* b = B[k] + d0;
     typename S::V bv[CV];
     for (int c = 0; c < CV; ++c) bv[c] = S::load(b + c * S::N);
@@ -69,31 +72,76 @@ inline void mm_block(int64_t K, const T* const* A, int64_t sak, const T* const* 
     for (int c = 0; c < CV; ++c) S::store(C + i * ldc + d0 + c * S::N, acc[i][c]);
 }
 
-template <typename T>
-void mm(int64_t R, int64_t K, const T* const* A, int64_t sak, const T* const* B, int64_t D, T* C, int64_t ldc,
-        bool add) {
+template <typename T, int RT>
+inline void mm_rows(int64_t k0, int64_t k1, const T* const* A, int64_t sak, const T* const* B, int64_t dA, int64_t dB,
+                    int64_t D, T* C, int64_t ldc, bool add) {
   constexpr int64_t N = Vec<T>::N;
-  int64_t d0 = 0;
-  for (; d0 + 4 * N <= D; d0 += 4 * N) {
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4) mm_block<T, 4, 4>(K, A + r, sak, B, d0, C + r * ldc, ldc, add);
-    for (; r < R; ++r) mm_block<T, 1, 4>(K, A + r, sak, B, d0, C + r * ldc, ldc, add);
-  }
-  for (; d0 + N <= D; d0 += N) {
-    int64_t r = 0;
-    for (; r + 8 <= R; r += 8) mm_block<T, 8, 1>(K, A + r, sak, B, d0, C + r * ldc, ldc, add);
-    for (; r < R; ++r) mm_block<T, 1, 1>(K, A + r, sak, B, d0, C + r * ldc, ldc, add);
-  }
-  if (d0 < D) {  // a tail of columns narrower than a vector: scalar
-    for (int64_t r = 0; r < R; ++r) {
-      T* c = C + r * ldc;
-      for (int64_t d = d0; d < D; ++d) {
-        T s = add ? c[d] : T(0);
-        for (int64_t k = 0; k < K; ++k) s += A[r][k * sak] * B[k][d];
-        c[d] = s;
-      }
+  if (!add)
+    for (int i = 0; i < RT; ++i) {
+      std::fill(C + i * ldc, C + i * ldc + dA, T(0));
+      std::fill(C + i * ldc + dB, C + i * ldc + D, T(0));
+    }
+  int64_t d0 = dA;
+  for (; d0 + 4 * N <= dB; d0 += 4 * N) mm_block<T, RT, 4>(k0, k1, A, sak, B, d0, C, ldc, add);
+  for (; d0 + N <= dB; d0 += N) mm_block<T, RT, 1>(k0, k1, A, sak, B, d0, C, ldc, add);
+  for (int i = 0; i < RT; ++i) {  // a tail of columns narrower than a vector: scalar
+    T* c = C + i * ldc;
+    for (int64_t d = d0; d < dB; ++d) {
+      T s = add ? c[d] : T(0);
+      for (int64_t k = k0; k < k1; ++k) s += A[i][k * sak] * B[k][d];
+      c[d] = s;
     }
   }
+}
+
+template <typename T>
+void mm(int64_t R, int64_t K, const T* const* A, int64_t sak, const T* const* B, int64_t D, T* C, int64_t ldc,
+        bool add, const int32_t* klo = nullptr, const int32_t* khi = nullptr, const int32_t* dlo = nullptr,
+        const int32_t* dhi = nullptr) {
+  constexpr int64_t N = Vec<T>::N;
+  auto range = [](int64_t r, int64_t rt, const int32_t* lo, const int32_t* hi, int64_t full, int64_t& a,
+                  int64_t& b) {
+    if (!lo) {
+      a = 0;
+      b = full;
+      return;
+    }
+    a = full;
+    b = 0;
+    for (int64_t i = r; i < r + rt; ++i) {
+      if (lo[i] >= hi[i]) continue;
+      a = std::min<int64_t>(a, lo[i]);
+      b = std::max<int64_t>(b, hi[i]);
+    }
+    a = std::max<int64_t>(a, 0);
+    b = std::min<int64_t>(b, full);
+    if (a >= b) a = b = 0;
+  };
+  for (int64_t r = 0; r < R;) {
+    const int64_t rt = R - r >= 4 ? 4 : 1;
+    int64_t k0, k1, c0, c1;
+    range(r, rt, klo, khi, K, k0, k1);
+    range(r, rt, dlo, dhi, D, c0, c1);
+    const int64_t dA = c0 / N * N, dB = std::min(D, (c1 + N - 1) / N * N);
+    if (rt == 4)
+      mm_rows<T, 4>(k0, k1, A + r, sak, B, dA, dB, D, C + r * ldc, ldc, add);
+    else
+      mm_rows<T, 1>(k0, k1, A + r, sak, B, dA, dB, D, C + r * ldc, ldc, add);
+    r += rt;
+  }
+}
+
+// Per row r < bp, the range [klo, khi) of the n keys whose row ranges [lo, hi) contain it.
+inline void key_ranges(int64_t n, const int32_t* lo, const int32_t* hi, int64_t bp, int32_t* klo, int32_t* khi) {
+  for (int64_t r = 0; r < bp; ++r) {
+    klo[r] = static_cast<int32_t>(n);
+    khi[r] = 0;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t r = lo[i]; r < hi[i]; ++r) {
+      klo[r] = std::min<int32_t>(klo[r], static_cast<int32_t>(i));
+      khi[r] = static_cast<int32_t>(i + 1);
+    }
 }
 
 // exp(x) of float32 lanes, x <= ~88: 0 below -87 (so that exp(-inf) and masked scores give exactly 0).
@@ -148,6 +196,7 @@ struct Work {
   std::vector<T> qT, dT, s, dp, m, l, delta, zeros, rows;
   std::vector<const T*> kp, vp, qrow, drow, a, bq, bd;
   std::vector<uint8_t> zu8;  // an all-masked allow row
+  std::vector<int32_t> lo, hi, klo, khi;  // rows of each live key, keys of each row
   Work(const Geometry& g) {
     const int64_t bp = g.bp, W = std::max<int64_t>(g.W, g.bs);
     qT.assign(g.E * bp, T(0));
@@ -165,6 +214,10 @@ struct Work {
     drow.resize(bp);
     a.resize(std::max(W, bp));
     zu8.assign(bp, 0);
+    lo.assign(W, 0);
+    hi.assign(W, 0);
+    klo.assign(bp, 0);
+    khi.assign(bp, 0);
     bq.resize(g.E);
     bd.resize(g.Ev);
     for (int64_t e = 0; e < g.E; ++e) bq[e] = qT.data() + e * bp;
@@ -190,7 +243,7 @@ void gather_rows(const Geometry& g, const Rows<T>& x, int64_t D, int64_t bi, int
 // allow rows (uint8, b per key; nullptr: all allowed), -inf where masked.
 template <typename T>
 void masked_scores(const Geometry& g, Work<T>& w, int64_t n, const uint8_t* const* allow, T* s) {
-  mm<T>(n, g.E, w.kp.data(), 1, w.bq.data(), g.bp, s, g.bp, false);
+  mm<T>(n, g.E, w.kp.data(), 1, w.bq.data(), g.bp, s, g.bp, false, nullptr, nullptr, w.lo.data(), w.hi.data());
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < n; ++i) {
     T* si = s + i * g.bp;
@@ -203,7 +256,8 @@ void masked_scores(const Geometry& g, Work<T>& w, int64_t n, const uint8_t* cons
 // ---- forward ---------------------------------------------------------------------------------------
 template <typename T>
 void forward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const Tensor& v, const int64_t* kidx,
-                    const uint8_t* allow, const uint8_t* slot_any, const uint8_t* kpad, Tensor& out, Tensor& lse) {
+                    const uint8_t* allow, const uint8_t* slot_any, const int32_t* rlo, const int32_t* rhi,
+                    const uint8_t* kpad, Tensor& out, Tensor& lse) {
   Rows<T> Q(q), K(k), V(v);
   T* O = out.data_ptr<T>();
   T* LSE = lse.data_ptr<T>();
@@ -221,6 +275,8 @@ void forward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const T
         w.kp[n] = K.at(bi, hk, p);
         w.vp[n] = V.at(bi, hk, p);
         al[n] = allow + (j * g.W + s) * g.bs;
+        w.lo[n] = rlo[j * g.W + s];
+        w.hi[n] = rhi[j * g.W + s];
         ++n;
       }
       T* s = w.s.data();
@@ -242,7 +298,10 @@ void forward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const T
       for (int64_t r = 0; r < g.bp; ++r) w.a[r] = s + r;
       T* buf = w.rows.data();
       if (n)
-        mm<T>(g.bs, n, w.a.data(), g.bp, w.vp.data(), g.Ev, buf, g.Ev, false);
+      {
+        key_ranges(n, w.lo.data(), w.hi.data(), g.bp, w.klo.data(), w.khi.data());
+        mm<T>(g.bs, n, w.a.data(), g.bp, w.vp.data(), g.Ev, buf, g.Ev, false, w.klo.data(), w.khi.data());
+      }
       for (int64_t r = 0; r < g.bs; ++r) {
         const int64_t qi = j * g.bs + r - g.lpad;
         if (qi < 0 || qi >= g.Lq) continue;
@@ -278,7 +337,7 @@ void probs_and_ds(const Geometry& g, Work<T>& w, int64_t n, const uint8_t* const
   T* dp = w.dp.data();
   masked_scores<T>(g, w, n, al, s);
   for (int64_t i = 0; i < n; ++i) exp_sub(s + i * g.bp, w.m.data(), g.bp);
-  mm<T>(n, g.Ev, w.vp.data(), 1, w.bd.data(), g.bp, dp, g.bp, false);
+  mm<T>(n, g.Ev, w.vp.data(), 1, w.bd.data(), g.bp, dp, g.bp, false, nullptr, nullptr, w.lo.data(), w.hi.data());
   for (int64_t i = 0; i < n; ++i)
     for (int64_t r = 0; r < g.bp; ++r) dp[i * g.bp + r] = s[i * g.bp + r] * (dp[i * g.bp + r] - w.delta[r]);
 }
@@ -286,7 +345,8 @@ void probs_and_ds(const Geometry& g, Work<T>& w, int64_t n, const uint8_t* const
 template <typename T>
 void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
                      const Tensor& lse, const Tensor& delta, const int64_t* kidx, const uint8_t* allow,
-                     const uint8_t* slot_any, const uint8_t* kpad, const int64_t* tptr, const int64_t* tj,
+                     const uint8_t* slot_any, const int32_t* rlo, const int32_t* rhi, const uint8_t* kpad,
+                     const int64_t* tptr, const int64_t* tj,
                      const int64_t* to, const int64_t* gk, int64_t G, Tensor& dq, Tensor& dk, Tensor& dv,
                      Tensor& dkg, Tensor& dvg) {
   Rows<T> Q(q), K(k), V(v), DO(dout);
@@ -307,6 +367,8 @@ void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const 
         w.kp[n] = K.at(bi, hk, p);
         w.vp[n] = V.at(bi, hk, p);
         al[n] = allow + (j * g.W + s) * g.bs;
+        w.lo[n] = rlo[j * g.W + s];
+        w.hi[n] = rhi[j * g.W + s];
         ++n;
       }
       for (int64_t r = 0; r < g.bs; ++r) {
@@ -320,7 +382,8 @@ void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const 
       probs_and_ds<T>(g, w, n, al.data());
       for (int64_t r = 0; r < g.bp; ++r) w.a[r] = w.dp.data() + r;
       T* buf = w.rows.data();
-      mm<T>(g.bs, n, w.a.data(), g.bp, w.kp.data(), g.E, buf, g.E, false);
+      key_ranges(n, w.lo.data(), w.hi.data(), g.bp, w.klo.data(), w.khi.data());
+      mm<T>(g.bs, n, w.a.data(), g.bp, w.kp.data(), g.E, buf, g.E, false, w.klo.data(), w.khi.data());
       for (int64_t r = 0; r < g.bs; ++r) {
         const int64_t qi = j * g.bs + r - g.lpad;
         if (qi < 0 || qi >= g.Lq) continue;
@@ -356,7 +419,11 @@ void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const 
       }
       for (int64_t e = any ? tptr[task] : tptr[task + 1]; e < tptr[task + 1]; ++e) {
         const int64_t j = tj[e], o = to[e];
-        for (int64_t i = 0; i < len; ++i) al[i] = off[i] ? w.zu8.data() : allow + (j * g.W + o + i) * g.bs;
+        for (int64_t i = 0; i < len; ++i) {
+          al[i] = off[i] ? w.zu8.data() : allow + (j * g.W + o + i) * g.bs;
+          w.lo[i] = off[i] ? 0 : rlo[j * g.W + o + i];
+          w.hi[i] = off[i] ? 0 : rhi[j * g.W + o + i];
+        }
         for (int64_t hh = 0; hh < g.group; ++hh) {
           const int64_t h = hk * g.group + hh, bh = bi * g.H + h;
           gather_rows<T>(g, Q, g.E, bi, h, j, sc, w.zeros.data(), w.qrow.data(), w.qT.data());
@@ -364,9 +431,9 @@ void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const 
           row_stats<T>(g, LSE, DELTA, bh, j, w.m.data(), w.delta.data());
           probs_and_ds<T>(g, w, len, al.data());
           for (int64_t i = 0; i < len; ++i) w.a[i] = w.s.data() + i * g.bp;
-          mm<T>(len, g.bs, w.a.data(), 1, w.drow.data(), g.Ev, dvacc.data(), g.Ev, true);
+          mm<T>(len, g.bs, w.a.data(), 1, w.drow.data(), g.Ev, dvacc.data(), g.Ev, true, w.lo.data(), w.hi.data());
           for (int64_t i = 0; i < len; ++i) w.a[i] = w.dp.data() + i * g.bp;
-          mm<T>(len, g.bs, w.a.data(), 1, w.qrow.data(), g.E, dkacc.data(), g.E, true);
+          mm<T>(len, g.bs, w.a.data(), 1, w.qrow.data(), g.E, dkacc.data(), g.E, true, w.lo.data(), w.hi.data());
         }
       }
       T* dko = glob ? DKG + (bhk * G + (task - nkb)) * g.E : DK + (bhk * g.Lk + p0) * g.E;
@@ -405,8 +472,8 @@ const uint8_t* u8(const c10::optional<Tensor>& x) {
   return x.has_value() && x->defined() ? x->data_ptr<uint8_t>() : nullptr;
 }
 
-std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, Tensor kidx, Tensor allow, Tensor slot_any,
-                            c10::optional<Tensor> kpad, int64_t lpad, int64_t bs, double scale) {
+std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, Tensor kidx, Tensor allow, Tensor slot_any, Tensor rlo,
+                            Tensor rhi, c10::optional<Tensor> kpad, int64_t lpad, int64_t bs, double scale) {
   q = rows_contiguous(q);
   k = rows_contiguous(k);
   v = rows_contiguous(v);
@@ -416,13 +483,15 @@ std::vector<Tensor> forward(Tensor q, Tensor k, Tensor v, Tensor kidx, Tensor al
   Tensor lse = at::empty({g.B, g.H, g.Lq}, opts);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "fastattn_block_sparse_forward", [&] {
     forward_kernel<scalar_t>(g, q, k, v, kidx.data_ptr<int64_t>(), allow.data_ptr<uint8_t>(),
-                             slot_any.data_ptr<uint8_t>(), u8(kpad), out, lse);
+                             slot_any.data_ptr<uint8_t>(), rlo.data_ptr<int32_t>(), rhi.data_ptr<int32_t>(), u8(kpad),
+                             out, lse);
   });
   return {out, lse};
 }
 
 std::vector<Tensor> backward(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor lse, Tensor delta, Tensor kidx,
-                             Tensor allow, Tensor slot_any, c10::optional<Tensor> kpad, Tensor tptr, Tensor tj,
+                             Tensor allow, Tensor slot_any, Tensor rlo, Tensor rhi, c10::optional<Tensor> kpad,
+                             Tensor tptr, Tensor tj,
                              Tensor to, Tensor gk, int64_t lpad, int64_t bs, double scale) {
   q = rows_contiguous(q);
   k = rows_contiguous(k);
@@ -440,7 +509,8 @@ std::vector<Tensor> backward(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor l
   Tensor dvg = at::empty({g.B, g.Hk, G, g.Ev}, opts);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "fastattn_block_sparse_backward", [&] {
     backward_kernel<scalar_t>(g, q, k, v, dout, lse, delta, kidx.data_ptr<int64_t>(), allow.data_ptr<uint8_t>(),
-                              slot_any.data_ptr<uint8_t>(), u8(kpad), tptr.data_ptr<int64_t>(),
+                              slot_any.data_ptr<uint8_t>(), rlo.data_ptr<int32_t>(), rhi.data_ptr<int32_t>(),
+                              u8(kpad), tptr.data_ptr<int64_t>(),
                               tj.data_ptr<int64_t>(), to.data_ptr<int64_t>(), G ? gk.data_ptr<int64_t>() : nullptr,
                               G, dq, dk, dv, dkg, dvg);
   });
