@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fastattn.core.masks import Mask
 from fastattn.ops.linear.compiled import _module, active, build  # the one build helper
+
 from .nodes import Nodes
 from .plan import Plan, eager
 

@@ -49,6 +49,7 @@ from torch.autograd.function import once_differentiable
 
 from fastattn.core.masks import Mask
 from fastattn.ops.softmax.online import compute_dtype, merge_tiles, tile_stats
+
 from . import compiled
 from .nodes import Nodes
 from .patterns import Pattern

@@ -373,7 +373,8 @@ void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const 
       }
       for (int64_t r = 0; r < g.bs; ++r) {
         const int64_t qi = j * g.bs + r - g.lpad;
-        if (qi >= 0 && qi < g.Lq && n == 0) std::fill(DQ + (bh * g.Lq + qi) * g.E, DQ + (bh * g.Lq + qi + 1) * g.E, T(0));
+        if (qi >= 0 && qi < g.Lq && n == 0)
+          std::fill(DQ + (bh * g.Lq + qi) * g.E, DQ + (bh * g.Lq + qi + 1) * g.E, T(0));
       }
       if (!n) continue;
       gather_rows<T>(g, Q, g.E, bi, h, j, sc, w.zeros.data(), w.qrow.data(), w.qT.data());
