@@ -8,7 +8,7 @@ when it can) and a ``run`` that computes it. Today there are three:
   engine (mechanisms declaring ``compiled_block_sparse``: the pattern mechanisms), CPU, built on first
   use (:mod:`fastattn.ops.linear.compiled`, :mod:`fastattn.ops.sparse.compiled`); without a compiler,
   or if the build fails, it says why and ``auto`` goes on to ``"torch"``. A block-sparse call the
-  kernels do not take (extra nodes, a column part) runs on the PyTorch engine. Under ``auto`` it is
+  kernels do not take (extra nodes) runs on the PyTorch engine. Under ``auto`` it is
   opt-in (``FASTATTN_CPP=1``);
 * ``"torch"`` -- the mechanism's efficient PyTorch ``forward``; it takes every call;
 * ``"reference"`` -- the paper's formula written literally (``Mechanism.reference``): no attention

@@ -14,6 +14,7 @@ from fastattn.core.masks import Mask
 from fastattn.ops.linear import compiled as build_helper
 from fastattn.ops.sparse import compiled
 from fastattn.ops.sparse.engine import block_sparse_attention
+from fastattn.ops.sparse.nodes import Nodes
 from fastattn.ops.sparse.patterns import Pattern, RandomBlocks, Strided, Window
 from fastattn.ops.sparse.plan import cached_plan
 from fastattn.ops.sparse.reference import pattern_reference
@@ -48,7 +49,8 @@ def _patterns(nkb):
     return {
         "window": Pattern(16, (Window(9),)),
         "wide": Pattern(40, (Window(50),)),  # several vectors of rows per block: the kernels' row ranges
-        "global": Pattern(8, (Window(5), RandomBlocks(table)), global_keys=torch.tensor([2, 33, 500]),
+        # 12 global keys (more than a block: the backward takes them b at a time), one out of range
+        "global": Pattern(8, (Window(5), RandomBlocks(table)), global_keys=torch.tensor([2, 33, 500, *range(40, 50)]),
                           global_queries=torch.tensor([4, 40, 59])),
     }
 
@@ -146,17 +148,28 @@ def test_mechanisms_run_on_the_kernels(built, monkeypatch, method, options):
     assert taken and all(taken)
 
 
-def test_unsupported_calls_fall_back(built):
-    """A column part (strided pattern) is not in the kernels: attention() declines and the engine
-    computes the call under the switch."""
-    q, k, v = _inputs(1, 1, 1, N, N, seed=3)
-    pat, mask = Pattern(8, (Window(4),), column=Strided(8)), Mask(N, N, causal=True)
-    plan = cached_plan(pat, N, N, True, q.device)
-    assert compiled.unsupported(plan, None, q.dtype, q.device) is not None
-    assert compiled.attention(q, k, v, mask, 0.4, 8, plan, None) is None
-    with build_helper.use():
-        got = block_sparse_attention(q, k, v, mask, 0.4, pat)
-    torch.testing.assert_close(got, pattern_reference(q, k, v, mask, 0.4, pat))
+def test_column_part_and_the_nodes_fallback(built):
+    """A column part (strided pattern) is merged with the kernel's result by log-sum-exp: values, lse
+    and gradients equal the engine's and the dense reference's (causal, padding, shorter queries).
+    Extra nodes are not in the kernels: attention() declines (the engine computes the call)."""
+    pat = Pattern(8, (Window(4),), column=Strided(8), global_keys=torch.tensor([5]))
+    for lq, causal in ((N, True), (45, False)):
+        q, k, v = _inputs(2, 2, 1, lq, N, seed=3)
+        kp = torch.zeros(2, N, dtype=torch.bool)
+        kp[1, 50:] = True
+        mask = Mask(lq, N, key_padding=kp, causal=causal)
+        plan = cached_plan(pat, lq, N, causal, q.device)
+        got, lse = compiled.attention(q, k, v, mask, 0.4, 8, plan, None)
+        ke, ve = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        ref, ref_lse = block_sparse_attention(q, ke, ve, mask, 0.4, pat, return_lse=True)
+        torch.testing.assert_close(got, pattern_reference(q, ke, ve, mask, 0.4, pat))
+        torch.testing.assert_close(lse, ref_lse)
+        g_got = torch.autograd.grad(_loss(got, lse), (q, k, v))
+        for a, b in zip(g_got, torch.autograd.grad(_loss(ref, ref_lse), (q, k, v))):
+            torch.testing.assert_close(a, b)
+    nodes = Nodes(k[:, :, :3].detach(), v[:, :, :3].detach(), lambda qpos: qpos >= 0)
+    assert compiled.unsupported(plan, nodes, q.dtype, q.device) is not None
+    assert compiled.attention(q, k, v, mask, 0.4, 8, plan, nodes) is None
 
 
 def test_opcheck(built):

@@ -17,8 +17,13 @@ block / global key). Key padding, the scale and grouped-query heads (``k, v`` wi
 ops (:func:`_dense_rows`, ``O(rows x Lk)``) and written over the kernel's rows (the kernel's own rows
 there then get no gradient).
 
-**Fallback.** A call with extra nodes, or a pattern with a column part (:class:`Strided`), returns
-``None`` from :func:`attention` and runs on the PyTorch engine (same results, no error).
+**Column part** (:class:`Strided`: query ``(t, r)`` sees key ``(u, r)`` of every block ``u``): computed by
+PyTorch ops in the transposed block layout (:func:`_column_part`, one batched matrix product, ``O(n x
+blocks)``) as a partial result and merged with the kernel's by log-sum-exp (the plan never lets a key
+be in both, so the merge is the one softmax over their union).
+
+**Fallback.** A call with extra nodes returns ``None`` from :func:`attention` and runs on the PyTorch
+engine (same results, no error).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.core.masks import Mask
@@ -45,8 +51,6 @@ def unsupported(plan: Plan, nodes: Nodes | None, dtype: torch.dtype, device: tor
         return f"float32/float64 only, got {dtype}"
     if nodes is not None:
         return "extra nodes are not in the compiled kernels"
-    if plan.column_allowed is not None:
-        return "a column part (strided pattern) is not in the compiled kernels"
     return None
 
 
@@ -56,7 +60,7 @@ def flat_plan(plan: Plan, block: int, lk: int) -> dict[str, Tensor]:
     int64 key positions of each query block's slots (index work: never traced by ``torch.compile``), the rows
     ``[rlo, rhi)`` (int32, ``(nqb, W)``) that see each slot, ``allow (nqb, W, b)`` uint8 element masks (slots
     major), ``slot_any (nqb, W)``, and the inverse lists of the key tasks (the ``nkb`` key blocks, then
-    the global keys ``gk``) in CSR form: ``tptr`` (tasks + 1), ``tj`` (query block), ``to`` (first slot)."""
+    the global keys ``gk`` ``b`` at a time) in CSR form: ``tptr`` (tasks + 1), ``tj`` (query block), ``to`` (first slot)."""
     key = ("flat", block, lk)
     hit = plan.compiled.get(key)
     if hit is not None:
@@ -86,13 +90,15 @@ def flat_plan(plan: Plan, block: int, lk: int) -> dict[str, Tensor]:
         task.append(plan.idx[live])
         tj.append(j[live])
         to.append((torch.arange(S, device=dev) * bs)[None, :].expand(nqb, S)[live])
+    ngt = -(-G // bs)  # the global keys, b at a time (consecutive slots)
     if G:
-        j = torch.arange(nqb, device=dev)[:, None].expand(nqb, G)
-        live = slot_any[:, S * bs:S * bs + G]
-        task.append((plan.nkb + torch.arange(G, device=dev))[None, :].expand(nqb, G)[live])
+        j = torch.arange(nqb, device=dev)[:, None].expand(nqb, ngt)
+        any_g = F.pad(slot_any[:, S * bs:S * bs + G], (0, ngt * bs - G))
+        live = any_g.view(nqb, ngt, bs).any(-1)
+        task.append((plan.nkb + torch.arange(ngt, device=dev))[None, :].expand(nqb, ngt)[live])
         tj.append(j[live])
-        to.append((S * bs + torch.arange(G, device=dev))[None, :].expand(nqb, G)[live])
-    ntask = plan.nkb + G
+        to.append((S * bs + torch.arange(ngt, device=dev) * bs)[None, :].expand(nqb, ngt)[live])
+    ntask = plan.nkb + ngt
     if task:
         t, jj, oo = torch.cat(task), torch.cat(tj), torch.cat(to)
         order = torch.argsort(t * nqb + jj)
@@ -103,11 +109,11 @@ def flat_plan(plan: Plan, block: int, lk: int) -> dict[str, Tensor]:
         counts = torch.zeros(ntask, dtype=torch.long, device=dev)
     tptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     # the rows each slot's key is seen by lie in [rlo, rhi) (the kernels skip the others)
-    rows = torch.arange(bs, device=dev)[None, :, None]
-    rlo = torch.where(a, rows, bs).amin(1).clamp(max=bs)
-    rhi = torch.where(a, rows + 1, 0).amax(1)
+    allow = a.transpose(1, 2).contiguous().to(torch.uint8)  # (nqb, W, b)
+    rlo = torch.where(slot_any, allow.argmax(-1), bs)  # argmax: the first maximum
+    rhi = torch.where(slot_any, bs - allow.flip(-1).argmax(-1), 0)
     flat = {
-        "kidx": kidx, "allow": a.transpose(1, 2).contiguous().to(torch.uint8),
+        "kidx": kidx, "allow": allow,
         "rlo": rlo.to(torch.int32).contiguous(), "rhi": rhi.to(torch.int32).contiguous(),
         "slot_any": slot_any.contiguous().to(torch.uint8),
         "tptr": tptr.to(torch.long).contiguous(), "tj": jj.to(torch.long).contiguous(),
@@ -200,6 +206,47 @@ def _dense_rows(
     return torch.matmul(p, v), lse[..., 0]
 
 
+def _column_part(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, bs: int, plan: Plan) -> tuple[Tensor, Tensor]:
+    """The column part's partial result ``(out (B, H, Lq, Ev), lse (B, H, Lq))`` (``-inf``: no key), by
+    PyTorch ops (differentiable) in the transposed block layout ``(B, H, b, blocks, .)``."""
+    H, Hk, lq, lk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    if Hk != H:
+        k, v = k.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1)
+    nqb, nkb = plan.nqb, plan.nkb
+
+    def blocks(x: Tensor, before: int, n: int) -> Tensor:  # (B, H, L, D) -> (B, H, b, n, D), zero-padded
+        x = F.pad(x, (0, 0, before, n * bs - before - x.shape[2]))
+        return x.unflatten(2, (n, bs)).transpose(2, 3)
+
+    qt, kt, vt = blocks(q * scale, plan.lpad, nqb), blocks(k, 0, nkb), blocks(v, 0, nkb)
+    s = torch.matmul(qt, kt.transpose(-1, -2))  # (B, H, b, nqb, nkb)
+    allowed = plan.column_allowed.permute(1, 0, 2)[None, None]  # type: ignore[union-attr]
+    if mask.key_padding is not None:
+        kp = F.pad(mask.key_padding, (0, nkb * bs - lk), value=True).unflatten(1, (nkb, bs)).transpose(1, 2)
+        allowed = allowed & ~kp[:, None, :, None, :]
+    alive = allowed.any(-1, keepdim=True)
+    s = s.masked_fill(~(allowed | ~alive), float("-inf"))  # rows with no key: unmasked, zeroed below
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    out = torch.matmul(torch.exp(s - lse) * alive, vt)
+    lse = lse.masked_fill(~alive, float("-inf"))[..., 0]
+    rows = slice(plan.lpad, plan.lpad + lq)
+    return out.transpose(2, 3).flatten(2, 3)[:, :, rows], lse.transpose(2, 3).flatten(2, 3)[:, :, rows]
+
+
+def _merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    """Two partial results over disjoint keys merged by log-sum-exp (rows with no key in either: zero
+    output, ``-inf``; no NaN in values or gradients)."""
+    m = torch.maximum(l1, l2)
+    m = torch.where(torch.isfinite(m), m, 0.0).detach()
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    total = w1 + w2
+    some = total > 0
+    total = torch.where(some, total, 1.0)
+    out = (o1 * w1[..., None] + o2.to(o1.dtype) * w2[..., None]) / total[..., None]
+    lse = torch.where(some, m + torch.log(total), float("-inf"))
+    return out, lse
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, block: int, plan: Plan, nodes: Nodes | None,
 ) -> tuple[Tensor, Tensor] | None:
@@ -212,6 +259,8 @@ def attention(
     kp = mask.key_padding
     kpad = None if kp is None else kp.to(torch.uint8).contiguous()
     out, lse = _op(q, k, v, *(flat[n] for n in _KEYS), kpad, plan.lpad, block, float(scale))
+    if plan.column_allowed is not None:
+        out, lse = _merge(out, lse, *_column_part(q, k, v, mask, scale, block, plan))
     if plan.gq is not None:
         o, l = _dense_rows(q, k, v, plan.gq, mask, scale)
         out = out.index_copy(2, plan.gq, o.to(out.dtype))

@@ -34,7 +34,7 @@ Double backward is not supported.
 
 **Compiled kernels.** While the compiled backend is on (``backend="cpp"``, the switch of
 :mod:`fastattn.ops.linear.compiled`), a CPU call the C++ kernels take runs on them instead
-(:mod:`fastattn.ops.sparse.compiled`: same results; extra nodes and column parts stay here).
+(:mod:`fastattn.ops.sparse.compiled`: same results; calls with extra nodes stay here).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
 // softmax per row (max, exp, sum; rows with no live key: zero output, log-sum-exp -inf), then P V.
 // Backward (flash-style, from out, lse, dout): delta = rowsum(dout * out) - dlse; one region over
 // (batch*heads x query blocks) recomputes P and dP = dO V^T and gives dq = scale * dS K with
-// dS = P * (dP - delta); a second region over key *tasks* (each key block, then each global key) of
+// dS = P * (dP - delta); a second region over key *tasks* (each key block, then the global keys b at a time) of
 // every (batch, key head) walks the inverse plan (the (query block, slot) pairs that see the task's
 // keys), recomputes the same tiles for every query head of the group and accumulates dk, dv in
 // registers/buffers of the task: no atomics, each output row written by one task. Global keys'
@@ -393,8 +393,9 @@ void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const 
       }
     }
   });
-  // dk, dv: one task per (batch, key head, key task); key tasks: nkb key blocks, then G global keys
-  const int64_t nkb = (g.Lk + g.bs - 1) / g.bs, ntask = nkb + G;
+  // dk, dv: one task per (batch, key head, key task); key tasks: nkb key blocks, then the G global keys
+  // in groups of up to b (their slots are consecutive in every query block's list)
+  const int64_t nkb = (g.Lk + g.bs - 1) / g.bs, ntask = nkb + (G + g.bs - 1) / g.bs;
   T* DK = dk.data_ptr<T>();
   T* DV = dv.data_ptr<T>();
   T* DKG = G ? dkg.data_ptr<T>() : nullptr;
@@ -407,15 +408,16 @@ void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t task = t % ntask, bhk = t / ntask, bi = bhk / g.Hk, hk = bhk % g.Hk;
       const bool glob = task >= nkb;
-      const int64_t p0 = glob ? gk[task - nkb] : task * g.bs;
-      const int64_t len = glob ? 1 : std::min(g.bs, g.Lk - p0);
+      const int64_t g0 = glob ? (task - nkb) * g.bs : 0, p0 = glob ? 0 : task * g.bs;
+      const int64_t len = glob ? std::min(g.bs, G - g0) : std::min(g.bs, g.Lk - p0);
       std::fill(dkacc.begin(), dkacc.end(), T(0));
       std::fill(dvacc.begin(), dvacc.end(), T(0));
       bool any = false;
       for (int64_t i = 0; i < len; ++i) {
-        w.kp[i] = K.at(bi, hk, p0 + i);
-        w.vp[i] = V.at(bi, hk, p0 + i);
-        off[i] = kpad && kpad[bi * g.Lk + p0 + i];
+        const int64_t p = glob ? gk[g0 + i] : p0 + i;
+        w.kp[i] = K.at(bi, hk, p);
+        w.vp[i] = V.at(bi, hk, p);
+        off[i] = kpad && kpad[bi * g.Lk + p];
         any = any || !off[i];
       }
       for (int64_t e = any ? tptr[task] : tptr[task + 1]; e < tptr[task + 1]; ++e) {
@@ -437,8 +439,8 @@ void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const 
           mm<T>(len, g.bs, w.a.data(), 1, w.qrow.data(), g.E, dkacc.data(), g.E, true, w.lo.data(), w.hi.data());
         }
       }
-      T* dko = glob ? DKG + (bhk * G + (task - nkb)) * g.E : DK + (bhk * g.Lk + p0) * g.E;
-      T* dvo = glob ? DVG + (bhk * G + (task - nkb)) * g.Ev : DV + (bhk * g.Lk + p0) * g.Ev;
+      T* dko = glob ? DKG + (bhk * G + g0) * g.E : DK + (bhk * g.Lk + p0) * g.E;
+      T* dvo = glob ? DVG + (bhk * G + g0) * g.Ev : DV + (bhk * g.Lk + p0) * g.Ev;
       for (int64_t i = 0; i < len * g.E; ++i) dko[i] = dkacc[i] * sc;
       for (int64_t i = 0; i < len * g.Ev; ++i) dvo[i] = dvacc[i];
     }
