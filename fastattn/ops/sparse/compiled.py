@@ -60,7 +60,8 @@ def flat_plan(plan: Plan, block: int, lk: int) -> dict[str, Tensor]:
     int64 key positions of each query block's slots (index work: never traced by ``torch.compile``), the rows
     ``[rlo, rhi)`` (int32, ``(nqb, W)``) that see each slot, ``allow (nqb, W, b)`` uint8 element masks (slots
     major), ``slot_any (nqb, W)``, and the inverse lists of the key tasks (the ``nkb`` key blocks, then
-    the global keys ``gk`` ``b`` at a time) in CSR form: ``tptr`` (tasks + 1), ``tj`` (query block), ``to`` (first slot)."""
+    the global keys ``gk`` ``b`` at a time) in CSR form: ``tptr`` (tasks + 1), ``tj`` (query block), ``to``
+    (first slot)."""
     key = ("flat", block, lk)
     hit = plan.compiled.get(key)
     if hit is not None:
@@ -206,7 +207,9 @@ def _dense_rows(
     return torch.matmul(p, v), lse[..., 0]
 
 
-def _column_part(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, bs: int, plan: Plan) -> tuple[Tensor, Tensor]:
+def _column_part(
+    q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, bs: int, plan: Plan,
+) -> tuple[Tensor, Tensor]:
     """The column part's partial result ``(out (B, H, Lq, Ev), lse (B, H, Lq))`` (``-inf``: no key), by
     PyTorch ops (differentiable) in the transposed block layout ``(B, H, b, blocks, .)``."""
     H, Hk, lq, lk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
