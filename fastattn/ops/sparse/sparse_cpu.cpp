@@ -7,9 +7,10 @@
 // rows contiguous) and slot_any[j, w] (does any row of the block see slot w). Key padding kp (B, Lk)
 // removes a key for one batch row. Scores are scale * q . k.
 //
-// Forward: one parallel region over (batch*heads x query blocks): the block's scaled queries are
-// gathered transposed (E x b), the scores of its live slots computed into a (slots x b) tile, masked,
-// softmax per row (max, exp, sum; rows with no live key: zero output, log-sum-exp -inf), then P V.
+// Forward: one parallel region over (batch*heads x query blocks) (tasks handed out dynamically: see
+// dynamic_for): the block's scaled queries are gathered transposed (E x b), the scores of its live slots
+// computed into a (slots x b) tile, masked, softmax per row (max, exp, sum; rows with no live key: zero
+// output, log-sum-exp -inf), then P V.
 // Backward (flash-style, from out, lse, dout): delta = rowsum(dout * out) - dlse; one region over
 // (batch*heads x query blocks) recomputes P and dP = dO V^T and gives dq = scale * dS K with
 // dS = P * (dP - delta); a second region over key *tasks* (each key block, then the global keys b at a time) of
@@ -26,6 +27,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -253,6 +255,23 @@ void masked_scores(const Geometry& g, Work<T>& w, int64_t n, const uint8_t* cons
   }
 }
 
+// Tasks 0..n-1 over the threads, handed out in small chunks as threads ask (a thread descheduled on a
+// shared machine holds up only its current chunk, not a fixed share): fn(get) runs once per thread and
+// get(t0, t1) claims the next chunk (false when none is left).
+template <typename F>
+void dynamic_for(int64_t n, F&& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(1, n / (nt * 8));
+  auto get = [&](int64_t& t0, int64_t& t1) {
+    t0 = next.fetch_add(chunk);
+    if (t0 >= n) return false;
+    t1 = std::min(n, t0 + chunk);
+    return true;
+  };
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { fn(get); });
+}
+
 // ---- forward ---------------------------------------------------------------------------------------
 template <typename T>
 void forward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const Tensor& v, const int64_t* kidx,
@@ -262,10 +281,11 @@ void forward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const T
   T* O = out.data_ptr<T>();
   T* LSE = lse.data_ptr<T>();
   const T ninf = -std::numeric_limits<T>::infinity();
-  at::parallel_for(0, g.B * g.H * g.nqb, 1, [&](int64_t t0, int64_t t1) {
+  dynamic_for(g.B * g.H * g.nqb, [&](auto& get) {
     Work<T> w(g);
     std::vector<const uint8_t*> al(std::max<int64_t>(g.W, 1));
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t0, t1, t = 0; get(t0, t1);)
+    for (t = t0; t < t1; ++t) {
       const int64_t j = t % g.nqb, bh = t / g.nqb, bi = bh / g.H, h = bh % g.H, hk = h / g.group;
       gather_rows<T>(g, Q, g.E, bi, h, j, T(g.scale), w.zeros.data(), w.qrow.data(), w.qT.data());
       int64_t n = 0;
@@ -355,10 +375,11 @@ void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const 
   const T sc = T(g.scale);
   // dq: one task per (batch*head, query block)
   T* DQ = dq.data_ptr<T>();
-  at::parallel_for(0, g.B * g.H * g.nqb, 1, [&](int64_t t0, int64_t t1) {
+  dynamic_for(g.B * g.H * g.nqb, [&](auto& get) {
     Work<T> w(g);
     std::vector<const uint8_t*> al(std::max<int64_t>(g.W, 1));
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t0, t1, t = 0; get(t0, t1);)
+    for (t = t0; t < t1; ++t) {
       const int64_t j = t % g.nqb, bh = t / g.nqb, bi = bh / g.H, h = bh % g.H, hk = h / g.group;
       int64_t n = 0;
       for (int64_t s = 0; s < g.W; ++s) {
@@ -400,12 +421,13 @@ void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const 
   T* DV = dv.data_ptr<T>();
   T* DKG = G ? dkg.data_ptr<T>() : nullptr;
   T* DVG = G ? dvg.data_ptr<T>() : nullptr;
-  at::parallel_for(0, g.B * g.Hk * ntask, 1, [&](int64_t t0, int64_t t1) {
+  dynamic_for(g.B * g.Hk * ntask, [&](auto& get) {
     Work<T> w(g);
     std::vector<T> dkacc(g.bs * g.E), dvacc(g.bs * g.Ev);
     std::vector<const uint8_t*> al(g.bs);
     std::vector<uint8_t> off(g.bs);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t0, t1, t = 0; get(t0, t1);)
+    for (t = t0; t < t1; ++t) {
       const int64_t task = t % ntask, bhk = t / ntask, bi = bhk / g.Hk, hk = bhk % g.Hk;
       const bool glob = task >= nkb;
       const int64_t g0 = glob ? (task - nkb) * g.bs : 0, p0 = glob ? 0 : task * g.bs;
