@@ -8,6 +8,7 @@ with the same projections). B=1, H=8, E=64, fp32, CPU.
     python benchmarks/cpp.py --quick            # lengths / 4, one repeat (a smoke run)
     python benchmarks/cpp.py --no-slow-peers    # without performer-pytorch (~12 s a call at n=4096)
     python benchmarks/cpp.py --threads 1 --clock cpu --note "shared machine"   # CPU time of one thread
+    python benchmarks/cpp.py --groups local --out benchmarks/results/perf_local.json   # some rows only
 
 Rows (the issue's table; each ratio is the other implementation's median over fastattn's, so > 1 means
 fastattn is faster): causal linear fwd+bwd (goal >= 4x fast-transformers' C++ kernel, >= 30x SDPA), linear
@@ -73,7 +74,8 @@ GROUPS = [  # fastattn's cases first (cpp, then torch); each goal's ratio is aga
           [Case("linear", N, backend="cpp"), Case("linear", N, backend="torch"), Case(FT_LINEAR, N), Case("sdpa", N)],
           [Goal(FT_LINEAR, 4.0, 0.123), Goal("sdpa", None)]),
     Group("local (w=256) causal fwd+bwd",
-          [Case("local", N, causal=True, mode="fwdbwd", options=W256),
+          [Case("local", N, causal=True, mode="fwdbwd", options=W256, backend="cpp"),
+           Case("local", N, causal=True, mode="fwdbwd", options=W256, backend="torch"),
            Case("peer:local_attention", N, causal=True, mode="fwdbwd", options=W256)],
           [Goal("peer:local_attention", 3.0)]),
     Group("causal performer-256 fwd+bwd",
@@ -164,6 +166,8 @@ def main() -> None:
     ap.add_argument("--no-slow-peers", action="store_true", help="skip performer-pytorch (~12 s a call)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this thread's CPU time (needs --threads 1; for a machine shared with other work)")
+    ap.add_argument("--groups", default="",
+                    help="only the rows whose label contains one of these comma-separated words (no decoding)")
     ap.add_argument("--note", default="", help="recorded with the results (e.g. whether the machine was shared)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "perf_table.json"))
@@ -200,7 +204,10 @@ def main() -> None:
     say()
     say("| case | n | fastattn cpp | fastattn torch | other | other / cpp | other / torch | goal | met (cpp) |")
     say("|---|---|---|---|---|---|---|---|---|")
+    words = [w for w in a.groups.split(",") if w]
     for grp in GROUPS:
+        if words and not any(w in grp.label for w in words):
+            continue
         cases = [replace(c, n=c.n // div, threads=a.threads) for c in grp.cases]
         missing = {_name(c): _peer_missing(c.impl) for c in cases}
         if a.no_slow_peers:
@@ -239,8 +246,9 @@ def main() -> None:
                 f"{'-' if met is None else ('yes' if met else 'NO')} |")
         result["groups"].append({"label": grp.label, "cases": [asdict(c) for c in cases], "times_s": times,
                                  "median_s": med, "ratios": rows, "missing": {k: v for k, v in missing.items() if v}})
-    say("\n(local has no compiled backend: its one implementation is in the torch column; the cpp ratio of a "
-        "row whose cpp column is '-' is the torch one.)")
+    if words:  # some rows only: no decoding section
+        _write(a, result, lines, t_start)
+        return
     steps = 8 if a.quick else 32
     say(f"\ndecoding, per token (median of {repeats} x {steps} steps), MultiheadAttention(512, 8, 'linear'); "
         "goal: sdpa / cpp >= 10x at 16384 cached, and per-token time at 16384 / at 16 <= 1.5")
@@ -261,9 +269,15 @@ def main() -> None:
     say(f"\nper-token time at {N // div} / at 16 cached: cpp {flat['linear[cpp]']:.2f}, "
         f"torch {flat['linear[torch]']:.2f}")
     result["decode_flatness"] = flat
+    _write(a, result, lines, t_start)
+
+
+def _write(a: argparse.Namespace, result: dict, lines: list[str], t_start: float) -> None:
     result["machine"]["load_avg_end"] = os.getloadavg()
     result["wall_s"] = time.perf_counter() - t_start
-    say(f"\nload average at the end {os.getloadavg()[0]:.1f}; the run took {result['wall_s']:.0f} s.")
+    line = f"\nload average at the end {os.getloadavg()[0]:.1f}; the run took {result['wall_s']:.0f} s."
+    print(line, flush=True)
+    lines.append(line)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)

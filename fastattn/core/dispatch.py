@@ -4,9 +4,12 @@ A mechanism has one mathematics and possibly several implementations of it. Each
 :class:`Backend` with a name, a ``why_not(spec, call)`` that says why it cannot take a call (``None``
 when it can) and a ``run`` that computes it. Today there are three:
 
-* ``"cpp"`` -- compiled C++ kernels of the linear-attention op (kernel family, CPU), built on first
-  use (:mod:`fastattn.ops.linear.compiled`); without a compiler, or if the build fails, it says why
-  and ``auto`` goes on to ``"torch"``. Under ``auto`` it is opt-in (``FASTATTN_CPP=1``);
+* ``"cpp"`` -- compiled C++ kernels of the linear-attention op (kernel family) and of the block-sparse
+  engine (mechanisms declaring ``compiled_block_sparse``: the pattern mechanisms), CPU, built on first
+  use (:mod:`fastattn.ops.linear.compiled`, :mod:`fastattn.ops.sparse.compiled`); without a compiler,
+  or if the build fails, it says why and ``auto`` goes on to ``"torch"``. A block-sparse call the
+  kernels do not take (extra nodes) runs on the PyTorch engine. Under ``auto`` it is
+  opt-in (``FASTATTN_CPP=1``);
 * ``"torch"`` -- the mechanism's efficient PyTorch ``forward``; it takes every call;
 * ``"reference"`` -- the paper's formula written literally (``Mechanism.reference``): no attention
   dropout, no decoding state.
@@ -119,15 +122,18 @@ class ReferenceBackend(Backend):
 
 class CppBackend(Backend):
     """The compiled CPU kernels of the linear-attention op (:mod:`fastattn.ops.linear.compiled`), for
-    the mechanisms of the kernel family; built on first use. Opt-in under ``auto`` (``FASTATTN_CPP=1``)."""
+    the mechanisms of the kernel family, and of the block-sparse engine
+    (:mod:`fastattn.ops.sparse.compiled`), for mechanisms whose class sets ``compiled_block_sparse``;
+    built on first use. Opt-in under ``auto`` (``FASTATTN_CPP=1``)."""
 
     name = "cpp"
 
     def why_not(self, spec: MethodSpec, call: Call) -> str | None:
         if call.device.type != "cpu":
             return "CPU only"
-        if spec.family != "kernel":
-            return "compiled kernels exist for the linear-attention op (the kernel family) only"
+        if spec.family != "kernel" and not getattr(spec.cls, "compiled_block_sparse", False):
+            return ("compiled kernels exist for the linear-attention op (the kernel family) and the "
+                    "block-sparse engine (pattern mechanisms) only")
         from fastattn.ops.linear import compiled
         return compiled.build()
 

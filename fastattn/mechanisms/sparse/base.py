@@ -60,6 +60,8 @@ class PatternMechanism(Mechanism):
     # sequence plus ``reach`` keys on each side computes that stretch's output (halo exchange in
     # :mod:`fastattn.distributed`).
     windowed: ClassVar[bool] = False
+    # the forward runs on the block-sparse engine, which has compiled CPU kernels (backend="cpp")
+    compiled_block_sparse: ClassVar[bool] = True
 
     def pattern(self, lq: int, lk: int, device: torch.device) -> Pattern:
         raise NotImplementedError

@@ -8,6 +8,10 @@ element loaded once per block). A known feature map (elu + 1, :data:`FUSED_FEATU
 the kernels, forward and backward, so no feature tensor is allocated. They are registered as the ``torch.library`` custom ops ``fastattn::linear_attention_cpp`` / ``fastattn::linear_attention_cpp_backward`` (the
 tiled ops' schema and shapes plus the fused feature map's number, so ``torch.compile`` keeps one graph around them).
 
+The same extension holds the block-sparse engine's kernels (``../sparse/sparse_cpu.cpp``, called by
+:mod:`fastattn.ops.sparse.compiled`): this module is the one build helper and the one ``use()`` switch of
+the compiled backend.
+
 The extension is compiled by :func:`torch.utils.cpp_extension.load` the first time it is needed (about
 half a minute; ``-O3 -march=native``, OpenMP) and cached in torch's extension directory
 (``TORCH_EXTENSIONS_DIR``), keyed by the source, the flags and the CPU model, so later processes only
@@ -41,6 +45,9 @@ from .tiled import FeatureMap, fake_backward, fake_forward, log_gate_grad, tiled
 __all__ = ["active", "build", "linear_attention", "status", "use"]
 
 _SOURCE = Path(__file__).with_name("linear_cpu.cpp")
+# every source of the one extension: the linear kernels (which hold the Python module) and the
+# block-sparse engine's kernels (fastattn/ops/sparse/compiled.py)
+_SOURCES = (_SOURCE, Path(__file__).parent.parent / "sparse" / "sparse_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LOCK = threading.Lock()
 _MODULE = None
@@ -63,7 +70,9 @@ def _cpu_model() -> str:
 
 
 def _name() -> str:
-    h = hashlib.sha1(_SOURCE.read_bytes())
+    h = hashlib.sha1()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
     h.update(" ".join(_FLAGS).encode())
     h.update(_cpu_model().encode())
     h.update(torch.__version__.encode())
@@ -73,8 +82,9 @@ def _name() -> str:
 def _missing_tool() -> str | None:
     if _env() == "0":
         return "disabled by FASTATTN_CPP=0"
-    if not _SOURCE.exists():
-        return f"kernel source {_SOURCE.name} is missing from the installation"
+    for src in _SOURCES:
+        if not src.exists():
+            return f"kernel source {src.name} is missing from the installation"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         return f"no C++ compiler found ({cxx!r} not on PATH)"
@@ -101,7 +111,7 @@ def build() -> str | None:
         if _MODULE is None and _FAILED is None:
             try:
                 from torch.utils.cpp_extension import load
-                _MODULE = load(name=_name(), sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+                _MODULE = load(name=_name(), sources=[str(src) for src in _SOURCES], extra_cflags=_FLAGS,
                                extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as e:  # noqa: BLE001 -- the reason is reported, the PyTorch path stays
                 lines = [ln for ln in str(e).splitlines() if ln.strip()]

@@ -881,7 +881,10 @@ std::vector<Tensor> backward(Tensor q, Tensor k, Tensor v, c10::optional<Tensor>
 
 }  // namespace
 
+void fastattn_bind_sparse(pybind11::module_& m);  // the block-sparse kernels: ../sparse/sparse_cpu.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "linear attention forward: (out, den, s_n, z_n)");
   m.def("backward", &backward, "linear attention backward: (dq, dk, dv, ds0, dz0, dcum)");
+  fastattn_bind_sparse(m);
 }

@@ -31,6 +31,10 @@ accumulates the key/value gradients in place (the adjoint of the gather: slice a
 ``index_add_``), so the working set of forward+backward is one group's temporaries plus O(n d) for the
 inputs, output and gradients. Without grad (inference) the same loop runs once and saves nothing.
 Double backward is not supported.
+
+**Compiled kernels.** While the compiled backend is on (``backend="cpp"``, the switch of
+:mod:`fastattn.ops.linear.compiled`), a CPU call the C++ kernels take runs on them instead
+(:mod:`fastattn.ops.sparse.compiled`: same results; calls with extra nodes stay here).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from torch.autograd.function import once_differentiable
 
 from fastattn.core.masks import Mask
 from fastattn.ops.softmax.online import compute_dtype, merge_tiles, tile_stats
+
+from . import compiled
 from .nodes import Nodes
 from .patterns import Pattern
 from .plan import Plan, cached_plan
@@ -564,6 +570,11 @@ def block_sparse_attention(
         group_bytes = GROUP_BYTES.get(q.device.type, GROUP_BYTES["cuda"])
     dt = compute_dtype(q.dtype)
     q_, k_, v_ = q.to(dt), k.to(dt), v.to(dt)
+    if compiled.active() and q.device.type == "cpu":  # the compiled backend (backend="cpp"), if it takes the call
+        res = compiled.attention(q_, k_, v_, mask, scale, pattern.block, plan, nodes)
+        if res is not None:
+            out = res[0].to(q.dtype)
+            return (out, res[1]) if return_lse else out
     nk = nv = None
     if nodes is not None:
         nk, nv = nodes.k.to(dt), nodes.v.to(dt)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Hashable, TypeVar
 
 import torch
@@ -68,6 +68,8 @@ class Plan:
     gq: Tensor | None = None  # global queries inside the call, relative to query 0
     gq_list: tuple[int, ...] = ()  # the same as Python ints (no tensor read when the call runs)
     dead_rows: bool = True  # may some (possibly padded) query row see no key at all?
+    # forms of the plan derived on first use by other kernels (the compiled backend's flattened plan)
+    compiled: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def _by_rows(fn: Callable[[slice], Tensor], nqb: int, bs: int, width: int, device: torch.device) -> Tensor:
