@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -88,7 +89,6 @@ class MultiheadAttention(nn.Module):
         self.spec = spec
         self.method = method
         self.config = config
-        self.backend = backend
         self.embed_dim, self.head_dim, self.kdim, self.vdim = embed_dim, config.head_dim, config.kdim, config.vdim
         self.dropout, self.batch_first = dropout, batch_first
         if sequence_parallel_group is not None:  # inputs are this rank's shard (fastattn.distributed)
@@ -109,6 +109,19 @@ class MultiheadAttention(nn.Module):
                 ProjectedAttention.Options(core=method, core_options=options), config, generator=generator
             )
         self.mechanism: LayerMechanism = mechanism
+
+    @property
+    def backend(self) -> str:
+        """The backend the layer's attention runs on; assigning it (``layer.backend = "cpp"``) reaches the
+        forward and ``step`` alike (every module of the layer that holds the shared settings)."""
+        return self.config.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        check_backend_name(value)
+        for m in self.modules():
+            if isinstance(getattr(m, "config", None), LayerConfig):
+                m.config = dataclasses.replace(m.config, backend=value)
 
     @property
     def aux_loss(self) -> Tensor:

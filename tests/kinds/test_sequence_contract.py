@@ -255,3 +255,24 @@ def test_half_precision_policy_is_applied_before_dispatch(spec):
     q, k, v = qkv(dtype=torch.float16)
     assert mech.run(q, k, v).dtype == torch.float16
     assert seen == [{torch.float16 if spec.cls.half_precision == "native" else torch.float32}]
+
+
+def test_assigning_a_layers_backend_reaches_its_forward(monkeypatch):
+    """``layer.backend = ...`` after construction is what the forward runs (the contract test above sets it
+    that way on the layer path)."""
+    layer = fastattn.MultiheadAttention(16, 2, "linear", batch_first=True)
+    seen = []
+    run = type(layer.attn).run
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(layer.attn), "run", spy)
+    x = torch.randn(1, 5, 16)
+    for backend in ("reference", "torch"):
+        layer.backend = backend
+        layer(x)
+    assert seen == ["reference", "torch"] and layer.backend == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        layer.backend = "nope"
