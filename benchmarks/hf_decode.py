@@ -8,7 +8,8 @@ Variants, side by side in one run:
 * ``register-linear``: ``fastattn.hf.register(method="linear")`` -- an attention *function*: the cache
   hands it every past key and value, so each token re-scans the prefix;
 * ``linearize-linear`` / ``linearize-hedgehog``: ``fastattn.hf.linearize`` -- fastattn's constant-size
-  state in the cache (``FastattnStateLayer``): O(1) per token.
+  state in the cache (``FastattnStateLayer``): O(1) per token; ``linearize-hedgehog-w64``: Hedgehog with a
+  64-key softmax window (LoLCATs), whose state is the linear state plus a 64-key ring.
 
 The figure of merit is the ratio of the median per-token time at 4096 to that at 128 (flat: <= 1.5).
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +41,8 @@ def build(variant: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=attn).eval()
     if variant.startswith("linearize-"):
-        fh.linearize(model, variant.split("-", 1)[1])
+        method, _, window = variant.split("-", 1)[1].partition("-w")
+        fh.linearize(model, method, **({"window": int(window)} if window else {}))
     return model
 
 
@@ -61,9 +64,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompts", default="128,4096")
-    ap.add_argument("--variants", default="softmax,register-linear,linearize-linear,linearize-hedgehog")
+    ap.add_argument("--variants", default="softmax,register-linear,linearize-linear,linearize-hedgehog,linearize-hedgehog-w64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/hf_decode.json")
+    ap.add_argument("--note", default="shared with other jobs: compare ratios, not absolute times")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     prompts = [int(p) for p in args.prompts.split(",")]
@@ -77,8 +81,8 @@ def main() -> None:
         print(f"{variant:<20} " + "  ".join(f"{p}: {1e3 * t:7.2f} ms" for p, t in med.items())
               + f"  ratio {prompts[-1]}/{prompts[0]}: {ratio:.2f}", flush=True)
     result = {
-        "machine": f"{platform.machine()} CPU, {args.threads} threads (shared with other jobs: compare ratios, "
-                   "not absolute times)",
+        "machine": f"{platform.machine()} CPU, {args.threads} threads ({args.note})",
+        "command": "python benchmarks/hf_decode.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__, "transformers": transformers.__version__, "tokens": args.tokens,
         "statistic": "median per-token decode time", "results": rows,
     }
