@@ -54,7 +54,7 @@ from .base import KernelMechanism
 __all__ = ["Hedgehog"]
 
 
-@register("hedgehog", complexity="O(n d^2)", causal=True, decoding=True, padding=True, time_growth=1.0, memory_growth=1.0)
+@register("hedgehog", complexity="O(n d^2); O(n (d^2 + w d)) with window=w", causal=True, decoding=True, padding=True, time_growth=1.0, memory_growth=1.0)
 class Hedgehog(KernelMechanism):
     """Learned softmax-mimicking feature maps ``[softmax(Wx + b), softmax(-(Wx + b))]``."""
 
