@@ -48,6 +48,7 @@ _SOURCE = Path(__file__).with_name("linear_cpu.cpp")
 # every source of the one extension: the linear kernels (which hold the Python module) and the
 # block-sparse engine's kernels (fastattn/ops/sparse/compiled.py)
 _SOURCES = (_SOURCE, Path(__file__).parent.parent / "sparse" / "sparse_cpu.cpp")
+_HEADERS = (Path(__file__).parent.parent / "simd.h",)  # included by the sources: part of the cache key
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LOCK = threading.Lock()
 _MODULE = None
@@ -71,7 +72,7 @@ def _cpu_model() -> str:
 
 def _name() -> str:
     h = hashlib.sha1()
-    for src in _SOURCES:
+    for src in _SOURCES + _HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(_FLAGS).encode())
     h.update(_cpu_model().encode())
@@ -82,7 +83,7 @@ def _name() -> str:
 def _missing_tool() -> str | None:
     if _env() == "0":
         return "disabled by FASTATTN_CPP=0"
-    for src in _SOURCES:
+    for src in _SOURCES + _HEADERS:
         if not src.exists():
             return f"kernel source {src.name} is missing from the installation"
     cxx = os.environ.get("CXX", "c++")

@@ -28,6 +28,8 @@
 #include <cmath>
 #include <vector>
 
+#include "../simd.h"
+
 namespace {
 
 using at::Tensor;
@@ -62,28 +64,8 @@ struct Gates {  // per-token or per-row log-gates as float64 (B, Hkv, L|1), cont
   }
 };
 
-// Explicit SIMD through GCC/Clang vector extensions: a Vec<T> is 64 bytes (one AVX-512 register, two
-// AVX2 ones, four SSE ones: the compiler splits it for the target). The value axis Ev is processed in
-// blocks of up to NV vectors held in registers across the loop over the feature axis D (the state's
-// rows); what does not fill a vector is done in scalar code.
-// The sum of the lanes of a 64-byte vector: halves added as vectors (a tree of log2 steps in
-// registers, not a serial chain of scalar adds or a round trip through memory).
-typedef float F16 __attribute__((vector_size(64)));
-typedef double D8 __attribute__((vector_size(64)));
-
-inline float lane_sum(F16 x) {
-  auto a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  auto c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
-  return c[0] + c[1];
-}
-
-inline double lane_sum(D8 x) {
-  auto a = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
-  auto b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
-  return b[0] + b[1];
-}
+// The value axis Ev is processed in blocks of up to NV vectors (ops/simd.h) held in registers across the
+// loop over the feature axis D (the state's rows); what does not fill a vector is done in scalar code.
 
 // The lane sums of N vectors of N lanes at once, lane r of the result = sum of vector r: a transpose-add
 // tree (one shuffle pair and an add per vector, instead of a reduction tree per vector).
@@ -113,20 +95,6 @@ inline D8 reduce_rows(const D8* v) {
 }
 #undef FA_SV
 
-template <typename T>
-struct Simd {
-  typedef T V __attribute__((vector_size(64)));
-  static constexpr int64_t N = 64 / sizeof(T);
-  static V load(const T* p) {
-    V x;
-    __builtin_memcpy(&x, p, sizeof(V));
-    return x;
-  }
-  static void store(T* p, V x) { __builtin_memcpy(p, &x, sizeof(V)); }
-  static V splat(T x) { return V{} + x; }
-  static T hsum(V x) { return lane_sum(x); }
-};
-
 constexpr int NV = 4;  // vectors per block of the value axis (64 floats / 32 doubles)
 
 template <typename T>
@@ -140,25 +108,10 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
   return s;
 }
 
-// exp of float32 lanes <= 0 (Cephes' expf polynomial, about 1 ulp; below -87 the result is
-// exp(-87) ~ 2e-38 instead of a denormal or 0: a feature that small adds nothing).
-typedef int I16 __attribute__((vector_size(64)));
+// exp of float32 lanes <= 0; below -87 the result is exp(-87) ~ 2e-38 instead of a denormal or 0.
 inline F16 exp_nonpositive(F16 x) {
   const F16 lo = F16{} + -87.0f;
-  x = x < lo ? lo : x;
-  const F16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const F16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  F16 p = F16{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
-  F16 scale;
-  __builtin_memcpy(&scale, &bits, sizeof(F16));
-  return p * scale;
+  return exp_clamped(x < lo ? lo : x);
 }
 
 template <typename T>

@@ -32,22 +32,11 @@
 #include <limits>
 #include <vector>
 
+#include "../simd.h"
+
 namespace {
 
 using at::Tensor;
-
-template <typename T>
-struct Vec {
-  typedef T V __attribute__((vector_size(64)));
-  static constexpr int64_t N = 64 / sizeof(T);
-  static V load(const T* p) {
-    V x;
-    __builtin_memcpy(&x, p, sizeof(V));
-    return x;
-  }
-  static void store(T* p, V x) { __builtin_memcpy(p, &x, sizeof(V)); }
-  static V splat(T x) { return V{} + x; }
-};
 
 // C[r][d] (+)= sum_k A[r][k * sak] * B[k][d] for r < R, d < D: A and B given as row pointers, C with
 // row stride ldc. Blocks of RT rows x CV vectors of columns stay in registers across the k loop.
@@ -57,7 +46,7 @@ struct Vec {
 template <typename T, int RT, int CV>
 inline void mm_block(int64_t k0, int64_t k1, const T* const* A, int64_t sak, const T* const* B, int64_t d0, T* C,
                      int64_t ldc, bool add) {
-  using S = Vec<T>;
+  using S = Simd<T>;
   typename S::V acc[RT][CV];
   for (int i = 0; i < RT; ++i)
     for (int c = 0; c < CV; ++c) acc[i][c] = add ? S::load(C + i * ldc + d0 + c * S::N) : typename S::V{};
@@ -77,7 +66,7 @@ inline void mm_block(int64_t k0, int64_t k1, const T* const* A, int64_t sak, con
 template <typename T, int RT>
 inline void mm_rows(int64_t k0, int64_t k1, const T* const* A, int64_t sak, const T* const* B, int64_t dA, int64_t dB,
                     int64_t D, T* C, int64_t ldc, bool add) {
-  constexpr int64_t N = Vec<T>::N;
+  constexpr int64_t N = Simd<T>::N;
   if (!add)
     for (int i = 0; i < RT; ++i) {
       std::fill(C + i * ldc, C + i * ldc + dA, T(0));
@@ -100,7 +89,7 @@ template <typename T>
 void mm(int64_t R, int64_t K, const T* const* A, int64_t sak, const T* const* B, int64_t D, T* C, int64_t ldc,
         bool add, const int32_t* klo = nullptr, const int32_t* khi = nullptr, const int32_t* dlo = nullptr,
         const int32_t* dhi = nullptr) {
-  constexpr int64_t N = Vec<T>::N;
+  constexpr int64_t N = Simd<T>::N;
   auto range = [](int64_t r, int64_t rt, const int32_t* lo, const int32_t* hi, int64_t full, int64_t& a,
                   int64_t& b) {
     if (!lo) {
@@ -147,32 +136,18 @@ inline void key_ranges(int64_t n, const int32_t* lo, const int32_t* hi, int64_t 
 }
 
 // exp(x) of float32 lanes, x <= ~88: 0 below -87 (so that exp(-inf) and masked scores give exactly 0).
-typedef int I16 __attribute__((vector_size(64)));
-typedef float F16 __attribute__((vector_size(64)));
 inline F16 vexp(F16 x) {
   const F16 lo = F16{} + -87.0f, hi = F16{} + 88.0f;
   const auto dead = x < lo;
   F16 y = x < lo ? lo : x;
   y = y > hi ? hi : y;
-  const F16 n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const F16 r = (y - n * 0.693359375f) - n * -2.12194440e-4f;
-  F16 p = F16{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
-  F16 scale;
-  __builtin_memcpy(&scale, &bits, sizeof(F16));
-  const F16 out = p * scale;
+  const F16 out = exp_clamped(y);
   return dead ? F16{} : out;
 }
 
 // x[i] = exp(x[i] - m[i]) for i < n (n a multiple of the vector width for float).
 inline void exp_sub(float* x, const float* m, int64_t n) {
-  using S = Vec<float>;
+  using S = Simd<float>;
   for (int64_t i = 0; i < n; i += S::N) S::store(x + i, vexp(S::load(x + i) - S::load(m + i)));
 }
 inline void exp_sub(double* x, const double* m, int64_t n) {
@@ -241,6 +216,27 @@ void gather_rows(const Geometry& g, const Rows<T>& x, int64_t D, int64_t bi, int
   }
 }
 
+// The live key slots of query block j (batch bi, key head hk): a slot whose allow row has some 1, whose
+// key is inside the call and not padding. Their key/value row pointers, allow rows and row ranges go to
+// w.kp, w.vp, al, w.lo, w.hi; returns how many.
+template <typename T>
+int64_t live_slots(const Geometry& g, Work<T>& w, const uint8_t** al, const Rows<T>& K, const Rows<T>& V,
+                   const int64_t* kidx, const uint8_t* allow, const uint8_t* slot_any, const int32_t* rlo,
+                   const int32_t* rhi, const uint8_t* kpad, int64_t bi, int64_t hk, int64_t j) {
+  int64_t n = 0;
+  for (int64_t s = 0; s < g.W; ++s) {
+    const int64_t p = kidx[j * g.W + s];
+    if (!slot_any[j * g.W + s] || p < 0 || p >= g.Lk || (kpad && kpad[bi * g.Lk + p])) continue;
+    w.kp[n] = K.at(bi, hk, p);
+    w.vp[n] = V.at(bi, hk, p);
+    al[n] = allow + (j * g.W + s) * g.bs;
+    w.lo[n] = rlo[j * g.W + s];
+    w.hi[n] = rhi[j * g.W + s];
+    ++n;
+  }
+  return n;
+}
+
 // s (n x bp) = scores of the n keys (row pointers kp) against the gathered queries qT, masked by
 // allow rows (uint8, b per key; nullptr: all allowed), -inf where masked.
 template <typename T>
@@ -288,17 +284,7 @@ void forward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const T
     for (t = t0; t < t1; ++t) {
       const int64_t j = t % g.nqb, bh = t / g.nqb, bi = bh / g.H, h = bh % g.H, hk = h / g.group;
       gather_rows<T>(g, Q, g.E, bi, h, j, T(g.scale), w.zeros.data(), w.qrow.data(), w.qT.data());
-      int64_t n = 0;
-      for (int64_t s = 0; s < g.W; ++s) {
-        const int64_t p = kidx[j * g.W + s];
-        if (!slot_any[j * g.W + s] || p < 0 || p >= g.Lk || (kpad && kpad[bi * g.Lk + p])) continue;
-        w.kp[n] = K.at(bi, hk, p);
-        w.vp[n] = V.at(bi, hk, p);
-        al[n] = allow + (j * g.W + s) * g.bs;
-        w.lo[n] = rlo[j * g.W + s];
-        w.hi[n] = rhi[j * g.W + s];
-        ++n;
-      }
+      const int64_t n = live_slots<T>(g, w, al.data(), K, V, kidx, allow, slot_any, rlo, rhi, kpad, bi, hk, j);
       T* s = w.s.data();
       T* m = w.m.data();
       T* l = w.l.data();
@@ -381,17 +367,7 @@ void backward_kernel(const Geometry& g, const Tensor& q, const Tensor& k, const 
     for (int64_t t0, t1, t = 0; get(t0, t1);)
     for (t = t0; t < t1; ++t) {
       const int64_t j = t % g.nqb, bh = t / g.nqb, bi = bh / g.H, h = bh % g.H, hk = h / g.group;
-      int64_t n = 0;
-      for (int64_t s = 0; s < g.W; ++s) {
-        const int64_t p = kidx[j * g.W + s];
-        if (!slot_any[j * g.W + s] || p < 0 || p >= g.Lk || (kpad && kpad[bi * g.Lk + p])) continue;
-        w.kp[n] = K.at(bi, hk, p);
-        w.vp[n] = V.at(bi, hk, p);
-        al[n] = allow + (j * g.W + s) * g.bs;
-        w.lo[n] = rlo[j * g.W + s];
-        w.hi[n] = rhi[j * g.W + s];
-        ++n;
-      }
+      const int64_t n = live_slots<T>(g, w, al.data(), K, V, kidx, allow, slot_any, rlo, rhi, kpad, bi, hk, j);
       for (int64_t r = 0; r < g.bs; ++r) {
         const int64_t qi = j * g.bs + r - g.lpad;
         if (qi >= 0 && qi < g.Lq && n == 0)
