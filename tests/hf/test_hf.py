@@ -263,14 +263,21 @@ def test_save_pretrained_and_load(tmp_path) -> None:
         assert (plain(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() > 1e-4
 
 
-def test_distill_reduces_the_transfer_loss_then_finetunes() -> None:
+def peaked_hedgehog_llama():
+    """A tiny Llama with peaked attention (so that identity feature maps are far from softmax), linearized
+    to hedgehog, and two batches for distill."""
     model = llama()
-    with torch.no_grad():  # peaked attention, so that identity feature maps are far from softmax
+    with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(6.0)
     fh.linearize(model, "hedgehog")
     batches = [{"input_ids": torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(i)),
                 "use_cache": False} for i in range(2)]
+    return model, batches
+
+
+def test_distill_reduces_the_transfer_loss_then_finetunes() -> None:
+    model, batches = peaked_hedgehog_llama()
     report = fh.distill(model, batches, steps=20, lr=3e-2, finetune_steps=2, progress=False)
     assert len(report.transfer_losses) == 20 and len(report.finetune_losses) == 2
     assert report.transfer_losses[-1] < 0.7 * report.transfer_losses[0]
@@ -280,13 +287,7 @@ def test_distill_reduces_the_transfer_loss_then_finetunes() -> None:
 
 
 def test_distill_on_recorded_attention_inputs() -> None:
-    model = llama()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-    fh.linearize(model, "hedgehog")
-    batches = [{"input_ids": torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(i)),
-                "use_cache": False} for i in range(2)]
+    model, batches = peaked_hedgehog_llama()
     report = fh.distill(model, batches, steps=20, lr=3e-2, capture=2, progress=False)
     assert report.transfer_losses[-1] < 0.7 * report.transfer_losses[0]
     assert not any(getattr(m, "fastattn_transfer", False) for m in model.modules())

@@ -122,19 +122,26 @@ def test_rows_without_keys_give_zeros(built):
     assert torch.isfinite(dq).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
 
 
-@pytest.mark.parametrize("method,options", [("local", {"window": 16}), ("longformer", {}), ("bigbird", {})])
-def test_mechanisms_run_on_the_kernels(built, monkeypatch, method, options):
-    """backend="cpp" runs the pattern mechanisms on the compiled kernels (the op is called, not the
-    fallback) with the torch backend's values and gradients."""
-    taken = []
+@pytest.fixture
+def taken(monkeypatch):
+    """Whether each call of the compiled block-sparse entry point ran on the kernels (True) or declined
+    and left the call to the PyTorch engine (False), in order."""
+    calls = []
     real = compiled.attention
 
     def spy(*args, **kw):
         res = real(*args, **kw)
-        taken.append(res is not None)
+        calls.append(res is not None)
         return res
 
     monkeypatch.setattr(compiled, "attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("method,options", [("local", {"window": 16}), ("longformer", {}), ("bigbird", {})])
+def test_mechanisms_run_on_the_kernels(built, taken, method, options):
+    """backend="cpp" runs the pattern mechanisms on the compiled kernels (the op is called, not the
+    fallback) with the torch backend's values and gradients."""
     q, k, v = _inputs(2, 2, 2, N, N, e=8, seed=11)
     kp = torch.zeros(2, N, dtype=torch.bool)
     kp[0, 55:] = True
@@ -186,22 +193,13 @@ CPP_SPECS = [s for s in fastattn.methods() if getattr(s.cls, "compiled_block_spa
 
 
 @pytest.mark.parametrize("spec", CPP_SPECS, ids=[s.name for s in CPP_SPECS])
-def test_every_pattern_mechanism_cpp_equals_torch(built, monkeypatch, spec):
+def test_every_pattern_mechanism_cpp_equals_torch(built, taken, spec):
     """Every mechanism the cpp backend takes for its block-sparse engine gives the torch backend's output
     and input gradient (float64 layer, GQA heads, key padding, causal where it exists); calls its plan
     does not fit run on the PyTorch engine."""
     x = torch.randn(2, N, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
     kpm = torch.zeros(2, N, dtype=torch.bool)
     kpm[1, 45:] = True
-    taken = []
-    real = compiled.attention
-
-    def spy(*args, **kw):
-        res = real(*args, **kw)
-        taken.append(res is not None)
-        return res
-
-    monkeypatch.setattr(compiled, "attention", spy)
     for causal in (False, True) if spec.causal else (False,):
         res = {}
         for backend in ("torch", "cpp"):  # the same weights (seeded), the backend fixed at construction
