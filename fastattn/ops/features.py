@@ -26,6 +26,7 @@ from ..core.masks import NEG_INF, Mask
 __all__ = [
     "real_key_count", "padding_bias", "l2_normalize", "elu_plus_one", "query_chunked", "draw_gaussian_projection",
     "random_projection", "softmax_kernel_features", "softmax_kernel_log_scale", "softmax_kernel_estimate",
+    "RandomProjection",
 ]
 
 _LOG_SCALE_BLOCK = 1024  # tokens per block when computing key log-scales (bounds the (L, m) temporary)
@@ -124,3 +125,24 @@ def elu_plus_one(x: Tensor) -> Tensor:
     """``elu(x) + 1`` (linear attention's feature map), positive, computed and differentiated in one
     fused pass each."""
     return _EluPlusOne.apply(x)
+
+
+class RandomProjection:
+    """Mixin for a mechanism (an ``nn.Module`` with ``options.num_features``, optional
+    ``options.orthogonal``, and ``head_dim``) that keeps a random ``(num_features, head_dim)`` matrix in the
+    buffer ``projection`` (so ``state_dict`` reproduces it), drawn by :func:`draw_gaussian_projection`."""
+
+    def init_projection(self, generator: torch.Generator | None) -> None:
+        """Register the ``projection`` buffer and draw it (``generator`` is also kept for :meth:`redraw`)."""
+        self._generator = generator
+        self.register_buffer("projection", torch.empty(self.options.num_features, self.head_dim))
+        self.redraw(generator)
+
+    @torch.no_grad()
+    def redraw(self, generator: torch.Generator | None = None) -> None:
+        """Draw a fresh random matrix into the ``projection`` buffer (from ``generator``, else the one
+        given at construction, else torch's global generator)."""
+        g = generator if generator is not None else self._generator
+        w = draw_gaussian_projection(self.options.num_features, self.head_dim,
+                                     orthogonal=getattr(self.options, "orthogonal", False), generator=g)
+        self.projection.copy_(w.to(self.projection))

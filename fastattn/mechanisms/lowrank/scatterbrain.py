@@ -43,7 +43,7 @@ from torch import Tensor
 from fastattn.core.base import Mechanism
 from fastattn.core.masks import Mask
 from fastattn.ops.features import (
-    draw_gaussian_projection, softmax_kernel_estimate, softmax_kernel_features, softmax_kernel_log_scale,
+    RandomProjection, softmax_kernel_estimate, softmax_kernel_features, softmax_kernel_log_scale,
 )
 from fastattn.ops.linear.engine import linear_attention
 from fastattn.ops.softmax.online import merge_partials
@@ -70,7 +70,7 @@ def _shift(x: Tensor, s: int, dim: int = 2, fill: float | bool = 0) -> Tensor:
     "scatterbrain", complexity="O(n (w + m) d)", causal=True, decoding=True, padding=True, weights=True,
     randomized=True, time_growth=1.0, memory_growth=1.0,
 )
-class ScatterbrainAttention(Mechanism):
+class ScatterbrainAttention(RandomProjection, Mechanism):
     """Performer's low-rank estimate with the exact scores on a local window (sparse + low-rank)."""
 
     positional = True
@@ -97,18 +97,7 @@ class ScatterbrainAttention(Mechanism):
     def __init__(self, options=None, *, head_dim: int, num_heads: int, num_kv_heads: int | None = None,
                  generator: torch.Generator | None = None) -> None:
         super().__init__(options, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
-        self._generator = generator
-        self.register_buffer("projection", torch.empty(self.options.num_features, head_dim))
-        self.redraw(generator)
-
-    @torch.no_grad()
-    def redraw(self, generator: torch.Generator | None = None) -> None:
-        """Draw Performer's random matrix anew into the ``projection`` buffer (from ``generator``, else
-        the one given at construction)."""
-        g = generator if generator is not None else self._generator
-        w = draw_gaussian_projection(self.options.num_features, self.head_dim, orthogonal=self.options.orthogonal,
-                                     generator=g)
-        self.projection.copy_(w.to(self.projection))
+        self.init_projection(generator)  # Performer's random matrix, the ``projection`` buffer
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _features(self, x: Tensor, is_query: bool, scale: float, mask: Mask) -> tuple[Tensor, Tensor]:
